@@ -1,0 +1,253 @@
+//! Command line and environment: every flag has an `ECR_IMAGE_SERVICE_*` twin, and everything is
+//! validated at start-up so a bad deployment fails at once with one clear line (exit 64).
+//!
+//! AWS credentials are not configuration here: they come only from the SDK's default chain.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::registry::ecr::EcrSettings;
+
+/// gRPC's conventional port, on every interface: in a pod, the kubelet's probes and the mesh
+/// sidecar reach the server through the pod IP, not loopback.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:50051";
+/// The SDK's standard: two retries ride out a throttling blip or a dropped connection, and a
+/// throttled account sees at most three times the load, not more.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+/// ECR's rate budgets refill every second; retries jittered over 0-100 ms, then 0-200 ms, spread
+/// out without making an interactive caller wait the SDK's default of up to 1 s.
+pub const DEFAULT_INITIAL_BACKOFF: &str = "100ms";
+/// Caps the wait between two attempts well inside a typical 10-30 s caller deadline.
+pub const DEFAULT_MAX_BACKOFF: &str = "2s";
+/// A regional or VPC endpoint connects in milliseconds: two seconds means it is unreachable.
+pub const DEFAULT_CONNECT_TIMEOUT: &str = "2s";
+/// ECR answers these calls in well under a second; five allows a 4 MiB manifest upload on a
+/// slow link, and abandons (then retries) an attempt that is stuck.
+pub const DEFAULT_ATTEMPT_TIMEOUT: &str = "5s";
+/// Bounds a whole call, retries included, so no request outlives a sensible caller deadline.
+pub const DEFAULT_OPERATION_TIMEOUT: &str = "15s";
+/// Upper bound on `--max-attempts`: beyond this, retries only amplify an ECR outage.
+const MAX_ATTEMPTS_LIMIT: u32 = 10;
+
+/// A gRPC facade over Amazon ECR: put and get image manifests by tag or digest.
+#[derive(Debug, Parser)]
+#[command(name = "ecr-image-service", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The binary's subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the ImageService gRPC API.
+    Serve(ServeArgs),
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+/// `ecr-image-service serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on for gRPC.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_LISTEN", default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+
+    /// AWS region of the registry [default: the SDK's chain: AWS_REGION, profile, IMDS].
+    #[arg(long, env = "ECR_IMAGE_SERVICE_REGION")]
+    pub region: Option<String>,
+
+    /// ECR endpoint URL, for emulators and VPC endpoints [default: the SDK's chain:
+    /// AWS_ENDPOINT_URL_ECR, AWS_ENDPOINT_URL, else the regional endpoint].
+    #[arg(long, env = "ECR_IMAGE_SERVICE_ECR_ENDPOINT_URL")]
+    pub ecr_endpoint_url: Option<String>,
+
+    /// Attempts per ECR call, the first included (1 disables retries).
+    #[arg(long, env = "ECR_IMAGE_SERVICE_MAX_ATTEMPTS", default_value_t = DEFAULT_MAX_ATTEMPTS)]
+    pub max_attempts: u32,
+
+    /// Backoff ceiling before the first retry; doubles per retry, with full jitter.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_INITIAL_BACKOFF", default_value = DEFAULT_INITIAL_BACKOFF, value_parser = humantime::parse_duration)]
+    pub initial_backoff: Duration,
+
+    /// Largest backoff between two attempts.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_MAX_BACKOFF", default_value = DEFAULT_MAX_BACKOFF, value_parser = humantime::parse_duration)]
+    pub max_backoff: Duration,
+
+    /// Time allowed to open a connection to ECR.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_CONNECT_TIMEOUT", default_value = DEFAULT_CONNECT_TIMEOUT, value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Time allowed for one attempt of an ECR call (a timed-out attempt is retried).
+    #[arg(long, env = "ECR_IMAGE_SERVICE_ATTEMPT_TIMEOUT", default_value = DEFAULT_ATTEMPT_TIMEOUT, value_parser = humantime::parse_duration)]
+    pub attempt_timeout: Duration,
+
+    /// Time allowed for a whole ECR call, every attempt and backoff included.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_OPERATION_TIMEOUT", default_value = DEFAULT_OPERATION_TIMEOUT, value_parser = humantime::parse_duration)]
+    pub operation_timeout: Duration,
+
+    /// Log line format.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Log filter in tracing's EnvFilter syntax, e.g. `info` or `info,ecr_image_service=debug`.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_LOG", default_value = "info")]
+    pub log_filter: String,
+}
+
+/// A configuration that parses but cannot work.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A value outside its allowed range or shape.
+    #[error("{flag}: {problem}")]
+    Invalid {
+        /// The flag at fault (its env twin is named in the README).
+        flag: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+fn invalid(flag: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        flag,
+        problem: problem.into(),
+    }
+}
+
+impl ServeArgs {
+    /// Checks what clap's types cannot: ranges, orderings and shapes.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=MAX_ATTEMPTS_LIMIT).contains(&self.max_attempts) {
+            return Err(invalid(
+                "--max-attempts",
+                format!(
+                    "must be 1 to {MAX_ATTEMPTS_LIMIT}, got {}",
+                    self.max_attempts
+                ),
+            ));
+        }
+        let durations = [
+            ("--initial-backoff", self.initial_backoff),
+            ("--max-backoff", self.max_backoff),
+            ("--connect-timeout", self.connect_timeout),
+            ("--attempt-timeout", self.attempt_timeout),
+            ("--operation-timeout", self.operation_timeout),
+        ];
+        if let Some((flag, _)) = durations.iter().find(|(_, d)| d.is_zero()) {
+            return Err(invalid(flag, "must be greater than zero"));
+        }
+        if self.initial_backoff > self.max_backoff {
+            return Err(invalid(
+                "--initial-backoff",
+                "must not be larger than --max-backoff",
+            ));
+        }
+        if self.attempt_timeout > self.operation_timeout {
+            return Err(invalid(
+                "--attempt-timeout",
+                "must not be larger than --operation-timeout",
+            ));
+        }
+        if let Some(region) = &self.region {
+            let shaped = !region.is_empty()
+                && region.len() <= 32
+                && region
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            if !shaped {
+                return Err(invalid(
+                    "--region",
+                    format!("'{region}' is not an AWS region name such as 'us-east-1'"),
+                ));
+            }
+        }
+        if let Some(url) = &self.ecr_endpoint_url {
+            check_endpoint_url(url)?;
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log_filter)
+            .map_err(|e| invalid("--log-filter", e.to_string()))?;
+        Ok(())
+    }
+
+    /// The ECR part of the configuration.
+    pub fn ecr_settings(&self) -> EcrSettings {
+        EcrSettings {
+            region: self.region.clone(),
+            endpoint_url: self.ecr_endpoint_url.clone(),
+            max_attempts: self.max_attempts,
+            initial_backoff: self.initial_backoff,
+            max_backoff: self.max_backoff,
+            connect_timeout: self.connect_timeout,
+            attempt_timeout: self.attempt_timeout,
+            operation_timeout: self.operation_timeout,
+        }
+    }
+}
+
+fn check_endpoint_url(url: &str) -> Result<(), ConfigError> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| invalid("--ecr-endpoint-url", format!("'{url}' is not a URL: {e}")))?;
+    let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
+    if !scheme_ok || uri.host().is_none_or(str::is_empty) {
+        return Err(invalid(
+            "--ecr-endpoint-url",
+            format!("'{url}' must be an http:// or https:// URL with a host"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> ServeArgs {
+        let mut argv = vec!["ecr-image-service", "serve"];
+        argv.extend_from_slice(args);
+        let Command::Serve(serve) = Cli::try_parse_from(argv).unwrap().command;
+        serve
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let args = parse(&[]);
+        assert_eq!(args.validate(), Ok(()));
+        assert_eq!(args.max_attempts, DEFAULT_MAX_ATTEMPTS);
+        assert_eq!(args.attempt_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn bad_values_name_their_flag() {
+        for (argv, flag) in [
+            (&["--max-attempts", "0"][..], "--max-attempts"),
+            (&["--max-attempts", "11"], "--max-attempts"),
+            (&["--initial-backoff", "0s"], "--initial-backoff"),
+            (
+                &["--initial-backoff", "3s", "--max-backoff", "1s"],
+                "--initial-backoff",
+            ),
+            (&["--attempt-timeout", "20s"], "--attempt-timeout"),
+            (&["--region", "US East"], "--region"),
+            (&["--ecr-endpoint-url", "ftp://x"], "--ecr-endpoint-url"),
+            (&["--ecr-endpoint-url", "not a url"], "--ecr-endpoint-url"),
+            (&["--log-filter", "info,[="], "--log-filter"),
+        ] {
+            match parse(argv).validate() {
+                Err(ConfigError::Invalid { flag: got, .. }) => assert_eq!(got, flag, "{argv:?}"),
+                Ok(()) => panic!("{argv:?} should be refused"),
+            }
+        }
+    }
+}

@@ -1,0 +1,438 @@
+//! The service's error, and the one place it becomes a gRPC status.
+//!
+//! Every status carries exactly one `google.rpc.ErrorInfo` (AIP-193): a stable UPPER_SNAKE
+//! [`Reason`], the [`ERROR_DOMAIN`], and ECR's error code and request ID when ECR was the cause.
+//! INVALID_ARGUMENT adds a `google.rpc.BadRequest` naming the fields; throttling adds a
+//! `google.rpc.RetryInfo`.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+
+use crate::registry::{RegistryError, Upstream};
+
+/// `ErrorInfo.domain` for every error this service returns.
+pub const ERROR_DOMAIN: &str = "ecr-image-service";
+
+/// How long a throttled caller is told to wait: ECR's rate quotas refill per second, so one
+/// second is the shortest wait after which a retry has a fresh budget to land in.
+pub const THROTTLED_RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// `ErrorInfo.metadata` key for ECR's error or failure code.
+pub const METADATA_ECR_ERROR_CODE: &str = "ecrErrorCode";
+/// `ErrorInfo.metadata` key for ECR's request ID.
+pub const METADATA_ECR_REQUEST_ID: &str = "ecrRequestId";
+
+/// One request field that failed validation, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    /// The field's path in the request, in proto spelling (`image_id.image_tag`).
+    pub field: String,
+    /// Why it was refused.
+    pub description: String,
+}
+
+impl Violation {
+    /// A violation of `field`.
+    pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            description: description.into(),
+        }
+    }
+}
+
+/// Why a request failed: the service's own checks, or the registry.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request was refused before any registry call.
+    #[error("invalid request: {}", describe(violations))]
+    InvalidArgument {
+        /// Which rule was broken; [`Reason::InvalidField`] for plain format and limit checks.
+        reason: Reason,
+        /// Every offending field.
+        violations: Vec<Violation>,
+    },
+    /// The registry failed or refused.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+}
+
+fn describe(violations: &[Violation]) -> String {
+    let parts: Vec<String> = violations
+        .iter()
+        .map(|v| format!("{}: {}", v.field, v.description))
+        .collect();
+    parts.join("; ")
+}
+
+/// `ErrorInfo.reason` values: stable identifiers clients may branch on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// A field breaks the API's limits.
+    InvalidField,
+    /// `image_digest` is not the SHA-256 of `image_manifest`.
+    DigestMismatch,
+    /// The declared media type differs from the manifest's `mediaType`.
+    MediaTypeMismatch,
+    /// No media type was given and none can be inferred.
+    MediaTypeUndetermined,
+    /// A tag and a digest name different images.
+    TagDigestMismatch,
+    /// ECR rejected a parameter.
+    EcrInvalidParameter,
+    /// No such repository.
+    RepositoryNotFound,
+    /// No such image.
+    ImageNotFound,
+    /// An immutable tag points elsewhere.
+    TagAlreadyExists,
+    /// Referenced blobs are missing.
+    LayersNotFound,
+    /// Referenced manifests are missing.
+    ReferencedImagesNotFound,
+    /// KMS failed.
+    KmsError,
+    /// The image cannot be read.
+    ImageInaccessible,
+    /// An ECR quota would be exceeded.
+    EcrLimitExceeded,
+    /// ECR throttled every attempt.
+    EcrThrottled,
+    /// ECR failed every attempt.
+    EcrUnavailable,
+    /// ECR did not answer in time.
+    EcrTimeout,
+    /// ECR denied the service's own identity.
+    ServiceAccessDenied,
+    /// The service's own credentials are unusable.
+    ServiceCredentialsInvalid,
+    /// Bytes from ECR do not match their digest.
+    DigestVerificationFailed,
+    /// Any other ECR error.
+    EcrError,
+}
+
+impl Reason {
+    /// The UPPER_SNAKE spelling used in `ErrorInfo.reason`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidField => "INVALID_FIELD",
+            Self::DigestMismatch => "DIGEST_MISMATCH",
+            Self::MediaTypeMismatch => "MEDIA_TYPE_MISMATCH",
+            Self::MediaTypeUndetermined => "MEDIA_TYPE_UNDETERMINED",
+            Self::TagDigestMismatch => "TAG_DIGEST_MISMATCH",
+            Self::EcrInvalidParameter => "ECR_INVALID_PARAMETER",
+            Self::RepositoryNotFound => "REPOSITORY_NOT_FOUND",
+            Self::ImageNotFound => "IMAGE_NOT_FOUND",
+            Self::TagAlreadyExists => "TAG_ALREADY_EXISTS",
+            Self::LayersNotFound => "LAYERS_NOT_FOUND",
+            Self::ReferencedImagesNotFound => "REFERENCED_IMAGES_NOT_FOUND",
+            Self::KmsError => "KMS_ERROR",
+            Self::ImageInaccessible => "IMAGE_INACCESSIBLE",
+            Self::EcrLimitExceeded => "ECR_LIMIT_EXCEEDED",
+            Self::EcrThrottled => "ECR_THROTTLED",
+            Self::EcrUnavailable => "ECR_UNAVAILABLE",
+            Self::EcrTimeout => "ECR_TIMEOUT",
+            Self::ServiceAccessDenied => "SERVICE_ACCESS_DENIED",
+            Self::ServiceCredentialsInvalid => "SERVICE_CREDENTIALS_INVALID",
+            Self::DigestVerificationFailed => "DIGEST_VERIFICATION_FAILED",
+            Self::EcrError => "ECR_ERROR",
+        }
+    }
+}
+
+impl Error {
+    /// The gRPC code and `ErrorInfo.reason` for this error: the mapping table of the README.
+    pub fn code_and_reason(&self) -> (Code, Reason) {
+        use RegistryError as R;
+        match self {
+            Self::InvalidArgument { reason, .. } => (Code::InvalidArgument, *reason),
+            Self::Registry(err) => match err {
+                R::RepositoryNotFound(_) => (Code::NotFound, Reason::RepositoryNotFound),
+                R::ImageNotFound(_) => (Code::NotFound, Reason::ImageNotFound),
+                R::TagDigestMismatch(_) => (Code::InvalidArgument, Reason::TagDigestMismatch),
+                R::TagAlreadyExists(_) => (Code::AlreadyExists, Reason::TagAlreadyExists),
+                R::LayersNotFound(_) => (Code::FailedPrecondition, Reason::LayersNotFound),
+                R::ReferencedImagesNotFound(_) => {
+                    (Code::FailedPrecondition, Reason::ReferencedImagesNotFound)
+                }
+                R::Kms(_) => (Code::FailedPrecondition, Reason::KmsError),
+                R::ImageInaccessible(_) => (Code::FailedPrecondition, Reason::ImageInaccessible),
+                R::InvalidParameter { .. } => (Code::InvalidArgument, Reason::EcrInvalidParameter),
+                R::DigestRejected(_) => (Code::InvalidArgument, Reason::DigestMismatch),
+                R::LimitExceeded(_) => (Code::ResourceExhausted, Reason::EcrLimitExceeded),
+                R::Throttled(_) => (Code::Unavailable, Reason::EcrThrottled),
+                R::Unavailable(_) => (Code::Unavailable, Reason::EcrUnavailable),
+                R::Timeout(_) => (Code::Unavailable, Reason::EcrTimeout),
+                // The caller's own permissions were never checked by ECR: the message and the
+                // reason say it was the service's identity that was denied.
+                R::AccessDenied(_) => (Code::PermissionDenied, Reason::ServiceAccessDenied),
+                R::CredentialsInvalid(_) => (Code::Internal, Reason::ServiceCredentialsInvalid),
+                R::DigestVerificationFailed { .. } => {
+                    (Code::DataLoss, Reason::DigestVerificationFailed)
+                }
+                R::Other(_) => (Code::Internal, Reason::EcrError),
+            },
+        }
+    }
+
+    /// What ECR said, when ECR was the cause.
+    pub fn upstream(&self) -> Option<&Upstream> {
+        match self {
+            Self::InvalidArgument { .. } => None,
+            Self::Registry(err) => err.upstream(),
+        }
+    }
+
+    /// Whether the failure is the service's or ECR's rather than the caller's: those are logged
+    /// at WARN, caller mistakes at INFO.
+    pub fn is_server_side(&self) -> bool {
+        matches!(
+            self.code_and_reason().0,
+            Code::Unavailable
+                | Code::Internal
+                | Code::DataLoss
+                | Code::PermissionDenied
+                | Code::ResourceExhausted
+        )
+    }
+
+    /// The field violations a `google.rpc.BadRequest` should list.
+    fn violations(&self) -> Vec<Violation> {
+        match self {
+            Self::InvalidArgument { violations, .. } => violations.clone(),
+            Self::Registry(RegistryError::InvalidParameter { field, upstream }) => {
+                vec![Violation::new(field.clone(), upstream.message.clone())]
+            }
+            Self::Registry(RegistryError::DigestRejected(upstream)) => {
+                vec![Violation::new("image_manifest", upstream.message.clone())]
+            }
+            Self::Registry(RegistryError::TagDigestMismatch(upstream)) => {
+                vec![Violation::new("image_id", upstream.message.clone())]
+            }
+            Self::Registry(_) => Vec::new(),
+        }
+    }
+}
+
+impl From<Error> for Status {
+    /// The single mapping from [`Error`] to a gRPC status with its rich details.
+    fn from(err: Error) -> Self {
+        let (code, reason) = err.code_and_reason();
+        let mut metadata = HashMap::new();
+        if let Some(upstream) = err.upstream() {
+            if let Some(ecr_code) = &upstream.code {
+                metadata.insert(METADATA_ECR_ERROR_CODE.to_owned(), ecr_code.clone());
+            }
+            if let Some(request_id) = &upstream.request_id {
+                metadata.insert(METADATA_ECR_REQUEST_ID.to_owned(), request_id.clone());
+            }
+        }
+        let mut details = ErrorDetails::with_error_info(reason.as_str(), ERROR_DOMAIN, metadata);
+        let violations = err.violations();
+        if !violations.is_empty() {
+            details.set_bad_request(
+                violations
+                    .into_iter()
+                    .map(|v| FieldViolation::new(v.field, v.description))
+                    .collect::<Vec<_>>(),
+            );
+        }
+        if matches!(err, Error::Registry(RegistryError::Throttled(_))) {
+            details.set_retry_info(Some(THROTTLED_RETRY_DELAY));
+        }
+        Status::with_error_details(code, err.to_string(), details)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic_types::ErrorDetail;
+
+    fn ecr(code: &str) -> Upstream {
+        Upstream {
+            code: Some(code.to_owned()),
+            request_id: Some("8f3a1c2e-0000-4000-8000-000000000000".to_owned()),
+            message: format!("{code} happened"),
+            detail: format!("service error: {code}"),
+        }
+    }
+
+    /// The README's error table, row by row: each error maps to one code and one reason, and
+    /// its status carries exactly one ErrorInfo (with ECR's code and request ID when ECR spoke),
+    /// a BadRequest exactly when the code is INVALID_ARGUMENT, and RetryInfo when throttled.
+    #[test]
+    fn every_error_maps_to_its_code_reason_and_details() {
+        use RegistryError as R;
+        let invalid = |reason| Error::InvalidArgument {
+            reason,
+            violations: vec![Violation::new("repository_name", "must be lowercase")],
+        };
+        let table: Vec<(Error, Code, &str)> = vec![
+            (
+                invalid(Reason::InvalidField),
+                Code::InvalidArgument,
+                "INVALID_FIELD",
+            ),
+            (
+                invalid(Reason::DigestMismatch),
+                Code::InvalidArgument,
+                "DIGEST_MISMATCH",
+            ),
+            (
+                invalid(Reason::MediaTypeMismatch),
+                Code::InvalidArgument,
+                "MEDIA_TYPE_MISMATCH",
+            ),
+            (
+                invalid(Reason::MediaTypeUndetermined),
+                Code::InvalidArgument,
+                "MEDIA_TYPE_UNDETERMINED",
+            ),
+            (
+                R::TagDigestMismatch(ecr("ImageTagDoesNotMatchDigest")).into(),
+                Code::InvalidArgument,
+                "TAG_DIGEST_MISMATCH",
+            ),
+            (
+                R::InvalidParameter {
+                    field: "image_manifest".into(),
+                    upstream: ecr("InvalidParameterException"),
+                }
+                .into(),
+                Code::InvalidArgument,
+                "ECR_INVALID_PARAMETER",
+            ),
+            (
+                R::DigestRejected(ecr("ImageDigestDoesNotMatchException")).into(),
+                Code::InvalidArgument,
+                "DIGEST_MISMATCH",
+            ),
+            (
+                R::RepositoryNotFound(ecr("RepositoryNotFoundException")).into(),
+                Code::NotFound,
+                "REPOSITORY_NOT_FOUND",
+            ),
+            (
+                R::ImageNotFound(ecr("ImageNotFound")).into(),
+                Code::NotFound,
+                "IMAGE_NOT_FOUND",
+            ),
+            (
+                R::TagAlreadyExists(ecr("ImageTagAlreadyExistsException")).into(),
+                Code::AlreadyExists,
+                "TAG_ALREADY_EXISTS",
+            ),
+            (
+                R::LayersNotFound(ecr("LayersNotFoundException")).into(),
+                Code::FailedPrecondition,
+                "LAYERS_NOT_FOUND",
+            ),
+            (
+                R::ReferencedImagesNotFound(ecr("ReferencedImagesNotFoundException")).into(),
+                Code::FailedPrecondition,
+                "REFERENCED_IMAGES_NOT_FOUND",
+            ),
+            (
+                R::Kms(ecr("KmsException")).into(),
+                Code::FailedPrecondition,
+                "KMS_ERROR",
+            ),
+            (
+                R::ImageInaccessible(ecr("ImageInaccessible")).into(),
+                Code::FailedPrecondition,
+                "IMAGE_INACCESSIBLE",
+            ),
+            (
+                R::LimitExceeded(ecr("LimitExceededException")).into(),
+                Code::ResourceExhausted,
+                "ECR_LIMIT_EXCEEDED",
+            ),
+            (
+                R::Throttled(ecr("ThrottlingException")).into(),
+                Code::Unavailable,
+                "ECR_THROTTLED",
+            ),
+            (
+                R::Unavailable(ecr("ServerException")).into(),
+                Code::Unavailable,
+                "ECR_UNAVAILABLE",
+            ),
+            (
+                R::Timeout(Upstream::message("timed out")).into(),
+                Code::Unavailable,
+                "ECR_TIMEOUT",
+            ),
+            (
+                R::AccessDenied(ecr("AccessDeniedException")).into(),
+                Code::PermissionDenied,
+                "SERVICE_ACCESS_DENIED",
+            ),
+            (
+                R::CredentialsInvalid(ecr("ExpiredTokenException")).into(),
+                Code::Internal,
+                "SERVICE_CREDENTIALS_INVALID",
+            ),
+            (
+                R::DigestVerificationFailed {
+                    expected: "sha256:a".into(),
+                    actual: "sha256:b".into(),
+                }
+                .into(),
+                Code::DataLoss,
+                "DIGEST_VERIFICATION_FAILED",
+            ),
+            (
+                R::Other(ecr("SomethingNew")).into(),
+                Code::Internal,
+                "ECR_ERROR",
+            ),
+        ];
+        for (err, code, reason) in table {
+            let had_ecr_code = err.upstream().and_then(|u| u.code.clone());
+            let status = Status::from(err);
+            assert_eq!(status.code(), code, "{reason}");
+            let details = status.get_error_details_vec();
+            let infos: Vec<_> = details
+                .iter()
+                .filter_map(|d| match d {
+                    ErrorDetail::ErrorInfo(info) => Some(info),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(infos.len(), 1, "{reason}: exactly one ErrorInfo");
+            assert_eq!(infos[0].reason, reason);
+            assert_eq!(infos[0].domain, ERROR_DOMAIN);
+            assert_eq!(
+                infos[0].metadata.get(METADATA_ECR_ERROR_CODE),
+                had_ecr_code.as_ref(),
+                "{reason}"
+            );
+            let bad_request = details
+                .iter()
+                .any(|d| matches!(d, ErrorDetail::BadRequest(b) if !b.field_violations.is_empty()));
+            assert_eq!(
+                bad_request,
+                code == Code::InvalidArgument,
+                "{reason}: BadRequest"
+            );
+            let retry = details
+                .iter()
+                .any(|d| matches!(d, ErrorDetail::RetryInfo(_)));
+            assert_eq!(retry, reason == "ECR_THROTTLED", "{reason}: RetryInfo");
+        }
+    }
+
+    /// The service's own IAM failure must not read as the caller's.
+    #[test]
+    fn access_denied_says_whose_identity() {
+        let status = Status::from(Error::from(RegistryError::AccessDenied(ecr(
+            "AccessDeniedException",
+        ))));
+        assert!(status.message().contains("this service's AWS identity"));
+    }
+}

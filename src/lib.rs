@@ -1,0 +1,23 @@
+//! ecr-image-service: a gRPC facade over Amazon ECR.
+//!
+//! Clients call one protobuf-defined `ImageService` (`proto/imageservice/v1`) instead of each
+//! carrying the AWS SDK, credentials and retry logic. The data path reads top to bottom:
+//!
+//! - [`server`]: the listener, health, and the `ImageService` with its message limits;
+//! - [`service`]: one span per RPC; request -> [`validate`] -> [`registry`] -> response;
+//! - [`validate`]: proto requests into value types ([`image`]), every bad field reported;
+//! - [`registry`]: the seam; [`registry::ecr`] implements it with `aws-sdk-ecr`;
+//! - [`error`]: the error enum and its single mapping to a `tonic::Status`.
+//!
+//! [`config`] parses flags and env twins; [`telemetry`] installs logging; [`pb`] holds the
+//! generated code.
+
+pub mod config;
+pub mod error;
+pub mod image;
+pub mod pb;
+pub mod registry;
+pub mod server;
+pub mod service;
+pub mod telemetry;
+pub mod validate;

@@ -1,0 +1,117 @@
+//! The `ecr-image-service` binary: parse the configuration, start logging, serve until
+//! SIGTERM or SIGINT.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use clap::error::ErrorKind;
+use ecr_image_service::config::{Cli, Command, ServeArgs};
+use ecr_image_service::registry::ecr::{self, EcrRegistry};
+use ecr_image_service::{server, telemetry};
+use tokio::net::TcpListener;
+use tracing::{error, info};
+
+/// sysexits.h `EX_USAGE`: the configuration is wrong; restarting will not help.
+const EXIT_CONFIG: u8 = 64;
+/// The server could not start or stopped on an error.
+const EXIT_FAILURE: u8 = 1;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err)
+            if matches!(
+                err.kind(),
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+            ) =>
+        {
+            let _ = err.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(err) => return config_error(first_line(&err.to_string())),
+    };
+    let Command::Serve(args) = cli.command;
+    if let Err(err) = args.validate() {
+        return config_error(&err.to_string());
+    }
+    telemetry::init(args.log_format, &args.log_filter);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            error!(error = %err, "cannot start the async runtime");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    runtime.block_on(serve(args))
+}
+
+/// Prints one line saying what is wrong, and exits 64.
+fn config_error(problem: &str) -> ExitCode {
+    eprintln!("ecr-image-service: invalid configuration: {problem}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+/// clap's first line (`error: …`), without the usage block that follows it.
+fn first_line(rendered: &str) -> &str {
+    let line = rendered.lines().next().unwrap_or_default();
+    line.strip_prefix("error: ").unwrap_or(line)
+}
+
+async fn serve(args: ServeArgs) -> ExitCode {
+    let settings = args.ecr_settings();
+    let sdk = ecr::load_sdk_config(&settings).await;
+    let Some(region) = sdk.region().map(ToString::to_string) else {
+        return config_error(
+            "no AWS region: set --region, ECR_IMAGE_SERVICE_REGION, AWS_REGION or a profile region",
+        );
+    };
+    let client = aws_sdk_ecr::Client::from_conf(ecr::client_config(&sdk, &settings).build());
+    let listener = match TcpListener::bind(args.listen).await {
+        Ok(listener) => listener,
+        Err(err) => {
+            error!(address = %args.listen, error = %err, "cannot listen");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let address = listener.local_addr().map_or(args.listen, |a| a);
+    info!(
+        %address,
+        %region,
+        ecr_endpoint = settings.endpoint_url.as_deref().unwrap_or("(SDK default)"),
+        max_attempts = settings.max_attempts,
+        "listening"
+    );
+    match server::serve(listener, EcrRegistry::new(client), shutdown_signal()).await {
+        Ok(()) => {
+            info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            error!(error = %err, "server failed");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// Completes on SIGTERM (Kubernetes asks a pod to stop) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+    info!("shutting down: finishing in-flight requests");
+}

@@ -1,0 +1,493 @@
+//! The ECR backend: the registry seam as `aws-sdk-ecr` calls.
+//!
+//! Retries are the SDK's own (standard mode, bounded by the configured attempts and timeouts):
+//! nothing here loops on top of them, so a call costs ECR at most `max_attempts` requests.
+
+use std::time::Duration;
+
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_credential_types::provider::error::CredentialsError;
+use aws_runtime::retries::classifiers::THROTTLING_ERRORS;
+use aws_sdk_ecr::config::retry::RetryConfig;
+use aws_sdk_ecr::config::timeout::TimeoutConfig;
+use aws_sdk_ecr::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_ecr::operation::RequestId;
+use aws_sdk_ecr::types::{Image, ImageFailure, ImageFailureCode, ImageIdentifier};
+
+use super::{
+    GetImageInput, PutImageInput, PutOutcome, Registry, RegistryError, StoredImage, Upstream,
+};
+use crate::image::{Digest, ImageRef, Manifest, media_types};
+
+/// How the service talks to ECR: where, and how hard it tries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EcrSettings {
+    /// The AWS region; `None` leaves it to the SDK's chain (`AWS_REGION`, profile, IMDS).
+    pub region: Option<String>,
+    /// An ECR endpoint override (emulator, VPC endpoint); `None` leaves it to the SDK
+    /// (`AWS_ENDPOINT_URL_ECR`, `AWS_ENDPOINT_URL`, or the regional endpoint).
+    pub endpoint_url: Option<String>,
+    /// Attempts per ECR call, the first included (SDK standard retry mode).
+    pub max_attempts: u32,
+    /// The first retry's backoff ceiling; the SDK doubles it per attempt, with full jitter.
+    pub initial_backoff: Duration,
+    /// The largest backoff between two attempts.
+    pub max_backoff: Duration,
+    /// How long to wait for a TCP/TLS connection to ECR.
+    pub connect_timeout: Duration,
+    /// How long one attempt may take before it is abandoned (and retried).
+    pub attempt_timeout: Duration,
+    /// How long one call may take, all attempts and backoffs included.
+    pub operation_timeout: Duration,
+}
+
+/// Loads the AWS SDK's shared configuration the standard way: credentials only from the default
+/// provider chain (environment, profile, web identity for IRSA, container and instance roles).
+pub async fn load_sdk_config(settings: &EcrSettings) -> SdkConfig {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest());
+    if let Some(region) = &settings.region {
+        loader = loader.region(Region::new(region.clone()));
+    }
+    loader.load().await
+}
+
+/// The ECR client configuration: the shared SDK configuration plus our retries, timeouts and
+/// endpoint. Returned as a builder so tests can add what production never needs.
+pub fn client_config(sdk: &SdkConfig, settings: &EcrSettings) -> aws_sdk_ecr::config::Builder {
+    let retry = RetryConfig::standard()
+        .with_max_attempts(settings.max_attempts)
+        .with_initial_backoff(settings.initial_backoff)
+        .with_max_backoff(settings.max_backoff);
+    let timeouts = TimeoutConfig::builder()
+        .connect_timeout(settings.connect_timeout)
+        .operation_attempt_timeout(settings.attempt_timeout)
+        .operation_timeout(settings.operation_timeout)
+        .build();
+    let mut builder = aws_sdk_ecr::config::Builder::from(sdk)
+        .retry_config(retry)
+        .timeout_config(timeouts);
+    if let Some(url) = &settings.endpoint_url {
+        builder = builder.endpoint_url(url);
+    }
+    builder
+}
+
+/// ImageService's registry, backed by Amazon ECR.
+#[derive(Debug, Clone)]
+pub struct EcrRegistry {
+    /// Built once and cloned cheaply: it owns the connection pool and the retry token bucket.
+    client: aws_sdk_ecr::Client,
+}
+
+impl EcrRegistry {
+    /// A registry over an existing client.
+    pub fn new(client: aws_sdk_ecr::Client) -> Self {
+        Self { client }
+    }
+
+    /// A registry configured from the default AWS chain and `settings`.
+    pub async fn connect(settings: &EcrSettings) -> Self {
+        let sdk = load_sdk_config(settings).await;
+        Self::new(aws_sdk_ecr::Client::from_conf(
+            client_config(&sdk, settings).build(),
+        ))
+    }
+
+    /// ECR refused a put because the image is already there, in one of two ways: the same
+    /// manifest and tag (`ImageAlreadyExistsException`), or an immutable repository's tag
+    /// (`ImageTagAlreadyExistsException`), which may point at these very bytes or at others.
+    /// A retried put whose first attempt landed ends here too. Only the tag's current digest
+    /// tells success from conflict, so look it up rather than trust the exception's name.
+    async fn confirm_existing(
+        &self,
+        input: PutImageInput,
+        upstream: Upstream,
+    ) -> Result<(StoredImage, PutOutcome), RegistryError> {
+        let ours = input.manifest.digest().clone();
+        let reference = match &input.tag {
+            Some(tag) => ImageRef::new(Some(tag.clone()), None),
+            None => ImageRef::new(None, Some(ours.clone())),
+        }
+        .ok_or_else(|| RegistryError::Other(upstream.clone()))?;
+        let found = self
+            .get_image(GetImageInput {
+                registry_id: input.registry_id,
+                repository: input.repository,
+                reference,
+                accepted_media_types: Vec::new(),
+            })
+            .await?;
+        if found.digest == ours {
+            return Ok((found, PutOutcome::AlreadyExisted));
+        }
+        Err(RegistryError::TagAlreadyExists(Upstream {
+            message: format!(
+                "tag '{}' in repository '{}' points at {} and the repository does not allow \
+                 moving it to {ours}",
+                found.tag.as_ref().map(|t| t.as_str()).unwrap_or_default(),
+                found.repository,
+                found.digest,
+            ),
+            ..upstream
+        }))
+    }
+}
+
+impl Registry for EcrRegistry {
+    async fn put_image(
+        &self,
+        input: PutImageInput,
+    ) -> Result<(StoredImage, PutOutcome), RegistryError> {
+        // Always send the digest and the media type: real ECR verifies the digest against the
+        // bytes, and needs the media type when the manifest carries none (OCI artifacts).
+        let sent = self
+            .client
+            .put_image()
+            .set_registry_id(input.registry_id.as_ref().map(|r| r.as_str().to_owned()))
+            .repository_name(input.repository.as_str())
+            .image_manifest(input.manifest.as_str())
+            .image_manifest_media_type(input.manifest.media_type().as_str())
+            .image_digest(input.manifest.digest().as_str())
+            .set_image_tag(input.tag.as_ref().map(|t| t.as_str().to_owned()))
+            .send()
+            .await;
+        let output = match sent {
+            Ok(output) => output,
+            Err(err) if is_already_exists(err.code()) => {
+                let upstream = upstream_of(&err);
+                return self.confirm_existing(input, upstream).await;
+            }
+            Err(err) => return Err(classify(err)),
+        };
+        let image = output.image();
+        let returned = image
+            .and_then(Image::image_id)
+            .and_then(ImageIdentifier::image_digest);
+        if let Some(returned) = returned
+            && returned != input.manifest.digest().as_str()
+        {
+            return Err(RegistryError::DigestVerificationFailed {
+                expected: input.manifest.digest().to_string(),
+                actual: returned.to_owned(),
+            });
+        }
+        let registry_id = image
+            .and_then(Image::registry_id)
+            .or(input.registry_id.as_ref().map(|r| r.as_str()))
+            .unwrap_or_default()
+            .to_owned();
+        let stored = StoredImage {
+            registry_id,
+            repository: input.repository,
+            digest: input.manifest.digest().clone(),
+            tag: input.tag,
+            media_type: input.manifest.media_type().to_string(),
+            manifest: input.manifest.into_text(),
+        };
+        Ok((stored, PutOutcome::Created))
+    }
+
+    async fn get_image(&self, input: GetImageInput) -> Result<StoredImage, RegistryError> {
+        let id = ImageIdentifier::builder()
+            .set_image_tag(input.reference.tag().map(|t| t.as_str().to_owned()))
+            .set_image_digest(input.reference.digest().map(|d| d.as_str().to_owned()))
+            .build();
+        let accepted: Vec<String> = if input.accepted_media_types.is_empty() {
+            media_types::ALL_MANIFESTS.map(str::to_owned).to_vec()
+        } else {
+            input
+                .accepted_media_types
+                .iter()
+                .map(|m| m.as_str().to_owned())
+                .collect()
+        };
+        let output = self
+            .client
+            .batch_get_image()
+            .set_registry_id(input.registry_id.as_ref().map(|r| r.as_str().to_owned()))
+            .repository_name(input.repository.as_str())
+            .image_ids(id)
+            .set_accepted_media_types(Some(accepted))
+            .send()
+            .await
+            .map_err(classify)?;
+        let request_id = output.request_id().map(str::to_owned);
+        // A missing or malformed reference is not an error to BatchGetImage: it answers 200 with
+        // a `failures[]` entry instead of an image.
+        let failure = output.failures().first().cloned();
+        let wanted = input.reference.digest();
+        let mut images = output.images.unwrap_or_default();
+        let position = images
+            .iter()
+            .position(|i| claimed_digest(i) == wanted.map(Digest::as_str))
+            .unwrap_or(0);
+        if position >= images.len() {
+            return Err(failure_error(failure, request_id));
+        }
+        let image = images.swap_remove(position);
+        verified(image, input)
+    }
+}
+
+/// The digest ECR says an image has.
+fn claimed_digest(image: &Image) -> Option<&str> {
+    image.image_id().and_then(ImageIdentifier::image_digest)
+}
+
+/// Turns an image from ECR into a [`StoredImage`], refusing bytes that do not hash to the digest
+/// they came with or the one that was asked for. The tag reported is the one asked for: ECR's
+/// response `imageId.imageTag` is not a reliable echo across implementations.
+fn verified(image: Image, input: GetImageInput) -> Result<StoredImage, RegistryError> {
+    let claimed = claimed_digest(&image).map(str::to_owned);
+    let Image {
+        registry_id,
+        image_manifest,
+        image_manifest_media_type,
+        ..
+    } = image;
+    let manifest = image_manifest.ok_or_else(|| {
+        RegistryError::Other(Upstream::message(
+            "the registry returned an image without a manifest",
+        ))
+    })?;
+    let actual = Digest::of(manifest.as_bytes());
+    let expected = [
+        claimed.as_deref(),
+        input.reference.digest().map(Digest::as_str),
+    ];
+    if let Some(expected) = expected
+        .into_iter()
+        .flatten()
+        .find(|e| *e != actual.as_str())
+    {
+        return Err(RegistryError::DigestVerificationFailed {
+            expected: expected.to_owned(),
+            actual: actual.to_string(),
+        });
+    }
+    let media_type = image_manifest_media_type
+        .or_else(|| Manifest::sniff_media_type(&manifest))
+        .unwrap_or_default();
+    Ok(StoredImage {
+        registry_id: registry_id
+            .or(input.registry_id.map(|r| r.as_str().to_owned()))
+            .unwrap_or_default(),
+        repository: input.repository,
+        digest: actual,
+        tag: input.reference.tag().cloned(),
+        manifest,
+        media_type,
+    })
+}
+
+/// The error a BatchGetImage `failures[]` entry stands for.
+fn failure_error(failure: Option<ImageFailure>, request_id: Option<String>) -> RegistryError {
+    let Some(failure) = failure else {
+        return RegistryError::ImageNotFound(Upstream {
+            request_id,
+            ..Upstream::message("the registry returned neither the image nor a failure")
+        });
+    };
+    let message = failure
+        .failure_reason()
+        .unwrap_or("the registry did not say why")
+        .to_owned();
+    let upstream = Upstream {
+        code: failure.failure_code().map(|c| c.as_str().to_owned()),
+        request_id,
+        detail: format!("BatchGetImage failure {failure:?}"),
+        message,
+    };
+    let invalid = |field: &str| RegistryError::InvalidParameter {
+        field: field.to_owned(),
+        upstream: upstream.clone(),
+    };
+    match failure.failure_code() {
+        Some(ImageFailureCode::ImageNotFound) | None => RegistryError::ImageNotFound(upstream),
+        Some(ImageFailureCode::ImageTagDoesNotMatchDigest) => {
+            RegistryError::TagDigestMismatch(upstream)
+        }
+        Some(ImageFailureCode::InvalidImageDigest) => invalid("image_id.image_digest"),
+        Some(ImageFailureCode::InvalidImageTag) => invalid("image_id.image_tag"),
+        Some(ImageFailureCode::MissingDigestAndTag) => invalid("image_id"),
+        Some(ImageFailureCode::KmsError) => RegistryError::Kms(upstream),
+        Some(ImageFailureCode::ImageInaccessible) => RegistryError::ImageInaccessible(upstream),
+        // Pull-through cache upstreams: transient from our caller's point of view.
+        Some(
+            ImageFailureCode::UpstreamAccessDenied
+            | ImageFailureCode::UpstreamTooManyRequests
+            | ImageFailureCode::UpstreamUnavailable,
+        ) => RegistryError::Unavailable(upstream),
+        Some(_) => RegistryError::Other(upstream),
+    }
+}
+
+/// The two ways ECR says a put found its image already there.
+fn is_already_exists(code: Option<&str>) -> bool {
+    matches!(
+        code,
+        Some("ImageAlreadyExistsException" | "ImageTagAlreadyExistsException")
+    )
+}
+
+/// Error codes meaning the service's own credentials were refused (not the caller's).
+const CREDENTIAL_ERRORS: &[&str] = &[
+    "UnrecognizedClientException",
+    "InvalidSignatureException",
+    "ExpiredTokenException",
+    "IncompleteSignature",
+    "MissingAuthenticationToken",
+    "InvalidClientTokenId",
+];
+
+/// What ECR said about a failed call, for the caller, for AWS support and for the log.
+fn upstream_of<E>(err: &SdkError<E, aws_sdk_ecr::config::http::HttpResponse>) -> Upstream
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let message = err.message().map(str::to_owned).unwrap_or_else(|| {
+        match err {
+            SdkError::TimeoutError(_) => "ECR did not answer in time",
+            SdkError::DispatchFailure(_) => "ECR could not be reached",
+            SdkError::ResponseError(_) => "ECR's response could not be read",
+            _ => "ECR call failed",
+        }
+        .to_owned()
+    });
+    Upstream {
+        code: err.code().map(str::to_owned),
+        request_id: err.request_id().map(str::to_owned),
+        message,
+        detail: DisplayErrorContext(err).to_string(),
+    }
+}
+
+/// Sorts an SDK error into the registry's error kinds. The SDK has already retried what it
+/// retries; this only decides what the failure means for the caller.
+fn classify<E>(err: SdkError<E, aws_sdk_ecr::config::http::HttpResponse>) -> RegistryError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let upstream = upstream_of(&err);
+    if caused_by_credentials(&err) {
+        return RegistryError::CredentialsInvalid(upstream);
+    }
+    match &err {
+        SdkError::TimeoutError(_) => RegistryError::Timeout(upstream),
+        SdkError::DispatchFailure(failure) if failure.is_timeout() => {
+            RegistryError::Timeout(upstream)
+        }
+        SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            RegistryError::Unavailable(upstream)
+        }
+        SdkError::ServiceError(service) => by_code(upstream, service.raw().status().as_u16()),
+        _ => RegistryError::Other(upstream),
+    }
+}
+
+/// Sorts an ECR error response by its code, then by its HTTP status.
+fn by_code(upstream: Upstream, status: u16) -> RegistryError {
+    let code = upstream.code.clone();
+    match code.as_deref() {
+        Some("RepositoryNotFoundException") => RegistryError::RepositoryNotFound(upstream),
+        Some("ImageNotFoundException") => RegistryError::ImageNotFound(upstream),
+        Some("LayersNotFoundException") => RegistryError::LayersNotFound(upstream),
+        Some("ReferencedImagesNotFoundException") => {
+            RegistryError::ReferencedImagesNotFound(upstream)
+        }
+        Some("KmsException") => RegistryError::Kms(upstream),
+        Some("ImageDigestDoesNotMatchException") => RegistryError::DigestRejected(upstream),
+        Some("ImageTagAlreadyExistsException") => RegistryError::TagAlreadyExists(upstream),
+        Some("InvalidParameterException") => RegistryError::InvalidParameter {
+            field: field_named_in(&upstream.message),
+            upstream,
+        },
+        // The SDK retries this as throttling, but for ECR it is a hard quota (e.g. images per
+        // repository): waiting does not help, so it is not reported as throttling.
+        Some("LimitExceededException") => RegistryError::LimitExceeded(upstream),
+        Some("AccessDeniedException") => RegistryError::AccessDenied(upstream),
+        Some(code) if CREDENTIAL_ERRORS.contains(&code) => {
+            RegistryError::CredentialsInvalid(upstream)
+        }
+        Some(code) if THROTTLING_ERRORS.contains(&code) => RegistryError::Throttled(upstream),
+        Some("ServerException") => RegistryError::Unavailable(upstream),
+        _ if status == 429 => RegistryError::Throttled(upstream),
+        _ if status >= 500 => RegistryError::Unavailable(upstream),
+        _ => RegistryError::Other(upstream),
+    }
+}
+
+/// The API field an ECR `InvalidParameterException` names, from messages such as
+/// `Invalid parameter at 'ImageManifest' failed to satisfy constraint: 'Invalid JSON syntax'`.
+fn field_named_in(message: &str) -> String {
+    let named = message
+        .split_once("at '")
+        .and_then(|(_, rest)| rest.split_once('\''))
+        .map(|(name, _)| name.to_ascii_lowercase());
+    let field = match named.as_deref() {
+        Some("imagemanifest") => "image_manifest",
+        Some("imagemanifestmediatype") => "image_manifest_media_type",
+        Some("imagetag") => "image_tag",
+        Some("imagedigest") => "image_digest",
+        Some("repositoryname") => "repository_name",
+        Some("registryid") => "registry_id",
+        Some("acceptedmediatypes") => "accepted_media_types",
+        Some("imageids") => "image_id",
+        _ => "",
+    };
+    field.to_owned()
+}
+
+/// Whether the failure is the SDK failing to obtain or use the service's credentials.
+fn caused_by_credentials(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if e.is::<CredentialsError>() {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_parameter_messages_name_api_fields() {
+        let ecr = "Invalid parameter at 'ImageManifest' failed to satisfy constraint: \
+                   'Invalid JSON syntax'";
+        assert_eq!(field_named_in(ecr), "image_manifest");
+        assert_eq!(
+            field_named_in("Invalid parameter at 'imageTag' failed"),
+            "image_tag"
+        );
+        assert_eq!(field_named_in("something else"), "");
+    }
+
+    /// Throttling is told apart from hard quotas, whatever the SDK's retry classifier thinks.
+    #[test]
+    fn codes_sort_into_kinds() {
+        let kind = |code: &str, status| {
+            let err = by_code(
+                Upstream {
+                    code: Some(code.to_owned()),
+                    ..Upstream::default()
+                },
+                status,
+            );
+            std::mem::discriminant(&err)
+        };
+        let throttled = std::mem::discriminant(&RegistryError::Throttled(Upstream::default()));
+        let limit = std::mem::discriminant(&RegistryError::LimitExceeded(Upstream::default()));
+        let unavailable = std::mem::discriminant(&RegistryError::Unavailable(Upstream::default()));
+        let other = std::mem::discriminant(&RegistryError::Other(Upstream::default()));
+        assert_eq!(kind("ThrottlingException", 400), throttled);
+        assert_eq!(kind("TooManyRequestsException", 429), throttled);
+        assert_eq!(kind("LimitExceededException", 400), limit);
+        assert_eq!(kind("ServerException", 500), unavailable);
+        assert_eq!(kind("SomethingNew", 503), unavailable);
+        assert_eq!(kind("SomethingNew", 400), other);
+    }
+}

@@ -1,0 +1,134 @@
+//! The ImageService RPCs: request -> validate -> registry -> response, one span per request.
+
+use std::future::Future;
+use std::time::Instant;
+
+use tonic::{Request, Response, Status};
+use tracing::field::{Empty, debug as debug_value};
+use tracing::{Instrument, Span, debug, info, info_span, warn};
+
+use crate::error::Error;
+use crate::pb;
+use crate::registry::{PutOutcome, Registry, StoredImage};
+use crate::validate;
+
+/// The gRPC service over a [`Registry`].
+#[derive(Debug)]
+pub struct ImageService<R> {
+    registry: R,
+}
+
+impl<R: Registry> ImageService<R> {
+    /// A service answering from `registry`.
+    pub fn new(registry: R) -> Self {
+        Self { registry }
+    }
+}
+
+#[tonic::async_trait]
+impl<R: Registry> pb::image_service_server::ImageService for ImageService<R> {
+    async fn put_image(
+        &self,
+        request: Request<pb::PutImageRequest>,
+    ) -> Result<Response<pb::PutImageResponse>, Status> {
+        let request = request.into_inner();
+        let span = rpc_span("PutImage", &request.repository_name, &request.image_tag);
+        let work = async {
+            let input = validate::put_image(request)?;
+            Span::current().record("digest", input.manifest.digest().as_str());
+            let (image, outcome) = self.registry.put_image(input).await?;
+            let outcome = match outcome {
+                PutOutcome::Created => pb::PutImageOutcome::Created,
+                PutOutcome::AlreadyExisted => pb::PutImageOutcome::AlreadyExisted,
+            };
+            Ok(pb::PutImageResponse {
+                image: Some(to_proto(image)),
+                outcome: outcome.into(),
+            })
+        };
+        observe(span, work).await
+    }
+
+    async fn get_image(
+        &self,
+        request: Request<pb::GetImageRequest>,
+    ) -> Result<Response<pb::GetImageResponse>, Status> {
+        let request = request.into_inner();
+        let id = request.image_id.clone().unwrap_or_default();
+        let reference = match (id.image_tag.as_str(), id.image_digest.as_str()) {
+            (tag, "") => tag.to_owned(),
+            ("", digest) => digest.to_owned(),
+            (tag, digest) => format!("{tag}@{digest}"),
+        };
+        let span = rpc_span("GetImage", &request.repository_name, &reference);
+        let work = async {
+            let input = validate::get_image(request)?;
+            let image = self.registry.get_image(input).await?;
+            Span::current().record("digest", image.digest.as_str());
+            Ok(pb::GetImageResponse {
+                image: Some(to_proto(image)),
+            })
+        };
+        observe(span, work).await
+    }
+}
+
+/// The span every request runs in; `digest`, `code` and `latency_ms` are filled in as known.
+fn rpc_span(method: &'static str, repository: &str, reference: &str) -> Span {
+    info_span!(
+        "rpc",
+        method,
+        repository,
+        reference,
+        digest = Empty,
+        code = Empty,
+        latency_ms = Empty
+    )
+}
+
+/// Runs one request in its span and logs its end: successes at DEBUG, so the hot path costs no
+/// formatting; caller mistakes at INFO; the service's and ECR's failures at WARN with the whole
+/// error chain. Errors become statuses here, through the one mapping in [`crate::error`].
+async fn observe<T>(
+    span: Span,
+    work: impl Future<Output = Result<T, Error>>,
+) -> Result<Response<T>, Status> {
+    let started = Instant::now();
+    let result = work.instrument(span.clone()).await;
+    let latency_ms = started.elapsed().as_secs_f64() * 1e3;
+    span.record("latency_ms", latency_ms);
+    span.in_scope(|| match result {
+        Ok(body) => {
+            span.record("code", "Ok");
+            debug!("request succeeded");
+            Ok(Response::new(body))
+        }
+        Err(err) => {
+            let (code, reason) = err.code_and_reason();
+            span.record("code", debug_value(code));
+            let detail = err
+                .upstream()
+                .map_or_else(|| err.to_string(), |u| u.detail.clone());
+            if err.is_server_side() {
+                warn!(reason = reason.as_str(), error = %detail, "request failed");
+            } else {
+                info!(reason = reason.as_str(), error = %detail, "request refused");
+            }
+            Err(err.into())
+        }
+    })
+}
+
+/// The API's form of a stored image.
+fn to_proto(image: StoredImage) -> pb::Image {
+    pb::Image {
+        registry_id: image.registry_id,
+        repository_name: image.repository.as_str().to_owned(),
+        image_id: Some(pb::ImageIdentifier {
+            image_digest: image.digest.as_str().to_owned(),
+            image_tag: image.tag.map(|t| t.as_str().to_owned()).unwrap_or_default(),
+        }),
+        image_manifest: image.manifest,
+        image_manifest_media_type: image.media_type,
+    }
+}

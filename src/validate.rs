@@ -1,0 +1,231 @@
+//! Requests in, validated inputs out: every field is checked before anything reaches a registry,
+//! and every offending field is reported at once, not just the first.
+
+use crate::error::{Error, Reason, Violation};
+use crate::image::{
+    Digest, ImageRef, Invalid, Manifest, ManifestError, MediaType, RegistryId, RepositoryName, Tag,
+};
+use crate::pb;
+use crate::registry::{GetImageInput, PutImageInput};
+
+/// ECR's limit on `acceptedMediaTypes` (model shape `MediaTypeList`).
+const MAX_ACCEPTED_MEDIA_TYPES: usize = 100;
+
+/// Collects field violations while parsing a request.
+#[derive(Default)]
+struct Checker {
+    violations: Vec<Violation>,
+}
+
+impl Checker {
+    /// Parses a field that must be present.
+    fn required<T>(
+        &mut self,
+        field: &str,
+        value: &str,
+        parse: impl FnOnce(&str) -> Result<T, Invalid>,
+    ) -> Option<T> {
+        if value.is_empty() {
+            self.violations.push(Violation::new(field, "is required"));
+            return None;
+        }
+        self.optional(field, value, parse)
+    }
+
+    /// Parses a field whose empty value means "not given".
+    fn optional<T>(
+        &mut self,
+        field: &str,
+        value: &str,
+        parse: impl FnOnce(&str) -> Result<T, Invalid>,
+    ) -> Option<T> {
+        if value.is_empty() {
+            return None;
+        }
+        parse(value)
+            .map_err(|invalid| self.violations.push(Violation::new(field, invalid.0)))
+            .ok()
+    }
+
+    /// Records a violation found by other means.
+    fn push(&mut self, field: &str, description: impl Into<String>) {
+        self.violations.push(Violation::new(field, description));
+    }
+
+    /// The error for what was found: plain format problems first, since a request with those
+    /// cannot be judged on anything else.
+    fn into_error(self) -> Error {
+        Error::InvalidArgument {
+            reason: Reason::InvalidField,
+            violations: self.violations,
+        }
+    }
+}
+
+/// Validates a PutImage: identifiers, then the manifest and its media type, then the expected
+/// digest against the one computed over the exact bytes.
+pub fn put_image(request: pb::PutImageRequest) -> Result<PutImageInput, Error> {
+    let mut check = Checker::default();
+    let registry_id = check.optional("registry_id", &request.registry_id, RegistryId::parse);
+    let repository = check.required(
+        "repository_name",
+        &request.repository_name,
+        RepositoryName::parse,
+    );
+    let tag = check.optional("image_tag", &request.image_tag, Tag::parse);
+    let expected = check.optional("image_digest", &request.image_digest, Digest::parse);
+    let declared = check.optional(
+        "image_manifest_media_type",
+        &request.image_manifest_media_type,
+        MediaType::parse,
+    );
+    let manifest = Manifest::parse(request.image_manifest, declared);
+    if let Err(ManifestError::Malformed(invalid)) = &manifest {
+        check.push("image_manifest", invalid.0.clone());
+    }
+    let (Some(repository), true) = (repository, check.violations.is_empty()) else {
+        return Err(check.into_error());
+    };
+    let manifest = manifest.map_err(|err| {
+        let reason = match err {
+            ManifestError::MediaTypeMismatch { .. } => Reason::MediaTypeMismatch,
+            _ => Reason::MediaTypeUndetermined,
+        };
+        Error::InvalidArgument {
+            reason,
+            violations: vec![Violation::new("image_manifest_media_type", err.to_string())],
+        }
+    })?;
+    if let Some(expected) = expected
+        && &expected != manifest.digest()
+    {
+        return Err(Error::InvalidArgument {
+            reason: Reason::DigestMismatch,
+            violations: vec![Violation::new(
+                "image_digest",
+                format!(
+                    "expected {expected}, but the SHA-256 of image_manifest is {}: the bytes \
+                     differ from the ones the digest was taken of (a trailing newline, a \
+                     carriage return or reformatting all change it)",
+                    manifest.digest()
+                ),
+            )],
+        });
+    }
+    Ok(PutImageInput {
+        registry_id,
+        repository,
+        manifest,
+        tag,
+    })
+}
+
+/// Validates a GetImage.
+pub fn get_image(request: pb::GetImageRequest) -> Result<GetImageInput, Error> {
+    let mut check = Checker::default();
+    let registry_id = check.optional("registry_id", &request.registry_id, RegistryId::parse);
+    let repository = check.required(
+        "repository_name",
+        &request.repository_name,
+        RepositoryName::parse,
+    );
+    let id = request.image_id.unwrap_or_default();
+    let tag = check.optional("image_id.image_tag", &id.image_tag, Tag::parse);
+    let digest = check.optional("image_id.image_digest", &id.image_digest, Digest::parse);
+    if id.image_tag.is_empty() && id.image_digest.is_empty() {
+        check.push("image_id", "needs an image_tag, an image_digest, or both");
+    }
+    if request.accepted_media_types.len() > MAX_ACCEPTED_MEDIA_TYPES {
+        check.push(
+            "accepted_media_types",
+            format!(
+                "must list at most {MAX_ACCEPTED_MEDIA_TYPES} media types, got {}",
+                request.accepted_media_types.len()
+            ),
+        );
+    }
+    let accepted_media_types: Vec<MediaType> = request
+        .accepted_media_types
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| {
+            check.required(&format!("accepted_media_types[{i}]"), m, MediaType::parse)
+        })
+        .collect();
+    let reference = ImageRef::new(tag, digest);
+    match (repository, reference, check.violations.is_empty()) {
+        (Some(repository), Some(reference), true) => Ok(GetImageInput {
+            registry_id,
+            repository,
+            reference,
+            accepted_media_types,
+        }),
+        _ => Err(check.into_error()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED: &str = include_str!("../tests/fixtures/hello-world.manifest.json");
+
+    fn fields(err: Error) -> (Reason, Vec<String>) {
+        match err {
+            Error::InvalidArgument { reason, violations } => {
+                (reason, violations.into_iter().map(|v| v.field).collect())
+            }
+            other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
+        }
+    }
+
+    /// Every bad field is reported in one answer, so a client fixes them all in one go.
+    #[test]
+    fn all_violations_are_reported_together() {
+        let request = pb::PutImageRequest {
+            registry_id: "42".into(),
+            repository_name: "Bad_Name".into(),
+            image_manifest: "[]".into(),
+            image_tag: "t".repeat(301),
+            image_digest: "sha256:XYZ".into(),
+            image_manifest_media_type: "nonsense".into(),
+        };
+        let (reason, fields) = fields(put_image(request).unwrap_err());
+        assert_eq!(reason, Reason::InvalidField);
+        assert_eq!(
+            fields,
+            [
+                "registry_id",
+                "repository_name",
+                "image_tag",
+                "image_digest",
+                "image_manifest_media_type",
+                "image_manifest"
+            ]
+        );
+    }
+
+    #[test]
+    fn expected_digest_must_match_the_bytes() {
+        let request = pb::PutImageRequest {
+            repository_name: "hello-world".into(),
+            image_manifest: SEED.trim_end().into(),
+            image_digest: Digest::of(SEED.as_bytes()).to_string(),
+            ..Default::default()
+        };
+        let (reason, fields) = fields(put_image(request).unwrap_err());
+        assert_eq!(reason, Reason::DigestMismatch);
+        assert_eq!(fields, ["image_digest"]);
+    }
+
+    #[test]
+    fn get_needs_a_reference_and_sane_media_types() {
+        let request = pb::GetImageRequest {
+            repository_name: "hello-world".into(),
+            accepted_media_types: vec!["application/json".into(), "".into()],
+            ..Default::default()
+        };
+        let (_, fields) = fields(get_image(request).unwrap_err());
+        assert_eq!(fields, ["image_id", "accepted_media_types[1]"]);
+    }
+}
