@@ -1,0 +1,167 @@
+//! What every integration test needs: the emulator, recorded ECR, the service on a real socket
+//! with a real gRPC client, and readers for the rich error details.
+
+pub mod moto;
+pub mod recorded;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_credential_types::Credentials;
+use aws_credential_types::provider::SharedCredentialsProvider;
+use aws_sdk_ecr::config::retry::RetryPartition;
+use ecr_image_service::error::ERROR_DOMAIN;
+use ecr_image_service::pb::image_service_client::ImageServiceClient;
+use ecr_image_service::registry::ecr::{EcrRegistry, EcrSettings, client_config};
+use tokio::net::TcpListener;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetail, ErrorInfo, StatusExt};
+
+/// The seed manifest exactly as ECR returned it (`../shared/fixtures/seed`).
+pub const SEED: &str = include_str!("../../fixtures/hello-world.manifest.json");
+/// The same document as printed in the AWS docs: other bytes, so another digest.
+pub const SEED_DOC_FORM: &str = include_str!("../../fixtures/hello-world.manifest.doc-form.json");
+/// The AWS CLI's output for the seed put.
+pub const SEED_EXPECTED_OUTPUT: &str =
+    include_str!("../../fixtures/put-image.expected-output.json");
+/// SHA-256 of [`SEED`].
+pub const SEED_DIGEST: &str =
+    "sha256:8ece96b74f87652876199d83bd107d0435a196133af383ac54cb82b6cc5283ae";
+/// SHA-256 of [`SEED_DOC_FORM`].
+pub const SEED_DOC_FORM_DIGEST: &str =
+    "sha256:21c4b7549f00071eee1e70a84fbef06f92689539cb76dfdbe91a46b418bad8af";
+/// The region every test client signs for (moto keeps one backend per region).
+pub const REGION: &str = "us-east-1";
+/// The account moto reports for test credentials.
+pub const MOTO_ACCOUNT: &str = "123456789012";
+
+/// Test settings: the production shape, with short backoffs so retry tests run fast.
+pub fn settings() -> EcrSettings {
+    EcrSettings {
+        region: Some(REGION.into()),
+        endpoint_url: None,
+        max_attempts: 3,
+        initial_backoff: Duration::from_millis(5),
+        max_backoff: Duration::from_millis(20),
+        connect_timeout: Duration::from_secs(2),
+        attempt_timeout: Duration::from_secs(10),
+        operation_timeout: Duration::from_secs(30),
+    }
+}
+
+/// A name no other test in this binary uses.
+pub fn unique(prefix: &str) -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    format!("{prefix}-{}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Static test credentials: the tests never read the host's AWS environment.
+fn sdk_config() -> SdkConfig {
+    SdkConfig::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new(REGION))
+        .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
+            "testing", "testing", None, None, "tests",
+        )))
+        .build()
+}
+
+/// The service's own ECR client configuration pointed at `endpoint`, in a retry partition of
+/// its own so one test's exhausted retry budget cannot change another's behaviour.
+pub fn registry(endpoint: &str, settings: EcrSettings) -> EcrRegistry {
+    let settings = EcrSettings {
+        endpoint_url: Some(endpoint.to_owned()),
+        ..settings
+    };
+    let config = client_config(&sdk_config(), &settings)
+        .retry_partition(RetryPartition::new(unique("test-partition")))
+        .build();
+    EcrRegistry::new(aws_sdk_ecr::Client::from_conf(config))
+}
+
+/// A plain ECR client for test set-up (creating repositories), bypassing the service.
+pub fn admin(endpoint: &str) -> aws_sdk_ecr::Client {
+    let config = aws_sdk_ecr::config::Builder::from(&sdk_config())
+        .endpoint_url(endpoint)
+        .build();
+    aws_sdk_ecr::Client::from_conf(config)
+}
+
+/// Creates a repository in the emulator.
+pub async fn create_repository(endpoint: &str, name: &str, immutable: bool) {
+    let mutability = if immutable {
+        aws_sdk_ecr::types::ImageTagMutability::Immutable
+    } else {
+        aws_sdk_ecr::types::ImageTagMutability::Mutable
+    };
+    admin(endpoint)
+        .create_repository()
+        .repository_name(name)
+        .image_tag_mutability(mutability)
+        .send()
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "create {name}: {}",
+                aws_sdk_ecr::error::DisplayErrorContext(e)
+            )
+        });
+}
+
+/// Starts the service over `registry` on 127.0.0.1:0 and connects a real gRPC client to it.
+/// The server task lives as long as the test's runtime.
+pub async fn start(registry: EcrRegistry) -> ImageServiceClient<Channel> {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(ecr_image_service::server::serve(
+        listener,
+        registry,
+        std::future::pending(),
+    ));
+    // The listener is bound before the server task starts, so the connection cannot race it.
+    let channel = Endpoint::from_shared(format!("http://{address}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    ImageServiceClient::new(channel)
+        .max_decoding_message_size(16 << 20)
+        .max_encoding_message_size(16 << 20)
+}
+
+/// The service in front of the emulator, and the emulator's endpoint for set-up calls.
+pub async fn start_on_moto() -> (ImageServiceClient<Channel>, &'static str) {
+    let endpoint = moto::endpoint();
+    (start(registry(endpoint, settings())).await, endpoint)
+}
+
+/// The status's one `ErrorInfo`, asserting there is exactly one and that it is ours.
+pub fn error_info(status: &Status) -> ErrorInfo {
+    let infos: Vec<ErrorInfo> = status
+        .get_error_details_vec()
+        .into_iter()
+        .filter_map(|d| match d {
+            ErrorDetail::ErrorInfo(info) => Some(info),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(infos.len(), 1, "exactly one ErrorInfo in {status:?}");
+    assert_eq!(infos[0].domain, ERROR_DOMAIN);
+    infos[0].clone()
+}
+
+/// The fields a `google.rpc.BadRequest` names.
+pub fn violated_fields(status: &Status) -> Vec<String> {
+    status
+        .get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
+
+/// Asserts the status's code and `ErrorInfo.reason`.
+pub fn assert_status(status: &Status, code: Code, reason: &str) {
+    assert_eq!(status.code(), code, "{status:?}");
+    assert_eq!(error_info(status).reason, reason, "{status:?}");
+}
