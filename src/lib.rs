@@ -9,9 +9,11 @@
 //! - [`registry`]: the seam; [`registry::ecr`] implements it with `aws-sdk-ecr`;
 //! - [`error`]: the error enum and its single mapping to a `tonic::Status`.
 //!
+//! [`codec`] is prost's codec with request decode errors reported as field violations;
 //! [`config`] parses flags and env twins; [`telemetry`] installs logging; [`pb`] holds the
 //! generated code.
 
+pub mod codec;
 pub mod config;
 pub mod error;
 pub mod image;

@@ -6,37 +6,18 @@ use std::time::Duration;
 
 use ecr_image_service::error::{METADATA_ECR_ERROR_CODE, METADATA_ECR_REQUEST_ID};
 use ecr_image_service::image::media_types;
-use ecr_image_service::pb::{GetImageRequest, ImageIdentifier, PutImageOutcome, PutImageRequest};
+use ecr_image_service::pb::PutImageOutcome;
 use ecr_image_service::registry::ecr::EcrSettings;
 use serde_json::{Value, json};
 use tonic::Code;
 use tonic_types::StatusExt;
 
 use crate::support::recorded::{REQUEST_ID, RecordedEcr, Reply};
+use crate::support::requests::{get, put};
 use crate::support::{
     MOTO_ACCOUNT, SEED, SEED_DIGEST, SEED_DOC_FORM, SEED_DOC_FORM_DIGEST, assert_status,
     error_info, registry, settings, start, violated_fields,
 };
-
-fn seed_put() -> PutImageRequest {
-    PutImageRequest {
-        repository_name: "hello-world".into(),
-        image_tag: "2019.08".into(),
-        image_manifest: SEED.into(),
-        ..Default::default()
-    }
-}
-
-fn seed_get(tag: &str, digest: &str) -> GetImageRequest {
-    GetImageRequest {
-        repository_name: "hello-world".into(),
-        image_id: Some(ImageIdentifier {
-            image_tag: tag.into(),
-            image_digest: digest.into(),
-        }),
-        ..Default::default()
-    }
-}
 
 fn image_json(manifest: &str, digest: &str, media_type: Option<&str>) -> Value {
     let mut image = json!({
@@ -407,7 +388,10 @@ async fn put_errors_map_to_their_statuses() {
     for case in put_cases() {
         let ecr = RecordedEcr::start(case.script.clone()).await;
         let mut client = start(registry(&ecr.endpoint, settings())).await;
-        let status = client.put_image(seed_put()).await.expect_err(case.what);
+        let status = client
+            .put_image(put("hello-world", "2019.08", SEED))
+            .await
+            .expect_err(case.what);
         check(&case, &status);
     }
 }
@@ -418,7 +402,7 @@ async fn get_errors_map_to_their_statuses() {
         let ecr = RecordedEcr::start(case.script.clone()).await;
         let mut client = start(registry(&ecr.endpoint, settings())).await;
         let status = client
-            .get_image(seed_get("2019.08", ""))
+            .get_image(get("hello-world", "2019.08", ""))
             .await
             .expect_err(case.what);
         check(&case, &status);
@@ -434,7 +418,10 @@ async fn ecr_parameter_errors_name_the_field() {
     )])
     .await;
     let mut client = start(registry(&ecr.endpoint, settings())).await;
-    let status = client.put_image(seed_put()).await.unwrap_err();
+    let status = client
+        .put_image(put("hello-world", "2019.08", SEED))
+        .await
+        .unwrap_err();
     assert_eq!(violated_fields(&status), ["image_manifest"]);
 }
 
@@ -448,7 +435,10 @@ async fn throttling_is_retried_by_the_sdk_then_reported_with_retry_info() {
     )])
     .await;
     let mut client = start(registry(&ecr.endpoint, settings())).await;
-    let status = client.put_image(seed_put()).await.unwrap_err();
+    let status = client
+        .put_image(put("hello-world", "2019.08", SEED))
+        .await
+        .unwrap_err();
     assert_status(&status, Code::Unavailable, "ECR_THROTTLED");
     assert_eq!(
         ecr.count("PutImage"),
@@ -470,7 +460,11 @@ async fn a_throttling_blip_is_absorbed() {
     ])
     .await;
     let mut client = start(registry(&ecr.endpoint, settings())).await;
-    let response = client.put_image(seed_put()).await.unwrap().into_inner();
+    let response = client
+        .put_image(put("hello-world", "2019.08", SEED))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(response.outcome(), PutImageOutcome::Created);
     assert_eq!(ecr.count("PutImage"), 2);
 }
@@ -486,7 +480,11 @@ async fn a_retried_put_that_already_landed_succeeds() {
     ])
     .await;
     let mut client = start(registry(&ecr.endpoint, settings())).await;
-    let response = client.put_image(seed_put()).await.unwrap().into_inner();
+    let response = client
+        .put_image(put("hello-world", "2019.08", SEED))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(response.outcome(), PutImageOutcome::AlreadyExisted);
     let image = response.image.unwrap();
     assert_eq!(image.image_id.unwrap().image_digest, SEED_DIGEST);
@@ -503,7 +501,11 @@ async fn immutable_re_put_of_the_same_bytes_succeeds() {
     ])
     .await;
     let mut client = start(registry(&ecr.endpoint, settings())).await;
-    let response = client.put_image(seed_put()).await.unwrap().into_inner();
+    let response = client
+        .put_image(put("hello-world", "2019.08", SEED))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(response.outcome(), PutImageOutcome::AlreadyExisted);
     assert_eq!(response.image.unwrap().registry_id, MOTO_ACCOUNT);
 }
@@ -518,9 +520,15 @@ async fn requests_carry_digest_media_type_and_accepted_types() {
     ])
     .await;
     let mut client = start(registry(&ecr.endpoint, settings())).await;
-    client.put_image(seed_put()).await.unwrap();
-    client.get_image(seed_get("2019.08", "")).await.unwrap();
-    let mut narrowed = seed_get("", SEED_DIGEST);
+    client
+        .put_image(put("hello-world", "2019.08", SEED))
+        .await
+        .unwrap();
+    client
+        .get_image(get("hello-world", "2019.08", ""))
+        .await
+        .unwrap();
+    let mut narrowed = get("hello-world", "", SEED_DIGEST);
     narrowed.accepted_media_types = vec![media_types::OCI_MANIFEST.into()];
     client.get_image(narrowed).await.unwrap();
 
@@ -559,7 +567,7 @@ async fn a_missing_media_type_is_read_from_the_manifest() {
     .await;
     let mut client = start(registry(&ecr.endpoint, settings())).await;
     let image = client
-        .get_image(seed_get("2019.08", ""))
+        .get_image(get("hello-world", "2019.08", ""))
         .await
         .unwrap()
         .into_inner()
@@ -581,7 +589,7 @@ async fn a_get_by_digest_answered_with_other_bytes_is_data_loss() {
     .await;
     let mut client = start(registry(&ecr.endpoint, settings())).await;
     let status = client
-        .get_image(seed_get("", SEED_DIGEST))
+        .get_image(get("hello-world", "", SEED_DIGEST))
         .await
         .unwrap_err();
     assert_status(&status, Code::DataLoss, "DIGEST_VERIFICATION_FAILED");
@@ -602,7 +610,10 @@ async fn a_stalled_ecr_times_out() {
         ..settings()
     };
     let mut client = start(registry(&ecr.endpoint, settings)).await;
-    let status = client.get_image(seed_get("2019.08", "")).await.unwrap_err();
+    let status = client
+        .get_image(get("hello-world", "2019.08", ""))
+        .await
+        .unwrap_err();
     assert_status(&status, Code::Unavailable, "ECR_TIMEOUT");
     assert_eq!(ecr.count("BatchGetImage"), 2);
 }
@@ -611,6 +622,9 @@ async fn a_stalled_ecr_times_out() {
 async fn an_unreachable_ecr_is_unavailable() {
     // Port 1 on loopback: nothing listens there, so the connection is refused at once.
     let mut client = start(registry("http://127.0.0.1:1", settings())).await;
-    let status = client.get_image(seed_get("2019.08", "")).await.unwrap_err();
+    let status = client
+        .get_image(get("hello-world", "2019.08", ""))
+        .await
+        .unwrap_err();
     assert_status(&status, Code::Unavailable, "ECR_UNAVAILABLE");
 }

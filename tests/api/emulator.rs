@@ -3,33 +3,14 @@
 //! asserts ECR's documented behaviour, never one of the emulator's quirks.
 
 use ecr_image_service::image::media_types;
-use ecr_image_service::pb::{GetImageRequest, ImageIdentifier, PutImageOutcome, PutImageRequest};
+use ecr_image_service::pb::PutImageOutcome;
 use sha2::{Digest as _, Sha256};
 use tonic::Code;
 
+use crate::support::requests::{fetch, get, put};
 use crate::support::{
     SEED, SEED_DIGEST, SEED_DOC_FORM, assert_status, create_repository, start_on_moto, unique,
 };
-
-fn put(repository: &str, tag: &str, manifest: &str) -> PutImageRequest {
-    PutImageRequest {
-        repository_name: repository.into(),
-        image_tag: tag.into(),
-        image_manifest: manifest.into(),
-        ..Default::default()
-    }
-}
-
-fn get(repository: &str, tag: &str, digest: &str) -> GetImageRequest {
-    GetImageRequest {
-        repository_name: repository.into(),
-        image_id: Some(ImageIdentifier {
-            image_tag: tag.into(),
-            image_digest: digest.into(),
-        }),
-        ..Default::default()
-    }
-}
 
 fn digest_of(text: &str) -> String {
     format!("sha256:{:x}", Sha256::digest(text.as_bytes()))
@@ -93,13 +74,7 @@ async fn a_mutable_tag_moves() {
         .unwrap()
         .into_inner();
     assert_eq!(moved.outcome(), PutImageOutcome::Created);
-    let image = client
-        .get_image(get(&repository, "v1", ""))
-        .await
-        .unwrap()
-        .into_inner()
-        .image
-        .unwrap();
+    let image = fetch(&mut client, get(&repository, "v1", "")).await;
     assert_eq!(image.image_manifest, SEED_DOC_FORM);
     assert_eq!(
         image.image_id.unwrap().image_digest,
@@ -135,13 +110,7 @@ async fn an_immutable_tag_stays() {
         "{}",
         status.message()
     );
-    let image = client
-        .get_image(get(&repository, "v1", ""))
-        .await
-        .unwrap()
-        .into_inner()
-        .image
-        .unwrap();
+    let image = fetch(&mut client, get(&repository, "v1", "")).await;
     assert_eq!(image.image_manifest, SEED);
 }
 
@@ -163,13 +132,7 @@ async fn media_types_are_inferred_or_declared() {
         .put_image(put(&repository, "multi", &index))
         .await
         .unwrap();
-    let image = client
-        .get_image(get(&repository, "multi", ""))
-        .await
-        .unwrap()
-        .into_inner()
-        .image
-        .unwrap();
+    let image = fetch(&mut client, get(&repository, "multi", "")).await;
     assert_eq!(image.image_manifest, index);
     assert_eq!(image.image_manifest_media_type, media_types::OCI_INDEX);
 
@@ -177,13 +140,7 @@ async fn media_types_are_inferred_or_declared() {
     let mut helm = put(&repository, "chart-1.0.0", chart);
     helm.image_manifest_media_type = media_types::OCI_MANIFEST.into();
     client.put_image(helm).await.unwrap();
-    let image = client
-        .get_image(get(&repository, "chart-1.0.0", ""))
-        .await
-        .unwrap()
-        .into_inner()
-        .image
-        .unwrap();
+    let image = fetch(&mut client, get(&repository, "chart-1.0.0", "")).await;
     assert_eq!(image.image_manifest, chart);
     assert_eq!(image.image_manifest_media_type, media_types::OCI_MANIFEST);
 }
@@ -203,12 +160,6 @@ async fn untagged_images_are_addressed_by_digest() {
     assert_eq!(first.outcome(), PutImageOutcome::Created);
     let image = first.image.unwrap();
     assert_eq!(image.image_id.unwrap().image_tag, "");
-    let image = client
-        .get_image(get(&repository, "", SEED_DIGEST))
-        .await
-        .unwrap()
-        .into_inner()
-        .image
-        .unwrap();
+    let image = fetch(&mut client, get(&repository, "", SEED_DIGEST)).await;
     assert_eq!(image.image_manifest, SEED);
 }

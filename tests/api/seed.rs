@@ -1,34 +1,13 @@
 //! The seed scenario, "retag an image with its manifest", end to end through the emulator.
 
-use ecr_image_service::pb::{
-    GetImageRequest, ImageIdentifier, PutImageOutcome, PutImageRequest, PutImageResponse,
-};
+use ecr_image_service::pb::{PutImageOutcome, PutImageResponse};
 use serde_json::Value;
 
+use crate::support::requests::{fetch, get, put};
 use crate::support::{
     MOTO_ACCOUNT, SEED, SEED_DIGEST, SEED_DOC_FORM, SEED_DOC_FORM_DIGEST, SEED_EXPECTED_OUTPUT,
     create_repository, start_on_moto,
 };
-
-fn put(repository: &str, tag: &str, manifest: &str) -> PutImageRequest {
-    PutImageRequest {
-        repository_name: repository.into(),
-        image_tag: tag.into(),
-        image_manifest: manifest.into(),
-        ..Default::default()
-    }
-}
-
-fn get(repository: &str, tag: &str, digest: &str) -> GetImageRequest {
-    GetImageRequest {
-        repository_name: repository.into(),
-        image_id: Some(ImageIdentifier {
-            image_tag: tag.into(),
-            image_digest: digest.into(),
-        }),
-        ..Default::default()
-    }
-}
 
 /// Put the seed as `hello-world:2019.08`, read it back by tag, digest and both, retag it,
 /// re-put it, and put its doc-form twin: digests are over exact bytes, the bytes come back
@@ -47,13 +26,7 @@ async fn seed_retag_scenario() {
     assert_matches_cli_output(&put_response);
 
     for (tag, digest) in [("2019.08", ""), ("", SEED_DIGEST), ("2019.08", SEED_DIGEST)] {
-        let image = client
-            .get_image(get("hello-world", tag, digest))
-            .await
-            .unwrap()
-            .into_inner()
-            .image
-            .unwrap();
+        let image = fetch(&mut client, get("hello-world", tag, digest)).await;
         assert_eq!(
             image.image_manifest, SEED,
             "get by {tag:?}/{digest:?}: exact bytes"
@@ -68,13 +41,7 @@ async fn seed_retag_scenario() {
     }
 
     // Retag: the exact bytes from a get, put under a new tag, keep the digest.
-    let fetched = client
-        .get_image(get("hello-world", "2019.08", ""))
-        .await
-        .unwrap()
-        .into_inner()
-        .image
-        .unwrap();
+    let fetched = fetch(&mut client, get("hello-world", "2019.08", "")).await;
     let retagged = client
         .put_image(put("hello-world", "latest", &fetched.image_manifest))
         .await
@@ -85,13 +52,7 @@ async fn seed_retag_scenario() {
         retagged.image.unwrap().image_id.unwrap().image_digest,
         SEED_DIGEST
     );
-    let latest = client
-        .get_image(get("hello-world", "latest", ""))
-        .await
-        .unwrap()
-        .into_inner()
-        .image
-        .unwrap();
+    let latest = fetch(&mut client, get("hello-world", "latest", "")).await;
     assert_eq!(latest.image_manifest, SEED);
 
     // The same manifest and tag again: success, reported as already there.
@@ -117,13 +78,7 @@ async fn seed_retag_scenario() {
         doc_form.image.unwrap().image_id.unwrap().image_digest,
         SEED_DOC_FORM_DIGEST
     );
-    let doc_form_back = client
-        .get_image(get("hello-world", "", SEED_DOC_FORM_DIGEST))
-        .await
-        .unwrap()
-        .into_inner()
-        .image
-        .unwrap();
+    let doc_form_back = fetch(&mut client, get("hello-world", "", SEED_DOC_FORM_DIGEST)).await;
     assert_eq!(doc_form_back.image_manifest, SEED_DOC_FORM);
 }
 

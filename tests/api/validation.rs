@@ -8,29 +8,10 @@ use sha2::{Digest as _, Sha256};
 use tonic::Code;
 
 use crate::support::recorded::{RecordedEcr, Reply};
+use crate::support::requests::{get, put};
 use crate::support::{
-    SEED, SEED_DIGEST, assert_status, registry, settings, start, violated_fields,
+    SEED, SEED_DIGEST, assert_status, registry, settings, start, start_channel, violated_fields,
 };
-
-fn seed_put() -> PutImageRequest {
-    PutImageRequest {
-        repository_name: "hello-world".into(),
-        image_tag: "2019.08".into(),
-        image_manifest: SEED.into(),
-        ..Default::default()
-    }
-}
-
-fn seed_get() -> GetImageRequest {
-    GetImageRequest {
-        repository_name: "hello-world".into(),
-        image_id: Some(ImageIdentifier {
-            image_tag: "2019.08".into(),
-            image_digest: String::new(),
-        }),
-        ..Default::default()
-    }
-}
 
 /// A well-formed manifest without a top-level mediaType whose structure says nothing.
 const SHAPELESS: &str = r#"{"schemaVersion":2,"annotations":{}}"#;
@@ -38,7 +19,7 @@ const SHAPELESS: &str = r#"{"schemaVersion":2,"annotations":{}}"#;
 /// Each bad PutImage: (what is wrong, request, reason, the one field named).
 fn bad_puts() -> Vec<(&'static str, PutImageRequest, &'static str, &'static str)> {
     let with = |f: fn(&mut PutImageRequest)| {
-        let mut request = seed_put();
+        let mut request = put("hello-world", "2019.08", SEED);
         f(&mut request);
         request
     };
@@ -210,7 +191,7 @@ async fn bad_gets_are_refused_before_ecr() {
     let ecr = RecordedEcr::start(vec![]).await;
     let mut client = start(registry(&ecr.endpoint, settings())).await;
     let with = |f: fn(&mut GetImageRequest)| {
-        let mut request = seed_get();
+        let mut request = get("hello-world", "2019.08", "");
         f(&mut request);
         request
     };
@@ -299,4 +280,43 @@ async fn manifest_at_the_size_limit_is_accepted() {
         sent["imageManifest"].as_str().unwrap().len(),
         MAX_MANIFEST_BYTES
     );
+}
+
+/// PutImageRequest as a client that ignores proto3's UTF-8 rule would send it: the manifest as
+/// raw bytes.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawPutImageRequest {
+    #[prost(string, tag = "2")]
+    repository_name: String,
+    #[prost(bytes = "vec", tag = "3")]
+    image_manifest: Vec<u8>,
+}
+
+/// Bytes that are not UTF-8 in `image_manifest` are INVALID_ARGUMENT naming that field, not the
+/// INTERNAL gRPC uses for unparseable messages, and never reach ECR.
+#[tokio::test]
+async fn a_manifest_that_is_not_utf8_names_the_field() {
+    let ecr = RecordedEcr::start(vec![]).await;
+    let channel = start_channel(registry(&ecr.endpoint, settings())).await;
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let request = RawPutImageRequest {
+        repository_name: "hello-world".into(),
+        image_manifest: b"{\"mediaType\":\"a/b\",\"x\":\"\xff\xfe\"}".to_vec(),
+    };
+    let status =
+        grpc
+            .unary(
+                tonic::Request::new(request),
+                http::uri::PathAndQuery::from_static("/imageservice.v1.ImageService/PutImage"),
+                tonic_prost::ProstCodec::<
+                    RawPutImageRequest,
+                    ecr_image_service::pb::PutImageResponse,
+                >::default(),
+            )
+            .await
+            .unwrap_err();
+    assert_status(&status, Code::InvalidArgument, "INVALID_FIELD");
+    assert_eq!(violated_fields(&status), ["image_manifest"]);
+    assert!(ecr.received().is_empty());
 }

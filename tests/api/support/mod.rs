@@ -3,6 +3,7 @@
 
 pub mod moto;
 pub mod recorded;
+pub mod requests;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -111,8 +112,15 @@ pub async fn create_repository(endpoint: &str, name: &str, immutable: bool) {
 }
 
 /// Starts the service over `registry` on 127.0.0.1:0 and connects a real gRPC client to it.
-/// The server task lives as long as the test's runtime.
 pub async fn start(registry: EcrRegistry) -> ImageServiceClient<Channel> {
+    ImageServiceClient::new(start_channel(registry).await)
+        .max_decoding_message_size(16 << 20)
+        .max_encoding_message_size(16 << 20)
+}
+
+/// Starts the service and returns a raw channel to it, for hand-built requests. The server task
+/// lives as long as the test's runtime.
+pub async fn start_channel(registry: EcrRegistry) -> Channel {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     tokio::spawn(ecr_image_service::server::serve(
@@ -121,14 +129,11 @@ pub async fn start(registry: EcrRegistry) -> ImageServiceClient<Channel> {
         std::future::pending(),
     ));
     // The listener is bound before the server task starts, so the connection cannot race it.
-    let channel = Endpoint::from_shared(format!("http://{address}"))
+    Endpoint::from_shared(format!("http://{address}"))
         .unwrap()
         .connect()
         .await
-        .unwrap();
-    ImageServiceClient::new(channel)
-        .max_decoding_message_size(16 << 20)
-        .max_encoding_message_size(16 << 20)
+        .unwrap()
 }
 
 /// The service in front of the emulator, and the emulator's endpoint for set-up calls.

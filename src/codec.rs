@@ -1,0 +1,127 @@
+//! The protobuf codec: prost's, except that a request field that is not valid UTF-8 is the
+//! caller's INVALID_ARGUMENT naming that field, not the INTERNAL that gRPC uses for parse errors.
+//! Manifests are `string`s, and a client that sends raw bytes in one deserves to be told which.
+
+use prost::Message;
+use tonic::Status;
+use tonic::codec::{BufferSettings, DecodeBuf};
+use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
+
+use crate::error::{Error, Reason, Violation};
+
+/// [`ProstCodec`] with request decode errors mapped to field violations.
+#[derive(Debug, Clone)]
+pub struct Codec<T, U>(ProstCodec<T, U>);
+
+impl<T, U> Default for Codec<T, U> {
+    fn default() -> Self {
+        Self(ProstCodec::default())
+    }
+}
+
+impl<T, U> tonic::codec::Codec for Codec<T, U>
+where
+    T: Message + Send + 'static,
+    U: Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = ProstEncoder<T>;
+    type Decoder = Decoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        self.0.encoder()
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        Decoder(self.0.decoder())
+    }
+}
+
+/// [`ProstDecoder`] with request decode errors mapped to field violations.
+#[derive(Debug)]
+pub struct Decoder<U>(ProstDecoder<U>);
+
+impl<U: Message + Default> tonic::codec::Decoder for Decoder<U> {
+    type Item = U;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        self.0
+            .decode(buf)
+            .map_err(|status| invalid_request_field(status.message()).unwrap_or(status))
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        self.0.buffer_settings()
+    }
+}
+
+/// Reads prost's error text, `failed to decode Protobuf message: GetImageRequest.image_id:
+/// ImageIdentifier.image_tag: invalid string value: data is not UTF-8 encoded`, into the field
+/// path `image_id.image_tag`. Only request messages are the caller's fault; anything else keeps
+/// gRPC's INTERNAL.
+fn invalid_request_field(message: &str) -> Option<Status> {
+    let rest = message.strip_prefix("failed to decode Protobuf message: ")?;
+    let mut path = Vec::new();
+    let mut description = rest;
+    for (i, segment) in rest.split(": ").enumerate() {
+        match segment.split_once('.') {
+            Some((message_name, field))
+                if !field.contains(' ') && (i > 0 || message_name.ends_with("Request")) =>
+            {
+                path.push(field);
+                description = &rest[rest.find(segment)? + segment.len()..];
+            }
+            _ => break,
+        }
+    }
+    if path.is_empty() {
+        return None;
+    }
+    let description = description.trim_start_matches(": ");
+    let problem = if description.contains("UTF-8") {
+        "must be valid UTF-8".to_owned()
+    } else {
+        format!("cannot be decoded: {description}")
+    };
+    Some(
+        Error::InvalidArgument {
+            reason: Reason::InvalidField,
+            violations: vec![Violation::new(path.join("."), problem)],
+        }
+        .into(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+    use tonic_types::StatusExt;
+
+    #[test]
+    fn utf8_errors_name_the_request_field() {
+        let status = invalid_request_field(
+            "failed to decode Protobuf message: GetImageRequest.image_id: \
+             ImageIdentifier.image_tag: invalid string value: data is not UTF-8 encoded",
+        )
+        .unwrap();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let violations = status.get_details_bad_request().unwrap().field_violations;
+        assert_eq!(violations[0].field, "image_id.image_tag");
+        assert_eq!(violations[0].description, "must be valid UTF-8");
+    }
+
+    #[test]
+    fn responses_and_unknown_texts_keep_internal() {
+        for text in [
+            "failed to decode Protobuf message: GetImageResponse.image: Image.image_manifest: \
+             invalid string value: data is not UTF-8 encoded",
+            "failed to decode Protobuf message: buffer underflow",
+            "something else",
+        ] {
+            assert!(invalid_request_field(text).is_none(), "{text}");
+        }
+    }
+}

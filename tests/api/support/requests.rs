@@ -1,0 +1,38 @@
+//! Request builders shared by every test: the common shapes of PutImage and GetImage.
+
+use ecr_image_service::pb::image_service_client::ImageServiceClient;
+use ecr_image_service::pb::{GetImageRequest, Image, ImageIdentifier, PutImageRequest};
+use tonic::transport::Channel;
+
+/// PutImage of `manifest` as `repository:tag` (an empty tag puts it untagged).
+pub fn put(repository: &str, tag: &str, manifest: &str) -> PutImageRequest {
+    PutImageRequest {
+        repository_name: repository.into(),
+        image_tag: tag.into(),
+        image_manifest: manifest.into(),
+        ..Default::default()
+    }
+}
+
+/// GetImage by tag, digest or both (empty strings are "not given").
+pub fn get(repository: &str, tag: &str, digest: &str) -> GetImageRequest {
+    GetImageRequest {
+        repository_name: repository.into(),
+        image_id: Some(ImageIdentifier {
+            image_tag: tag.into(),
+            image_digest: digest.into(),
+        }),
+        ..Default::default()
+    }
+}
+
+/// Gets an image that must exist.
+pub async fn fetch(client: &mut ImageServiceClient<Channel>, request: GetImageRequest) -> Image {
+    client
+        .get_image(request)
+        .await
+        .unwrap_or_else(|status| panic!("get failed: {status:?}"))
+        .into_inner()
+        .image
+        .expect("a GetImage answer carries the image")
+}
