@@ -628,3 +628,42 @@ async fn an_unreachable_ecr_is_unavailable() {
         .unwrap_err();
     assert_status(&status, Code::Unavailable, "ECR_UNAVAILABLE");
 }
+
+/// A machine with no AWS credentials at all (the default chain finds none): the failure is the
+/// service's own, INTERNAL/SERVICE_CREDENTIALS_INVALID, and nothing is sent to ECR unsigned.
+#[tokio::test]
+async fn missing_service_credentials_are_the_services_problem() {
+    use aws_credential_types::credential_fn::provide_credentials_fn;
+    use aws_credential_types::provider::SharedCredentialsProvider;
+    use aws_credential_types::provider::error::CredentialsError;
+
+    let ecr = RecordedEcr::start(vec![("BatchGetImage", get_ok(SEED, SEED_DIGEST))]).await;
+    let settings = EcrSettings {
+        endpoint_url: Some(ecr.endpoint.clone()),
+        ..settings()
+    };
+    let sdk = aws_config::SdkConfig::builder()
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(SharedCredentialsProvider::new(provide_credentials_fn(
+            || async {
+                Err(CredentialsError::not_loaded(
+                    "no credentials in the environment, profile or instance role",
+                ))
+            },
+        )))
+        .build();
+    let config = ecr_image_service::registry::ecr::client_config(&sdk, &settings).build();
+    let registry =
+        ecr_image_service::registry::ecr::EcrRegistry::new(aws_sdk_ecr::Client::from_conf(config));
+    let mut client = start(registry).await;
+    let status = client
+        .get_image(get("hello-world", "2019.08", ""))
+        .await
+        .unwrap_err();
+    assert_status(&status, Code::Internal, "SERVICE_CREDENTIALS_INVALID");
+    assert!(
+        ecr.received().is_empty(),
+        "no unsigned request left the service"
+    );
+}
