@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::registry::cached::CacheSettings;
 use crate::registry::ecr::EcrSettings;
 
 /// gRPC's conventional port, on every interface: in a pod, the kubelet's probes and the mesh
@@ -28,6 +29,23 @@ pub const DEFAULT_CONNECT_TIMEOUT: &str = "2s";
 pub const DEFAULT_ATTEMPT_TIMEOUT: &str = "5s";
 /// Bounds a whole call, retries included, so no request outlives a sensible caller deadline.
 pub const DEFAULT_OPERATION_TIMEOUT: &str = "15s";
+/// Enough for the hot set of a large fleet: 64 MiB holds ~25,000 typical 2.5 KiB manifests.
+/// Entries are immutable and verified, so a bigger budget only trades memory for ECR calls.
+pub const DEFAULT_DIGEST_CACHE_BYTES: &str = "64MiB";
+/// Tag resolutions are ~200 bytes; 100,000 of them fit in ~20 MiB.
+pub const DEFAULT_TAG_CACHE_ENTRIES: u64 = 100_000;
+/// A tag pushed elsewhere becomes visible within 10 s, quicker than a rollout step. It also
+/// caps ECR load: 1,000 hot tags on 10 replicas is ~1,000 BatchGetImage/s at worst, half of
+/// the account's 2,000/s.
+pub const DEFAULT_TAG_TTL: &str = "10s";
+/// While ECR throttles or fails, a resolution up to 5 minutes old is served, flagged STALE,
+/// rather than an error: long enough to ride out a throttling episode. A fresh read
+/// (`max_staleness` = 0) never gets a stale answer.
+pub const DEFAULT_STALE_IF_ERROR: &str = "5m";
+/// No wait for a lone miss: batching comes from misses arriving while a call is in flight.
+pub const DEFAULT_BATCH_WINDOW: &str = "0ms";
+/// Upper bound on `--batch-window`: a longer wait costs every cold read more than ECR's latency.
+const MAX_BATCH_WINDOW: Duration = Duration::from_millis(100);
 /// Upper bound on `--max-attempts`: beyond this, retries only amplify an ECR outage.
 const MAX_ATTEMPTS_LIMIT: u32 = 10;
 
@@ -95,6 +113,26 @@ pub struct ServeArgs {
     /// Time allowed for a whole ECR call, every attempt and backoff included.
     #[arg(long, env = "ECR_IMAGE_SERVICE_OPERATION_TIMEOUT", default_value = DEFAULT_OPERATION_TIMEOUT, value_parser = humantime::parse_duration)]
     pub operation_timeout: Duration,
+
+    /// Budget of the digest -> manifest cache, in bytes (suffixes KiB, MiB, GiB).
+    #[arg(long, env = "ECR_IMAGE_SERVICE_DIGEST_CACHE_BYTES", default_value = DEFAULT_DIGEST_CACHE_BYTES, value_parser = parse_bytes)]
+    pub digest_cache_bytes: u64,
+
+    /// How many tag -> digest resolutions to keep.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_TAG_CACHE_ENTRIES", default_value_t = DEFAULT_TAG_CACHE_ENTRIES)]
+    pub tag_cache_entries: u64,
+
+    /// How long a tag resolution is served from cache unless a request asks for fresher.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_TAG_TTL", default_value = DEFAULT_TAG_TTL, value_parser = humantime::parse_duration)]
+    pub tag_ttl: Duration,
+
+    /// Oldest tag resolution served (flagged stale) while ECR throttles or fails; 0 disables.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_STALE_IF_ERROR", default_value = DEFAULT_STALE_IF_ERROR, value_parser = humantime::parse_duration)]
+    pub stale_if_error: Duration,
+
+    /// How long the first miss of an idle repository waits to batch with others.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_BATCH_WINDOW", default_value = DEFAULT_BATCH_WINDOW, value_parser = humantime::parse_duration)]
+    pub batch_window: Duration,
 
     /// Log line format.
     #[arg(long, env = "ECR_IMAGE_SERVICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -175,6 +213,15 @@ impl ServeArgs {
         if let Some(url) = &self.ecr_endpoint_url {
             check_endpoint_url(url)?;
         }
+        if self.batch_window > MAX_BATCH_WINDOW {
+            return Err(invalid(
+                "--batch-window",
+                format!("must be at most {MAX_BATCH_WINDOW:?}"),
+            ));
+        }
+        if self.digest_cache_bytes > u64::from(u32::MAX) * 1024 {
+            return Err(invalid("--digest-cache-bytes", "must be at most 4 TiB"));
+        }
         tracing_subscriber::EnvFilter::try_new(&self.log_filter)
             .map_err(|e| invalid("--log-filter", e.to_string()))?;
         Ok(())
@@ -193,6 +240,37 @@ impl ServeArgs {
             operation_timeout: self.operation_timeout,
         }
     }
+
+    /// The cache part of the configuration.
+    pub fn cache_settings(&self) -> CacheSettings {
+        CacheSettings {
+            digest_cache_bytes: self.digest_cache_bytes,
+            tag_cache_entries: self.tag_cache_entries,
+            tag_ttl: self.tag_ttl,
+            stale_if_error: self.stale_if_error,
+            batch_window: self.batch_window,
+        }
+    }
+}
+
+/// Parses `64MiB`, `512KiB`, `1GiB` or a plain number of bytes.
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    let units = [
+        ("GiB", 1u64 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+        ("B", 1),
+    ];
+    let (number, unit) = units
+        .iter()
+        .find_map(|(suffix, unit)| text.strip_suffix(suffix).map(|n| (n, *unit)))
+        .unwrap_or((text, 1));
+    number
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit))
+        .ok_or_else(|| format!("'{text}' is not a size such as 64MiB"))
 }
 
 fn check_endpoint_url(url: &str) -> Result<(), ConfigError> {
@@ -226,6 +304,17 @@ mod tests {
         assert_eq!(args.validate(), Ok(()));
         assert_eq!(args.max_attempts, DEFAULT_MAX_ATTEMPTS);
         assert_eq!(args.attempt_timeout, Duration::from_secs(5));
+        assert_eq!(args.digest_cache_bytes, 64 << 20);
+    }
+
+    #[test]
+    fn sizes_take_binary_suffixes() {
+        assert_eq!(parse_bytes("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_bytes("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_bytes("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_bytes("1000"), Ok(1000));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("99999999999GiB").is_err());
     }
 
     #[test]
@@ -243,6 +332,7 @@ mod tests {
             (&["--ecr-endpoint-url", "ftp://x"], "--ecr-endpoint-url"),
             (&["--ecr-endpoint-url", "not a url"], "--ecr-endpoint-url"),
             (&["--log-filter", "info,[="], "--log-filter"),
+            (&["--batch-window", "1s"], "--batch-window"),
         ] {
             match parse(argv).validate() {
                 Err(ConfigError::Invalid { flag: got, .. }) => assert_eq!(got, flag, "{argv:?}"),

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use clap::error::ErrorKind;
 use ecr_image_service::config::{Cli, Command, ServeArgs};
+use ecr_image_service::registry::cached::CachedRegistry;
 use ecr_image_service::registry::ecr::{self, EcrRegistry};
 use ecr_image_service::{server, telemetry};
 use tokio::net::TcpListener;
@@ -65,7 +66,10 @@ async fn serve(args: ServeArgs) -> ExitCode {
             "no AWS region: set --region, ECR_IMAGE_SERVICE_REGION, AWS_REGION or a profile region",
         );
     };
-    let client = aws_sdk_ecr::Client::from_conf(ecr::client_config(&sdk, &settings).build());
+    let registry = CachedRegistry::new(
+        EcrRegistry::from_config(ecr::client_config(&sdk, &settings)),
+        args.cache_settings(),
+    );
     let listener = match TcpListener::bind(args.listen).await {
         Ok(listener) => listener,
         Err(err) => {
@@ -79,9 +83,11 @@ async fn serve(args: ServeArgs) -> ExitCode {
         %region,
         ecr_endpoint = settings.endpoint_url.as_deref().unwrap_or("(SDK default)"),
         max_attempts = settings.max_attempts,
+        digest_cache_bytes = args.digest_cache_bytes,
+        tag_ttl = ?args.tag_ttl,
         "listening"
     );
-    match server::serve(listener, EcrRegistry::new(client), shutdown_signal()).await {
+    match server::serve(listener, registry, shutdown_signal()).await {
         Ok(()) => {
             info!("stopped");
             ExitCode::SUCCESS

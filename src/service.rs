@@ -1,15 +1,16 @@
 //! The ImageService RPCs: request -> validate -> registry -> response, one span per request.
 
 use std::future::Future;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tonic::{Request, Response, Status};
 use tracing::field::{Empty, debug as debug_value};
 use tracing::{Instrument, Span, debug, info, info_span, warn};
 
 use crate::error::Error;
+use crate::image::{Digest, Tag};
 use crate::pb;
-use crate::registry::{PutOutcome, Registry, StoredImage};
+use crate::registry::{CacheStatus, PutOutcome, Registry, StoredImage};
 use crate::validate;
 
 /// The gRPC service over a [`Registry`].
@@ -54,22 +55,68 @@ impl<R: Registry> pb::image_service_server::ImageService for ImageService<R> {
         request: Request<pb::GetImageRequest>,
     ) -> Result<Response<pb::GetImageResponse>, Status> {
         let request = request.into_inner();
-        let id = request.image_id.clone().unwrap_or_default();
-        let reference = match (id.image_tag.as_str(), id.image_digest.as_str()) {
-            (tag, "") => tag.to_owned(),
-            ("", digest) => digest.to_owned(),
-            (tag, digest) => format!("{tag}@{digest}"),
-        };
+        let reference = describe(request.image_id.as_ref());
         let span = rpc_span("GetImage", &request.repository_name, &reference);
         let work = async {
             let input = validate::get_image(request)?;
-            let image = self.registry.get_image(input).await?;
-            Span::current().record("digest", image.digest.as_str());
+            let fetched = self.registry.get_image(input).await?;
+            Span::current().record("digest", fetched.image.digest.as_str());
+            let (cache_status, tag_resolution_age) = provenance(fetched.cache);
             Ok(pb::GetImageResponse {
-                image: Some(to_proto(image)),
+                image: Some(to_proto(fetched.image)),
+                cache_status: cache_status.into(),
+                tag_resolution_age,
             })
         };
         observe(span, work).await
+    }
+
+    async fn resolve_image(
+        &self,
+        request: Request<pb::ResolveImageRequest>,
+    ) -> Result<Response<pb::ResolveImageResponse>, Status> {
+        let request = request.into_inner();
+        let reference = describe(request.image_id.as_ref());
+        let span = rpc_span("ResolveImage", &request.repository_name, &reference);
+        let work = async {
+            let input = validate::resolve_image(request)?;
+            let fetched = self.registry.get_image(input).await?;
+            Span::current().record("digest", fetched.image.digest.as_str());
+            let (cache_status, tag_resolution_age) = provenance(fetched.cache);
+            let image = fetched.image;
+            Ok(pb::ResolveImageResponse {
+                image_manifest_size: i64::try_from(image.manifest.len()).unwrap_or(i64::MAX),
+                registry_id: image.registry_id,
+                repository_name: image.repository.as_str().to_owned(),
+                image_id: Some(image_id(image.digest, image.tag)),
+                image_manifest_media_type: image.media_type,
+                cache_status: cache_status.into(),
+                tag_resolution_age,
+            })
+        };
+        observe(span, work).await
+    }
+}
+
+/// `tag`, `digest` or `tag@digest`, for the request span.
+fn describe(id: Option<&pb::ImageIdentifier>) -> String {
+    let Some(id) = id else {
+        return String::new();
+    };
+    match (id.image_tag.as_str(), id.image_digest.as_str()) {
+        (tag, "") => tag.to_owned(),
+        ("", digest) => digest.to_owned(),
+        (tag, digest) => format!("{tag}@{digest}"),
+    }
+}
+
+/// The API's form of where a read came from.
+fn provenance(cache: CacheStatus) -> (pb::CacheStatus, Option<prost_types::Duration>) {
+    let age = |d: Duration| prost_types::Duration::try_from(d).ok();
+    match cache {
+        CacheStatus::Miss => (pb::CacheStatus::Miss, age(Duration::ZERO)),
+        CacheStatus::Hit { tag_age } => (pb::CacheStatus::Hit, tag_age.and_then(age)),
+        CacheStatus::Stale { tag_age } => (pb::CacheStatus::Stale, age(tag_age)),
     }
 }
 
@@ -119,16 +166,20 @@ async fn observe<T>(
     })
 }
 
-/// The API's form of a stored image.
+/// The API's form of a stored image. The one copy of the manifest bytes a read makes.
 fn to_proto(image: StoredImage) -> pb::Image {
     pb::Image {
         registry_id: image.registry_id,
         repository_name: image.repository.as_str().to_owned(),
-        image_id: Some(pb::ImageIdentifier {
-            image_digest: image.digest.as_str().to_owned(),
-            image_tag: image.tag.map(|t| t.as_str().to_owned()).unwrap_or_default(),
-        }),
-        image_manifest: image.manifest,
+        image_id: Some(image_id(image.digest, image.tag)),
+        image_manifest: image.manifest.to_string(),
         image_manifest_media_type: image.media_type,
+    }
+}
+
+fn image_id(digest: Digest, tag: Option<Tag>) -> pb::ImageIdentifier {
+    pb::ImageIdentifier {
+        image_digest: digest.as_str().to_owned(),
+        image_tag: tag.map(|t| t.as_str().to_owned()).unwrap_or_default(),
     }
 }

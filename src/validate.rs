@@ -1,6 +1,8 @@
 //! Requests in, validated inputs out: every field is checked before anything reaches a registry,
 //! and every offending field is reported at once, not just the first.
 
+use std::time::Duration;
+
 use crate::error::{Error, Reason, Violation};
 use crate::image::{
     Digest, ImageRef, Invalid, Manifest, ManifestError, MediaType, RegistryId, RepositoryName, Tag,
@@ -122,14 +124,44 @@ pub fn put_image(request: pb::PutImageRequest) -> Result<PutImageInput, Error> {
 
 /// Validates a GetImage.
 pub fn get_image(request: pb::GetImageRequest) -> Result<GetImageInput, Error> {
+    image_read(ImageRead {
+        registry_id: &request.registry_id,
+        repository_name: &request.repository_name,
+        image_id: request.image_id.as_ref(),
+        accepted_media_types: &request.accepted_media_types,
+        max_staleness: request.max_staleness,
+    })
+}
+
+/// Validates a ResolveImage: a GetImage that accepts every media type.
+pub fn resolve_image(request: pb::ResolveImageRequest) -> Result<GetImageInput, Error> {
+    image_read(ImageRead {
+        registry_id: &request.registry_id,
+        repository_name: &request.repository_name,
+        image_id: request.image_id.as_ref(),
+        accepted_media_types: &[],
+        max_staleness: request.max_staleness,
+    })
+}
+
+/// The fields GetImage and ResolveImage share.
+struct ImageRead<'a> {
+    registry_id: &'a str,
+    repository_name: &'a str,
+    image_id: Option<&'a pb::ImageIdentifier>,
+    accepted_media_types: &'a [String],
+    max_staleness: Option<prost_types::Duration>,
+}
+
+fn image_read(request: ImageRead<'_>) -> Result<GetImageInput, Error> {
     let mut check = Checker::default();
-    let registry_id = check.optional("registry_id", &request.registry_id, RegistryId::parse);
+    let registry_id = check.optional("registry_id", request.registry_id, RegistryId::parse);
     let repository = check.required(
         "repository_name",
-        &request.repository_name,
+        request.repository_name,
         RepositoryName::parse,
     );
-    let id = request.image_id.unwrap_or_default();
+    let id = request.image_id.cloned().unwrap_or_default();
     let tag = check.optional("image_id.image_tag", &id.image_tag, Tag::parse);
     let digest = check.optional("image_id.image_digest", &id.image_digest, Digest::parse);
     if id.image_tag.is_empty() && id.image_digest.is_empty() {
@@ -152,6 +184,11 @@ pub fn get_image(request: pb::GetImageRequest) -> Result<GetImageInput, Error> {
             check.required(&format!("accepted_media_types[{i}]"), m, MediaType::parse)
         })
         .collect();
+    let max_staleness = request.max_staleness.and_then(|d| {
+        Duration::try_from(d)
+            .map_err(|_| check.push("max_staleness", "must not be negative"))
+            .ok()
+    });
     let reference = ImageRef::new(tag, digest);
     match (repository, reference, check.violations.is_empty()) {
         (Some(repository), Some(reference), true) => Ok(GetImageInput {
@@ -159,6 +196,7 @@ pub fn get_image(request: pb::GetImageRequest) -> Result<GetImageInput, Error> {
             repository,
             reference,
             accepted_media_types,
+            max_staleness,
         }),
         _ => Err(check.into_error()),
     }

@@ -14,8 +14,10 @@ use aws_sdk_ecr::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_ecr::operation::RequestId;
 use aws_sdk_ecr::types::{Image, ImageFailure, ImageFailureCode, ImageIdentifier};
 
+use super::calls::UpstreamCalls;
 use super::{
-    GetImageInput, PutImageInput, PutOutcome, Registry, RegistryError, StoredImage, Upstream,
+    BatchGet, BatchInput, CacheStatus, Fetched, GetImageInput, PutImageInput, PutOutcome, Registry,
+    RegistryError, RepositoryKey, StoredImage, Upstream,
 };
 use crate::image::{Digest, ImageRef, Manifest, media_types};
 
@@ -77,20 +79,27 @@ pub fn client_config(sdk: &SdkConfig, settings: &EcrSettings) -> aws_sdk_ecr::co
 pub struct EcrRegistry {
     /// Built once and cloned cheaply: it owns the connection pool and the retry token bucket.
     client: aws_sdk_ecr::Client,
+    /// What this client has asked of ECR, counted by an interceptor on every call.
+    calls: UpstreamCalls,
 }
 
 impl EcrRegistry {
-    /// A registry over an existing client.
-    pub fn new(client: aws_sdk_ecr::Client) -> Self {
-        Self { client }
+    /// A registry over a client built from `config`, with call counting added.
+    pub fn from_config(config: aws_sdk_ecr::config::Builder) -> Self {
+        let calls = UpstreamCalls::default();
+        let client = aws_sdk_ecr::Client::from_conf(config.interceptor(calls.clone()).build());
+        Self { client, calls }
     }
 
     /// A registry configured from the default AWS chain and `settings`.
     pub async fn connect(settings: &EcrSettings) -> Self {
         let sdk = load_sdk_config(settings).await;
-        Self::new(aws_sdk_ecr::Client::from_conf(
-            client_config(&sdk, settings).build(),
-        ))
+        Self::from_config(client_config(&sdk, settings))
+    }
+
+    /// The calls made to ECR so far.
+    pub fn calls(&self) -> &UpstreamCalls {
+        &self.calls
     }
 
     /// ECR refused a put because the image is already there, in one of two ways: the same
@@ -115,8 +124,10 @@ impl EcrRegistry {
                 repository: input.repository,
                 reference,
                 accepted_media_types: Vec::new(),
+                max_staleness: None,
             })
-            .await?;
+            .await?
+            .image;
         if found.digest == ours {
             return Ok((found, PutOutcome::AlreadyExisted));
         }
@@ -160,10 +171,7 @@ impl Registry for EcrRegistry {
             Err(err) => return Err(classify(err)),
         };
         let image = output.image();
-        let returned = image
-            .and_then(Image::image_id)
-            .and_then(ImageIdentifier::image_digest);
-        if let Some(returned) = returned
+        if let Some(returned) = image.and_then(claimed_digest)
             && returned != input.manifest.digest().as_str()
         {
             return Err(RegistryError::DigestVerificationFailed {
@@ -182,16 +190,44 @@ impl Registry for EcrRegistry {
             digest: input.manifest.digest().clone(),
             tag: input.tag,
             media_type: input.manifest.media_type().to_string(),
-            manifest: input.manifest.into_text(),
+            manifest: input.manifest.into_text().into(),
         };
         Ok((stored, PutOutcome::Created))
     }
 
-    async fn get_image(&self, input: GetImageInput) -> Result<StoredImage, RegistryError> {
-        let id = ImageIdentifier::builder()
-            .set_image_tag(input.reference.tag().map(|t| t.as_str().to_owned()))
-            .set_image_digest(input.reference.digest().map(|d| d.as_str().to_owned()))
-            .build();
+    async fn get_image(&self, input: GetImageInput) -> Result<Fetched, RegistryError> {
+        let batch = BatchInput {
+            repository: input.repository_key(),
+            accepted_media_types: input.accepted_media_types,
+            references: vec![input.reference],
+        };
+        let image = self
+            .get_images(batch)
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(nothing_for_reference()))?;
+        Ok(Fetched {
+            image,
+            cache: CacheStatus::Miss,
+        })
+    }
+}
+
+impl BatchGet for EcrRegistry {
+    async fn get_images(
+        &self,
+        input: BatchInput,
+    ) -> Result<Vec<Result<StoredImage, RegistryError>>, RegistryError> {
+        let ids: Vec<ImageIdentifier> = input
+            .references
+            .iter()
+            .map(|reference| {
+                ImageIdentifier::builder()
+                    .set_image_tag(reference.tag().map(|t| t.as_str().to_owned()))
+                    .set_image_digest(reference.digest().map(|d| d.as_str().to_owned()))
+                    .build()
+            })
+            .collect();
         let accepted: Vec<String> = if input.accepted_media_types.is_empty() {
             media_types::ALL_MANIFESTS.map(str::to_owned).to_vec()
         } else {
@@ -201,32 +237,93 @@ impl Registry for EcrRegistry {
                 .map(|m| m.as_str().to_owned())
                 .collect()
         };
+        let repository = &input.repository;
         let output = self
             .client
             .batch_get_image()
-            .set_registry_id(input.registry_id.as_ref().map(|r| r.as_str().to_owned()))
-            .repository_name(input.repository.as_str())
-            .image_ids(id)
+            .set_registry_id(
+                repository
+                    .registry_id
+                    .as_ref()
+                    .map(|r| r.as_str().to_owned()),
+            )
+            .repository_name(repository.repository.as_str())
+            .set_image_ids(Some(ids))
             .set_accepted_media_types(Some(accepted))
             .send()
             .await
             .map_err(classify)?;
         let request_id = output.request_id().map(str::to_owned);
         // A missing or malformed reference is not an error to BatchGetImage: it answers 200 with
-        // a `failures[]` entry instead of an image.
-        let failure = output.failures().first().cloned();
-        let wanted = input.reference.digest();
-        let mut images = output.images.unwrap_or_default();
-        let position = images
-            .iter()
-            .position(|i| claimed_digest(i) == wanted.map(Digest::as_str))
-            .unwrap_or(0);
-        if position >= images.len() {
-            return Err(failure_error(failure, request_id));
-        }
-        let image = images.swap_remove(position);
-        verified(image, input)
+        // a `failures[]` entry for it instead of an image.
+        let images = output.images.unwrap_or_default();
+        let failures = output.failures.unwrap_or_default();
+        let answers = match_answers(&input.references, images, failures);
+        Ok(answers
+            .into_iter()
+            .zip(&input.references)
+            .map(|(answer, reference)| match answer {
+                Some(Answer::Image(image)) => verified(image, repository, reference),
+                Some(Answer::Failure(failure)) => Err(failure_error(failure, request_id.clone())),
+                None => Err(nothing_for_reference()),
+            })
+            .collect())
     }
+}
+
+/// What BatchGetImage said about one requested reference.
+enum Answer {
+    Image(Image),
+    Failure(ImageFailure),
+}
+
+/// Pairs each requested reference with its image or failure. ECR echoes the requested image
+/// id, so exact matches come first (by digest when one was asked for, else by tag). What is
+/// left is paired in order, for registries whose echo differs (an emulator that reports an
+/// image's latest tag instead of the requested one); such images are still verified against
+/// any requested digest.
+fn match_answers(
+    references: &[ImageRef],
+    images: Vec<Image>,
+    failures: Vec<ImageFailure>,
+) -> Vec<Option<Answer>> {
+    let mut answers: Vec<Option<Answer>> = references.iter().map(|_| None).collect();
+    let mut leftover = Vec::new();
+    let answered_id = |id: Option<&ImageIdentifier>, reference: &ImageRef| {
+        let id_digest = id.and_then(ImageIdentifier::image_digest);
+        let id_tag = id.and_then(ImageIdentifier::image_tag);
+        match reference.digest() {
+            Some(digest) => id_digest == Some(digest.as_str()),
+            None => id_tag.is_some() && id_tag == reference.tag().map(|t| t.as_str()),
+        }
+    };
+    let answers_for = |answers: &[Option<Answer>], id: Option<&ImageIdentifier>| {
+        (0..references.len()).find(|&i| answers[i].is_none() && answered_id(id, &references[i]))
+    };
+    for image in images {
+        match answers_for(&answers, image.image_id()) {
+            Some(i) => answers[i] = Some(Answer::Image(image)),
+            None => leftover.push(Answer::Image(image)),
+        }
+    }
+    for failure in failures {
+        match answers_for(&answers, failure.image_id()) {
+            Some(i) => answers[i] = Some(Answer::Failure(failure)),
+            None => leftover.push(Answer::Failure(failure)),
+        }
+    }
+    let mut leftover = leftover.into_iter();
+    for answer in answers.iter_mut().filter(|a| a.is_none()) {
+        *answer = leftover.next();
+    }
+    answers
+}
+
+/// The registry answered neither an image nor a failure for a reference.
+fn nothing_for_reference() -> RegistryError {
+    RegistryError::ImageNotFound(Upstream::message(
+        "the registry returned neither the image nor a failure",
+    ))
 }
 
 /// The digest ECR says an image has.
@@ -237,7 +334,11 @@ fn claimed_digest(image: &Image) -> Option<&str> {
 /// Turns an image from ECR into a [`StoredImage`], refusing bytes that do not hash to the digest
 /// they came with or the one that was asked for. The tag reported is the one asked for: ECR's
 /// response `imageId.imageTag` is not a reliable echo across implementations.
-fn verified(image: Image, input: GetImageInput) -> Result<StoredImage, RegistryError> {
+fn verified(
+    image: Image,
+    repository: &RepositoryKey,
+    reference: &ImageRef,
+) -> Result<StoredImage, RegistryError> {
     let claimed = claimed_digest(&image).map(str::to_owned);
     let Image {
         registry_id,
@@ -251,10 +352,7 @@ fn verified(image: Image, input: GetImageInput) -> Result<StoredImage, RegistryE
         ))
     })?;
     let actual = Digest::of(manifest.as_bytes());
-    let expected = [
-        claimed.as_deref(),
-        input.reference.digest().map(Digest::as_str),
-    ];
+    let expected = [claimed.as_deref(), reference.digest().map(Digest::as_str)];
     if let Some(expected) = expected
         .into_iter()
         .flatten()
@@ -270,24 +368,21 @@ fn verified(image: Image, input: GetImageInput) -> Result<StoredImage, RegistryE
         .unwrap_or_default();
     Ok(StoredImage {
         registry_id: registry_id
-            .or(input.registry_id.map(|r| r.as_str().to_owned()))
+            .or(repository
+                .registry_id
+                .as_ref()
+                .map(|r| r.as_str().to_owned()))
             .unwrap_or_default(),
-        repository: input.repository,
+        repository: repository.repository.clone(),
         digest: actual,
-        tag: input.reference.tag().cloned(),
-        manifest,
+        tag: reference.tag().cloned(),
+        manifest: manifest.into(),
         media_type,
     })
 }
 
 /// The error a BatchGetImage `failures[]` entry stands for.
-fn failure_error(failure: Option<ImageFailure>, request_id: Option<String>) -> RegistryError {
-    let Some(failure) = failure else {
-        return RegistryError::ImageNotFound(Upstream {
-            request_id,
-            ..Upstream::message("the registry returned neither the image nor a failure")
-        });
-    };
+fn failure_error(failure: ImageFailure, request_id: Option<String>) -> RegistryError {
     let message = failure
         .failure_reason()
         .unwrap_or("the registry did not say why")

@@ -653,9 +653,8 @@ async fn missing_service_credentials_are_the_services_problem() {
             },
         )))
         .build();
-    let config = ecr_image_service::registry::ecr::client_config(&sdk, &settings).build();
-    let registry =
-        ecr_image_service::registry::ecr::EcrRegistry::new(aws_sdk_ecr::Client::from_conf(config));
+    let config = ecr_image_service::registry::ecr::client_config(&sdk, &settings);
+    let registry = ecr_image_service::registry::ecr::EcrRegistry::from_config(config);
     let mut client = start(registry).await;
     let status = client
         .get_image(get("hello-world", "2019.08", ""))

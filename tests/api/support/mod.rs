@@ -77,9 +77,8 @@ pub fn registry(endpoint: &str, settings: EcrSettings) -> EcrRegistry {
         ..settings
     };
     let config = client_config(&sdk_config(), &settings)
-        .retry_partition(RetryPartition::new(unique("test-partition")))
-        .build();
-    EcrRegistry::new(aws_sdk_ecr::Client::from_conf(config))
+        .retry_partition(RetryPartition::new(unique("test-partition")));
+    EcrRegistry::from_config(config)
 }
 
 /// A plain ECR client for test set-up (creating repositories), bypassing the service.

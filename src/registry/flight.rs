@@ -1,0 +1,98 @@
+//! Single flight: concurrent identical reads share one upstream call.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::Hash;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::sync::OnceCell;
+
+/// Calls in flight, by key. A caller that finds its key in flight waits for that call's result
+/// instead of making its own. If the caller running the call goes away (its client gave up),
+/// one of the waiters runs it instead: `OnceCell` hands initialisation on.
+#[derive(Debug)]
+pub struct Flights<K, V> {
+    in_flight: Mutex<HashMap<K, Arc<OnceCell<V>>>>,
+    /// Callers that joined a call already in flight rather than starting one.
+    joined: AtomicU64,
+}
+
+impl<K, V> Default for Flights<K, V> {
+    fn default() -> Self {
+        Self {
+            in_flight: Mutex::default(),
+            joined: AtomicU64::new(0),
+        }
+    }
+}
+
+impl<K: Hash + Eq + Clone, V: Clone> Flights<K, V> {
+    /// Runs `call` for `key`, or waits for the identical call already running.
+    pub async fn run<F, Fut>(&self, key: K, call: F) -> V
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = V>,
+    {
+        let cell = {
+            let mut in_flight = self
+                .in_flight
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let cell = in_flight.entry(key.clone()).or_default();
+            if cell.initialized() || Arc::strong_count(cell) > 1 {
+                self.joined.fetch_add(1, Ordering::Relaxed);
+            }
+            Arc::clone(cell)
+        };
+        let value = cell.get_or_init(call).await.clone();
+        let mut in_flight = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if in_flight.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            in_flight.remove(&key);
+        }
+        value
+    }
+
+    /// How many callers joined a call in flight instead of making their own.
+    pub fn joined(&self) -> u64 {
+        self.joined.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+
+    /// N concurrent callers of one key make exactly one call and all get its result.
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_callers_share_one_call() {
+        let flights = Arc::new(Flights::<&str, u32>::default());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let callers: Vec<_> = (0..50)
+            .map(|_| {
+                let (flights, calls) = (flights.clone(), calls.clone());
+                tokio::spawn(async move {
+                    flights
+                        .run("tag", || async {
+                            calls.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            7
+                        })
+                        .await
+                })
+            })
+            .collect();
+        for caller in callers {
+            assert_eq!(caller.await.unwrap(), 7);
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(flights.joined(), 49);
+        // Finished flights are forgotten: the next call runs again.
+        assert_eq!(flights.run("tag", || async { 8 }).await, 8);
+    }
+}
