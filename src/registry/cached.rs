@@ -307,3 +307,399 @@ impl<R: Registry + BatchGet> Registry for CachedRegistry<R> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The cache's rules, deterministic: an in-memory registry behind the seam, and tokio's
+    //! paused clock for every age. (The real SDK and ECR's wire format are exercised through
+    //! the server in `tests/api/cache.rs`.)
+
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+    use crate::image::{Manifest, RepositoryName};
+    use crate::registry::{BatchInput, PutImageInput, Upstream};
+
+    /// An in-memory registry that counts its calls and can be told to fail.
+    #[derive(Default)]
+    struct Memory {
+        images: Mutex<HashMap<String, StoredImage>>,
+        batches: Mutex<Vec<usize>>,
+        failure: Mutex<Option<RegistryError>>,
+        latency: Duration,
+        puts: AtomicUsize,
+    }
+
+    impl Memory {
+        fn with_latency(latency: Duration) -> Self {
+            Self {
+                latency,
+                ..Self::default()
+            }
+        }
+
+        fn batches(&self) -> Vec<usize> {
+            self.batches.lock().unwrap().clone()
+        }
+
+        fn fail_with(&self, err: Option<RegistryError>) {
+            *self.failure.lock().unwrap() = err;
+        }
+
+        fn store(&self, image: &StoredImage) {
+            let mut images = self.images.lock().unwrap();
+            images.insert(image.digest.to_string(), image.clone());
+            if let Some(tag) = &image.tag {
+                images.insert(tag.to_string(), image.clone());
+            }
+        }
+    }
+
+    impl Registry for Memory {
+        async fn put_image(
+            &self,
+            input: PutImageInput,
+        ) -> Result<(StoredImage, PutOutcome), RegistryError> {
+            self.puts.fetch_add(1, Ordering::SeqCst);
+            let image = StoredImage {
+                registry_id: "123456789012".into(),
+                repository: input.repository,
+                digest: input.manifest.digest().clone(),
+                tag: input.tag,
+                media_type: input.manifest.media_type().to_string(),
+                manifest: input.manifest.into_text().into(),
+            };
+            self.store(&image);
+            Ok((image, PutOutcome::Created))
+        }
+
+        async fn get_image(&self, _input: GetImageInput) -> Result<Fetched, RegistryError> {
+            unreachable!("the cache reads through get_images")
+        }
+    }
+
+    impl BatchGet for Memory {
+        async fn get_images(
+            &self,
+            input: BatchInput,
+        ) -> Result<Vec<Result<StoredImage, RegistryError>>, RegistryError> {
+            self.batches.lock().unwrap().push(input.references.len());
+            tokio::time::sleep(self.latency).await;
+            if let Some(err) = self.failure.lock().unwrap().clone() {
+                return Err(err);
+            }
+            let images = self.images.lock().unwrap();
+            Ok(input
+                .references
+                .iter()
+                .map(|r| {
+                    let key = r.tag().map_or_else(|| r.to_string(), ToString::to_string);
+                    images.get(&key).cloned().ok_or_else(|| {
+                        RegistryError::ImageNotFound(Upstream::message("no such image"))
+                    })
+                })
+                .collect())
+        }
+    }
+
+    const TTL: Duration = Duration::from_secs(10);
+    const STALE_IF_ERROR: Duration = Duration::from_secs(300);
+
+    fn settings() -> CacheSettings {
+        CacheSettings {
+            digest_cache_bytes: 1 << 20,
+            tag_cache_entries: 1000,
+            tag_ttl: TTL,
+            stale_if_error: STALE_IF_ERROR,
+            batch_window: Duration::ZERO,
+        }
+    }
+
+    fn repo() -> RepositoryName {
+        RepositoryName::parse("hello-world").unwrap()
+    }
+
+    fn manifest(n: usize) -> Manifest {
+        let text =
+            format!(r#"{{"mediaType":"application/vnd.oci.image.manifest.v1+json","n":{n}}}"#);
+        Manifest::parse(text, None).unwrap()
+    }
+
+    fn image(tag: &str, n: usize) -> StoredImage {
+        let manifest = manifest(n);
+        StoredImage {
+            registry_id: "123456789012".into(),
+            repository: repo(),
+            digest: manifest.digest().clone(),
+            tag: Some(Tag::parse(tag).unwrap()),
+            media_type: manifest.media_type().to_string(),
+            manifest: manifest.into_text().into(),
+        }
+    }
+
+    fn by_tag(tag: &str, max_staleness: Option<Duration>) -> GetImageInput {
+        GetImageInput {
+            registry_id: None,
+            repository: repo(),
+            reference: ImageRef::new(Some(Tag::parse(tag).unwrap()), None).unwrap(),
+            accepted_media_types: Vec::new(),
+            max_staleness,
+        }
+    }
+
+    fn by_digest(digest: &Digest) -> GetImageInput {
+        GetImageInput {
+            reference: ImageRef::new(None, Some(digest.clone())).unwrap(),
+            ..by_tag("unused", None)
+        }
+    }
+
+    fn cache_with(memory: Memory, settings: CacheSettings) -> CachedRegistry<Memory> {
+        CachedRegistry::new(memory, settings)
+    }
+
+    /// A tag resolution is served until the TTL passes, then asked of the registry again;
+    /// a digest read is served from cache whatever its age.
+    #[tokio::test(start_paused = true)]
+    async fn tag_resolutions_expire_digests_do_not() {
+        let memory = Memory::default();
+        let v1 = image("v1", 1);
+        memory.store(&v1);
+        let cache = cache_with(memory, settings());
+
+        assert_eq!(
+            cache.get_image(by_tag("v1", None)).await.unwrap().cache,
+            CacheStatus::Miss
+        );
+        tokio::time::advance(TTL - Duration::from_secs(1)).await;
+        let hit = cache.get_image(by_tag("v1", None)).await.unwrap();
+        assert_eq!(
+            hit.cache,
+            CacheStatus::Hit {
+                tag_age: Some(TTL - Duration::from_secs(1))
+            }
+        );
+        assert_eq!(hit.image.manifest, v1.manifest);
+        assert_eq!(cache.inner().batches().len(), 1);
+
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(
+            cache.get_image(by_tag("v1", None)).await.unwrap().cache,
+            CacheStatus::Miss
+        );
+        assert_eq!(cache.inner().batches().len(), 2);
+
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        let by_digest = cache.get_image(by_digest(&v1.digest)).await.unwrap();
+        assert_eq!(by_digest.cache, CacheStatus::Hit { tag_age: None });
+        assert_eq!(cache.inner().batches().len(), 2);
+    }
+
+    /// A request's max_staleness overrides the TTL both ways; zero is a fresh read.
+    #[tokio::test(start_paused = true)]
+    async fn requests_choose_their_staleness() {
+        let memory = Memory::default();
+        memory.store(&image("v1", 1));
+        let cache = cache_with(memory, settings());
+        cache.get_image(by_tag("v1", None)).await.unwrap();
+
+        let fresh = cache
+            .get_image(by_tag("v1", Some(Duration::ZERO)))
+            .await
+            .unwrap();
+        assert_eq!(fresh.cache, CacheStatus::Miss);
+        tokio::time::advance(Duration::from_secs(3)).await;
+        let strict = cache
+            .get_image(by_tag("v1", Some(Duration::from_secs(2))))
+            .await
+            .unwrap();
+        assert_eq!(strict.cache, CacheStatus::Miss);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let relaxed = cache
+            .get_image(by_tag("v1", Some(Duration::from_secs(120))))
+            .await
+            .unwrap();
+        assert_eq!(
+            relaxed.cache,
+            CacheStatus::Hit {
+                tag_age: Some(Duration::from_secs(60))
+            }
+        );
+        assert_eq!(cache.inner().batches().len(), 3);
+    }
+
+    /// A put fills both caches: the next read by tag or digest makes no registry call, and a
+    /// put that moves a tag is seen at once.
+    #[tokio::test(start_paused = true)]
+    async fn puts_write_through() {
+        let cache = cache_with(Memory::default(), settings());
+        for n in [1, 2] {
+            let (put, _) = cache
+                .put_image(PutImageInput {
+                    registry_id: None,
+                    repository: repo(),
+                    manifest: manifest(n),
+                    tag: Some(Tag::parse("latest").unwrap()),
+                })
+                .await
+                .unwrap();
+            let read = cache.get_image(by_tag("latest", None)).await.unwrap();
+            assert!(matches!(read.cache, CacheStatus::Hit { .. }));
+            assert_eq!(read.image.digest, put.digest);
+            let read = cache.get_image(by_digest(&put.digest)).await.unwrap();
+            assert_eq!(read.image.manifest, put.manifest);
+        }
+        assert!(
+            cache.inner().batches().is_empty(),
+            "no read reached the registry"
+        );
+    }
+
+    /// The digest cache holds no more than its byte budget, evicting to stay within it.
+    #[tokio::test]
+    async fn the_digest_cache_is_bounded_by_bytes() {
+        let budget = 16 * 1024;
+        let cache = cache_with(
+            Memory::default(),
+            CacheSettings {
+                digest_cache_bytes: budget,
+                ..settings()
+            },
+        );
+        let padding = "x".repeat(1000);
+        for n in 0..200 {
+            let text = format!(r#"{{"mediaType":"a/b","n":{n},"p":"{padding}"}}"#);
+            cache
+                .put_image(PutImageInput {
+                    registry_id: None,
+                    repository: repo(),
+                    manifest: Manifest::parse(text, None).unwrap(),
+                    tag: None,
+                })
+                .await
+                .unwrap();
+        }
+        let held = cache.digest_cache_bytes();
+        assert!(held <= budget, "{held} bytes held, budget {budget}");
+        assert!(held > budget / 2, "the budget is used, not wasted: {held}");
+        assert!(cache.stats().evictions.load(Ordering::Relaxed) > 100);
+    }
+
+    /// Concurrent reads of one tag make one registry call; every caller gets the image.
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_misses_coalesce() {
+        let memory = Memory::with_latency(Duration::from_millis(50));
+        let v1 = image("v1", 1);
+        memory.store(&v1);
+        let cache = Arc::new(cache_with(memory, settings()));
+        let readers: Vec<_> = (0..100)
+            .map(|_| {
+                let cache = Arc::clone(&cache);
+                tokio::spawn(async move { cache.get_image(by_tag("v1", None)).await })
+            })
+            .collect();
+        for reader in readers {
+            assert_eq!(reader.await.unwrap().unwrap().image.digest, v1.digest);
+        }
+        assert_eq!(cache.inner().batches(), [1]);
+        assert_eq!(cache.coalesced(), 99);
+    }
+
+    /// Concurrent misses for distinct tags share batched calls of at most 100, and each caller
+    /// gets its own image or its own failure.
+    #[tokio::test(start_paused = true)]
+    async fn misses_are_batched_and_fanned_out() {
+        let memory = Memory::with_latency(Duration::from_millis(50));
+        for n in 0..150 {
+            memory.store(&image(&format!("t{n}"), n));
+        }
+        let cache = Arc::new(cache_with(memory, settings()));
+        // 150 present tags and 50 missing ones.
+        let readers: Vec<_> = (0..200)
+            .map(|n| {
+                let cache = Arc::clone(&cache);
+                tokio::spawn(
+                    async move { (n, cache.get_image(by_tag(&format!("t{n}"), None)).await) },
+                )
+            })
+            .collect();
+        for reader in readers {
+            let (n, result) = reader.await.unwrap();
+            match result {
+                Ok(fetched) => {
+                    assert!(n < 150);
+                    assert_eq!(fetched.image.digest, image("x", n).digest);
+                    assert_eq!(fetched.image.tag.unwrap().to_string(), format!("t{n}"));
+                }
+                Err(err) => {
+                    assert!(n >= 150, "t{n} exists");
+                    assert!(matches!(err, RegistryError::ImageNotFound(_)));
+                }
+            }
+        }
+        let batches = cache.inner().batches();
+        assert_eq!(batches.iter().sum::<usize>(), 200);
+        assert!(batches.iter().all(|&b| b <= 100), "{batches:?}");
+        assert!(batches.len() <= 4, "{batches:?}");
+    }
+
+    /// While the registry throttles or fails, a resolution within the stale-if-error bound is
+    /// served flagged stale; past the bound, for fresh reads, and for other errors, the error
+    /// stands. Errors are never cached.
+    #[tokio::test(start_paused = true)]
+    async fn stale_if_error_is_bounded() {
+        let memory = Memory::default();
+        memory.store(&image("v1", 1));
+        let cache = cache_with(memory, settings());
+        cache.get_image(by_tag("v1", None)).await.unwrap();
+
+        tokio::time::advance(TTL * 2).await;
+        cache
+            .inner()
+            .fail_with(Some(RegistryError::Throttled(Upstream::message(
+                "Rate exceeded",
+            ))));
+        let stale = cache.get_image(by_tag("v1", None)).await.unwrap();
+        assert_eq!(stale.cache, CacheStatus::Stale { tag_age: TTL * 2 });
+        let fresh = cache.get_image(by_tag("v1", Some(Duration::ZERO))).await;
+        assert!(matches!(fresh, Err(RegistryError::Throttled(_))));
+
+        cache
+            .inner()
+            .fail_with(Some(RegistryError::RepositoryNotFound(Upstream::message(
+                "gone",
+            ))));
+        let gone = cache.get_image(by_tag("v1", None)).await;
+        assert!(matches!(gone, Err(RegistryError::RepositoryNotFound(_))));
+
+        tokio::time::advance(STALE_IF_ERROR).await;
+        cache
+            .inner()
+            .fail_with(Some(RegistryError::Unavailable(Upstream::message("5xx"))));
+        let too_old = cache.get_image(by_tag("v1", None)).await;
+        assert!(matches!(too_old, Err(RegistryError::Unavailable(_))));
+
+        cache.inner().fail_with(None);
+        let recovered = cache.get_image(by_tag("v1", None)).await.unwrap();
+        assert_eq!(recovered.cache, CacheStatus::Miss);
+    }
+
+    /// A narrowed accept list that excludes the cached type goes to the registry, which may
+    /// convert by tag.
+    #[tokio::test(start_paused = true)]
+    async fn narrowed_media_types_bypass_a_mismatching_entry() {
+        let memory = Memory::default();
+        memory.store(&image("v1", 1));
+        let cache = cache_with(memory, settings());
+        cache.get_image(by_tag("v1", None)).await.unwrap();
+        let mut narrowed = by_tag("v1", None);
+        narrowed.accepted_media_types =
+            vec![MediaType::parse(crate::image::media_types::DOCKER_MANIFEST_V2).unwrap()];
+        assert_eq!(
+            cache.get_image(narrowed).await.unwrap().cache,
+            CacheStatus::Miss
+        );
+    }
+}

@@ -4,9 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use aws_sdk_ecr::config::interceptors::{
-    BeforeSerializationInterceptorContextRef, FinalizerInterceptorContextRef,
-};
+use aws_sdk_ecr::config::interceptors::FinalizerInterceptorContextRef;
 use aws_sdk_ecr::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_ecr::error::BoxError;
 use aws_smithy_runtime_api::client::orchestrator::Metadata;
@@ -76,9 +74,12 @@ impl Intercept for UpstreamCalls {
         "UpstreamCalls"
     }
 
-    fn read_before_execution(
+    // Calls are counted as they end: the operation's metadata is not in the config bag yet
+    // when an execution starts.
+    fn read_after_execution(
         &self,
-        _context: &BeforeSerializationInterceptorContextRef<'_>,
+        _context: &FinalizerInterceptorContextRef<'_>,
+        _components: &RuntimeComponents,
         cfg: &mut ConfigBag,
     ) -> Result<(), BoxError> {
         self.add(operation(cfg), CALL);

@@ -14,6 +14,9 @@ use aws_credential_types::provider::SharedCredentialsProvider;
 use aws_sdk_ecr::config::retry::RetryPartition;
 use ecr_image_service::error::ERROR_DOMAIN;
 use ecr_image_service::pb::image_service_client::ImageServiceClient;
+use ecr_image_service::registry::Registry;
+use ecr_image_service::registry::cached::{CacheSettings, CachedRegistry};
+use ecr_image_service::registry::calls::UpstreamCalls;
 use ecr_image_service::registry::ecr::{EcrRegistry, EcrSettings, client_config};
 use tokio::net::TcpListener;
 use tonic::transport::{Channel, Endpoint};
@@ -81,6 +84,25 @@ pub fn registry(endpoint: &str, settings: EcrSettings) -> EcrRegistry {
     EcrRegistry::from_config(config)
 }
 
+/// Cache settings for tests: the production defaults, spelled out.
+pub fn cache_settings() -> CacheSettings {
+    CacheSettings {
+        digest_cache_bytes: 64 << 20,
+        tag_cache_entries: 100_000,
+        tag_ttl: Duration::from_secs(10),
+        stale_if_error: Duration::from_secs(300),
+        batch_window: Duration::ZERO,
+    }
+}
+
+/// The production stack against `endpoint`: the cache over the ECR backend, and the backend's
+/// call counters (shared, so they keep counting after the registry moves into the server).
+pub fn cached(endpoint: &str) -> (CachedRegistry<EcrRegistry>, UpstreamCalls) {
+    let ecr = registry(endpoint, settings());
+    let calls = ecr.calls().clone();
+    (CachedRegistry::new(ecr, cache_settings()), calls)
+}
+
 /// A plain ECR client for test set-up (creating repositories), bypassing the service.
 pub fn admin(endpoint: &str) -> aws_sdk_ecr::Client {
     let config = aws_sdk_ecr::config::Builder::from(&sdk_config())
@@ -111,7 +133,7 @@ pub async fn create_repository(endpoint: &str, name: &str, immutable: bool) {
 }
 
 /// Starts the service over `registry` on 127.0.0.1:0 and connects a real gRPC client to it.
-pub async fn start(registry: EcrRegistry) -> ImageServiceClient<Channel> {
+pub async fn start(registry: impl Registry) -> ImageServiceClient<Channel> {
     ImageServiceClient::new(start_channel(registry).await)
         .max_decoding_message_size(16 << 20)
         .max_encoding_message_size(16 << 20)
@@ -119,7 +141,7 @@ pub async fn start(registry: EcrRegistry) -> ImageServiceClient<Channel> {
 
 /// Starts the service and returns a raw channel to it, for hand-built requests. The server task
 /// lives as long as the test's runtime.
-pub async fn start_channel(registry: EcrRegistry) -> Channel {
+pub async fn start_channel(registry: impl Registry) -> Channel {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     tokio::spawn(ecr_image_service::server::serve(
