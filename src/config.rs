@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::registry::cached::CacheSettings;
 use crate::registry::ecr::EcrSettings;
+use crate::server::ServerSettings;
 
 /// gRPC's conventional port, on every interface: in a pod, the kubelet's probes and the mesh
 /// sidecar reach the server through the pod IP, not loopback.
@@ -46,6 +47,22 @@ pub const DEFAULT_STALE_IF_ERROR: &str = "5m";
 pub const DEFAULT_BATCH_WINDOW: &str = "0ms";
 /// Upper bound on `--batch-window`: a longer wait costs every cold read more than ECR's latency.
 const MAX_BATCH_WINDOW: Duration = Duration::from_millis(100);
+/// A request without a `grpc-timeout` still ends: later than the ECR operation timeout, so
+/// that an ECR failure is reported with its own reason rather than as a bare deadline.
+pub const DEFAULT_DEADLINE: &str = "20s";
+/// Cached reads finish in microseconds and ECR calls in tens of milliseconds, so 512 slots
+/// absorb thousands of requests per second; at worst they hold 512 4-MiB puts (2 GiB).
+pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 512;
+/// Kubernetes removes a terminating pod from endpoints while it sends SIGTERM; proxies keep
+/// sending for a few seconds. Serving (as NOT_SERVING) that long loses none of that traffic.
+pub const DEFAULT_SHUTDOWN_DELAY: &str = "5s";
+/// In-flight requests get this long to finish; with the delay it fits Kubernetes' default
+/// 30 s termination grace period.
+pub const DEFAULT_SHUTDOWN_GRACE: &str = "20s";
+/// ECR's default PutImage quota per account and region.
+pub const DEFAULT_PUT_IMAGE_RATE: f64 = 10.0;
+/// ECR's default BatchGetImage quota per account and region.
+pub const DEFAULT_BATCH_GET_IMAGE_RATE: f64 = 2000.0;
 /// Upper bound on `--max-attempts`: beyond this, retries only amplify an ECR outage.
 const MAX_ATTEMPTS_LIMIT: u32 = 10;
 
@@ -134,6 +151,35 @@ pub struct ServeArgs {
     #[arg(long, env = "ECR_IMAGE_SERVICE_BATCH_WINDOW", default_value = DEFAULT_BATCH_WINDOW, value_parser = humantime::parse_duration)]
     pub batch_window: Duration,
 
+    /// Deadline of a request that sends no grpc-timeout.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_DEFAULT_DEADLINE", default_value = DEFAULT_DEADLINE, value_parser = humantime::parse_duration)]
+    pub default_deadline: Duration,
+
+    /// ImageService requests in flight at once; more are shed with UNAVAILABLE + RetryInfo.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_MAX_CONCURRENT_REQUESTS", default_value_t = DEFAULT_MAX_CONCURRENT_REQUESTS)]
+    pub max_concurrent_requests: usize,
+
+    /// PutImage requests per second the account allows (ECR quota L-AD52DFB2).
+    #[arg(long, env = "ECR_IMAGE_SERVICE_PUT_IMAGE_RATE", default_value_t = DEFAULT_PUT_IMAGE_RATE)]
+    pub put_image_rate: f64,
+
+    /// BatchGetImage requests per second the account allows (ECR quota L-16E70933).
+    #[arg(long, env = "ECR_IMAGE_SERVICE_BATCH_GET_IMAGE_RATE", default_value_t = DEFAULT_BATCH_GET_IMAGE_RATE)]
+    pub batch_get_image_rate: f64,
+
+    /// Processes sharing those quotas (e.g. the replica count): each takes rate / share.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_RATE_SHARE", default_value_t = 1)]
+    pub rate_share: u32,
+
+    /// After SIGTERM, how long to keep serving with health NOT_SERVING before refusing
+    /// connections.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_SHUTDOWN_DELAY", default_value = DEFAULT_SHUTDOWN_DELAY, value_parser = humantime::parse_duration)]
+    pub shutdown_delay: Duration,
+
+    /// Then, how long in-flight requests have to finish.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_SHUTDOWN_GRACE", default_value = DEFAULT_SHUTDOWN_GRACE, value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+
     /// Log line format.
     #[arg(long, env = "ECR_IMAGE_SERVICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -219,6 +265,26 @@ impl ServeArgs {
                 format!("must be at most {MAX_BATCH_WINDOW:?}"),
             ));
         }
+        for (flag, rate) in [
+            ("--put-image-rate", self.put_image_rate),
+            ("--batch-get-image-rate", self.batch_get_image_rate),
+        ] {
+            if !(rate.is_finite() && rate > 0.0) {
+                return Err(invalid(
+                    flag,
+                    "must be a positive number of requests per second",
+                ));
+            }
+        }
+        if self.rate_share == 0 {
+            return Err(invalid("--rate-share", "must be at least 1"));
+        }
+        if self.max_concurrent_requests == 0 {
+            return Err(invalid("--max-concurrent-requests", "must be at least 1"));
+        }
+        if self.default_deadline.is_zero() {
+            return Err(invalid("--default-deadline", "must be greater than zero"));
+        }
         if self.digest_cache_bytes > u64::from(u32::MAX) * 1024 {
             return Err(invalid("--digest-cache-bytes", "must be at most 4 TiB"));
         }
@@ -238,6 +304,18 @@ impl ServeArgs {
             connect_timeout: self.connect_timeout,
             attempt_timeout: self.attempt_timeout,
             operation_timeout: self.operation_timeout,
+            put_image_rate: self.put_image_rate / f64::from(self.rate_share),
+            batch_get_image_rate: self.batch_get_image_rate / f64::from(self.rate_share),
+        }
+    }
+
+    /// The server part of the configuration.
+    pub fn server_settings(&self) -> ServerSettings {
+        ServerSettings {
+            max_concurrent_requests: self.max_concurrent_requests,
+            default_deadline: self.default_deadline,
+            shutdown_delay: self.shutdown_delay,
+            shutdown_grace: self.shutdown_grace,
         }
     }
 
@@ -307,6 +385,14 @@ mod tests {
         assert_eq!(args.digest_cache_bytes, 64 << 20);
     }
 
+    /// A deployment of N replicas gives each its share of the account's quotas.
+    #[test]
+    fn rates_are_shared_between_replicas() {
+        let settings = parse(&["--rate-share", "4"]).ecr_settings();
+        assert_eq!(settings.put_image_rate, 2.5);
+        assert_eq!(settings.batch_get_image_rate, 500.0);
+    }
+
     #[test]
     fn sizes_take_binary_suffixes() {
         assert_eq!(parse_bytes("64MiB"), Ok(64 << 20));
@@ -333,6 +419,12 @@ mod tests {
             (&["--ecr-endpoint-url", "not a url"], "--ecr-endpoint-url"),
             (&["--log-filter", "info,[="], "--log-filter"),
             (&["--batch-window", "1s"], "--batch-window"),
+            (&["--put-image-rate", "0"], "--put-image-rate"),
+            (&["--rate-share", "0"], "--rate-share"),
+            (
+                &["--max-concurrent-requests", "0"],
+                "--max-concurrent-requests",
+            ),
         ] {
             match parse(argv).validate() {
                 Err(ConfigError::Invalid { flag: got, .. }) => assert_eq!(got, flag, "{argv:?}"),

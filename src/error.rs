@@ -55,6 +55,15 @@ pub enum Error {
         /// Every offending field.
         violations: Vec<Violation>,
     },
+    /// The caller's deadline passed before the answer was ready.
+    #[error("the deadline passed before ECR answered")]
+    DeadlineExceeded,
+    /// Every request slot was taken; the request was shed without being worked on.
+    #[error("the service is at its concurrency limit; retry after {retry_after:?}")]
+    Overloaded {
+        /// When a retry is likely to find a free slot.
+        retry_after: Duration,
+    },
     /// The registry failed or refused.
     #[error(transparent)]
     Registry(#[from] RegistryError),
@@ -113,6 +122,12 @@ pub enum Reason {
     DigestVerificationFailed,
     /// Any other ECR error.
     EcrError,
+    /// The caller's deadline passed.
+    DeadlineExceeded,
+    /// The service shed the request at its concurrency limit.
+    Overloaded,
+    /// This service's own ECR rate budget had no slot before the deadline.
+    EcrRateBudgetExhausted,
 }
 
 impl Reason {
@@ -140,6 +155,9 @@ impl Reason {
             Self::ServiceCredentialsInvalid => "SERVICE_CREDENTIALS_INVALID",
             Self::DigestVerificationFailed => "DIGEST_VERIFICATION_FAILED",
             Self::EcrError => "ECR_ERROR",
+            Self::DeadlineExceeded => "DEADLINE_EXCEEDED",
+            Self::Overloaded => "OVERLOADED",
+            Self::EcrRateBudgetExhausted => "ECR_RATE_BUDGET_EXHAUSTED",
         }
     }
 }
@@ -150,6 +168,10 @@ impl Error {
         use RegistryError as R;
         match self {
             Self::InvalidArgument { reason, .. } => (Code::InvalidArgument, *reason),
+            Self::DeadlineExceeded => (Code::DeadlineExceeded, Reason::DeadlineExceeded),
+            // UNAVAILABLE, not RESOURCE_EXHAUSTED: the one code retried by default (AIP-194) and
+            // by mesh retry policies; nothing was done, so a retry is safe.
+            Self::Overloaded { .. } => (Code::Unavailable, Reason::Overloaded),
             Self::Registry(err) => match err {
                 R::RepositoryNotFound(_) => (Code::NotFound, Reason::RepositoryNotFound),
                 R::ImageNotFound(_) => (Code::NotFound, Reason::ImageNotFound),
@@ -174,6 +196,9 @@ impl Error {
                 R::DigestVerificationFailed { .. } => {
                     (Code::DataLoss, Reason::DigestVerificationFailed)
                 }
+                R::RateBudgetExhausted { .. } => {
+                    (Code::Unavailable, Reason::EcrRateBudgetExhausted)
+                }
                 R::Other(_) => (Code::Internal, Reason::EcrError),
             },
         }
@@ -182,7 +207,7 @@ impl Error {
     /// What ECR said, when ECR was the cause.
     pub fn upstream(&self) -> Option<&Upstream> {
         match self {
-            Self::InvalidArgument { .. } => None,
+            Self::InvalidArgument { .. } | Self::DeadlineExceeded | Self::Overloaded { .. } => None,
             Self::Registry(err) => err.upstream(),
         }
     }
@@ -193,6 +218,7 @@ impl Error {
         matches!(
             self.code_and_reason().0,
             Code::Unavailable
+                | Code::DeadlineExceeded
                 | Code::Internal
                 | Code::DataLoss
                 | Code::PermissionDenied
@@ -213,7 +239,17 @@ impl Error {
             Self::Registry(RegistryError::TagDigestMismatch(upstream)) => {
                 vec![Violation::new("image_id", upstream.message.clone())]
             }
-            Self::Registry(_) => Vec::new(),
+            Self::Registry(_) | Self::DeadlineExceeded | Self::Overloaded { .. } => Vec::new(),
+        }
+    }
+
+    /// How long a caller should wait before retrying, when the service can tell.
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Registry(RegistryError::Throttled(_)) => Some(THROTTLED_RETRY_DELAY),
+            Self::Registry(RegistryError::RateBudgetExhausted { retry_after })
+            | Self::Overloaded { retry_after } => Some(*retry_after),
+            _ => None,
         }
     }
 }
@@ -241,8 +277,8 @@ impl From<Error> for Status {
                     .collect::<Vec<_>>(),
             );
         }
-        if matches!(err, Error::Registry(RegistryError::Throttled(_))) {
-            details.set_retry_info(Some(THROTTLED_RETRY_DELAY));
+        if let Some(retry_after) = err.retry_after() {
+            details.set_retry_info(Some(retry_after));
         }
         Status::with_error_details(code, err.to_string(), details)
     }
@@ -423,7 +459,8 @@ mod tests {
             let retry = details
                 .iter()
                 .any(|d| matches!(d, ErrorDetail::RetryInfo(_)));
-            assert_eq!(retry, reason == "ECR_THROTTLED", "{reason}: RetryInfo");
+            let retryable = ["ECR_THROTTLED", "OVERLOADED", "ECR_RATE_BUDGET_EXHAUSTED"];
+            assert_eq!(retry, retryable.contains(&reason), "{reason}: RetryInfo");
         }
     }
 

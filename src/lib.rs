@@ -15,8 +15,10 @@
 
 pub mod codec;
 pub mod config;
+pub mod deadline;
 pub mod error;
 pub mod image;
+pub mod overload;
 pub mod pb;
 pub mod registry;
 pub mod server;

@@ -87,7 +87,14 @@ async fn serve(args: ServeArgs) -> ExitCode {
         tag_ttl = ?args.tag_ttl,
         "listening"
     );
-    match server::serve(listener, registry, shutdown_signal()).await {
+    match server::serve(
+        listener,
+        registry,
+        args.server_settings(),
+        shutdown_signal(),
+    )
+    .await
+    {
         Ok(()) => {
             info!("stopped");
             ExitCode::SUCCESS

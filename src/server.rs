@@ -1,12 +1,19 @@
-//! The gRPC server: ImageService and gRPC health behind one listener.
+//! The gRPC server: ImageService behind its overload guard, gRPC health, and the shutdown
+//! sequence Kubernetes expects.
 
 use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tracing::{info, warn};
 
 use crate::image::MAX_MANIFEST_BYTES;
+use crate::overload::Shed;
 use crate::pb::image_service_server::ImageServiceServer;
 use crate::registry::Registry;
 use crate::service::ImageService;
@@ -15,25 +22,81 @@ use crate::service::ImageService;
 /// tonic's default (4 MiB for the whole message) would refuse a legal manifest before our
 /// validation could say which field is too large.
 pub const MAX_REQUEST_BYTES: usize = MAX_MANIFEST_BYTES + 64 * 1024;
+/// HTTP/2 pings on idle connections: finds a dead peer (a restarted sidecar, a vanished node)
+/// in well under a minute, and keeps connections alive through load balancers' idle timeouts
+/// (60 s for an ALB).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+/// How long a ping may go unanswered before the connection is closed.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Streams per connection: a sidecar multiplexes many callers over few connections, and this
+/// bounds what one connection can hold, below the global concurrency limit.
+const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+/// What a shed caller is told to wait: long enough for in-flight requests (cache hits take
+/// microseconds, ECR calls tens of milliseconds) to free slots.
+const SHED_RETRY_AFTER: Duration = Duration::from_millis(100);
 
-/// Serves the API on `listener` until `shutdown` completes, then lets in-flight requests finish.
+/// Limits and timings of the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSettings {
+    /// ImageService requests in flight at once; more are shed with UNAVAILABLE.
+    pub max_concurrent_requests: usize,
+    /// The deadline of a request that brings none.
+    pub default_deadline: Duration,
+    /// After the shutdown signal, how long to keep serving while health reports NOT_SERVING,
+    /// so that probes and endpoints see the change before connections are refused.
+    pub shutdown_delay: Duration,
+    /// After that, how long in-flight requests have to finish before the server stops anyway.
+    pub shutdown_grace: Duration,
+}
+
+/// Serves the API on `listener` until `shutdown` completes, then: health turns NOT_SERVING,
+/// requests are still served for `shutdown_delay`, new connections are refused, in-flight
+/// requests get `shutdown_grace` to finish, and the function returns.
 pub async fn serve<R: Registry>(
     listener: TcpListener,
     registry: R,
+    settings: ServerSettings,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<ImageServiceServer<ImageService<R>>>()
         .await;
-    let images = ImageServiceServer::new(ImageService::new(registry))
+    let images = ImageServiceServer::new(ImageService::new(registry, settings.default_deadline))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
-    Server::builder()
+    let images = Shed::new(images, settings.max_concurrent_requests, SHED_RETRY_AFTER);
+
+    let draining = Arc::new(Notify::new());
+    let drain_started = Arc::clone(&draining);
+    let (delay, grace) = (settings.shutdown_delay, settings.shutdown_grace);
+    let stop_accepting = async move {
+        shutdown.await;
+        health
+            .set_not_serving::<ImageServiceServer<ImageService<R>>>()
+            .await;
+        health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        info!(?delay, ?grace, "draining: health is NOT_SERVING");
+        tokio::time::sleep(delay).await;
+        info!("refusing new connections; waiting for in-flight requests");
+        drain_started.notify_one();
+    };
+    let server = Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .add_service(health_service)
         .add_service(images)
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )
-        .await
+            stop_accepting,
+        );
+    tokio::select! {
+        served = server => served,
+        () = async { draining.notified().await; tokio::time::sleep(grace).await } => {
+            warn!(?grace, "grace period over: stopping with requests still in flight");
+            Ok(())
+        }
+    }
 }

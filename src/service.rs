@@ -1,12 +1,14 @@
 //! The ImageService RPCs: request -> validate -> registry -> response, one span per request.
 
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 use tracing::field::{Empty, debug as debug_value};
 use tracing::{Instrument, Span, debug, info, info_span, warn};
 
+use crate::deadline;
 use crate::error::Error;
 use crate::image::{Digest, Tag};
 use crate::pb;
@@ -17,12 +19,27 @@ use crate::validate;
 #[derive(Debug)]
 pub struct ImageService<R> {
     registry: R,
+    /// The deadline of a request that brings none (no `grpc-timeout`).
+    default_deadline: Duration,
 }
 
 impl<R: Registry> ImageService<R> {
     /// A service answering from `registry`.
-    pub fn new(registry: R) -> Self {
-        Self { registry }
+    pub fn new(registry: R, default_deadline: Duration) -> Self {
+        Self {
+            registry,
+            default_deadline,
+        }
+    }
+
+    /// When the caller stops waiting: its `grpc-timeout`, else the configured default.
+    fn deadline_of<T>(&self, request: &Request<T>) -> Instant {
+        let asked = request
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(deadline::parse_grpc_timeout);
+        Instant::now() + asked.unwrap_or(self.default_deadline)
     }
 }
 
@@ -32,6 +49,7 @@ impl<R: Registry> pb::image_service_server::ImageService for ImageService<R> {
         &self,
         request: Request<pb::PutImageRequest>,
     ) -> Result<Response<pb::PutImageResponse>, Status> {
+        let deadline = self.deadline_of(&request);
         let request = request.into_inner();
         let span = rpc_span("PutImage", &request.repository_name, &request.image_tag);
         let work = async {
@@ -47,13 +65,14 @@ impl<R: Registry> pb::image_service_server::ImageService for ImageService<R> {
                 outcome: outcome.into(),
             })
         };
-        observe(span, work).await
+        observe(span, deadline, work).await
     }
 
     async fn get_image(
         &self,
         request: Request<pb::GetImageRequest>,
     ) -> Result<Response<pb::GetImageResponse>, Status> {
+        let deadline = self.deadline_of(&request);
         let request = request.into_inner();
         let reference = describe(request.image_id.as_ref());
         let span = rpc_span("GetImage", &request.repository_name, &reference);
@@ -68,13 +87,14 @@ impl<R: Registry> pb::image_service_server::ImageService for ImageService<R> {
                 tag_resolution_age,
             })
         };
-        observe(span, work).await
+        observe(span, deadline, work).await
     }
 
     async fn resolve_image(
         &self,
         request: Request<pb::ResolveImageRequest>,
     ) -> Result<Response<pb::ResolveImageResponse>, Status> {
+        let deadline = self.deadline_of(&request);
         let request = request.into_inner();
         let reference = describe(request.image_id.as_ref());
         let span = rpc_span("ResolveImage", &request.repository_name, &reference);
@@ -94,7 +114,7 @@ impl<R: Registry> pb::image_service_server::ImageService for ImageService<R> {
                 tag_resolution_age,
             })
         };
-        observe(span, work).await
+        observe(span, deadline, work).await
     }
 }
 
@@ -136,12 +156,20 @@ fn rpc_span(method: &'static str, repository: &str, reference: &str) -> Span {
 /// Runs one request in its span and logs its end: successes at DEBUG, so the hot path costs no
 /// formatting; caller mistakes at INFO; the service's and ECR's failures at WARN with the whole
 /// error chain. Errors become statuses here, through the one mapping in [`crate::error`].
+///
+/// The work runs under the caller's deadline: at the deadline it is dropped (and with it any
+/// ECR call only it was waiting for) and the caller gets DEADLINE_EXCEEDED.
 async fn observe<T>(
     span: Span,
+    deadline: Instant,
     work: impl Future<Output = Result<T, Error>>,
 ) -> Result<Response<T>, Status> {
     let started = Instant::now();
-    let result = work.instrument(span.clone()).await;
+    let bounded = tokio::time::timeout_at(deadline, deadline::scope(deadline, work));
+    let result = bounded
+        .instrument(span.clone())
+        .await
+        .unwrap_or(Err(Error::DeadlineExceeded));
     let latency_ms = started.elapsed().as_secs_f64() * 1e3;
     span.record("latency_ms", latency_ms);
     span.in_scope(|| match result {

@@ -11,14 +11,23 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 use super::{BatchGet, BatchInput, RegistryError, RepositoryKey, StoredImage, Upstream};
+use crate::deadline;
 use crate::image::{ImageRef, MediaType};
 
 /// ECR's limit on image ids per `BatchGetImage` (model shape `ImageIdentifierList`).
 pub const MAX_BATCH: usize = 100;
 
 type Reply = oneshot::Sender<Result<StoredImage, RegistryError>>;
+
+/// A caller waiting in a lane: what it wants, where to answer, and until when it waits.
+struct Waiter {
+    reference: ImageRef,
+    reply: Reply,
+    deadline: Option<Instant>,
+}
 
 /// Callers that can share a call: same repository, same accepted media types.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -32,7 +41,7 @@ struct LaneKey {
 struct Lane {
     /// A task is sending this lane's calls; new misses only need to queue.
     draining: bool,
-    pending: Vec<(ImageRef, Reply)>,
+    pending: Vec<Waiter>,
 }
 
 /// Gathers misses into batches per repository.
@@ -72,7 +81,11 @@ impl<R: BatchGet> Batcher<R> {
         let start = {
             let mut lanes = self.lanes();
             let lane = lanes.entry(key.clone()).or_default();
-            lane.pending.push((reference, reply));
+            lane.pending.push(Waiter {
+                reference,
+                reply,
+                deadline: deadline::current(),
+            });
             !std::mem::replace(&mut lane.draining, true)
         };
         if start {
@@ -92,7 +105,7 @@ impl<R: BatchGet> Batcher<R> {
             tokio::time::sleep(self.window).await;
         }
         loop {
-            let batch: Vec<(ImageRef, Reply)> = {
+            let batch: Vec<Waiter> = {
                 let mut lanes = self.lanes();
                 let Some(lane) = lanes.get_mut(&key) else {
                     return;
@@ -109,11 +122,20 @@ impl<R: BatchGet> Batcher<R> {
     }
 
     /// One call for a batch; each caller gets its own image or failure, and a failure of the
-    /// whole call (throttling, a missing repository) goes to every caller in it.
-    async fn send(&self, key: &LaneKey, batch: Vec<(ImageRef, Reply)>) {
+    /// whole call (throttling, a missing repository) goes to every caller in it. The call lives
+    /// as long as its most patient caller: once every caller's deadline has passed it is
+    /// dropped.
+    async fn send(&self, key: &LaneKey, batch: Vec<Waiter>) {
+        let deadline = batch
+            .iter()
+            .map(|w| w.deadline)
+            .try_fold(None::<Instant>, |latest, d| d.map(|d| latest.max(Some(d))));
         let mut references: Vec<ImageRef> = Vec::with_capacity(batch.len());
         let mut replies: Vec<Vec<Reply>> = Vec::with_capacity(batch.len());
-        for (reference, reply) in batch {
+        for Waiter {
+            reference, reply, ..
+        } in batch
+        {
             match references.iter().position(|r| *r == reference) {
                 Some(i) => replies[i].push(reply),
                 None => {
@@ -127,7 +149,18 @@ impl<R: BatchGet> Batcher<R> {
             accepted_media_types: key.accepted.clone(),
             references,
         };
-        match self.registry.get_images(input).await {
+        let call = self.registry.get_images(input);
+        let answer = match deadline.flatten() {
+            Some(deadline) => tokio::time::timeout_at(deadline, deadline::scope(deadline, call))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(RegistryError::Timeout(Upstream::message(
+                        "every caller's deadline passed before ECR answered",
+                    )))
+                }),
+            None => call.await,
+        };
+        match answer {
             Ok(results) => {
                 for (result, replies) in results.into_iter().zip(replies) {
                     for reply in replies {

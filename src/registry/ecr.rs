@@ -14,15 +14,23 @@ use aws_sdk_ecr::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_ecr::operation::RequestId;
 use aws_sdk_ecr::types::{Image, ImageFailure, ImageFailureCode, ImageIdentifier};
 
+use aws_smithy_http_client::proxy::ProxyConfig;
+use aws_smithy_http_client::{ConnectorBuilder, tls};
+use aws_smithy_runtime_api::client::http::SharedHttpClient;
+use tokio::time::Instant;
+
+use super::budget::{BudgetExhausted, BudgetedHttpClient, RateBudgets};
 use super::calls::UpstreamCalls;
+use super::retry::QuotaIsNotThrottling;
 use super::{
     BatchGet, BatchInput, CacheStatus, Fetched, GetImageInput, PutImageInput, PutOutcome, Registry,
     RegistryError, RepositoryKey, StoredImage, Upstream,
 };
+use crate::deadline;
 use crate::image::{Digest, ImageRef, Manifest, media_types};
 
 /// How the service talks to ECR: where, and how hard it tries.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EcrSettings {
     /// The AWS region; `None` leaves it to the SDK's chain (`AWS_REGION`, profile, IMDS).
     pub region: Option<String>,
@@ -41,7 +49,15 @@ pub struct EcrSettings {
     pub attempt_timeout: Duration,
     /// How long one call may take, all attempts and backoffs included.
     pub operation_timeout: Duration,
+    /// This process's PutImage budget, requests per second (its share of the account quota).
+    pub put_image_rate: f64,
+    /// This process's BatchGetImage budget, requests per second.
+    pub batch_get_image_rate: f64,
 }
+
+/// Time kept back from a caller's deadline for turning ECR's answer into a response and
+/// sending it: the ECR call must end this much before the caller gives up.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(50);
 
 /// Loads the AWS SDK's shared configuration the standard way: credentials only from the default
 /// provider chain (environment, profile, web identity for IRSA, container and instance roles).
@@ -65,13 +81,37 @@ pub fn client_config(sdk: &SdkConfig, settings: &EcrSettings) -> aws_sdk_ecr::co
         .operation_attempt_timeout(settings.attempt_timeout)
         .operation_timeout(settings.operation_timeout)
         .build();
+    // The SDK's own HTTPS client, or its default, with the rate budgets in front.
+    let http = sdk.http_client().unwrap_or_else(default_https_client);
+    let budgets = RateBudgets::new([
+        ("PutImage", settings.put_image_rate),
+        ("BatchGetImage", settings.batch_get_image_rate),
+    ]);
     let mut builder = aws_sdk_ecr::config::Builder::from(sdk)
         .retry_config(retry)
+        .retry_classifier(QuotaIsNotThrottling)
         .timeout_config(timeouts);
+    builder = builder.http_client(BudgetedHttpClient::new(http, budgets));
     if let Some(url) = &settings.endpoint_url {
         builder = builder.endpoint_url(url);
     }
     builder
+}
+
+/// The HTTPS client the SDK builds by default for the current behavior version: hyper 1,
+/// rustls with aws-lc, and HTTP(S)_PROXY/NO_PROXY honoured from the environment.
+fn default_https_client() -> SharedHttpClient {
+    aws_smithy_http_client::Builder::new().build_with_connector_fn(|settings, components| {
+        let mut connector = ConnectorBuilder::default().tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::AwsLc,
+        ));
+        connector.set_connector_settings(settings.cloned());
+        if let Some(components) = components {
+            connector.set_sleep_impl(components.sleep_impl());
+        }
+        connector.set_proxy_config(Some(ProxyConfig::from_env()));
+        connector.build()
+    })
 }
 
 /// ImageService's registry, backed by Amazon ECR.
@@ -81,6 +121,8 @@ pub struct EcrRegistry {
     client: aws_sdk_ecr::Client,
     /// What this client has asked of ECR, counted by an interceptor on every call.
     calls: UpstreamCalls,
+    /// The configured bound on one call; a caller's deadline can only shorten it.
+    operation_timeout: Option<Duration>,
 }
 
 impl EcrRegistry {
@@ -88,7 +130,30 @@ impl EcrRegistry {
     pub fn from_config(config: aws_sdk_ecr::config::Builder) -> Self {
         let calls = UpstreamCalls::default();
         let client = aws_sdk_ecr::Client::from_conf(config.interceptor(calls.clone()).build());
-        Self { client, calls }
+        let operation_timeout = client
+            .config()
+            .timeout_config()
+            .and_then(|t| t.operation_timeout());
+        Self {
+            client,
+            calls,
+            operation_timeout,
+        }
+    }
+
+    /// A per-call configuration that ends the ECR call [`DEADLINE_MARGIN`] before the caller's
+    /// deadline, when that comes before the configured operation timeout.
+    fn within_deadline(&self) -> Option<aws_sdk_ecr::config::Builder> {
+        let remaining = deadline::current()?
+            .saturating_duration_since(Instant::now())
+            .saturating_sub(DEADLINE_MARGIN);
+        if self.operation_timeout.is_some_and(|t| t <= remaining) {
+            return None;
+        }
+        let timeouts = TimeoutConfig::builder()
+            .operation_timeout(remaining.max(Duration::from_millis(1)))
+            .build();
+        Some(aws_sdk_ecr::config::Builder::default().timeout_config(timeouts))
     }
 
     /// A registry configured from the default AWS chain and `settings`.
@@ -151,7 +216,7 @@ impl Registry for EcrRegistry {
     ) -> Result<(StoredImage, PutOutcome), RegistryError> {
         // Always send the digest and the media type: real ECR verifies the digest against the
         // bytes, and needs the media type when the manifest carries none (OCI artifacts).
-        let sent = self
+        let call = self
             .client
             .put_image()
             .set_registry_id(input.registry_id.as_ref().map(|r| r.as_str().to_owned()))
@@ -159,9 +224,11 @@ impl Registry for EcrRegistry {
             .image_manifest(input.manifest.as_str())
             .image_manifest_media_type(input.manifest.media_type().as_str())
             .image_digest(input.manifest.digest().as_str())
-            .set_image_tag(input.tag.as_ref().map(|t| t.as_str().to_owned()))
-            .send()
-            .await;
+            .set_image_tag(input.tag.as_ref().map(|t| t.as_str().to_owned()));
+        let sent = match self.within_deadline() {
+            Some(bounded) => call.customize().config_override(bounded).send().await,
+            None => call.send().await,
+        };
         let output = match sent {
             Ok(output) => output,
             Err(err) if is_already_exists(err.code()) => {
@@ -463,8 +530,13 @@ fn classify<E>(err: SdkError<E, aws_sdk_ecr::config::http::HttpResponse>) -> Reg
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
+    if let Some(refused) = find_in_chain::<BudgetExhausted>(&err) {
+        return RegistryError::RateBudgetExhausted {
+            retry_after: refused.retry_after,
+        };
+    }
     let upstream = upstream_of(&err);
-    if caused_by_credentials(&err) {
+    if find_in_chain::<CredentialsError>(&err).is_some() {
         return RegistryError::CredentialsInvalid(upstream);
     }
     match &err {
@@ -533,16 +605,19 @@ fn field_named_in(message: &str) -> String {
     field.to_owned()
 }
 
-/// Whether the failure is the SDK failing to obtain or use the service's credentials.
-fn caused_by_credentials(err: &(dyn std::error::Error + 'static)) -> bool {
+/// The first error of type `T` in `err`'s source chain: our credentials failing, or our own
+/// rate budget refusing, both of which the SDK reports as a dispatch failure.
+fn find_in_chain<'e, T: std::error::Error + 'static>(
+    err: &'e (dyn std::error::Error + 'static),
+) -> Option<&'e T> {
     let mut next = Some(err);
     while let Some(e) = next {
-        if e.is::<CredentialsError>() {
-            return true;
+        if let Some(found) = e.downcast_ref::<T>() {
+            return Some(found);
         }
         next = e.source();
     }
-    false
+    None
 }
 
 #[cfg(test)]

@@ -82,6 +82,13 @@ pub enum RegistryError {
     /// The registry failed or could not be reached after every retry.
     #[error("registry unavailable: {0}")]
     Unavailable(Upstream),
+    /// This service's own rate budget for the operation has no send slot before the deadline:
+    /// nothing was sent.
+    #[error("the ECR rate budget has no slot before the deadline; retry after {retry_after:?}")]
+    RateBudgetExhausted {
+        /// When the budget will have a slot.
+        retry_after: std::time::Duration,
+    },
     /// The registry did not answer within the configured timeouts.
     #[error("registry timed out: {0}")]
     Timeout(Upstream),
@@ -128,7 +135,7 @@ impl RegistryError {
             | Self::AccessDenied(u)
             | Self::CredentialsInvalid(u)
             | Self::Other(u) => Some(u),
-            Self::DigestVerificationFailed { .. } => None,
+            Self::DigestVerificationFailed { .. } | Self::RateBudgetExhausted { .. } => None,
         }
     }
 }

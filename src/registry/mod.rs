@@ -5,11 +5,13 @@
 //! noticing.
 
 mod batch;
+pub mod budget;
 pub mod cached;
 pub mod calls;
 pub mod ecr;
 mod error;
 mod flight;
+mod retry;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -449,6 +449,23 @@ async fn throttling_is_retried_by_the_sdk_then_reported_with_retry_info() {
     assert_eq!(retry.retry_delay, Some(Duration::from_secs(1)));
 }
 
+/// A quota error is final: the SDK would retry it as throttling, the service does not.
+#[tokio::test]
+async fn a_quota_error_is_not_retried() {
+    let ecr = RecordedEcr::start(vec![(
+        "PutImage",
+        Reply::error(400, "LimitExceededException", "images per repository"),
+    )])
+    .await;
+    let mut client = start(registry(&ecr.endpoint, settings())).await;
+    let status = client
+        .put_image(put("hello-world", "2019.08", SEED))
+        .await
+        .unwrap_err();
+    assert_status(&status, Code::ResourceExhausted, "ECR_LIMIT_EXCEEDED");
+    assert_eq!(ecr.count("PutImage"), 1);
+}
+
 #[tokio::test]
 async fn a_throttling_blip_is_absorbed() {
     let ecr = RecordedEcr::start(vec![

@@ -18,6 +18,7 @@ use ecr_image_service::registry::Registry;
 use ecr_image_service::registry::cached::{CacheSettings, CachedRegistry};
 use ecr_image_service::registry::calls::UpstreamCalls;
 use ecr_image_service::registry::ecr::{EcrRegistry, EcrSettings, client_config};
+use ecr_image_service::server::ServerSettings;
 use tokio::net::TcpListener;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
@@ -52,6 +53,19 @@ pub fn settings() -> EcrSettings {
         connect_timeout: Duration::from_secs(2),
         attempt_timeout: Duration::from_secs(10),
         operation_timeout: Duration::from_secs(30),
+        // Generous budgets: the budget itself is tested on purpose in `faults.rs`.
+        put_image_rate: 10_000.0,
+        batch_get_image_rate: 10_000.0,
+    }
+}
+
+/// Server settings for tests: production values, with no shutdown delay.
+pub fn server_settings() -> ServerSettings {
+    ServerSettings {
+        max_concurrent_requests: 512,
+        default_deadline: Duration::from_secs(20),
+        shutdown_delay: Duration::ZERO,
+        shutdown_grace: Duration::from_secs(20),
     }
 }
 
@@ -147,6 +161,7 @@ pub async fn start_channel(registry: impl Registry) -> Channel {
     tokio::spawn(ecr_image_service::server::serve(
         listener,
         registry,
+        server_settings(),
         std::future::pending(),
     ));
     // The listener is bound before the server task starts, so the connection cannot race it.

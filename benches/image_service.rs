@@ -1,0 +1,611 @@
+//! `cargo bench`: the cache against its limits, on this machine, in one run.
+//!
+//! Everything runs on loopback and is started here: the moto emulator, the service (cache over
+//! the real ECR backend), and a bare tonic server that answers GetImage with the same response
+//! bytes and no logic at all. One in-process load generator drives both with the same
+//! concurrency, alternating rounds so the machine's drift hits both sides alike. Printed:
+//!
+//! - limit: RPS and p50/p99 of the bare server vs cached GetImage by tag and by digest;
+//! - cold path: uncached GetImage vs the same BatchGetImage made directly with aws-sdk-ecr;
+//! - herd: upstream calls for 1,000 concurrent reads of one tag, and 500 of distinct tags;
+//! - memory: resident memory after 100,000 distinct manifests pass through a 64 MiB cache
+//!   (in a child process, so nothing else is in its heap).
+//!
+//! Targets are printed beside the figures; the bench reports, it does not fail.
+
+#[path = "../tests/api/support/moto.rs"]
+mod moto;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aws_sdk_ecr::config::{BehaviorVersion, Credentials, Region};
+use ecr_image_service::image::{Manifest, RepositoryName};
+use ecr_image_service::pb::image_service_client::ImageServiceClient;
+use ecr_image_service::pb::image_service_server::{ImageService, ImageServiceServer};
+use ecr_image_service::pb::{
+    GetImageRequest, GetImageResponse, ImageIdentifier, PutImageRequest, PutImageResponse,
+    ResolveImageRequest, ResolveImageResponse,
+};
+use ecr_image_service::registry::cached::{CacheSettings, CachedRegistry};
+use ecr_image_service::registry::ecr::{EcrRegistry, EcrSettings, client_config};
+use ecr_image_service::registry::{
+    BatchGet, BatchInput, Fetched, GetImageInput, PutImageInput, PutOutcome, Registry,
+    RegistryError, StoredImage,
+};
+use tokio::net::TcpListener;
+use tonic::transport::{Channel, Endpoint, Server};
+use tonic::{Request, Response, Status};
+
+const SEED: &str = include_str!("../tests/fixtures/hello-world.manifest.json");
+const SEED_DIGEST: &str = "sha256:8ece96b74f87652876199d83bd107d0435a196133af383ac54cb82b6cc5283ae";
+const REGION: &str = "us-east-1";
+const REPOSITORY: &str = "bench";
+
+/// In-flight requests from the load generator: enough to keep 2 cores busy.
+const CONCURRENCY: usize = 32;
+/// HTTP/2 connections the load is spread over.
+const CONNECTIONS: usize = 4;
+/// Length of one measured run, after a warm-up of [`WARM_UP`].
+const RUN: Duration = Duration::from_secs(3);
+const WARM_UP: Duration = Duration::from_millis(500);
+/// Alternating rounds of (bare, by tag, by digest); the median round is reported.
+const ROUNDS: usize = 3;
+/// Sequential cold reads per side.
+const COLD_READS: usize = 150;
+/// The memory phase: budget and number of distinct manifests.
+const MEMORY_BUDGET: u64 = 64 << 20;
+const MEMORY_MANIFESTS: usize = 100_000;
+/// Set in the child process that runs the memory phase.
+const MEMORY_PHASE_ENV: &str = "ECR_IMAGE_SERVICE_BENCH_MEMORY_PHASE";
+
+fn main() {
+    if std::env::var_os(MEMORY_PHASE_ENV).is_some() {
+        return memory_phase();
+    }
+    // SAFETY: set before any thread is started.
+    unsafe { std::env::set_var("NO_PROXY", "127.0.0.1,localhost") };
+    // The production subscriber at its default level: spans and their fields cost what they
+    // cost in production; successes log nothing at INFO.
+    tracing_subscriber::fmt()
+        .with_env_filter("info")
+        .with_writer(std::io::sink)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(run());
+    println!();
+    println!("{}", memory());
+}
+
+fn ecr_settings(endpoint: &str) -> EcrSettings {
+    EcrSettings {
+        region: Some(REGION.into()),
+        endpoint_url: Some(endpoint.into()),
+        max_attempts: 3,
+        initial_backoff: Duration::from_millis(100),
+        max_backoff: Duration::from_secs(2),
+        connect_timeout: Duration::from_secs(2),
+        attempt_timeout: Duration::from_secs(5),
+        operation_timeout: Duration::from_secs(15),
+        // The published quotas would pace the bench's set-up puts; budgets are not measured here.
+        put_image_rate: 100_000.0,
+        batch_get_image_rate: 100_000.0,
+    }
+}
+
+fn sdk_config() -> aws_config::SdkConfig {
+    aws_config::SdkConfig::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new(REGION))
+        .credentials_provider(
+            aws_credential_types::provider::SharedCredentialsProvider::new(Credentials::new(
+                "testing", "testing", None, None, "bench",
+            )),
+        )
+        .build()
+}
+
+fn cache_settings() -> CacheSettings {
+    CacheSettings {
+        digest_cache_bytes: MEMORY_BUDGET,
+        tag_cache_entries: 100_000,
+        // Long enough that the tag stays fresh for the whole limit run.
+        tag_ttl: Duration::from_secs(600),
+        stale_if_error: Duration::from_secs(300),
+        batch_window: Duration::ZERO,
+    }
+}
+
+async fn serve<S>(service: S) -> Vec<Channel>
+where
+    S: tonic::codegen::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + tonic::server::NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(
+        Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let mut channels = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let channel = Endpoint::from_shared(format!("http://{address}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        channels.push(channel);
+    }
+    channels
+}
+
+async fn start_service(
+    endpoint: &str,
+) -> (
+    Vec<Channel>,
+    ecr_image_service::registry::calls::UpstreamCalls,
+) {
+    let ecr = EcrRegistry::from_config(client_config(&sdk_config(), &ecr_settings(endpoint)));
+    let calls = ecr.calls().clone();
+    let registry = CachedRegistry::new(ecr, cache_settings());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let settings = ecr_image_service::server::ServerSettings {
+        max_concurrent_requests: 4096,
+        default_deadline: Duration::from_secs(20),
+        shutdown_delay: Duration::ZERO,
+        shutdown_grace: Duration::from_secs(20),
+    };
+    tokio::spawn(ecr_image_service::server::serve(
+        listener,
+        registry,
+        settings,
+        std::future::pending(),
+    ));
+    let mut channels = Vec::new();
+    for _ in 0..CONNECTIONS {
+        channels.push(
+            Endpoint::from_shared(format!("http://{address}"))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap(),
+        );
+    }
+    (channels, calls)
+}
+
+/// The bare server: the same response bytes, no logic.
+#[derive(Clone)]
+struct Bare(Arc<GetImageResponse>);
+
+#[tonic::async_trait]
+impl ImageService for Bare {
+    async fn put_image(
+        &self,
+        _: Request<PutImageRequest>,
+    ) -> Result<Response<PutImageResponse>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
+
+    async fn get_image(
+        &self,
+        _: Request<GetImageRequest>,
+    ) -> Result<Response<GetImageResponse>, Status> {
+        Ok(Response::new((*self.0).clone()))
+    }
+
+    async fn resolve_image(
+        &self,
+        _: Request<ResolveImageRequest>,
+    ) -> Result<Response<ResolveImageResponse>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
+}
+
+fn get(tag: &str, digest: &str) -> GetImageRequest {
+    GetImageRequest {
+        repository_name: REPOSITORY.into(),
+        image_id: Some(ImageIdentifier {
+            image_tag: tag.into(),
+            image_digest: digest.into(),
+        }),
+        ..Default::default()
+    }
+}
+
+/// What one load run measured.
+struct Load {
+    rps: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+fn percentile(sorted: &[Duration], p: usize) -> Duration {
+    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
+}
+
+/// `CONCURRENCY` loops sending `request` for `run`, spread over the channels.
+async fn drive(channels: &[Channel], request: &GetImageRequest, run: Duration) -> Load {
+    let started = Instant::now();
+    let deadline = started + run;
+    let workers: Vec<_> = (0..CONCURRENCY)
+        .map(|i| {
+            let mut client = ImageServiceClient::new(channels[i % channels.len()].clone());
+            let request = request.clone();
+            tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(100_000);
+                while Instant::now() < deadline {
+                    let sent = Instant::now();
+                    let response = client.get_image(request.clone()).await;
+                    latencies.push(sent.elapsed());
+                    assert!(response.is_ok(), "{response:?}");
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for worker in workers {
+        latencies.extend(worker.await.unwrap());
+    }
+    let elapsed = started.elapsed();
+    latencies.sort_unstable();
+    Load {
+        rps: latencies.len() as f64 / elapsed.as_secs_f64(),
+        p50: percentile(&latencies, 50),
+        p99: percentile(&latencies, 99),
+    }
+}
+
+fn median_by<T>(mut runs: Vec<T>, key: impl Fn(&T) -> f64) -> T {
+    runs.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    runs.swap_remove(runs.len() / 2)
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "MISSED" }
+}
+
+async fn run() {
+    let moto = moto::endpoint();
+    let admin = aws_sdk_ecr::Client::from_conf(
+        aws_sdk_ecr::config::Builder::from(&sdk_config())
+            .endpoint_url(moto)
+            .build(),
+    );
+    admin
+        .create_repository()
+        .repository_name(REPOSITORY)
+        .send()
+        .await
+        .unwrap();
+    let (service, calls) = start_service(moto).await;
+    let mut client = ImageServiceClient::new(service[0].clone());
+    client
+        .put_image(PutImageRequest {
+            repository_name: REPOSITORY.into(),
+            image_tag: "2019.08".into(),
+            image_manifest: SEED.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let template = client
+        .get_image(get("2019.08", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    let bare = serve(ImageServiceServer::new(Bare(Arc::new(template)))).await;
+
+    // Limit.
+    let by_tag = get("2019.08", "");
+    let by_digest = get("", SEED_DIGEST);
+    for (channels, request) in [
+        (&bare, &by_tag),
+        (&service, &by_tag),
+        (&service, &by_digest),
+    ] {
+        drive(channels, request, WARM_UP).await;
+    }
+    let upstream_before = calls.calls("BatchGetImage");
+    let (mut bares, mut tags, mut digests) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        bares.push(drive(&bare, &by_tag, RUN).await);
+        tags.push(drive(&service, &by_tag, RUN).await);
+        digests.push(drive(&service, &by_digest, RUN).await);
+    }
+    let upstream_during = calls.calls("BatchGetImage") - upstream_before;
+    let ratios: Vec<(f64, f64, f64, f64)> = (0..ROUNDS)
+        .map(|i| {
+            (
+                tags[i].rps / bares[i].rps,
+                tags[i].p99.as_secs_f64() / bares[i].p99.as_secs_f64(),
+                digests[i].rps / bares[i].rps,
+                digests[i].p99.as_secs_f64() / bares[i].p99.as_secs_f64(),
+            )
+        })
+        .collect();
+    let tag_rps_ratio = median_by(ratios.iter().map(|r| r.0).collect(), |x| *x);
+    let tag_p99_ratio = median_by(ratios.iter().map(|r| r.1).collect(), |x| *x);
+    let digest_rps_ratio = median_by(ratios.iter().map(|r| r.2).collect(), |x| *x);
+    let digest_p99_ratio = median_by(ratios.iter().map(|r| r.3).collect(), |x| *x);
+    let bare = median_by(bares, |l| l.rps);
+    let tag = median_by(tags, |l| l.rps);
+    let digest = median_by(digests, |l| l.rps);
+    println!(
+        "limit: {CONCURRENCY} concurrent GetImage over {CONNECTIONS} HTTP/2 connections, \
+         {ROUNDS} alternating rounds of {RUN:?}, median round"
+    );
+    println!("| scenario | requests/s | p50 | p99 |");
+    println!("|---|---:|---:|---:|");
+    for (name, load) in [
+        ("bare tonic server (same bytes)", &bare),
+        ("GetImage by tag, cached", &tag),
+        ("GetImage by digest, cached", &digest),
+    ] {
+        println!(
+            "| {name} | {:.0} | {:.0} µs | {:.0} µs |",
+            load.rps,
+            load.p50.as_secs_f64() * 1e6,
+            load.p99.as_secs_f64() * 1e6
+        );
+    }
+    println!(
+        "by tag: {tag_rps_ratio:.2}x bare RPS (target >= 0.85: {}), p99 {tag_p99_ratio:.2}x \
+         (target <= 1.5: {})",
+        verdict(tag_rps_ratio >= 0.85),
+        verdict(tag_p99_ratio <= 1.5)
+    );
+    println!(
+        "by digest: {digest_rps_ratio:.2}x bare RPS (target >= 0.85: {}), p99 \
+         {digest_p99_ratio:.2}x (target <= 1.5: {})",
+        verdict(digest_rps_ratio >= 0.85),
+        verdict(digest_p99_ratio <= 1.5)
+    );
+    println!("upstream BatchGetImage calls during the cached runs: {upstream_during}");
+
+    cold_path(moto, &admin, &service).await;
+    herd(&admin, &service, &calls).await;
+}
+
+/// Sequential reads of uncached tags through the service vs the same BatchGetImage made
+/// directly, alternating, each reading a distinct tag it has never read.
+async fn cold_path(moto: &str, admin: &aws_sdk_ecr::Client, service: &[Channel]) {
+    for n in 0..COLD_READS * 2 {
+        admin
+            .put_image()
+            .repository_name(REPOSITORY)
+            .image_manifest(format!(
+                r#"{{"mediaType":"application/vnd.oci.image.manifest.v1+json","cold":{n}}}"#
+            ))
+            .image_manifest_media_type("application/vnd.oci.image.manifest.v1+json")
+            .image_digest(
+                Manifest::parse(
+                    format!(
+                        r#"{{"mediaType":"application/vnd.oci.image.manifest.v1+json","cold":{n}}}"#
+                    ),
+                    None,
+                )
+                .unwrap()
+                .digest()
+                .to_string(),
+            )
+            .image_tag(format!("cold-{n}"))
+            .send()
+            .await
+            .unwrap();
+    }
+    let direct =
+        aws_sdk_ecr::Client::from_conf(client_config(&sdk_config(), &ecr_settings(moto)).build());
+    let mut client = ImageServiceClient::new(service[0].clone());
+    let (mut via_service, mut via_sdk) = (Vec::new(), Vec::new());
+    for n in 0..COLD_READS {
+        let sent = Instant::now();
+        client
+            .get_image(get(&format!("cold-{}", 2 * n), ""))
+            .await
+            .unwrap();
+        via_service.push(sent.elapsed());
+        let sent = Instant::now();
+        direct
+            .batch_get_image()
+            .repository_name(REPOSITORY)
+            .image_ids(
+                aws_sdk_ecr::types::ImageIdentifier::builder()
+                    .image_tag(format!("cold-{}", 2 * n + 1))
+                    .build(),
+            )
+            .set_accepted_media_types(Some(
+                ecr_image_service::image::media_types::ALL_MANIFESTS
+                    .map(str::to_owned)
+                    .to_vec(),
+            ))
+            .send()
+            .await
+            .unwrap();
+        via_sdk.push(sent.elapsed());
+    }
+    via_service.sort_unstable();
+    via_sdk.sort_unstable();
+    let (service_p50, sdk_p50) = (percentile(&via_service, 50), percentile(&via_sdk, 50));
+    let overhead = service_p50.as_secs_f64() / sdk_p50.as_secs_f64() - 1.0;
+    println!();
+    println!(
+        "cold path ({COLD_READS} sequential uncached reads each, alternating): GetImage p50 \
+         {:.2} ms vs direct aws-sdk-ecr BatchGetImage p50 {:.2} ms: overhead {:+.1}% \
+         (target <= 10%: {})",
+        service_p50.as_secs_f64() * 1e3,
+        sdk_p50.as_secs_f64() * 1e3,
+        overhead * 100.0,
+        verdict(overhead <= 0.10)
+    );
+}
+
+/// Concurrent cold reads: one tag by 1,000 callers, then 500 distinct tags.
+async fn herd(
+    admin: &aws_sdk_ecr::Client,
+    service: &[Channel],
+    calls: &ecr_image_service::registry::calls::UpstreamCalls,
+) {
+    let manifest = |n: usize| {
+        format!(r#"{{"mediaType":"application/vnd.oci.image.manifest.v1+json","herd":{n}}}"#)
+    };
+    for n in 0..=500 {
+        admin
+            .put_image()
+            .repository_name(REPOSITORY)
+            .image_manifest(manifest(n))
+            .image_manifest_media_type("application/vnd.oci.image.manifest.v1+json")
+            .image_digest(
+                Manifest::parse(manifest(n), None)
+                    .unwrap()
+                    .digest()
+                    .to_string(),
+            )
+            .image_tag(format!("herd-{n}"))
+            .send()
+            .await
+            .unwrap();
+    }
+    let before = calls.calls("BatchGetImage");
+    let callers: Vec<_> = (0..1000)
+        .map(|i| {
+            let mut client = ImageServiceClient::new(service[i % service.len()].clone());
+            tokio::spawn(async move { client.get_image(get("herd-500", "")).await })
+        })
+        .collect();
+    let mut correct = 0;
+    for caller in callers {
+        let image = caller.await.unwrap().unwrap().into_inner().image.unwrap();
+        correct += usize::from(image.image_manifest == manifest(500));
+    }
+    let one_tag = calls.calls("BatchGetImage") - before;
+    println!(
+        "herd: 1,000 concurrent GetImage of one uncached tag -> {one_tag} BatchGetImage \
+         (target exactly 1: {}), {correct}/1000 answered correctly",
+        verdict(one_tag == 1 && correct == 1000)
+    );
+
+    let before = calls.calls("BatchGetImage");
+    let callers: Vec<_> = (0..500)
+        .map(|n| {
+            let mut client = ImageServiceClient::new(service[n % service.len()].clone());
+            tokio::spawn(async move { (n, client.get_image(get(&format!("herd-{n}"), "")).await) })
+        })
+        .collect();
+    let mut correct = 0;
+    for caller in callers {
+        let (n, result) = caller.await.unwrap();
+        let image = result.unwrap().into_inner().image.unwrap();
+        correct += usize::from(image.image_manifest == manifest(n));
+    }
+    let distinct = calls.calls("BatchGetImage") - before;
+    println!(
+        "herd: 500 concurrent GetImage of 500 distinct uncached tags -> {distinct} \
+         BatchGetImage (target <= 10: {}), {correct}/500 answered correctly",
+        verdict(distinct <= 10 && correct == 500)
+    );
+}
+
+/// Runs the memory phase in a child process and returns its report.
+fn memory() -> String {
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .env(MEMORY_PHASE_ENV, "1")
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// A registry that accepts every put and holds nothing: the cache is what is measured.
+struct Sink;
+
+impl Registry for Sink {
+    async fn put_image(
+        &self,
+        input: PutImageInput,
+    ) -> Result<(StoredImage, PutOutcome), RegistryError> {
+        let image = StoredImage {
+            registry_id: "123456789012".into(),
+            repository: input.repository,
+            digest: input.manifest.digest().clone(),
+            tag: input.tag,
+            media_type: input.manifest.media_type().to_string(),
+            manifest: input.manifest.into_text().into(),
+        };
+        Ok((image, PutOutcome::Created))
+    }
+
+    async fn get_image(&self, _: GetImageInput) -> Result<Fetched, RegistryError> {
+        unreachable!("the memory phase only puts")
+    }
+}
+
+impl BatchGet for Sink {
+    async fn get_images(
+        &self,
+        _: BatchInput,
+    ) -> Result<Vec<Result<StoredImage, RegistryError>>, RegistryError> {
+        unreachable!("the memory phase only puts")
+    }
+}
+
+fn resident_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Puts 100,000 distinct seed-sized manifests through the write-through path of a cache with a
+/// 64 MiB budget and reports resident memory.
+fn memory_phase() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let before = resident_bytes();
+    let cache = CachedRegistry::new(Sink, cache_settings());
+    let repository = RepositoryName::parse(REPOSITORY).unwrap();
+    runtime.block_on(async {
+        for n in 0..MEMORY_MANIFESTS {
+            // The seed with one digest changed: 2,461 bytes, each distinct.
+            let text = SEED.replacen("cea5fe77", &format!("{n:08x}"), 1);
+            let input = PutImageInput {
+                registry_id: None,
+                repository: repository.clone(),
+                manifest: Manifest::parse(text, None).unwrap(),
+                tag: Some(ecr_image_service::image::Tag::parse(&format!("m{n}")).unwrap()),
+            };
+            cache.put_image(input).await.unwrap();
+        }
+    });
+    let held = cache.digest_cache_bytes();
+    let after = resident_bytes();
+    let mib = |b: u64| b as f64 / f64::from(1 << 20);
+    println!(
+        "memory: {MEMORY_MANIFESTS} distinct {}-byte manifests through a {:.0} MiB cache: the \
+         cache holds {:.1} MiB by its weigher; resident {:.1} MiB before, {:.1} MiB after \
+         (target <= budget + 64 MiB = {:.0} MiB: {})",
+        SEED.len(),
+        mib(MEMORY_BUDGET),
+        mib(held),
+        mib(before),
+        mib(after),
+        mib(MEMORY_BUDGET + (64 << 20)),
+        verdict(after <= MEMORY_BUDGET + (64 << 20))
+    );
+}

@@ -1,0 +1,178 @@
+//! ECR rate budgets: every request to ECR, retries included, waits for a send slot of its
+//! operation's budget, so ECR never sees more than the configured rate from this process.
+//!
+//! The budget sits in the HTTP connector because that is the one place every attempt passes
+//! through: the SDK's retry loop is above it. A request whose slot would come after its
+//! caller's deadline is refused at once with the time it would have had to wait.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use aws_smithy_runtime_api::client::http::{
+    HttpClient, HttpConnector, HttpConnectorFuture, HttpConnectorSettings, SharedHttpClient,
+    SharedHttpConnector,
+};
+use aws_smithy_runtime_api::client::orchestrator::HttpRequest;
+use aws_smithy_runtime_api::client::result::ConnectorError;
+use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
+use tokio::time::Instant;
+
+use crate::deadline;
+
+/// A request refused because its operation's budget has no slot before the caller's deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the ECR rate budget has no send slot before the deadline; next slot in {retry_after:?}")]
+pub struct BudgetExhausted {
+    /// How long until the budget would have had a slot.
+    pub retry_after: Duration,
+}
+
+/// One operation's budget: send slots evenly spaced at the configured rate.
+///
+/// Strict pacing (no burst) is what makes "never more than the rate in any second" hold for
+/// every one-second window, not just on average.
+#[derive(Debug)]
+pub struct RateBudget {
+    interval: Duration,
+    next_slot: Mutex<Option<Instant>>,
+}
+
+impl RateBudget {
+    /// A budget of `per_second` requests per second.
+    pub fn per_second(per_second: f64) -> Self {
+        Self {
+            interval: Duration::from_secs_f64(1.0 / per_second),
+            next_slot: Mutex::new(None),
+        }
+    }
+
+    /// Waits for the next send slot, or refuses at once if it falls after `deadline`. A slot
+    /// taken by a request that is then cancelled is not reused: the budget errs on the side of
+    /// sending less.
+    pub async fn acquire(&self, deadline: Option<Instant>) -> Result<(), BudgetExhausted> {
+        let slot = {
+            let mut next = self
+                .next_slot
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let now = Instant::now();
+            let slot = next.map_or(now, |n| n.max(now));
+            if let Some(deadline) = deadline
+                && slot > deadline
+            {
+                return Err(BudgetExhausted {
+                    retry_after: slot - now,
+                });
+            }
+            *next = Some(slot + self.interval);
+            slot
+        };
+        tokio::time::sleep_until(slot).await;
+        Ok(())
+    }
+}
+
+/// Budgets by ECR operation name (`PutImage`, `BatchGetImage`); unlisted operations are free.
+#[derive(Debug, Default, Clone)]
+pub struct RateBudgets {
+    budgets: Arc<HashMap<&'static str, RateBudget>>,
+}
+
+impl RateBudgets {
+    /// Budgets from (operation, requests per second) pairs.
+    pub fn new(rates: impl IntoIterator<Item = (&'static str, f64)>) -> Self {
+        let budgets = rates
+            .into_iter()
+            .map(|(op, rate)| (op, RateBudget::per_second(rate)))
+            .collect();
+        Self {
+            budgets: Arc::new(budgets),
+        }
+    }
+
+    fn for_operation(&self, operation: &str) -> Option<&RateBudget> {
+        self.budgets.get(operation)
+    }
+}
+
+/// The SDK's HTTP client with the budgets in front of every request.
+#[derive(Debug, Clone)]
+pub struct BudgetedHttpClient {
+    inner: SharedHttpClient,
+    budgets: RateBudgets,
+}
+
+impl BudgetedHttpClient {
+    /// Wraps `inner`.
+    pub fn new(inner: SharedHttpClient, budgets: RateBudgets) -> Self {
+        Self { inner, budgets }
+    }
+}
+
+impl HttpClient for BudgetedHttpClient {
+    fn http_connector(
+        &self,
+        settings: &HttpConnectorSettings,
+        components: &RuntimeComponents,
+    ) -> SharedHttpConnector {
+        SharedHttpConnector::new(BudgetedConnector {
+            inner: self.inner.http_connector(settings, components),
+            budgets: self.budgets.clone(),
+        })
+    }
+}
+
+#[derive(Debug)]
+struct BudgetedConnector {
+    inner: SharedHttpConnector,
+    budgets: RateBudgets,
+}
+
+impl HttpConnector for BudgetedConnector {
+    fn call(&self, request: HttpRequest) -> HttpConnectorFuture {
+        // awsJson1_1 names the operation in X-Amz-Target: `AmazonEC2ContainerRegistry_V20150921.PutImage`.
+        let operation = request
+            .headers()
+            .get("x-amz-target")
+            .and_then(|target| target.rsplit_once('.'))
+            .map(|(_, operation)| operation.to_owned());
+        let budgets = self.budgets.clone();
+        let inner = self.inner.clone();
+        let deadline = deadline::current();
+        HttpConnectorFuture::new(async move {
+            if let Some(budget) = operation
+                .as_deref()
+                .and_then(|op| budgets.for_operation(op))
+            {
+                budget
+                    .acquire(deadline)
+                    .await
+                    .map_err(|refused| ConnectorError::user(Box::new(refused)))?;
+            }
+            inner.call(request).await
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Slots are spaced exactly at the rate, and a slot past the deadline is refused with the
+    /// wait it would have needed.
+    #[tokio::test(start_paused = true)]
+    async fn slots_are_paced_and_bounded_by_the_deadline() {
+        let budget = RateBudget::per_second(10.0);
+        let start = Instant::now();
+        for n in 0..5u32 {
+            budget.acquire(None).await.unwrap();
+            assert_eq!(start.elapsed(), Duration::from_millis(100) * n);
+        }
+        // The next slot is 100 ms away: within a 150 ms deadline, the one after it is not.
+        let deadline = Some(Instant::now() + Duration::from_millis(150));
+        budget.acquire(deadline).await.unwrap();
+        let refused = budget.acquire(deadline).await.unwrap_err();
+        assert_eq!(refused.retry_after, Duration::from_millis(100));
+    }
+}
