@@ -15,6 +15,9 @@ use crate::pb;
 use crate::registry::{CacheStatus, PutOutcome, Registry, StoredImage};
 use crate::validate;
 
+/// Time kept back from the caller's deadline to send our answer before it gives up.
+const RESPONSE_MARGIN: Duration = Duration::from_millis(50);
+
 /// The gRPC service over a [`Registry`].
 #[derive(Debug)]
 pub struct ImageService<R> {
@@ -32,14 +35,20 @@ impl<R: Registry> ImageService<R> {
         }
     }
 
-    /// When the caller stops waiting: its `grpc-timeout`, else the configured default.
+    /// When the work must be done: the caller's `grpc-timeout` (else the configured default),
+    /// less the time it takes to answer. tonic cancels a request at its `grpc-timeout` with a
+    /// bare CANCELLED; ending our work [`RESPONSE_MARGIN`] earlier means the caller gets our
+    /// DEADLINE_EXCEEDED, with its ErrorInfo, while it is still listening.
     fn deadline_of<T>(&self, request: &Request<T>) -> Instant {
         let asked = request
             .metadata()
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
             .and_then(deadline::parse_grpc_timeout);
-        Instant::now() + asked.unwrap_or(self.default_deadline)
+        Instant::now()
+            + asked
+                .unwrap_or(self.default_deadline)
+                .saturating_sub(RESPONSE_MARGIN)
     }
 }
 

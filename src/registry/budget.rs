@@ -20,6 +20,15 @@ use tokio::time::Instant;
 
 use crate::deadline;
 
+/// Requests are paced this fraction under the configured rate. Sends at exactly the rate can
+/// still arrive closer together (a descheduled thread, a delayed write), and then a one-second
+/// window at ECR holds one request too many; 5% absorbs ~50 ms of such jitter per second.
+const PACING_HEADROOM: f64 = 0.95;
+
+/// What a granted slot must leave before the deadline for the ECR call itself: ECR answers
+/// these operations in tens of milliseconds.
+const ECR_CALL_ALLOWANCE: Duration = Duration::from_millis(100);
+
 /// A request refused because its operation's budget has no slot before the caller's deadline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the ECR rate budget has no send slot before the deadline; next slot in {retry_after:?}")]
@@ -31,19 +40,29 @@ pub struct BudgetExhausted {
 /// One operation's budget: send slots evenly spaced at the configured rate.
 ///
 /// Strict pacing (no burst) is what makes "never more than the rate in any second" hold for
-/// every one-second window, not just on average.
+/// every one-second window, not just on average. Two clocks keep it: reserved slots decide at
+/// once whether a request can be sent before its deadline; the time of the last actual send
+/// keeps the spacing when a busy runtime wakes several reserved requests late together.
 #[derive(Debug)]
 pub struct RateBudget {
     interval: Duration,
-    next_slot: Mutex<Option<Instant>>,
+    state: Mutex<Pacing>,
+}
+
+#[derive(Debug, Default)]
+struct Pacing {
+    /// The next slot not yet reserved.
+    next_slot: Option<Instant>,
+    /// When the last request was let through.
+    last_sent: Option<Instant>,
 }
 
 impl RateBudget {
     /// A budget of `per_second` requests per second.
     pub fn per_second(per_second: f64) -> Self {
         Self {
-            interval: Duration::from_secs_f64(1.0 / per_second),
-            next_slot: Mutex::new(None),
+            interval: Duration::from_secs_f64(1.0 / (per_second * PACING_HEADROOM)),
+            state: Mutex::default(),
         }
     }
 
@@ -52,12 +71,9 @@ impl RateBudget {
     /// sending less.
     pub async fn acquire(&self, deadline: Option<Instant>) -> Result<(), BudgetExhausted> {
         let slot = {
-            let mut next = self
-                .next_slot
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut pacing = self.state.lock().unwrap_or_else(PoisonError::into_inner);
             let now = Instant::now();
-            let slot = next.map_or(now, |n| n.max(now));
+            let slot = pacing.next_slot.map_or(now, |n| n.max(now));
             if let Some(deadline) = deadline
                 && slot > deadline
             {
@@ -65,11 +81,25 @@ impl RateBudget {
                     retry_after: slot - now,
                 });
             }
-            *next = Some(slot + self.interval);
+            pacing.next_slot = Some(slot + self.interval);
             slot
         };
         tokio::time::sleep_until(slot).await;
-        Ok(())
+        loop {
+            let not_before = {
+                let mut pacing = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+                let now = Instant::now();
+                match pacing.last_sent.map(|last| last + self.interval) {
+                    Some(not_before) if not_before > now => not_before,
+                    _ => {
+                        pacing.last_sent = Some(now);
+                        pacing.next_slot = pacing.next_slot.max(Some(now + self.interval));
+                        return Ok(());
+                    }
+                }
+            };
+            tokio::time::sleep_until(not_before).await;
+        }
     }
 }
 
@@ -139,7 +169,8 @@ impl HttpConnector for BudgetedConnector {
             .map(|(_, operation)| operation.to_owned());
         let budgets = self.budgets.clone();
         let inner = self.inner.clone();
-        let deadline = deadline::current();
+        // A slot is only useful if the call it admits can finish before the deadline.
+        let deadline = deadline::current().map(|d| d.checked_sub(ECR_CALL_ALLOWANCE).unwrap_or(d));
         HttpConnectorFuture::new(async move {
             if let Some(budget) = operation
                 .as_deref()
@@ -165,14 +196,21 @@ mod tests {
     async fn slots_are_paced_and_bounded_by_the_deadline() {
         let budget = RateBudget::per_second(10.0);
         let start = Instant::now();
+        let interval = Duration::from_secs_f64(0.1 / PACING_HEADROOM);
         for n in 0..5u32 {
             budget.acquire(None).await.unwrap();
-            assert_eq!(start.elapsed(), Duration::from_millis(100) * n);
+            let expected = interval * n;
+            let drift = start.elapsed().abs_diff(expected);
+            assert!(
+                drift < Duration::from_millis(2),
+                "slot {n}: {:?}",
+                start.elapsed()
+            );
         }
-        // The next slot is 100 ms away: within a 150 ms deadline, the one after it is not.
+        // The next slot is ~105 ms away: within a 150 ms deadline, the one after it is not.
         let deadline = Some(Instant::now() + Duration::from_millis(150));
         budget.acquire(deadline).await.unwrap();
         let refused = budget.acquire(deadline).await.unwrap_err();
-        assert_eq!(refused.retry_after, Duration::from_millis(100));
+        assert!(refused.retry_after.abs_diff(interval) < Duration::from_millis(5));
     }
 }

@@ -4,6 +4,8 @@
 mod cache;
 mod ecr_errors;
 mod emulator;
+mod faults;
 mod seed;
+#[allow(dead_code)] // shared with tests/rate_budget.rs, which uses other parts
 mod support;
 mod validation;

@@ -1,6 +1,7 @@
 //! What every integration test needs: the emulator, recorded ECR, the service on a real socket
 //! with a real gRPC client, and readers for the rich error details.
 
+pub mod fault_proxy;
 pub mod moto;
 pub mod recorded;
 pub mod requests;
@@ -156,12 +157,24 @@ pub async fn start(registry: impl Registry) -> ImageServiceClient<Channel> {
 /// Starts the service and returns a raw channel to it, for hand-built requests. The server task
 /// lives as long as the test's runtime.
 pub async fn start_channel(registry: impl Registry) -> Channel {
+    start_channel_with(registry, server_settings()).await
+}
+
+/// [`start`] with server settings of the test's choosing.
+pub async fn start_with(
+    registry: impl Registry,
+    settings: ServerSettings,
+) -> ImageServiceClient<Channel> {
+    ImageServiceClient::new(start_channel_with(registry, settings).await)
+}
+
+async fn start_channel_with(registry: impl Registry, settings: ServerSettings) -> Channel {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     tokio::spawn(ecr_image_service::server::serve(
         listener,
         registry,
-        server_settings(),
+        settings,
         std::future::pending(),
     ));
     // The listener is bound before the server task starts, so the connection cannot race it.

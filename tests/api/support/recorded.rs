@@ -120,15 +120,11 @@ async fn answer(
     replies: Arc<Mutex<Script>>,
     log: Arc<Mutex<Vec<Received>>>,
 ) {
-    let Some((headers, body)) = read_request(&mut stream).await else {
+    let Some(incoming) = read_request(&mut stream).await else {
         return;
     };
-    let operation = headers
-        .get("x-amz-target")
-        .and_then(|t| t.rsplit_once('.'))
-        .map(|(_, op)| op.to_owned())
-        .unwrap_or_default();
-    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let operation = incoming.operation();
+    let body: Value = serde_json::from_slice(&incoming.body).unwrap_or(Value::Null);
     log.lock().unwrap().push(Received {
         operation: operation.clone(),
         body,
@@ -161,8 +157,29 @@ async fn answer(
     let _ = stream.shutdown().await;
 }
 
+/// One HTTP/1.1 request as read off the socket.
+pub struct Incoming {
+    /// The request line and headers, byte for byte, for forwarding.
+    pub head: Vec<u8>,
+    /// The headers, names lower-cased.
+    pub headers: HashMap<String, String>,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+impl Incoming {
+    /// The ECR operation, from `X-Amz-Target`.
+    pub fn operation(&self) -> String {
+        self.headers
+            .get("x-amz-target")
+            .and_then(|t| t.rsplit_once('.'))
+            .map(|(_, op)| op.to_owned())
+            .unwrap_or_default()
+    }
+}
+
 /// Reads one HTTP/1.1 request with a `content-length` body.
-async fn read_request(stream: &mut TcpStream) -> Option<(HashMap<String, String>, Vec<u8>)> {
+pub async fn read_request(stream: &mut TcpStream) -> Option<Incoming> {
     let mut buffer = Vec::new();
     let mut chunk = [0u8; 64 * 1024];
     let head_end = loop {
@@ -200,5 +217,9 @@ async fn read_request(stream: &mut TcpStream) -> Option<(HashMap<String, String>
         }
         body.extend_from_slice(&chunk[..n]);
     }
-    Some((headers, body))
+    Some(Incoming {
+        head: buffer[..head_end].to_vec(),
+        headers,
+        body,
+    })
 }
