@@ -52,7 +52,7 @@ const WARM_UP: Duration = Duration::from_millis(500);
 /// Alternating rounds of (bare, by tag, by digest); the median round is reported.
 const ROUNDS: usize = 3;
 /// Sequential cold reads per side.
-const COLD_READS: usize = 150;
+const COLD_READS: usize = 300;
 /// The memory phase: budget and number of distinct manifests.
 const MEMORY_BUDGET: u64 = 64 << 20;
 const MEMORY_MANIFESTS: usize = 100_000;
@@ -60,8 +60,8 @@ const MEMORY_MANIFESTS: usize = 100_000;
 const MEMORY_PHASE_ENV: &str = "ECR_IMAGE_SERVICE_BENCH_MEMORY_PHASE";
 
 fn main() {
-    if std::env::var_os(MEMORY_PHASE_ENV).is_some() {
-        return memory_phase();
+    if let Ok(variant) = std::env::var(MEMORY_PHASE_ENV) {
+        return memory_phase(variant == "tagged");
     }
     // SAFETY: set before any thread is started.
     unsafe { std::env::set_var("NO_PROXY", "127.0.0.1,localhost") };
@@ -111,7 +111,7 @@ fn sdk_config() -> aws_config::SdkConfig {
 fn cache_settings() -> CacheSettings {
     CacheSettings {
         digest_cache_bytes: MEMORY_BUDGET,
-        tag_cache_entries: 100_000,
+        tag_cache_entries: ecr_image_service::config::DEFAULT_TAG_CACHE_ENTRIES,
         // Long enough that the tag stays fresh for the whole limit run.
         tag_ttl: Duration::from_secs(600),
         stale_if_error: Duration::from_secs(300),
@@ -134,11 +134,10 @@ where
 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
-    tokio::spawn(
-        Server::builder()
-            .add_service(service)
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-    );
+    // The same transport settings as the service's server: TCP_NODELAY above all.
+    tokio::spawn(Server::builder().add_service(service).serve_with_incoming(
+        tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+    ));
     let mut channels = Vec::new();
     for _ in 0..CONNECTIONS {
         let channel = Endpoint::from_shared(format!("http://{address}"))
@@ -520,13 +519,17 @@ async fn herd(
     );
 }
 
-/// Runs the memory phase in a child process and returns its report.
+/// Runs the memory phase in child processes, untagged then tagged, and returns the reports.
 fn memory() -> String {
-    let output = std::process::Command::new(std::env::current_exe().unwrap())
-        .env(MEMORY_PHASE_ENV, "1")
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    ["untagged", "tagged"]
+        .map(|variant| {
+            let output = std::process::Command::new(std::env::current_exe().unwrap())
+                .env(MEMORY_PHASE_ENV, variant)
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&output.stdout).trim().to_owned()
+        })
+        .join("\n")
 }
 
 /// A registry that accepts every put and holds nothing: the cache is what is measured.
@@ -572,8 +575,10 @@ fn resident_bytes() -> u64 {
 }
 
 /// Puts 100,000 distinct seed-sized manifests through the write-through path of a cache with a
-/// 64 MiB budget and reports resident memory.
-fn memory_phase() {
+/// 64 MiB budget and reports resident memory. Untagged, only the digest cache fills (the
+/// budget under test); tagged, the tag cache also fills with 100,000 resolutions (bounded by
+/// entry count, not by the byte budget).
+fn memory_phase(tagged: bool) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
@@ -588,7 +593,8 @@ fn memory_phase() {
                 registry_id: None,
                 repository: repository.clone(),
                 manifest: Manifest::parse(text, None).unwrap(),
-                tag: Some(ecr_image_service::image::Tag::parse(&format!("m{n}")).unwrap()),
+                tag: tagged
+                    .then(|| ecr_image_service::image::Tag::parse(&format!("m{n}")).unwrap()),
             };
             cache.put_image(input).await.unwrap();
         }
@@ -597,9 +603,14 @@ fn memory_phase() {
     let after = resident_bytes();
     let mib = |b: u64| b as f64 / f64::from(1 << 20);
     println!(
-        "memory: {MEMORY_MANIFESTS} distinct {}-byte manifests through a {:.0} MiB cache: the \
-         cache holds {:.1} MiB by its weigher; resident {:.1} MiB before, {:.1} MiB after \
-         (target <= budget + 64 MiB = {:.0} MiB: {})",
+        "memory ({}): {MEMORY_MANIFESTS} distinct {}-byte manifests through a {:.0} MiB \
+         cache: the cache holds {:.1} MiB by its weigher; resident {:.1} MiB before, {:.1} MiB \
+         after (target <= budget + 64 MiB = {:.0} MiB: {})",
+        if tagged {
+            "tagged puts"
+        } else {
+            "untagged puts"
+        },
         SEED.len(),
         mib(MEMORY_BUDGET),
         mib(held),

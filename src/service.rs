@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 use tracing::field::{Empty, debug as debug_value};
-use tracing::{Instrument, Span, debug, info, info_span, warn};
+use tracing::{Instrument, Span, debug, debug_span, info, warn};
 
 use crate::deadline;
 use crate::error::Error;
@@ -60,7 +60,11 @@ impl<R: Registry> pb::image_service_server::ImageService for ImageService<R> {
     ) -> Result<Response<pb::PutImageResponse>, Status> {
         let deadline = self.deadline_of(&request);
         let request = request.into_inner();
-        let span = rpc_span("PutImage", &request.repository_name, &request.image_tag);
+        let call = Call::new(
+            "PutImage",
+            &request.repository_name,
+            request.image_tag.clone(),
+        );
         let work = async {
             let input = validate::put_image(request)?;
             Span::current().record("digest", input.manifest.digest().as_str());
@@ -74,7 +78,7 @@ impl<R: Registry> pb::image_service_server::ImageService for ImageService<R> {
                 outcome: outcome.into(),
             })
         };
-        observe(span, deadline, work).await
+        observe(call, deadline, work).await
     }
 
     async fn get_image(
@@ -84,7 +88,7 @@ impl<R: Registry> pb::image_service_server::ImageService for ImageService<R> {
         let deadline = self.deadline_of(&request);
         let request = request.into_inner();
         let reference = describe(request.image_id.as_ref());
-        let span = rpc_span("GetImage", &request.repository_name, &reference);
+        let call = Call::new("GetImage", &request.repository_name, reference);
         let work = async {
             let input = validate::get_image(request)?;
             let fetched = self.registry.get_image(input).await?;
@@ -96,7 +100,7 @@ impl<R: Registry> pb::image_service_server::ImageService for ImageService<R> {
                 tag_resolution_age,
             })
         };
-        observe(span, deadline, work).await
+        observe(call, deadline, work).await
     }
 
     async fn resolve_image(
@@ -106,7 +110,7 @@ impl<R: Registry> pb::image_service_server::ImageService for ImageService<R> {
         let deadline = self.deadline_of(&request);
         let request = request.into_inner();
         let reference = describe(request.image_id.as_ref());
-        let span = rpc_span("ResolveImage", &request.repository_name, &reference);
+        let call = Call::new("ResolveImage", &request.repository_name, reference);
         let work = async {
             let input = validate::resolve_image(request)?;
             let fetched = self.registry.get_image(input).await?;
@@ -123,7 +127,7 @@ impl<R: Registry> pb::image_service_server::ImageService for ImageService<R> {
                 tag_resolution_age,
             })
         };
-        observe(span, deadline, work).await
+        observe(call, deadline, work).await
     }
 }
 
@@ -149,30 +153,47 @@ fn provenance(cache: CacheStatus) -> (pb::CacheStatus, Option<prost_types::Durat
     }
 }
 
-/// The span every request runs in; `digest`, `code` and `latency_ms` are filled in as known.
-fn rpc_span(method: &'static str, repository: &str, reference: &str) -> Span {
-    info_span!(
-        "rpc",
-        method,
-        repository,
-        reference,
-        digest = Empty,
-        code = Empty,
-        latency_ms = Empty
-    )
+/// What a request is, for its span and for the line logged if it fails.
+struct Call {
+    method: &'static str,
+    repository: String,
+    reference: String,
 }
 
-/// Runs one request in its span and logs its end: successes at DEBUG, so the hot path costs no
-/// formatting; caller mistakes at INFO; the service's and ECR's failures at WARN with the whole
-/// error chain. Errors become statuses here, through the one mapping in [`crate::error`].
+impl Call {
+    fn new(method: &'static str, repository: &str, reference: String) -> Self {
+        Self {
+            method,
+            repository: repository.to_owned(),
+            reference,
+        }
+    }
+}
+
+/// Runs one request in its span and logs its end: successes at DEBUG; caller mistakes at INFO;
+/// the service's and ECR's failures at WARN with the whole error chain. Errors become statuses
+/// here, through the one mapping in [`crate::error`].
+///
+/// The span is at DEBUG: at the default level it is disabled and costs a cached check, where
+/// an INFO span would have its fields formatted on every request, successes included. A
+/// failure line carries the request's context as its own fields instead.
 ///
 /// The work runs under the caller's deadline: at the deadline it is dropped (and with it any
 /// ECR call only it was waiting for) and the caller gets DEADLINE_EXCEEDED.
 async fn observe<T>(
-    span: Span,
+    call: Call,
     deadline: Instant,
     work: impl Future<Output = Result<T, Error>>,
 ) -> Result<Response<T>, Status> {
+    let span = debug_span!(
+        "rpc",
+        method = call.method,
+        repository = %call.repository,
+        reference = %call.reference,
+        digest = Empty,
+        code = Empty,
+        latency_ms = Empty
+    );
     let started = Instant::now();
     let bounded = tokio::time::timeout_at(deadline, deadline::scope(deadline, work));
     let result = bounded
@@ -193,10 +214,15 @@ async fn observe<T>(
             let detail = err
                 .upstream()
                 .map_or_else(|| err.to_string(), |u| u.detail.clone());
+            let Call {
+                method,
+                repository,
+                reference,
+            } = &call;
             if err.is_server_side() {
-                warn!(reason = reason.as_str(), error = %detail, "request failed");
+                warn!(method, %repository, %reference, ?code, reason = reason.as_str(), latency_ms, error = %detail, "request failed");
             } else {
-                info!(reason = reason.as_str(), error = %detail, "request refused");
+                info!(method, %repository, %reference, ?code, reason = reason.as_str(), latency_ms, error = %detail, "request refused");
             }
             Err(err.into())
         }

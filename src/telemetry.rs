@@ -12,6 +12,10 @@ pub fn init(format: LogFormat, filter: &str) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Logs go to stderr, so a failed write cannot be reported there either; reporting it
+        // with `eprintln!` would panic when a log collector has closed the pipe, and turn a
+        // dead log shipper into a dead service.
+        .log_internal_errors(false)
         .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),

@@ -267,3 +267,148 @@ mod tests {
         assert_eq!(fields, ["image_id", "accepted_media_types[1]"]);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    //! Validation under arbitrary input: names, tags, digests, media types and manifest bytes
+    //! from the whole string space and from near-valid shapes. No input panics; every
+    //! rejection is INVALID_ARGUMENT with a BadRequest naming real request fields; every
+    //! acceptance carries the SHA-256 of the exact bytes given.
+
+    use proptest::prelude::*;
+    use sha2::{Digest as _, Sha256};
+    use tonic::Code;
+    use tonic_types::StatusExt;
+
+    use super::*;
+
+    const SEED: &str = include_str!("../tests/fixtures/hello-world.manifest.json");
+    const PUT_FIELDS: &[&str] = &[
+        "registry_id",
+        "repository_name",
+        "image_tag",
+        "image_digest",
+        "image_manifest_media_type",
+        "image_manifest",
+    ];
+
+    fn repository() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            "[a-z0-9._/-]{0,260}",
+            "[a-z0-9]{1,20}((\\.|_|__|-+)[a-z0-9]{1,20}){0,3}(/[a-z0-9]{1,20}){0,2}",
+            Just("hello-world".to_owned()),
+        ]
+    }
+
+    fn tag() -> impl Strategy<Value = String> {
+        prop_oneof![any::<String>(), ".{0,310}", Just(String::new())]
+    }
+
+    fn digest() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            "sha256:[0-9a-fA-F]{0,70}",
+            "sha256:[0-9a-f]{64}",
+            Just(String::new()),
+        ]
+    }
+
+    fn media_type() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            "[a-z]{1,12}/[a-z0-9.+-]{1,40}",
+            Just(String::new()),
+            Just(crate::image::media_types::DOCKER_MANIFEST_V2.to_owned()),
+        ]
+    }
+
+    fn manifest() -> impl Strategy<Value = String> {
+        prop_oneof![
+            // Arbitrary bytes, as a string field can carry them: lossily made UTF-8.
+            any::<Vec<u8>>().prop_map(|b| String::from_utf8_lossy(&b).into_owned()),
+            any::<String>(),
+            ("[a-z]{1,8}/[a-z.+-]{1,20}", any::<u32>())
+                .prop_map(|(m, n)| format!(r#"{{"mediaType":"{m}","n":{n}}}"#)),
+            Just(r#"{"schemaVersion":2,"manifests":[]}"#.to_owned()),
+            Just(SEED.to_owned()),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn put_validation_is_total(
+            registry_id in prop_oneof![any::<String>(), "[0-9]{12}", Just(String::new())],
+            repository_name in repository(),
+            image_tag in tag(),
+            image_digest in digest(),
+            image_manifest_media_type in media_type(),
+            image_manifest in manifest(),
+        ) {
+            let request = pb::PutImageRequest {
+                registry_id,
+                repository_name,
+                image_manifest: image_manifest.clone(),
+                image_manifest_media_type,
+                image_tag,
+                image_digest,
+            };
+            match put_image(request) {
+                Ok(input) => {
+                    prop_assert_eq!(input.manifest.as_str(), image_manifest.as_str());
+                    let expected = format!("sha256:{:x}", Sha256::digest(image_manifest.as_bytes()));
+                    prop_assert_eq!(input.manifest.digest().as_str(), expected.as_str());
+                }
+                Err(err) => {
+                    let fields = match &err {
+                        Error::InvalidArgument { violations, .. } => {
+                            violations.iter().map(|v| v.field.clone()).collect::<Vec<_>>()
+                        }
+                        other => return Err(TestCaseError::fail(format!("not INVALID_ARGUMENT: {other:?}"))),
+                    };
+                    prop_assert!(!fields.is_empty());
+                    prop_assert!(fields.iter().all(|f| PUT_FIELDS.contains(&f.as_str())), "{:?}", fields);
+                    let status = tonic::Status::from(err);
+                    prop_assert_eq!(status.code(), Code::InvalidArgument);
+                    let named: Vec<String> = status
+                        .get_details_bad_request()
+                        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+                        .unwrap_or_default();
+                    prop_assert_eq!(named, fields);
+                }
+            }
+        }
+
+        #[test]
+        fn get_validation_is_total(
+            repository_name in repository(),
+            image_tag in tag(),
+            image_digest in digest(),
+            accepted in prop::collection::vec(media_type(), 0..3),
+            staleness_seconds in any::<i64>(),
+        ) {
+            let request = pb::GetImageRequest {
+                registry_id: String::new(),
+                repository_name,
+                image_id: Some(pb::ImageIdentifier { image_digest, image_tag }),
+                accepted_media_types: accepted,
+                max_staleness: Some(prost_types::Duration { seconds: staleness_seconds, nanos: 0 }),
+            };
+            if let Err(err) = get_image(request) {
+                let status = tonic::Status::from(err);
+                prop_assert_eq!(status.code(), Code::InvalidArgument);
+                let violations = status.get_details_bad_request().map(|b| b.field_violations).unwrap_or_default();
+                prop_assert!(!violations.is_empty());
+                let known = violations.iter().all(|v| {
+                    v.field == "repository_name"
+                        || v.field == "max_staleness"
+                        || v.field.starts_with("image_id")
+                        || v.field.starts_with("accepted_media_types")
+                });
+                prop_assert!(known, "{:?}", violations);
+            }
+        }
+    }
+}

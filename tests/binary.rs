@@ -2,10 +2,11 @@
 //! server configured only through the AWS SDK's standard environment serves the seed scenario
 //! against the emulator, logs structured spans without any credential, and stops on SIGTERM.
 
-#[path = "api/support/moto.rs"]
-mod moto;
-#[path = "api/support/requests.rs"]
-mod requests;
+#[allow(dead_code)] // the shared support module; this binary uses part of it
+#[path = "api/support/mod.rs"]
+mod support;
+
+use support::{create_repository, moto, requests};
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -129,20 +130,24 @@ fn listening_address(lines: &mpsc::Receiver<String>, seen: &mut Vec<String>) -> 
     }
 }
 
-#[tokio::test]
-async fn serves_from_the_standard_aws_environment_and_stops_on_sigterm() {
+/// The binary serving in front of the emulator.
+struct Running {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+    address: String,
+    client: ImageServiceClient<tonic::transport::Channel>,
+}
+
+/// Starts the binary configured only through the AWS SDK's standard environment (region,
+/// endpoint, static keys), logging JSON, with `args` added; creates `repository` in the
+/// emulator and connects a client.
+async fn serve_on_moto(args: &[&str], repository: &str) -> Running {
     let moto = moto::endpoint();
     let home = scratch_home();
     let mut child = command(&home)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--log-filter",
-            "debug",
-        ])
+        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+        .args(args)
         .env("AWS_REGION", "us-east-1")
         .env("AWS_ENDPOINT_URL_ECR", moto)
         .env("AWS_ACCESS_KEY_ID", "AKIDE2ETESTKEY")
@@ -152,27 +157,32 @@ async fn serves_from_the_standard_aws_environment_and_stops_on_sigterm() {
     let lines = stderr_lines(&mut child);
     let mut seen = Vec::new();
     let address = listening_address(&lines, &mut seen);
-
-    let admin = aws_sdk_ecr::Client::from_conf(
-        aws_sdk_ecr::Config::builder()
-            .behavior_version(aws_sdk_ecr::config::BehaviorVersion::latest())
-            .region(aws_sdk_ecr::config::Region::new("us-east-1"))
-            .endpoint_url(moto)
-            .credentials_provider(aws_sdk_ecr::config::Credentials::new(
-                "a", "b", None, None, "t",
-            ))
-            .build(),
-    );
-    admin
-        .create_repository()
-        .repository_name("binary-e2e")
-        .send()
+    create_repository(moto, repository, false).await;
+    let client = ImageServiceClient::connect(format!("http://{address}"))
         .await
         .unwrap();
+    Running {
+        child,
+        lines,
+        seen,
+        address,
+        client,
+    }
+}
 
-    let mut client = ImageServiceClient::connect(format!("http://{address}"))
-        .await
-        .unwrap();
+#[tokio::test]
+async fn serves_from_the_standard_aws_environment_and_stops_on_sigterm() {
+    let Running {
+        mut child,
+        lines,
+        mut seen,
+        mut client,
+        ..
+    } = serve_on_moto(
+        &["--log-filter", "debug", "--shutdown-delay", "0s"],
+        "binary-e2e",
+    )
+    .await;
     let put = client
         .put_image(requests::put("binary-e2e", "2019.08", SEED))
         .await
@@ -215,13 +225,15 @@ async fn serves_from_the_standard_aws_environment_and_stops_on_sigterm() {
         .filter_map(|line| serde_json::from_str::<Value>(line).ok())
         .find(|json| json["message"] == "request refused")
         .unwrap_or_else(|| panic!("no 'request refused' line: {seen:#?}"));
+    // A failure line stands alone at the default level: the request's context is its own.
     assert_eq!(refused["level"], "INFO");
     assert_eq!(refused["reason"], "IMAGE_NOT_FOUND");
-    assert_eq!(refused["span"]["method"], "GetImage");
-    assert_eq!(refused["span"]["repository"], "binary-e2e");
-    assert_eq!(refused["span"]["reference"], "missing");
-    assert_eq!(refused["span"]["code"], "NotFound");
-    assert!(refused["span"]["latency_ms"].is_number());
+    assert_eq!(refused["method"], "GetImage");
+    assert_eq!(refused["repository"], "binary-e2e");
+    assert_eq!(refused["reference"], "missing");
+    assert_eq!(refused["code"], "NotFound");
+    assert!(refused["latency_ms"].is_number());
+    assert!(refused["error"].as_str().is_some_and(|e| !e.is_empty()));
     let succeeded = seen
         .iter()
         .filter_map(|line| serde_json::from_str::<Value>(line).ok())
@@ -229,4 +241,163 @@ async fn serves_from_the_standard_aws_environment_and_stops_on_sigterm() {
         .unwrap_or_else(|| panic!("no DEBUG success line for PutImage: {seen:#?}"));
     assert_eq!(succeeded["level"], "DEBUG");
     assert_eq!(succeeded["span"]["digest"], SEED_DIGEST);
+}
+
+/// SIGTERM under load: health turns NOT_SERVING while requests are still served for the
+/// shutdown delay; then new connections are refused; every request the service accepted is
+/// answered successfully; the process exits 0 within delay + grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_drains_without_failing_accepted_requests() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_types::StatusExt;
+
+    let (delay, grace) = (Duration::from_secs(1), Duration::from_secs(5));
+    let Running {
+        mut child,
+        mut client,
+        address,
+        ..
+    } = serve_on_moto(
+        &["--shutdown-delay", "1s", "--shutdown-grace", "5s"],
+        "drain",
+    )
+    .await;
+    client
+        .put_image(requests::put("drain", "v1", SEED))
+        .await
+        .unwrap();
+
+    // Load: fresh reads, each a real ECR call, until the service stops answering.
+    let stop_at = Instant::now() + Duration::from_secs(15);
+    let loops: Vec<_> = (0..8)
+        .map(|_| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                let mut outcomes = Vec::new();
+                while Instant::now() < stop_at {
+                    let mut fresh = requests::get("drain", "v1", "");
+                    fresh.max_staleness = Some(prost_types::Duration::default());
+                    let outcome = client.get_image(fresh).await.map(|_| Instant::now());
+                    let failed = outcome.is_err();
+                    outcomes.push(outcome);
+                    if failed {
+                        break;
+                    }
+                }
+                outcomes
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let signalled = Instant::now();
+    let mut health = HealthClient::new(
+        tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let check = HealthCheckRequest {
+        service: "imageservice.v1.ImageService".into(),
+    };
+    let status = loop {
+        let status = health
+            .check(check.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .status();
+        if status == ServingStatus::NotServing || signalled.elapsed() > delay {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(
+        status,
+        ServingStatus::NotServing,
+        "NOT_SERVING while draining"
+    );
+    assert!(
+        signalled.elapsed() < delay,
+        "health changed before connections were refused"
+    );
+
+    let exit = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            signalled.elapsed() < delay + grace + Duration::from_secs(1),
+            "no exit in time"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let took = signalled.elapsed();
+    assert!(exit.success(), "exit after SIGTERM: {exit}");
+
+    let (mut served, mut served_after_signal, mut refused) = (0, 0, 0);
+    for outcomes in loops {
+        for outcome in outcomes.await.unwrap() {
+            match outcome {
+                Ok(at) => {
+                    served += 1;
+                    served_after_signal += usize::from(at > signalled);
+                }
+                // Not accepted: the transport refused it; the service never saw it, so it
+                // carries none of the service's error details.
+                Err(status) => {
+                    assert!(
+                        status.get_error_details_vec().is_empty(),
+                        "an accepted request failed: {status:?}"
+                    );
+                    refused += 1;
+                }
+            }
+        }
+    }
+    assert!(
+        served_after_signal > 0,
+        "requests were still served during the delay"
+    );
+    eprintln!(
+        "drain: {served} served ({served_after_signal} after SIGTERM), {refused} refused by the \
+         transport, exit 0 after {took:?} (delay {delay:?}, grace {grace:?})"
+    );
+}
+
+/// A closed log pipe (a log collector that died) does not take the service down: requests that
+/// log are still served and SIGTERM still ends in exit 0.
+#[tokio::test]
+async fn a_closed_log_pipe_does_not_crash_the_service() {
+    let Running {
+        mut child,
+        lines,
+        mut client,
+        ..
+    } = serve_on_moto(&["--shutdown-delay", "0s"], "closed-logs").await;
+    drop(lines); // the reader thread ends at the next line, closing the pipe
+    for _ in 0..3 {
+        // Each refusal logs a line at INFO into the closed pipe.
+        let status = client
+            .get_image(requests::get("closed-logs", "missing", ""))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::NotFound);
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + DEADLINE;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "still running after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "exit with a closed log pipe: {status}");
 }

@@ -103,7 +103,7 @@ pub fn registry(endpoint: &str, settings: EcrSettings) -> EcrRegistry {
 pub fn cache_settings() -> CacheSettings {
     CacheSettings {
         digest_cache_bytes: 64 << 20,
-        tag_cache_entries: 100_000,
+        tag_cache_entries: 20_000,
         tag_ttl: Duration::from_secs(10),
         stale_if_error: Duration::from_secs(300),
         batch_window: Duration::ZERO,
