@@ -166,6 +166,7 @@ async fn start_service(
         default_deadline: Duration::from_secs(20),
         shutdown_delay: Duration::ZERO,
         shutdown_grace: Duration::from_secs(20),
+        reflection: true,
     };
     tokio::spawn(ecr_image_service::server::serve(
         listener,

@@ -182,6 +182,10 @@ pub struct ServeArgs {
     #[arg(long, env = "ECR_IMAGE_SERVICE_SHUTDOWN_GRACE", default_value = DEFAULT_SHUTDOWN_GRACE, value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
 
+    /// Serve gRPC reflection (v1 and v1alpha): `--reflection false` turns it off.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_REFLECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub reflection: bool,
+
     /// Log line format.
     #[arg(long, env = "ECR_IMAGE_SERVICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -318,6 +322,7 @@ impl ServeArgs {
             default_deadline: self.default_deadline,
             shutdown_delay: self.shutdown_delay,
             shutdown_grace: self.shutdown_grace,
+            reflection: self.reflection,
         }
     }
 

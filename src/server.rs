@@ -47,6 +47,41 @@ pub struct ServerSettings {
     pub shutdown_delay: Duration,
     /// After that, how long in-flight requests have to finish before the server stops anyway.
     pub shutdown_grace: Duration,
+    /// Serve gRPC reflection (v1, and v1alpha for older clients), so that grpcurl and
+    /// `buf curl` work without the proto files.
+    pub reflection: bool,
+}
+
+/// Reflection services describing ImageService and health, if enabled.
+fn reflection(
+    enabled: bool,
+) -> Result<
+    (
+        Option<
+            tonic_reflection::server::v1::ServerReflectionServer<
+                impl tonic_reflection::server::v1::ServerReflection,
+            >,
+        >,
+        Option<
+            tonic_reflection::server::v1alpha::ServerReflectionServer<
+                impl tonic_reflection::server::v1alpha::ServerReflection,
+            >,
+        >,
+    ),
+    tonic_reflection::server::Error,
+> {
+    if !enabled {
+        return Ok((None, None));
+    }
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    Ok((
+        Some(builder().build_v1()?),
+        Some(builder().build_v1alpha()?),
+    ))
 }
 
 /// Serves the API on `listener` until `shutdown` completes, then: health turns NOT_SERVING,
@@ -65,6 +100,11 @@ pub async fn serve<R: Registry>(
     let images = ImageServiceServer::new(ImageService::new(registry, settings.default_deadline))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let images = Shed::new(images, settings.max_concurrent_requests, SHED_RETRY_AFTER);
+    // The descriptor sets are compiled in; failing to read them is a build defect, reported
+    // as a server error rather than a panic.
+    let (reflection_v1, reflection_v1alpha) = reflection(settings.reflection)
+        .map_err(|e| tracing::error!(error = %e, "gRPC reflection unavailable"))
+        .unwrap_or((None, None));
 
     let draining = Arc::new(Notify::new());
     let drain_started = Arc::clone(&draining);
@@ -87,6 +127,8 @@ pub async fn serve<R: Registry>(
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .add_service(health_service)
+        .add_optional_service(reflection_v1)
+        .add_optional_service(reflection_v1alpha)
         .add_service(images)
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),

@@ -5,6 +5,7 @@ mod cache;
 mod ecr_errors;
 mod emulator;
 mod faults;
+mod observability;
 mod seed;
 #[allow(dead_code)] // shared with tests/rate_budget.rs, which uses other parts
 mod support;

@@ -67,6 +67,7 @@ pub fn server_settings() -> ServerSettings {
         default_deadline: Duration::from_secs(20),
         shutdown_delay: Duration::ZERO,
         shutdown_grace: Duration::from_secs(20),
+        reflection: true,
     }
 }
 
