@@ -1,16 +1,22 @@
+#![warn(missing_docs)]
+
 //! ecr-image-service: a gRPC facade over Amazon ECR.
 //!
 //! Clients call one protobuf-defined `ImageService` (`proto/imageservice/v1`) instead of each
 //! carrying the AWS SDK, credentials and retry logic. The data path reads top to bottom:
 //!
-//! - [`server`]: the listener, health, and the `ImageService` with its message limits;
+//! - [`server`]: the listener, health, reflection, HTTP/2 limits, the SIGTERM drain;
+//! - [`overload`]: the concurrency limit that sheds with UNAVAILABLE;
 //! - [`service`]: one span per RPC; request -> [`validate`] -> [`registry`] -> response;
 //! - [`validate`]: proto requests into value types ([`image`]), every bad field reported;
-//! - [`registry`]: the seam; [`registry::ecr`] implements it with `aws-sdk-ecr`;
+//! - [`registry`]: the seam; [`registry::cached`] keeps hot reads off ECR (caches, coalescing,
+//!   batching); [`registry::ecr`] implements it with `aws-sdk-ecr`, behind the rate budgets of
+//!   [`registry::budget`];
 //! - [`error`]: the error enum and its single mapping to a `tonic::Status`.
 //!
 //! [`codec`] is prost's codec with request decode errors reported as field violations;
-//! [`config`] parses flags and env twins; [`telemetry`] installs logging; [`pb`] holds the
+//! [`deadline`] carries the caller's deadline down the path; [`config`] parses flags and env
+//! twins; [`telemetry`] installs logging; [`pb`] holds the
 //! generated code.
 
 pub mod codec;
