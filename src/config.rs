@@ -12,6 +12,9 @@ use crate::registry::cached::CacheSettings;
 use crate::registry::ecr::EcrSettings;
 use crate::server::ServerSettings;
 
+/// The admin port (`/metrics`), apart from gRPC so that it is never routed through the gRPC
+/// Service or the mesh's gRPC routes; 9090 is where Prometheus scrape configs look first.
+pub const DEFAULT_ADMIN_LISTEN: &str = "0.0.0.0:9090";
 /// gRPC's conventional port, on every interface: in a pod, the kubelet's probes and the mesh
 /// sidecar reach the server through the pod IP, not loopback.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:50051";
@@ -99,6 +102,10 @@ pub struct ServeArgs {
     /// Address to listen on for gRPC.
     #[arg(long, env = "ECR_IMAGE_SERVICE_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
+
+    /// Address of the admin HTTP endpoint (`/metrics` for Prometheus).
+    #[arg(long, env = "ECR_IMAGE_SERVICE_ADMIN_LISTEN", default_value = DEFAULT_ADMIN_LISTEN)]
+    pub admin_listen: SocketAddr,
 
     /// AWS region of the registry [default: the SDK's chain: AWS_REGION, profile, IMDS].
     #[arg(long, env = "ECR_IMAGE_SERVICE_REGION")]

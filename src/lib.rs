@@ -14,16 +14,19 @@
 //!   [`registry::budget`];
 //! - [`error`]: the error enum and its single mapping to a `tonic::Status`.
 //!
+//! [`metrics`] counts for Prometheus and [`admin`] serves them on `/metrics`;
 //! [`codec`] is prost's codec with request decode errors reported as field violations;
 //! [`deadline`] carries the caller's deadline down the path; [`config`] parses flags and env
 //! twins; [`telemetry`] installs logging; [`pb`] holds the
 //! generated code.
 
+pub mod admin;
 pub mod codec;
 pub mod config;
 pub mod deadline;
 pub mod error;
 pub mod image;
+pub mod metrics;
 pub mod overload;
 pub mod pb;
 pub mod registry;

@@ -77,9 +77,24 @@ async fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
+    let admin = match TcpListener::bind(args.admin_listen).await {
+        Ok(admin) => admin,
+        Err(err) => {
+            error!(address = %args.admin_listen, error = %err, "cannot listen for admin");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let admin_address = admin.local_addr().map_or(args.admin_listen, |a| a);
+    let metrics = ecr_image_service::metrics::registry(&registry);
+    tokio::spawn(async move {
+        if let Err(err) = ecr_image_service::admin::serve(admin, metrics).await {
+            error!(error = %err, "admin endpoint failed");
+        }
+    });
     let address = listener.local_addr().map_or(args.listen, |a| a);
     info!(
         %address,
+        %admin_address,
         %region,
         ecr_endpoint = settings.endpoint_url.as_deref().unwrap_or("(SDK default)"),
         max_attempts = settings.max_attempts,

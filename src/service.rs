@@ -8,12 +8,12 @@ use tonic::{Request, Response, Status};
 use tracing::field::{Empty, debug as debug_value};
 use tracing::{Instrument, Span, debug, debug_span, info, warn};
 
-use crate::deadline;
 use crate::error::Error;
 use crate::image::{Digest, Tag};
 use crate::pb;
 use crate::registry::{CacheStatus, PutOutcome, Registry, StoredImage};
 use crate::validate;
+use crate::{deadline, metrics};
 
 /// Time kept back from the caller's deadline to send our answer before it gives up.
 const RESPONSE_MARGIN: Duration = Duration::from_millis(50);
@@ -195,13 +195,28 @@ async fn observe<T>(
         latency_ms = Empty
     );
     let started = Instant::now();
+    let counted = metrics::process();
+    counted.rpc_in_flight.inc();
     let bounded = tokio::time::timeout_at(deadline, deadline::scope(deadline, work));
     let result = bounded
         .instrument(span.clone())
         .await
         .unwrap_or(Err(Error::DeadlineExceeded));
-    let latency_ms = started.elapsed().as_secs_f64() * 1e3;
+    let elapsed = started.elapsed();
+    let latency_ms = elapsed.as_secs_f64() * 1e3;
     span.record("latency_ms", latency_ms);
+    counted.rpc_in_flight.dec();
+    counted
+        .rpc_duration
+        .get_or_create(&[("method", call.method)])
+        .observe(elapsed.as_secs_f64());
+    let code = result
+        .as_ref()
+        .map_or_else(|e| e.code_and_reason().0, |_| tonic::Code::Ok);
+    counted
+        .rpc_requests
+        .get_or_create(&[("method", call.method), ("code", metrics::code_name(code))])
+        .inc();
     span.in_scope(|| match result {
         Ok(body) => {
             span.record("code", "Ok");

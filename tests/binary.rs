@@ -113,8 +113,8 @@ fn stderr_lines(child: &mut Child) -> mpsc::Receiver<String> {
     rx
 }
 
-/// Waits for the `listening` line and returns the address it names.
-fn listening_address(lines: &mpsc::Receiver<String>, seen: &mut Vec<String>) -> String {
+/// Waits for the `listening` line.
+fn listening_line(lines: &mpsc::Receiver<String>, seen: &mut Vec<String>) -> Value {
     let deadline = Instant::now() + DEADLINE;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -125,7 +125,7 @@ fn listening_address(lines: &mpsc::Receiver<String>, seen: &mut Vec<String>) -> 
         if let Ok(json) = serde_json::from_str::<Value>(&line)
             && json["message"] == "listening"
         {
-            return json["address"].as_str().unwrap().to_owned();
+            return json;
         }
     }
 }
@@ -136,6 +136,7 @@ struct Running {
     lines: mpsc::Receiver<String>,
     seen: Vec<String>,
     address: String,
+    admin_address: String,
     client: ImageServiceClient<tonic::transport::Channel>,
 }
 
@@ -147,6 +148,7 @@ async fn serve_on_moto(args: &[&str], repository: &str) -> Running {
     let home = scratch_home();
     let mut child = command(&home)
         .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+        .args(["--admin-listen", "127.0.0.1:0"])
         .args(args)
         .env("AWS_REGION", "us-east-1")
         .env("AWS_ENDPOINT_URL_ECR", moto)
@@ -156,7 +158,9 @@ async fn serve_on_moto(args: &[&str], repository: &str) -> Running {
         .unwrap();
     let lines = stderr_lines(&mut child);
     let mut seen = Vec::new();
-    let address = listening_address(&lines, &mut seen);
+    let listening = listening_line(&lines, &mut seen);
+    let address = listening["address"].as_str().unwrap().to_owned();
+    let admin_address = listening["admin_address"].as_str().unwrap().to_owned();
     create_repository(moto, repository, false).await;
     let client = ImageServiceClient::connect(format!("http://{address}"))
         .await
@@ -166,6 +170,7 @@ async fn serve_on_moto(args: &[&str], repository: &str) -> Running {
         lines,
         seen,
         address,
+        admin_address,
         client,
     }
 }
@@ -400,4 +405,135 @@ async fn a_closed_log_pipe_does_not_crash_the_service() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(status.success(), "exit with a closed log pipe: {status}");
+}
+
+/// `GET /metrics` from the admin port, parsed by a Prometheus text-format parser.
+async fn scrape(admin: &str) -> prometheus_parse::Scrape {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text")
+    );
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).unwrap()
+}
+
+/// The value of the sample `name` whose labels include all of `labels` (0 when absent).
+fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+/// `/metrics` moves as requests are served: RPCs by method and code with latencies, ECR calls
+/// by operation, cache hits and misses and bytes, batch sizes.
+#[tokio::test]
+async fn metrics_count_what_happens() {
+    let Running {
+        mut child,
+        lines: _logs_keep_the_pipe_open,
+        mut client,
+        admin_address,
+        ..
+    } = serve_on_moto(&["--shutdown-delay", "0s"], "metrics").await;
+    let before = scrape(&admin_address).await;
+    assert_eq!(
+        sample(
+            &before,
+            "imageservice_rpc_requests_total",
+            &[("method", "PutImage")]
+        ),
+        0.0
+    );
+
+    client
+        .put_image(requests::put("metrics", "v1", SEED))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        client
+            .get_image(requests::get("metrics", "v1", ""))
+            .await
+            .unwrap();
+    }
+    client
+        .get_image(requests::get("metrics", "missing", ""))
+        .await
+        .unwrap_err();
+
+    let after = scrape(&admin_address).await;
+    let rpcs = |method, code| {
+        sample(
+            &after,
+            "imageservice_rpc_requests_total",
+            &[("method", method), ("code", code)],
+        )
+    };
+    assert_eq!(rpcs("PutImage", "OK"), 1.0);
+    assert_eq!(rpcs("GetImage", "OK"), 2.0);
+    assert_eq!(rpcs("GetImage", "NOT_FOUND"), 1.0);
+    assert_eq!(
+        sample(
+            &after,
+            "imageservice_rpc_duration_seconds_count",
+            &[("method", "GetImage")]
+        ),
+        3.0
+    );
+    assert_eq!(
+        sample(
+            &after,
+            "imageservice_ecr_calls_total",
+            &[("operation", "PutImage")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &after,
+            "imageservice_ecr_attempts_total",
+            &[("operation", "PutImage"), ("outcome", "ok")]
+        ),
+        1.0
+    );
+    // The put wrote through: both reads of v1 were hits; only the missing tag went to ECR.
+    assert_eq!(sample(&after, "imageservice_cache_hits_total", &[]), 2.0);
+    assert_eq!(sample(&after, "imageservice_cache_misses_total", &[]), 1.0);
+    assert_eq!(
+        sample(
+            &after,
+            "imageservice_ecr_calls_total",
+            &[("operation", "BatchGetImage")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(&after, "imageservice_ecr_batch_size_count", &[]),
+        1.0
+    );
+    assert!(sample(&after, "imageservice_cache_bytes", &[]) > 2461.0);
+    assert_eq!(sample(&after, "imageservice_rpc_in_flight", &[]), 0.0);
+
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + DEADLINE;
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "still running after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

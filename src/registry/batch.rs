@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
@@ -50,6 +51,8 @@ pub struct Batcher<R> {
     /// How long the first miss of an idle repository waits for company.
     window: Duration,
     lanes: Mutex<HashMap<LaneKey, Lane>>,
+    /// Distinct images per upstream call.
+    sizes: Histogram,
 }
 
 impl<R: BatchGet> Batcher<R> {
@@ -59,7 +62,13 @@ impl<R: BatchGet> Batcher<R> {
             registry,
             window,
             lanes: Mutex::default(),
+            sizes: Histogram::new([1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0]),
         }
+    }
+
+    /// Distinct images per upstream call.
+    pub fn sizes(&self) -> &Histogram {
+        &self.sizes
     }
 
     fn lanes(&self) -> MutexGuard<'_, HashMap<LaneKey, Lane>> {
@@ -144,6 +153,8 @@ impl<R: BatchGet> Batcher<R> {
                 }
             }
         }
+        #[allow(clippy::cast_precision_loss)] // at most MAX_BATCH
+        self.sizes.observe(references.len() as f64);
         let input = BatchInput {
             repository: key.repository.clone(),
             accepted_media_types: key.accepted.clone(),

@@ -18,12 +18,14 @@ use aws_smithy_runtime_api::client::result::ConnectorError;
 use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
 use tokio::time::Instant;
 
-use crate::deadline;
+use crate::{deadline, metrics};
 
 /// Requests are paced this fraction under the configured rate. Sends at exactly the rate can
-/// still arrive closer together (a descheduled thread, a delayed write), and then a one-second
-/// window at ECR holds one request too many; 5% absorbs ~50 ms of such jitter per second.
-const PACING_HEADROOM: f64 = 0.95;
+/// still arrive closer together: between the budget's release and the wire there is connection
+/// set-up and a busy runtime, and under a burst that delay varies by tens of milliseconds (the
+/// burst test saw a 50 ms swing). 10% leaves ~100 ms of such jitter per second before a
+/// one-second window at ECR could hold one request too many.
+const PACING_HEADROOM: f64 = 0.9;
 
 /// What a granted slot must leave before the deadline for the ECR call itself: ECR answers
 /// these operations in tens of milliseconds.
@@ -66,10 +68,10 @@ impl RateBudget {
         }
     }
 
-    /// Waits for the next send slot, or refuses at once if it falls after `deadline`. A slot
-    /// taken by a request that is then cancelled is not reused: the budget errs on the side of
-    /// sending less.
-    pub async fn acquire(&self, deadline: Option<Instant>) -> Result<(), BudgetExhausted> {
+    /// Waits for the next send slot, or refuses at once if it falls after `deadline`; says
+    /// whether it had to wait. A slot taken by a request that is then cancelled is not reused:
+    /// the budget errs on the side of sending less.
+    pub async fn acquire(&self, deadline: Option<Instant>) -> Result<bool, BudgetExhausted> {
         let slot = {
             let mut pacing = self.state.lock().unwrap_or_else(PoisonError::into_inner);
             let now = Instant::now();
@@ -85,7 +87,8 @@ impl RateBudget {
             slot
         };
         // An elapsed deadline would still wait for the timer wheel's next tick (up to 1 ms).
-        if slot > Instant::now() {
+        let mut waited = slot > Instant::now();
+        if waited {
             tokio::time::sleep_until(slot).await;
         }
         loop {
@@ -97,10 +100,11 @@ impl RateBudget {
                     _ => {
                         pacing.last_sent = Some(now);
                         pacing.next_slot = pacing.next_slot.max(Some(now + self.interval));
-                        return Ok(());
+                        return Ok(waited);
                     }
                 }
             };
+            waited = true;
             tokio::time::sleep_until(not_before).await;
         }
     }
@@ -124,8 +128,11 @@ impl RateBudgets {
         }
     }
 
-    fn for_operation(&self, operation: &str) -> Option<&RateBudget> {
-        self.budgets.get(operation)
+    /// The budget of `operation`, with the operation's name as a static label value.
+    fn entry(&self, operation: &str) -> Option<(&'static str, &RateBudget)> {
+        self.budgets
+            .get_key_value(operation)
+            .map(|(name, budget)| (*name, budget))
     }
 }
 
@@ -175,14 +182,22 @@ impl HttpConnector for BudgetedConnector {
         // A slot is only useful if the call it admits can finish before the deadline.
         let deadline = deadline::current().map(|d| d.checked_sub(ECR_CALL_ALLOWANCE).unwrap_or(d));
         HttpConnectorFuture::new(async move {
-            if let Some(budget) = operation
-                .as_deref()
-                .and_then(|op| budgets.for_operation(op))
-            {
-                budget
-                    .acquire(deadline)
-                    .await
-                    .map_err(|refused| ConnectorError::user(Box::new(refused)))?;
+            if let Some((op, budget)) = operation.as_deref().and_then(|op| budgets.entry(op)) {
+                let counted = metrics::process();
+                match budget.acquire(deadline).await {
+                    Ok(true) => counted
+                        .budget_waits
+                        .get_or_create(&[("operation", op)])
+                        .inc(),
+                    Ok(false) => 0,
+                    Err(refused) => {
+                        counted
+                            .budget_rejections
+                            .get_or_create(&[("operation", op)])
+                            .inc();
+                        return Err(ConnectorError::user(Box::new(refused)));
+                    }
+                };
             }
             inner.call(request).await
         })
@@ -211,7 +226,7 @@ mod tests {
                 start.elapsed()
             );
         }
-        // The next slot is ~105 ms away: within a 150 ms deadline, the one after it is not.
+        // The next slot is ~111 ms away: within a 150 ms deadline, the one after it is not.
         let deadline = Some(Instant::now() + Duration::from_millis(150));
         budget.acquire(deadline).await.unwrap();
         let asked = Instant::now();

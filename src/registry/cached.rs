@@ -15,11 +15,13 @@
 //! Freshness is measured on tokio's clock ([`Instant`]), not moka's, so it is ours to test.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use moka::notification::RemovalCause;
 use moka::sync::Cache;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::{Registry as Metrics, Unit};
 use tokio::time::Instant;
 
 use super::batch::Batcher;
@@ -71,13 +73,15 @@ struct FlightKey {
 #[derive(Debug, Default)]
 pub struct CacheStats {
     /// Reads answered from the cache.
-    pub hits: AtomicU64,
+    pub hits: Counter,
     /// Reads that went upstream (or joined a read that did).
-    pub misses: AtomicU64,
+    pub misses: Counter,
     /// Reads answered with a stale resolution because ECR was failing.
-    pub stale: AtomicU64,
+    pub stale: Counter,
     /// Images evicted from the digest cache to stay within its budget.
-    pub evictions: AtomicU64,
+    pub evictions: Counter,
+    /// Bytes the digest cache holds, by its weigher, as of the last write.
+    pub bytes: Gauge,
 }
 
 /// A [`Registry`] with caching, coalescing and batching in front of `R`.
@@ -110,7 +114,7 @@ impl<R: Registry + BatchGet> CachedRegistry<R> {
             )
             .eviction_listener(move |_, _, cause| {
                 if cause == RemovalCause::Size {
-                    evictions.evictions.fetch_add(1, Ordering::Relaxed);
+                    evictions.evictions.inc();
                 }
             })
             .build();
@@ -143,7 +147,49 @@ impl<R: Registry + BatchGet> CachedRegistry<R> {
 
     /// Reads that joined an identical read in flight instead of calling upstream.
     pub fn coalesced(&self) -> u64 {
-        self.flights.joined()
+        self.flights.joined().get()
+    }
+
+    /// Adds the cache's metrics to `registry`: hits, misses, stale answers, evictions, bytes
+    /// held, coalesced reads and batch sizes.
+    pub fn register_metrics(&self, registry: &mut Metrics) {
+        let stats = &self.stats;
+        registry.register(
+            "cache_hits",
+            "Reads answered from the cache",
+            stats.hits.clone(),
+        );
+        registry.register(
+            "cache_misses",
+            "Reads that went to ECR or joined a read that did",
+            stats.misses.clone(),
+        );
+        registry.register(
+            "cache_stale",
+            "Reads answered with a stale tag resolution while ECR was failing",
+            stats.stale.clone(),
+        );
+        registry.register(
+            "cache_evictions",
+            "Images evicted from the digest cache to stay within its byte budget",
+            stats.evictions.clone(),
+        );
+        registry.register_with_unit(
+            "cache",
+            "Bytes held by the digest cache, by its weigher",
+            Unit::Bytes,
+            stats.bytes.clone(),
+        );
+        registry.register(
+            "cache_coalesced",
+            "Reads that joined an identical ECR read in flight",
+            self.flights.joined().clone(),
+        );
+        registry.register(
+            "ecr_batch_size",
+            "Distinct images per BatchGetImage call",
+            self.batcher.sizes().clone(),
+        );
     }
 
     /// Bytes the digest cache holds (by its weigher), after pending maintenance.
@@ -168,6 +214,11 @@ impl<R: Registry + BatchGet> CachedRegistry<R> {
                 ..image.clone()
             };
             self.digests.insert(key, untagged);
+            // moka applies writes lazily; catching up here, on the write path only (a put or
+            // a miss, each an ECR round trip already), keeps the gauge true.
+            self.digests.run_pending_tasks();
+            let held = i64::try_from(self.digests.weighted_size()).unwrap_or(i64::MAX);
+            self.stats.bytes.set(held);
         }
         if let Some(tag) = tag {
             let key = (repository.clone(), tag.clone());
@@ -267,13 +318,13 @@ impl<R: Registry + BatchGet> Registry for CachedRegistry<R> {
         if !(max_age.is_zero() && input.reference.tag().is_some())
             && let Some((image, tag_age)) = self.cached(&repository, &input, max_age)
         {
-            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+            self.stats.hits.inc();
             return Ok(Fetched {
                 image,
                 cache: CacheStatus::Hit { tag_age },
             });
         }
-        self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        self.stats.misses.inc();
         let started = Instant::now();
         let key = FlightKey {
             repository: repository.clone(),
@@ -300,7 +351,7 @@ impl<R: Registry + BatchGet> Registry for CachedRegistry<R> {
             }
             Err(err) => match self.stale(&repository, &input, &err) {
                 Some(stale) => {
-                    self.stats.stale.fetch_add(1, Ordering::Relaxed);
+                    self.stats.stale.inc();
                     Ok(stale)
                 }
                 None => Err(err),
@@ -317,7 +368,7 @@ mod tests {
 
     use std::collections::HashMap;
     use std::sync::Mutex;
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
     use crate::image::{Manifest, RepositoryName};
@@ -585,7 +636,7 @@ mod tests {
         let held = cache.digest_cache_bytes();
         assert!(held <= budget, "{held} bytes held, budget {budget}");
         assert!(held > budget / 2, "the budget is used, not wasted: {held}");
-        assert!(cache.stats().evictions.load(Ordering::Relaxed) > 100);
+        assert!(cache.stats().evictions.get() > 100);
     }
 
     /// Concurrent reads of one tag make one registry call; every caller gets the image.

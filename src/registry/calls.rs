@@ -1,13 +1,13 @@
 //! Counts of ECR calls made, per operation and outcome, recorded by an SDK interceptor: the
 //! numbers that show whether caching, coalescing and batching keep load off ECR.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, PoisonError};
-
 use aws_sdk_ecr::config::interceptors::FinalizerInterceptorContextRef;
 use aws_sdk_ecr::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_ecr::error::BoxError;
 use aws_smithy_runtime_api::client::orchestrator::Metadata;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 
 /// What one attempt came back with, by HTTP status class.
 pub mod outcome {
@@ -24,44 +24,42 @@ pub mod outcome {
 /// Shared counters; clones count into the same totals.
 #[derive(Debug, Clone, Default)]
 pub struct UpstreamCalls {
-    /// (operation, what) -> count, where what is `call` or an attempt outcome.
-    counts: Arc<Mutex<BTreeMap<(String, &'static str), u64>>>,
+    /// Logical calls (retries not counted) by operation.
+    calls: Family<[(&'static str, String); 1], Counter>,
+    /// Attempts by operation and outcome.
+    attempts: Family<[(&'static str, String); 2], Counter>,
 }
 
-/// The `what` under which logical calls (not attempts) are counted.
-const CALL: &str = "call";
-
 impl UpstreamCalls {
-    fn add(&self, operation: &str, what: &'static str) {
-        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
-        *counts.entry((operation.to_owned(), what)).or_default() += 1;
-    }
-
-    fn get(&self, operation: &str, what: &'static str) -> u64 {
-        let counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
-        counts
-            .get(&(operation.to_owned(), what))
-            .copied()
-            .unwrap_or_default()
-    }
-
     /// Logical calls of `operation` (e.g. `BatchGetImage`), retries not counted.
     pub fn calls(&self, operation: &str) -> u64 {
-        self.get(operation, CALL)
+        self.calls
+            .get_or_create(&[("operation", operation.to_owned())])
+            .get()
     }
 
     /// Attempts of `operation` that ended with `outcome` (see [`outcome`]).
     pub fn attempts(&self, operation: &str, outcome: &'static str) -> u64 {
-        self.get(operation, outcome)
+        self.attempts
+            .get_or_create(&[
+                ("operation", operation.to_owned()),
+                ("outcome", outcome.to_owned()),
+            ])
+            .get()
     }
 
-    /// Every count: (operation, `call` or attempt outcome, count).
-    pub fn snapshot(&self) -> Vec<(String, &'static str, u64)> {
-        let counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
-        counts
-            .iter()
-            .map(|((op, what), n)| (op.clone(), *what, *n))
-            .collect()
+    /// Adds these counters to `registry` (`ecr_calls_total`, `ecr_attempts_total`).
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        registry.register(
+            "ecr_calls",
+            "ECR calls by operation, retries not counted",
+            self.calls.clone(),
+        );
+        registry.register(
+            "ecr_attempts",
+            "ECR attempts by operation and outcome",
+            self.attempts.clone(),
+        );
     }
 }
 
@@ -82,7 +80,9 @@ impl Intercept for UpstreamCalls {
         _components: &RuntimeComponents,
         cfg: &mut ConfigBag,
     ) -> Result<(), BoxError> {
-        self.add(operation(cfg), CALL);
+        self.calls
+            .get_or_create(&[("operation", operation(cfg).to_owned())])
+            .inc();
         Ok(())
     }
 
@@ -98,7 +98,12 @@ impl Intercept for UpstreamCalls {
             Some(_) => outcome::CLIENT_ERROR,
             None => outcome::NO_RESPONSE,
         };
-        self.add(operation(cfg), what);
+        self.attempts
+            .get_or_create(&[
+                ("operation", operation(cfg).to_owned()),
+                ("outcome", what.to_owned()),
+            ])
+            .inc();
         Ok(())
     }
 }

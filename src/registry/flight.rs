@@ -3,9 +3,9 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::OnceCell;
 
 /// Calls in flight, by key. A caller that finds its key in flight waits for that call's result
@@ -15,14 +15,14 @@ use tokio::sync::OnceCell;
 pub struct Flights<K, V> {
     in_flight: Mutex<HashMap<K, Arc<OnceCell<V>>>>,
     /// Callers that joined a call already in flight rather than starting one.
-    joined: AtomicU64,
+    joined: Counter,
 }
 
 impl<K, V> Default for Flights<K, V> {
     fn default() -> Self {
         Self {
             in_flight: Mutex::default(),
-            joined: AtomicU64::new(0),
+            joined: Counter::default(),
         }
     }
 }
@@ -41,7 +41,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Flights<K, V> {
                 .unwrap_or_else(PoisonError::into_inner);
             let cell = in_flight.entry(key.clone()).or_default();
             if cell.initialized() || Arc::strong_count(cell) > 1 {
-                self.joined.fetch_add(1, Ordering::Relaxed);
+                self.joined.inc();
             }
             Arc::clone(cell)
         };
@@ -56,16 +56,16 @@ impl<K: Hash + Eq + Clone, V: Clone> Flights<K, V> {
         value
     }
 
-    /// How many callers joined a call in flight instead of making their own.
-    pub fn joined(&self) -> u64 {
-        self.joined.load(Ordering::Relaxed)
+    /// Callers that joined a call in flight instead of making their own.
+    pub fn joined(&self) -> &Counter {
+        &self.joined
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
     /// N concurrent callers of one key make exactly one call and all get its result.
@@ -91,7 +91,7 @@ mod tests {
             assert_eq!(caller.await.unwrap(), 7);
         }
         assert_eq!(calls.load(Ordering::SeqCst), 1);
-        assert_eq!(flights.joined(), 49);
+        assert_eq!(flights.joined().get(), 49);
         // Finished flights are forgotten: the next call runs again.
         assert_eq!(flights.run("tag", || async { 8 }).await, 8);
     }

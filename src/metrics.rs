@@ -1,0 +1,118 @@
+//! Prometheus metrics, served by the admin endpoint on `--admin-listen` at `/metrics`.
+//!
+//! Process-wide metrics (RPCs, the ECR rate budgets) live here as statics: there is one server
+//! and one budget per process. Per-instance metrics (cache, coalescing, batching, ECR calls)
+//! are owned by the components that count them, so tests can read one instance's counts
+//! exactly; [`registry`] gathers both for the endpoint. Recording is an atomic increment or a
+//! histogram bucket: nothing the cached-read benchmark can see.
+
+use std::sync::LazyLock;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+use tonic::Code;
+
+use crate::registry::cached::CachedRegistry;
+use crate::registry::ecr::EcrRegistry;
+
+/// One label.
+pub type Label = [(&'static str, &'static str); 1];
+/// Two labels.
+pub type Labels = [(&'static str, &'static str); 2];
+/// A histogram family with one label.
+pub type Histograms = Family<Label, Histogram, fn() -> Histogram>;
+
+/// Metrics of the whole process.
+#[derive(Debug)]
+pub struct ProcessMetrics {
+    /// Finished RPCs by method and gRPC code.
+    pub rpc_requests: Family<Labels, Counter>,
+    /// RPC latency by method.
+    pub rpc_duration: Histograms,
+    /// RPCs being served now.
+    pub rpc_in_flight: Gauge,
+    /// ECR requests that waited for a rate-budget slot, by operation.
+    pub budget_waits: Family<Label, Counter>,
+    /// ECR requests refused for want of a slot before their deadline, by operation.
+    pub budget_rejections: Family<Label, Counter>,
+}
+
+/// RPC latency buckets: 100 µs (a cache hit) doubling to ~13 s (past the default deadline).
+fn rpc_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+}
+
+static PROCESS: LazyLock<ProcessMetrics> = LazyLock::new(|| ProcessMetrics {
+    rpc_requests: Family::default(),
+    rpc_duration: Family::new_with_constructor(rpc_buckets),
+    rpc_in_flight: Gauge::default(),
+    budget_waits: Family::default(),
+    budget_rejections: Family::default(),
+});
+
+/// The process's metrics.
+pub fn process() -> &'static ProcessMetrics {
+    &PROCESS
+}
+
+/// The registry the admin endpoint serves: the process's metrics and those of `cache` and the
+/// ECR backend behind it, all prefixed `imageservice_`.
+pub fn registry(cache: &CachedRegistry<EcrRegistry>) -> Registry {
+    let mut registry = Registry::with_prefix("imageservice");
+    let process = process();
+    registry.register(
+        "rpc_requests",
+        "Finished RPCs by method and gRPC code",
+        process.rpc_requests.clone(),
+    );
+    registry.register_with_unit(
+        "rpc_duration",
+        "RPC latency by method",
+        Unit::Seconds,
+        process.rpc_duration.clone(),
+    );
+    registry.register(
+        "rpc_in_flight",
+        "RPCs being served",
+        process.rpc_in_flight.clone(),
+    );
+    registry.register(
+        "ecr_budget_waits",
+        "ECR requests that waited for a rate-budget slot",
+        process.budget_waits.clone(),
+    );
+    registry.register(
+        "ecr_budget_rejections",
+        "ECR requests refused: no rate-budget slot before their deadline",
+        process.budget_rejections.clone(),
+    );
+    cache.register_metrics(&mut registry);
+    cache.inner().calls().register_metrics(&mut registry);
+    registry
+}
+
+/// The gRPC code's canonical name, as a label value.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
