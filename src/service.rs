@@ -59,12 +59,13 @@ impl<R: Registry> pb::image_service_server::ImageService for ImageService<R> {
         request: Request<pb::PutImageRequest>,
     ) -> Result<Response<pb::PutImageResponse>, Status> {
         let deadline = self.deadline_of(&request);
-        let request = request.into_inner();
         let call = Call::new(
             "PutImage",
-            &request.repository_name,
-            request.image_tag.clone(),
+            &request,
+            &request.get_ref().repository_name,
+            request.get_ref().image_tag.clone(),
         );
+        let request = request.into_inner();
         let work = async {
             let input = validate::put_image(request)?;
             Span::current().record("digest", input.manifest.digest().as_str());
@@ -86,9 +87,14 @@ impl<R: Registry> pb::image_service_server::ImageService for ImageService<R> {
         request: Request<pb::GetImageRequest>,
     ) -> Result<Response<pb::GetImageResponse>, Status> {
         let deadline = self.deadline_of(&request);
+        let reference = describe(request.get_ref().image_id.as_ref());
+        let call = Call::new(
+            "GetImage",
+            &request,
+            &request.get_ref().repository_name,
+            reference,
+        );
         let request = request.into_inner();
-        let reference = describe(request.image_id.as_ref());
-        let call = Call::new("GetImage", &request.repository_name, reference);
         let work = async {
             let input = validate::get_image(request)?;
             let fetched = self.registry.get_image(input).await?;
@@ -108,9 +114,14 @@ impl<R: Registry> pb::image_service_server::ImageService for ImageService<R> {
         request: Request<pb::ResolveImageRequest>,
     ) -> Result<Response<pb::ResolveImageResponse>, Status> {
         let deadline = self.deadline_of(&request);
+        let reference = describe(request.get_ref().image_id.as_ref());
+        let call = Call::new(
+            "ResolveImage",
+            &request,
+            &request.get_ref().repository_name,
+            reference,
+        );
         let request = request.into_inner();
-        let reference = describe(request.image_id.as_ref());
-        let call = Call::new("ResolveImage", &request.repository_name, reference);
         let work = async {
             let input = validate::resolve_image(request)?;
             let fetched = self.registry.get_image(input).await?;
@@ -158,16 +169,50 @@ struct Call {
     method: &'static str,
     repository: String,
     reference: String,
+    /// The caller's W3C trace ID, so this request's lines join the caller's trace.
+    trace_id: Option<String>,
 }
 
 impl Call {
-    fn new(method: &'static str, repository: &str, reference: String) -> Self {
+    fn new<T>(
+        method: &'static str,
+        request: &Request<T>,
+        repository: &str,
+        reference: String,
+    ) -> Self {
+        let trace_id = request
+            .metadata()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(trace_id_of);
         Self {
             method,
             repository: repository.to_owned(),
             reference,
+            trace_id,
         }
     }
+}
+
+/// The trace ID of a W3C `traceparent` (`00-<32 hex trace id>-<16 hex parent id>-<2 hex
+/// flags>`), if it is well formed; an all-zero ID is invalid by the spec.
+fn trace_id_of(traceparent: &str) -> Option<String> {
+    let mut parts = traceparent.trim().split('-');
+    let (version, trace_id, parent_id, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, len: usize| {
+        s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    let nonzero = |s: &str| s.bytes().any(|b| b != b'0');
+    let valid = hex(version, 2)
+        && version != "ff"
+        && hex(trace_id, 32)
+        && nonzero(trace_id)
+        && hex(parent_id, 16)
+        && nonzero(parent_id)
+        && hex(flags, 2)
+        && (version != "00" || parts.next().is_none());
+    valid.then(|| trace_id.to_owned())
 }
 
 /// Runs one request in its span and logs its end: successes at DEBUG; caller mistakes at INFO;
@@ -190,6 +235,7 @@ async fn observe<T>(
         method = call.method,
         repository = %call.repository,
         reference = %call.reference,
+        trace_id = call.trace_id.as_deref(),
         digest = Empty,
         code = Empty,
         latency_ms = Empty
@@ -233,11 +279,13 @@ async fn observe<T>(
                 method,
                 repository,
                 reference,
+                trace_id,
             } = &call;
+            let trace_id = trace_id.as_deref();
             if err.is_server_side() {
-                warn!(method, %repository, %reference, ?code, reason = reason.as_str(), latency_ms, error = %detail, "request failed");
+                warn!(method, %repository, %reference, trace_id, ?code, reason = reason.as_str(), latency_ms, error = %detail, "request failed");
             } else {
-                info!(method, %repository, %reference, ?code, reason = reason.as_str(), latency_ms, error = %detail, "request refused");
+                info!(method, %repository, %reference, trace_id, ?code, reason = reason.as_str(), latency_ms, error = %detail, "request refused");
             }
             Err(err.into())
         }
@@ -259,5 +307,30 @@ fn image_id(digest: Digest, tag: Option<Tag>) -> pb::ImageIdentifier {
     pb::ImageIdentifier {
         image_digest: digest.as_str().to_owned(),
         image_tag: tag.map(|t| t.as_str().to_owned()).unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::trace_id_of;
+
+    #[test]
+    fn traceparents_yield_their_trace_id() {
+        let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+        assert_eq!(
+            trace_id_of(&format!("00-{trace}-00f067aa0ba902b7-01")).as_deref(),
+            Some(trace)
+        );
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+        ] {
+            assert_eq!(trace_id_of(bad), None, "{bad:?}");
+        }
     }
 }

@@ -201,7 +201,15 @@ async fn serves_from_the_standard_aws_environment_and_stops_on_sigterm() {
     let get = |tag: &str| requests::get("binary-e2e", tag, "");
     let image = requests::fetch(&mut client, get("2019.08")).await;
     assert_eq!(image.image_manifest, SEED);
-    client.get_image(get("missing")).await.unwrap_err();
+    // The caller's W3C trace context: the refusal is logged with its trace ID.
+    let mut traced = tonic::Request::new(get("missing"));
+    traced.metadata_mut().insert(
+        "traceparent",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+            .parse()
+            .unwrap(),
+    );
+    client.get_image(traced).await.unwrap_err();
 
     // SIGTERM: the server drains and exits 0.
     // SAFETY: kill(2) on our own child's pid.
@@ -239,6 +247,7 @@ async fn serves_from_the_standard_aws_environment_and_stops_on_sigterm() {
     assert_eq!(refused["code"], "NotFound");
     assert!(refused["latency_ms"].is_number());
     assert!(refused["error"].as_str().is_some_and(|e| !e.is_empty()));
+    assert_eq!(refused["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
     let succeeded = seen
         .iter()
         .filter_map(|line| serde_json::from_str::<Value>(line).ok())
