@@ -541,15 +541,10 @@ impl Registry for Sink {
         &self,
         input: PutImageInput,
     ) -> Result<(StoredImage, PutOutcome), RegistryError> {
-        let image = StoredImage {
-            registry_id: "123456789012".into(),
-            repository: input.repository,
-            digest: input.manifest.digest().clone(),
-            tag: input.tag,
-            media_type: input.manifest.media_type().to_string(),
-            manifest: input.manifest.into_text().into(),
-        };
-        Ok((image, PutOutcome::Created))
+        Ok((
+            input.into_stored("123456789012".into()),
+            PutOutcome::Created,
+        ))
     }
 
     async fn get_image(&self, _: GetImageInput) -> Result<Fetched, RegistryError> {

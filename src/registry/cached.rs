@@ -415,14 +415,7 @@ mod tests {
             input: PutImageInput,
         ) -> Result<(StoredImage, PutOutcome), RegistryError> {
             self.puts.fetch_add(1, Ordering::SeqCst);
-            let image = StoredImage {
-                registry_id: "123456789012".into(),
-                repository: input.repository,
-                digest: input.manifest.digest().clone(),
-                tag: input.tag,
-                media_type: input.manifest.media_type().to_string(),
-                manifest: input.manifest.into_text().into(),
-            };
+            let image = input.into_stored("123456789012".into());
             self.store(&image);
             Ok((image, PutOutcome::Created))
         }

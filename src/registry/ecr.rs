@@ -251,15 +251,7 @@ impl Registry for EcrRegistry {
             .or(input.registry_id.as_ref().map(|r| r.as_str()))
             .unwrap_or_default()
             .to_owned();
-        let stored = StoredImage {
-            registry_id,
-            repository: input.repository,
-            digest: input.manifest.digest().clone(),
-            tag: input.tag,
-            media_type: input.manifest.media_type().to_string(),
-            manifest: input.manifest.into_text().into(),
-        };
-        Ok((stored, PutOutcome::Created))
+        Ok((input.into_stored(registry_id), PutOutcome::Created))
     }
 
     async fn get_image(&self, input: GetImageInput) -> Result<Fetched, RegistryError> {

@@ -122,6 +122,21 @@ pub struct StoredImage {
     pub media_type: String,
 }
 
+impl PutImageInput {
+    /// The image this put stores, once a registry has taken it in `registry_id`: the digest
+    /// and media type settled at validation, the bytes as given.
+    pub fn into_stored(self, registry_id: String) -> StoredImage {
+        StoredImage {
+            registry_id,
+            repository: self.repository,
+            digest: self.manifest.digest().clone(),
+            tag: self.tag,
+            media_type: self.manifest.media_type().to_string(),
+            manifest: self.manifest.into_text().into(),
+        }
+    }
+}
+
 /// What a put did. Both are success: a put is idempotent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PutOutcome {

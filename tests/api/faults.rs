@@ -5,9 +5,11 @@
 use std::time::Duration;
 
 use ecr_image_service::pb::PutImageOutcome;
+use ecr_image_service::pb::image_service_client::ImageServiceClient;
 use ecr_image_service::server::ServerSettings;
 use tokio::time::Instant;
 use tonic::Code;
+use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
 use crate::support::fault_proxy::{Fault, FaultProxy};
@@ -33,65 +35,69 @@ async fn stored_digests(repository: &str) -> Vec<String> {
         .collect()
 }
 
+/// A fresh repository on the emulator, the fault proxy in front of the emulator running
+/// `plan`, and the service behind the proxy.
+async fn behind_faults(
+    prefix: &str,
+    plan: impl Fn(&str, u32) -> Fault + Send + Sync + 'static,
+) -> (String, FaultProxy, ImageServiceClient<Channel>) {
+    let repository = repository_on_moto(prefix).await;
+    let proxy = FaultProxy::start(moto::endpoint(), plan).await;
+    let client = start(registry(&proxy.endpoint, settings())).await;
+    (repository, proxy, client)
+}
+
 async fn repository_on_moto(prefix: &str) -> String {
     let repository = unique(prefix);
     create_repository(moto::endpoint(), &repository, false).await;
     repository
 }
 
-/// Throttled twice, then through: the SDK's retries absorb it; one image is stored.
+/// Transient failures the SDK retries: throttled twice, or a 500 and then a bare 503 (a load
+/// balancer's answer, no ECR error code). The third attempt stores the image, once.
 #[tokio::test]
-async fn throttled_twice_then_ok_stores_one_image() {
-    let repository = repository_on_moto("throttle-twice").await;
-    let proxy = FaultProxy::start(moto::endpoint(), |op, attempt| match (op, attempt) {
-        ("PutImage", 1 | 2) => Fault::Throttle,
-        _ => Fault::Forward,
-    })
-    .await;
-    let mut client = start(registry(&proxy.endpoint, settings())).await;
-    let response = client
-        .put_image(put(&repository, "v1", SEED))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(response.outcome(), PutImageOutcome::Created);
-    assert_eq!(proxy.count("PutImage"), 3);
-    assert_eq!(stored_digests(&repository).await, [SEED_DIGEST]);
-}
-
-/// A 500 and then a bare 503 (a load balancer's answer, no ECR error code): both are retried by
-/// the SDK, and the third attempt stores the image once.
-#[tokio::test]
-async fn server_errors_are_retried() {
-    let repository = repository_on_moto("server-errors").await;
-    let proxy = FaultProxy::start(moto::endpoint(), |op, attempt| match (op, attempt) {
-        ("PutImage", 1) => Fault::ServerError,
-        ("PutImage", 2) => Fault::Bare503,
-        _ => Fault::Forward,
-    })
-    .await;
-    let mut client = start(registry(&proxy.endpoint, settings())).await;
-    let response = client
-        .put_image(put(&repository, "v1", SEED))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(response.outcome(), PutImageOutcome::Created);
-    let attempts: Vec<(u32, Fault)> = proxy
-        .seen()
-        .iter()
-        .filter(|s| s.operation == "PutImage")
-        .map(|s| (s.attempt, s.fault))
-        .collect();
-    assert_eq!(
-        attempts,
-        [
-            (1, Fault::ServerError),
-            (2, Fault::Bare503),
-            (3, Fault::Forward)
-        ]
-    );
-    assert_eq!(stored_digests(&repository).await, [SEED_DIGEST]);
+async fn transient_failures_are_retried_and_store_one_image() {
+    type Plan = Box<dyn Fn(&str, u32) -> Fault + Send + Sync>;
+    let cases: [(&str, Plan, [Fault; 2]); 2] = [
+        (
+            "throttle-twice",
+            Box::new(|op, attempt| match (op, attempt) {
+                ("PutImage", 1 | 2) => Fault::Throttle,
+                _ => Fault::Forward,
+            }),
+            [Fault::Throttle, Fault::Throttle],
+        ),
+        (
+            "server-errors",
+            Box::new(|op, attempt| match (op, attempt) {
+                ("PutImage", 1) => Fault::ServerError,
+                ("PutImage", 2) => Fault::Bare503,
+                _ => Fault::Forward,
+            }),
+            [Fault::ServerError, Fault::Bare503],
+        ),
+    ];
+    for (name, plan, faults) in cases {
+        let (repository, proxy, mut client) = behind_faults(name, plan).await;
+        let response = client
+            .put_image(put(&repository, "v1", SEED))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(response.outcome(), PutImageOutcome::Created, "{name}");
+        let attempts: Vec<(u32, Fault)> = proxy
+            .seen()
+            .iter()
+            .filter(|s| s.operation == "PutImage")
+            .map(|s| (s.attempt, s.fault))
+            .collect();
+        assert_eq!(
+            attempts,
+            [(1, faults[0]), (2, faults[1]), (3, Fault::Forward)],
+            "{name}"
+        );
+        assert_eq!(stored_digests(&repository).await, [SEED_DIGEST], "{name}");
+    }
 }
 
 /// The put reaches ECR and is applied, but the answer is lost: the SDK retries, ECR says the
@@ -99,13 +105,12 @@ async fn server_errors_are_retried() {
 /// success with the right digest, and the image exists once.
 #[tokio::test]
 async fn a_lost_answer_to_an_applied_put_is_success() {
-    let repository = repository_on_moto("lost-answer").await;
-    let proxy = FaultProxy::start(moto::endpoint(), |op, attempt| match (op, attempt) {
-        ("PutImage", 1) => Fault::ForwardThenDrop,
-        _ => Fault::Forward,
-    })
-    .await;
-    let mut client = start(registry(&proxy.endpoint, settings())).await;
+    let (repository, proxy, mut client) =
+        behind_faults("lost-answer", |op, attempt| match (op, attempt) {
+            ("PutImage", 1) => Fault::ForwardThenDrop,
+            _ => Fault::Forward,
+        })
+        .await;
     let response = client
         .put_image(put(&repository, "v1", SEED))
         .await
@@ -123,13 +128,11 @@ async fn a_lost_answer_to_an_applied_put_is_success() {
 /// Throttled on every attempt: UNAVAILABLE with RetryInfo, well within the caller's deadline.
 #[tokio::test]
 async fn throttled_throughout_is_unavailable_within_the_deadline() {
-    let repository = repository_on_moto("throttle-always").await;
-    let proxy = FaultProxy::start(moto::endpoint(), |op, _| match op {
+    let (repository, proxy, mut client) = behind_faults("throttle-always", |op, _| match op {
         "PutImage" => Fault::Throttle,
         _ => Fault::Forward,
     })
     .await;
-    let mut client = start(registry(&proxy.endpoint, settings())).await;
     let mut request = tonic::Request::new(put(&repository, "v1", SEED));
     let deadline = Duration::from_secs(5);
     request.set_timeout(deadline);
@@ -146,13 +149,11 @@ async fn throttled_throughout_is_unavailable_within_the_deadline() {
 /// ErrorInfo) within deadline + 100 ms, however long ECR would have taken.
 #[tokio::test]
 async fn a_slow_ecr_answers_deadline_exceeded_on_time() {
-    let repository = repository_on_moto("slow").await;
-    let proxy = FaultProxy::start(moto::endpoint(), |op, _| match op {
+    let (repository, _proxy, mut client) = behind_faults("slow", |op, _| match op {
         "BatchGetImage" => Fault::Delay(Duration::from_secs(3)),
         _ => Fault::Forward,
     })
     .await;
-    let mut client = start(registry(&proxy.endpoint, settings())).await;
     client
         .put_image(put(&repository, "v1", SEED))
         .await
