@@ -256,9 +256,8 @@ async fn observe<T>(
         .rpc_duration
         .get_or_create(&[("method", call.method)])
         .observe(elapsed.as_secs_f64());
-    let code = result
-        .as_ref()
-        .map_or_else(|e| e.code_and_reason().0, |_| tonic::Code::Ok);
+    let failure = result.as_ref().err().map(Error::code_and_reason);
+    let code = failure.map_or(tonic::Code::Ok, |(code, _)| code);
     counted
         .rpc_requests
         .get_or_create(&[("method", call.method), ("code", metrics::code_name(code))])
@@ -270,7 +269,7 @@ async fn observe<T>(
             Ok(Response::new(body))
         }
         Err(err) => {
-            let (code, reason) = err.code_and_reason();
+            let reason = failure.map_or("", |(_, reason)| reason.as_str());
             span.record("code", debug_value(code));
             let detail = err
                 .upstream()
@@ -283,9 +282,9 @@ async fn observe<T>(
             } = &call;
             let trace_id = trace_id.as_deref();
             if err.is_server_side() {
-                warn!(method, %repository, %reference, trace_id, ?code, reason = reason.as_str(), latency_ms, error = %detail, "request failed");
+                warn!(method, %repository, %reference, trace_id, ?code, reason, latency_ms, error = %detail, "request failed");
             } else {
-                info!(method, %repository, %reference, trace_id, ?code, reason = reason.as_str(), latency_ms, error = %detail, "request refused");
+                info!(method, %repository, %reference, trace_id, ?code, reason, latency_ms, error = %detail, "request refused");
             }
             Err(err.into())
         }

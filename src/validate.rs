@@ -161,10 +161,12 @@ fn image_read(request: ImageRead<'_>) -> Result<GetImageInput, Error> {
         request.repository_name,
         RepositoryName::parse,
     );
-    let id = request.image_id.cloned().unwrap_or_default();
-    let tag = check.optional("image_id.image_tag", &id.image_tag, Tag::parse);
-    let digest = check.optional("image_id.image_digest", &id.image_digest, Digest::parse);
-    if id.image_tag.is_empty() && id.image_digest.is_empty() {
+    let (tag_text, digest_text) = request.image_id.map_or(("", ""), |id| {
+        (id.image_tag.as_str(), id.image_digest.as_str())
+    });
+    let tag = check.optional("image_id.image_tag", tag_text, Tag::parse);
+    let digest = check.optional("image_id.image_digest", digest_text, Digest::parse);
+    if tag_text.is_empty() && digest_text.is_empty() {
         check.push("image_id", "needs an image_tag, an image_digest, or both");
     }
     if request.accepted_media_types.len() > MAX_ACCEPTED_MEDIA_TYPES {

@@ -119,7 +119,7 @@ impl<R: Registry + BatchGet> CachedRegistry<R> {
             })
             .build();
         // Kept as long as either use of a resolution can want it; freshness itself is checked
-        // against each request's bound in `lookup`.
+        // against each request's bound in `cached`.
         let tags = Cache::builder()
             .max_capacity(settings.tag_cache_entries)
             .time_to_live(settings.tag_ttl.max(settings.stale_if_error))
@@ -216,8 +216,7 @@ impl<R: Registry + BatchGet> CachedRegistry<R> {
             self.digests.insert(key, untagged);
             // moka applies writes lazily; catching up here, on the write path only (a put or
             // a miss, each an ECR round trip already), keeps the gauge true.
-            self.digests.run_pending_tasks();
-            let held = i64::try_from(self.digests.weighted_size()).unwrap_or(i64::MAX);
+            let held = i64::try_from(self.digest_cache_bytes()).unwrap_or(i64::MAX);
             self.stats.bytes.set(held);
         }
         if let Some(tag) = tag {
@@ -301,10 +300,7 @@ impl<R: Registry + BatchGet> Registry for CachedRegistry<R> {
         &self,
         input: PutImageInput,
     ) -> Result<(StoredImage, PutOutcome), RegistryError> {
-        let repository = RepositoryKey {
-            registry_id: input.registry_id.clone(),
-            repository: input.repository.clone(),
-        };
+        let repository = input.repository_key();
         let started = Instant::now();
         let (image, outcome) = self.registry.put_image(input).await?;
         // Write-through: the bytes were hashed on the way in, and the tag now points at them.

@@ -90,8 +90,8 @@ pub fn client_config(sdk: &SdkConfig, settings: &EcrSettings) -> aws_sdk_ecr::co
     let mut builder = aws_sdk_ecr::config::Builder::from(sdk)
         .retry_config(retry)
         .retry_classifier(QuotaIsNotThrottling)
-        .timeout_config(timeouts);
-    builder = builder.http_client(BudgetedHttpClient::new(http, budgets));
+        .timeout_config(timeouts)
+        .http_client(BudgetedHttpClient::new(http, budgets));
     if let Some(url) = &settings.endpoint_url {
         builder = builder.endpoint_url(url);
     }
@@ -154,12 +154,6 @@ impl EcrRegistry {
             .operation_timeout(remaining.max(Duration::from_millis(1)))
             .build();
         Some(aws_sdk_ecr::config::Builder::default().timeout_config(timeouts))
-    }
-
-    /// A registry configured from the default AWS chain and `settings`.
-    pub async fn connect(settings: &EcrSettings) -> Self {
-        let sdk = load_sdk_config(settings).await;
-        Self::from_config(client_config(&sdk, settings))
     }
 
     /// The calls made to ECR so far.

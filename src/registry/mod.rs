@@ -123,6 +123,14 @@ pub struct StoredImage {
 }
 
 impl PutImageInput {
+    /// The repository the put writes to.
+    pub fn repository_key(&self) -> RepositoryKey {
+        RepositoryKey {
+            registry_id: self.registry_id.clone(),
+            repository: self.repository.clone(),
+        }
+    }
+
     /// The image this put stores, once a registry has taken it in `registry_id`: the digest
     /// and media type settled at validation, the bytes as given.
     pub fn into_stored(self, registry_id: String) -> StoredImage {
