@@ -16,7 +16,7 @@ use crate::support::recorded::{REQUEST_ID, RecordedEcr, Reply};
 use crate::support::requests::{get, put};
 use crate::support::{
     MOTO_ACCOUNT, SEED, SEED_DIGEST, SEED_DOC_FORM, SEED_DOC_FORM_DIGEST, assert_status,
-    error_info, registry, settings, start, violated_fields,
+    error_info, registry, settings, start, start_on_recorded, violated_fields,
 };
 
 fn image_json(manifest: &str, digest: &str, media_type: Option<&str>) -> Value {
@@ -386,8 +386,7 @@ fn check(case: &Case, status: &tonic::Status) {
 #[tokio::test]
 async fn put_errors_map_to_their_statuses() {
     for case in put_cases() {
-        let ecr = RecordedEcr::start(case.script.clone()).await;
-        let mut client = start(registry(&ecr.endpoint, settings())).await;
+        let (_ecr, mut client) = start_on_recorded(case.script.clone()).await;
         let status = client
             .put_image(put("hello-world", "2019.08", SEED))
             .await
@@ -399,8 +398,7 @@ async fn put_errors_map_to_their_statuses() {
 #[tokio::test]
 async fn get_errors_map_to_their_statuses() {
     for case in get_cases() {
-        let ecr = RecordedEcr::start(case.script.clone()).await;
-        let mut client = start(registry(&ecr.endpoint, settings())).await;
+        let (_ecr, mut client) = start_on_recorded(case.script.clone()).await;
         let status = client
             .get_image(get("hello-world", "2019.08", ""))
             .await
@@ -412,12 +410,10 @@ async fn get_errors_map_to_their_statuses() {
 /// ECR's field-naming parameter errors become a field violation on our field.
 #[tokio::test]
 async fn ecr_parameter_errors_name_the_field() {
-    let ecr = RecordedEcr::start(vec![(
+    let (_ecr, mut client) = start_on_recorded(vec![(
         "PutImage",
         Reply::error(400, "InvalidParameterException", "Invalid parameter at 'ImageManifest' failed to satisfy constraint: 'Invalid JSON syntax'"),
-    )])
-    .await;
-    let mut client = start(registry(&ecr.endpoint, settings())).await;
+    )]).await;
     let status = client
         .put_image(put("hello-world", "2019.08", SEED))
         .await
@@ -429,12 +425,11 @@ async fn ecr_parameter_errors_name_the_field() {
 /// RetryInfo telling the caller when to come back.
 #[tokio::test]
 async fn throttling_is_retried_by_the_sdk_then_reported_with_retry_info() {
-    let ecr = RecordedEcr::start(vec![(
+    let (ecr, mut client) = start_on_recorded(vec![(
         "PutImage",
         Reply::error(400, "ThrottlingException", "Rate exceeded"),
     )])
     .await;
-    let mut client = start(registry(&ecr.endpoint, settings())).await;
     let status = client
         .put_image(put("hello-world", "2019.08", SEED))
         .await
@@ -452,12 +447,11 @@ async fn throttling_is_retried_by_the_sdk_then_reported_with_retry_info() {
 /// A quota error is final: the SDK would retry it as throttling, the service does not.
 #[tokio::test]
 async fn a_quota_error_is_not_retried() {
-    let ecr = RecordedEcr::start(vec![(
+    let (ecr, mut client) = start_on_recorded(vec![(
         "PutImage",
         Reply::error(400, "LimitExceededException", "images per repository"),
     )])
     .await;
-    let mut client = start(registry(&ecr.endpoint, settings())).await;
     let status = client
         .put_image(put("hello-world", "2019.08", SEED))
         .await
@@ -468,7 +462,7 @@ async fn a_quota_error_is_not_retried() {
 
 #[tokio::test]
 async fn a_throttling_blip_is_absorbed() {
-    let ecr = RecordedEcr::start(vec![
+    let (ecr, mut client) = start_on_recorded(vec![
         (
             "PutImage",
             Reply::error(400, "ThrottlingException", "Rate exceeded"),
@@ -476,7 +470,6 @@ async fn a_throttling_blip_is_absorbed() {
         ("PutImage", put_ok(SEED, SEED_DIGEST)),
     ])
     .await;
-    let mut client = start(registry(&ecr.endpoint, settings())).await;
     let response = client
         .put_image(put("hello-world", "2019.08", SEED))
         .await
@@ -490,13 +483,11 @@ async fn a_throttling_blip_is_absorbed() {
 /// meets ImageAlreadyExists: the caller gets success with the right digest, not an error.
 #[tokio::test]
 async fn a_retried_put_that_already_landed_succeeds() {
-    let ecr = RecordedEcr::start(vec![
+    let (_ecr, mut client) = start_on_recorded(vec![
         ("PutImage", Reply::error(500, "ServerException", "Internal error")),
         ("PutImage", Reply::error(400, "ImageAlreadyExistsException", "Image with digest 'sha256:8ece…' and tag '2019.08' already exists in the repository with name 'hello-world' in registry with id '123456789012'")),
         ("BatchGetImage", get_ok(SEED, SEED_DIGEST)),
-    ])
-    .await;
-    let mut client = start(registry(&ecr.endpoint, settings())).await;
+    ]).await;
     let response = client
         .put_image(put("hello-world", "2019.08", SEED))
         .await
@@ -512,12 +503,10 @@ async fn a_retried_put_that_already_landed_succeeds() {
 /// ImageTagAlreadyExists; the tag already points at these bytes, so it is success.
 #[tokio::test]
 async fn immutable_re_put_of_the_same_bytes_succeeds() {
-    let ecr = RecordedEcr::start(vec![
+    let (_ecr, mut client) = start_on_recorded(vec![
         ("PutImage", Reply::error(400, "ImageTagAlreadyExistsException", "The image tag '2019.08' already exists in the 'hello-world' repository and cannot be overwritten because the repository is immutable.")),
         ("BatchGetImage", get_ok(SEED, SEED_DIGEST)),
-    ])
-    .await;
-    let mut client = start(registry(&ecr.endpoint, settings())).await;
+    ]).await;
     let response = client
         .put_image(put("hello-world", "2019.08", SEED))
         .await
@@ -531,12 +520,11 @@ async fn immutable_re_put_of_the_same_bytes_succeeds() {
 /// every manifest and index type on a get unless the caller narrows them.
 #[tokio::test]
 async fn requests_carry_digest_media_type_and_accepted_types() {
-    let ecr = RecordedEcr::start(vec![
+    let (ecr, mut client) = start_on_recorded(vec![
         ("PutImage", put_ok(SEED, SEED_DIGEST)),
         ("BatchGetImage", get_ok(SEED, SEED_DIGEST)),
     ])
     .await;
-    let mut client = start(registry(&ecr.endpoint, settings())).await;
     client
         .put_image(put("hello-world", "2019.08", SEED))
         .await
@@ -577,12 +565,11 @@ async fn requests_carry_digest_media_type_and_accepted_types() {
 /// ECR may omit `imageManifestMediaType`; the type is then read from the bytes.
 #[tokio::test]
 async fn a_missing_media_type_is_read_from_the_manifest() {
-    let ecr = RecordedEcr::start(vec![(
+    let (_ecr, mut client) = start_on_recorded(vec![(
         "BatchGetImage",
         Reply::ok(json!({"images": [image_json(SEED, SEED_DIGEST, None)], "failures": []})),
     )])
     .await;
-    let mut client = start(registry(&ecr.endpoint, settings())).await;
     let image = client
         .get_image(get("hello-world", "2019.08", ""))
         .await
@@ -599,12 +586,11 @@ async fn a_missing_media_type_is_read_from_the_manifest() {
 /// A get by digest whose answer is another (self-consistent) image is refused.
 #[tokio::test]
 async fn a_get_by_digest_answered_with_other_bytes_is_data_loss() {
-    let ecr = RecordedEcr::start(vec![(
+    let (_ecr, mut client) = start_on_recorded(vec![(
         "BatchGetImage",
         get_ok(SEED_DOC_FORM, SEED_DOC_FORM_DIGEST),
     )])
     .await;
-    let mut client = start(registry(&ecr.endpoint, settings())).await;
     let status = client
         .get_image(get("hello-world", "", SEED_DIGEST))
         .await

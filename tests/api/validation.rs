@@ -10,7 +10,8 @@ use tonic::Code;
 use crate::support::recorded::{RecordedEcr, Reply};
 use crate::support::requests::{get, put};
 use crate::support::{
-    SEED, SEED_DIGEST, assert_status, registry, settings, start, start_channel, violated_fields,
+    SEED, SEED_DIGEST, assert_status, registry, settings, start_channel, start_on_recorded,
+    violated_fields,
 };
 
 /// A well-formed manifest without a top-level mediaType whose structure says nothing.
@@ -172,8 +173,7 @@ fn at_limit_manifest() -> String {
 
 #[tokio::test]
 async fn bad_puts_are_refused_before_ecr() {
-    let ecr = RecordedEcr::start(vec![]).await;
-    let mut client = start(registry(&ecr.endpoint, settings())).await;
+    let (ecr, mut client) = start_on_recorded(vec![]).await;
     for (what, request, reason, field) in bad_puts() {
         let status = client.put_image(request).await.expect_err(what);
         assert_status(&status, Code::InvalidArgument, reason);
@@ -188,8 +188,7 @@ async fn bad_puts_are_refused_before_ecr() {
 
 #[tokio::test]
 async fn bad_gets_are_refused_before_ecr() {
-    let ecr = RecordedEcr::start(vec![]).await;
-    let mut client = start(registry(&ecr.endpoint, settings())).await;
+    let (ecr, mut client) = start_on_recorded(vec![]).await;
     let with = |f: fn(&mut GetImageRequest)| {
         let mut request = get("hello-world", "2019.08", "");
         f(&mut request);
@@ -250,7 +249,7 @@ async fn bad_gets_are_refused_before_ecr() {
 async fn manifest_at_the_size_limit_is_accepted() {
     let manifest = at_limit_manifest();
     let digest = format!("sha256:{:x}", Sha256::digest(manifest.as_bytes()));
-    let ecr = RecordedEcr::start(vec![(
+    let (ecr, mut client) = start_on_recorded(vec![(
         "PutImage",
         Reply::ok(json!({"image": {
             "registryId": "123456789012",
@@ -260,7 +259,6 @@ async fn manifest_at_the_size_limit_is_accepted() {
         }})),
     )])
     .await;
-    let mut client = start(registry(&ecr.endpoint, settings())).await;
     let response = client
         .put_image(PutImageRequest {
             repository_name: "big".into(),

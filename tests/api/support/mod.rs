@@ -186,6 +186,15 @@ async fn start_channel_with(registry: impl Registry, settings: ServerSettings) -
         .unwrap()
 }
 
+/// Recorded ECR answering `script`, and the service (its ECR backend, no cache) in front of it.
+pub async fn start_on_recorded(
+    script: Vec<(&str, recorded::Reply)>,
+) -> (recorded::RecordedEcr, ImageServiceClient<Channel>) {
+    let ecr = recorded::RecordedEcr::start(script).await;
+    let client = start(registry(&ecr.endpoint, settings())).await;
+    (ecr, client)
+}
+
 /// The service in front of the emulator, and the emulator's endpoint for set-up calls.
 pub async fn start_on_moto() -> (ImageServiceClient<Channel>, &'static str) {
     let endpoint = moto::endpoint();
