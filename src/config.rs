@@ -84,7 +84,33 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the ImageService gRPC API.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// Ask a running server's gRPC health service whether it serves; exit 0 if it does.
+    /// The container image has no shell, so this is what a `helm test` pod runs.
+    HealthCheck(HealthCheckArgs),
+}
+
+/// Where `health-check` asks when no endpoint is given: a server on this host's default port.
+pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:50051";
+/// The service name Kubernetes' readiness probe asks about: NOT_SERVING while draining.
+pub const DEFAULT_HEALTH_SERVICE: &str = "imageservice.v1.ImageService";
+/// A health answer comes from memory; a server slower than this is as good as down.
+pub const DEFAULT_HEALTH_TIMEOUT: &str = "5s";
+
+/// `ecr-image-service health-check`.
+#[derive(Debug, Clone, Args)]
+pub struct HealthCheckArgs {
+    /// The server to ask, as an `http://HOST:PORT` URL.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
+    pub endpoint: String,
+
+    /// The service whose status to ask for; `""` asks about the server as a whole.
+    #[arg(long, default_value = DEFAULT_HEALTH_SERVICE)]
+    pub service: String,
+
+    /// How long to wait for the connection and the answer together.
+    #[arg(long, default_value = DEFAULT_HEALTH_TIMEOUT, value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
 }
 
 /// How log lines are written.
@@ -386,8 +412,10 @@ mod tests {
     fn parse(args: &[&str]) -> ServeArgs {
         let mut argv = vec!["ecr-image-service", "serve"];
         argv.extend_from_slice(args);
-        let Command::Serve(serve) = Cli::try_parse_from(argv).unwrap().command;
-        serve
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Serve(serve) => *serve,
+            other => panic!("parsed as {other:?}"),
+        }
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub mod codec;
 pub mod config;
 pub mod deadline;
 pub mod error;
+pub mod health_check;
 pub mod image;
 pub mod metrics;
 pub mod overload;

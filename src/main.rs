@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use clap::error::ErrorKind;
-use ecr_image_service::config::{Cli, Command, ServeArgs};
+use ecr_image_service::config::{Cli, Command, HealthCheckArgs, ServeArgs};
+use ecr_image_service::health_check::{self, HealthCheckError};
 use ecr_image_service::registry::cached::CachedRegistry;
 use ecr_image_service::registry::ecr::{self, EcrRegistry};
 use ecr_image_service::{server, telemetry};
@@ -16,6 +17,10 @@ use tracing::{error, info};
 const EXIT_CONFIG: u8 = 64;
 /// The server could not start or stopped on an error.
 const EXIT_FAILURE: u8 = 1;
+/// `health-check`: no answer (nothing listening, timeout, or the health service failed).
+const EXIT_UNREACHABLE: u8 = 2;
+/// `health-check`: the server answered, but not SERVING (e.g. draining).
+const EXIT_NOT_SERVING: u8 = 3;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -31,7 +36,10 @@ fn main() -> ExitCode {
         }
         Err(err) => return config_error(first_line(&err.to_string())),
     };
-    let Command::Serve(args) = cli.command;
+    let args = match cli.command {
+        Command::Serve(args) => *args,
+        Command::HealthCheck(args) => return health_check(&args),
+    };
     if let Err(err) = args.validate() {
         return config_error(&err.to_string());
     }
@@ -44,6 +52,35 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(serve(args))
+}
+
+/// Runs `health-check`: one line on failure, and an exit code per kind of failure.
+fn health_check(args: &HealthCheckArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("ecr-image-service: cannot start the async runtime: {err}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    match runtime.block_on(health_check::check(
+        &args.endpoint,
+        &args.service,
+        args.timeout,
+    )) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("ecr-image-service: health check failed: {err}");
+            ExitCode::from(match err {
+                HealthCheckError::Endpoint { .. } => EXIT_CONFIG,
+                HealthCheckError::Unreachable { .. } => EXIT_UNREACHABLE,
+                HealthCheckError::NotServing { .. } => EXIT_NOT_SERVING,
+            })
+        }
+    }
 }
 
 /// Prints one line saying what is wrong, and exits 64.

@@ -546,3 +546,41 @@ async fn metrics_count_what_happens() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// `health-check` (what the chart's `helm test` pod runs) exits 0 on SERVING, 3 on an unknown
+/// service and while draining, and 2 when nothing answers.
+#[tokio::test]
+async fn health_check_subcommand_reports_serving_draining_and_gone() {
+    let Running {
+        mut child, address, ..
+    } = serve_on_moto(&["--shutdown-delay", "3s"], "health-check").await;
+    let home = scratch_home();
+    let check = |service: &str| {
+        command(&home)
+            .args(["health-check", "--endpoint", &format!("http://{address}")])
+            .args(["--service", service, "--timeout", "5s"])
+            .output()
+            .unwrap()
+    };
+    let code = |service: &str| check(service).status.code();
+    assert_eq!(code("imageservice.v1.ImageService"), Some(0));
+    assert_eq!(code(""), Some(0), "the server as a whole");
+    let unknown = check("no.such.Service");
+    assert_eq!(unknown.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("SERVICE_UNKNOWN"));
+
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + DEADLINE;
+    while code("imageservice.v1.ImageService") != Some(3) {
+        assert!(Instant::now() < deadline, "never NOT_SERVING after SIGTERM");
+    }
+    let draining = check("imageservice.v1.ImageService");
+    assert!(String::from_utf8_lossy(&draining.stderr).contains("NOT_SERVING"));
+    assert!(child.wait().unwrap().success());
+    assert_eq!(
+        code("imageservice.v1.ImageService"),
+        Some(2),
+        "nothing listening"
+    );
+}

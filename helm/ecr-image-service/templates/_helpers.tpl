@@ -1,0 +1,129 @@
+{{/* The chart name, overridable. */}}
+{{- define "ecr-image-service.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Release-qualified name; not repeated when the release already carries the chart name. */}}
+{{- define "ecr-image-service.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Labels that select this release's pods; never change them after install. */}}
+{{- define "ecr-image-service.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "ecr-image-service.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Recommended labels on every object. */}}
+{{- define "ecr-image-service.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "ecr-image-service.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "ecr-image-service.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "ecr-image-service.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* repository:tag, or repository@digest when a digest pins the image. */}}
+{{- define "ecr-image-service.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* The fewest replicas that run: what the PDB and the spread constraints are about. */}}
+{{- define "ecr-image-service.minReplicas" -}}
+{{- if .Values.autoscaling.enabled }}{{ int .Values.autoscaling.minReplicas }}{{ else }}{{ int .Values.replicaCount }}{{ end }}
+{{- end }}
+
+{{/* The most replicas that run: each takes this share of ECR's account-wide rates. */}}
+{{- define "ecr-image-service.rateShare" -}}
+{{- if not (kindIs "invalid" .Values.config.rateShare) }}{{ int .Values.config.rateShare }}
+{{- else if .Values.autoscaling.enabled }}{{ int .Values.autoscaling.maxReplicas }}
+{{- else }}{{ max 1 (int .Values.replicaCount) }}{{ end }}
+{{- end }}
+
+{{/* The whole drain after SIGTERM, in seconds: NOT_SERVING delay, then the grace. */}}
+{{- define "ecr-image-service.drainSeconds" -}}
+{{- add (int .Values.config.shutdownDelaySeconds) (int .Values.config.shutdownGraceSeconds) }}
+{{- end }}
+
+{{/* The pod's termination grace: longer than the drain, so Kubernetes never kills mid-drain. */}}
+{{- define "ecr-image-service.terminationGracePeriodSeconds" -}}
+{{- $drain := int (include "ecr-image-service.drainSeconds" .) }}
+{{- if kindIs "invalid" .Values.terminationGracePeriodSeconds }}
+{{- add $drain 10 }}
+{{- else if le (int .Values.terminationGracePeriodSeconds) $drain }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must be longer than the drain, config.shutdownDelaySeconds + config.shutdownGraceSeconds (%d)" (int .Values.terminationGracePeriodSeconds) $drain) }}
+{{- else }}
+{{- int .Values.terminationGracePeriodSeconds }}
+{{- end }}
+{{- end }}
+
+{{/*
+The binary's settings as its ECR_IMAGE_SERVICE_* environment twins. The key list is the
+flag list: tests/chart.rs checks that every env twin of `serve --help` is rendered when set.
+Whole numbers are printed as integers (Helm reads numbers as floats: 1000000 would be 1e+06).
+*/}}
+{{- define "ecr-image-service.configEnv" -}}
+{{- $names := dict
+  "region" "REGION"
+  "ecrEndpointUrl" "ECR_ENDPOINT_URL"
+  "maxAttempts" "MAX_ATTEMPTS"
+  "initialBackoff" "INITIAL_BACKOFF"
+  "maxBackoff" "MAX_BACKOFF"
+  "connectTimeout" "CONNECT_TIMEOUT"
+  "attemptTimeout" "ATTEMPT_TIMEOUT"
+  "operationTimeout" "OPERATION_TIMEOUT"
+  "digestCacheBytes" "DIGEST_CACHE_BYTES"
+  "tagCacheEntries" "TAG_CACHE_ENTRIES"
+  "tagTtl" "TAG_TTL"
+  "staleIfError" "STALE_IF_ERROR"
+  "batchWindow" "BATCH_WINDOW"
+  "defaultDeadline" "DEFAULT_DEADLINE"
+  "maxConcurrentRequests" "MAX_CONCURRENT_REQUESTS"
+  "putImageRate" "PUT_IMAGE_RATE"
+  "batchGetImageRate" "BATCH_GET_IMAGE_RATE"
+  "reflection" "REFLECTION"
+  "logFormat" "LOG_FORMAT"
+  "log" "LOG"
+}}
+{{- range $key := keys $names | sortAlpha }}
+{{- $value := index $.Values.config $key }}
+{{- if not (or (kindIs "invalid" $value) (eq (toString $value) "")) }}
+{{- if and (kindIs "float64" $value) (eq (float64 (int64 $value)) $value) }}
+{{- $value = int64 $value }}
+{{- end }}
+- name: ECR_IMAGE_SERVICE_{{ index $names $key }}
+  value: {{ toString $value | quote }}
+{{- end }}
+{{- end }}
+{{- $host := ternary (printf "[%s]" .Values.listenAddress) .Values.listenAddress (contains ":" .Values.listenAddress) }}
+- name: ECR_IMAGE_SERVICE_LISTEN
+  value: {{ printf "%s:%d" $host (int .Values.ports.grpc) | quote }}
+- name: ECR_IMAGE_SERVICE_ADMIN_LISTEN
+  value: {{ printf "%s:%d" $host (int .Values.ports.metrics) | quote }}
+- name: ECR_IMAGE_SERVICE_RATE_SHARE
+  value: {{ include "ecr-image-service.rateShare" . | quote }}
+- name: ECR_IMAGE_SERVICE_SHUTDOWN_DELAY
+  value: {{ printf "%ds" (int .Values.config.shutdownDelaySeconds) | quote }}
+- name: ECR_IMAGE_SERVICE_SHUTDOWN_GRACE
+  value: {{ printf "%ds" (int .Values.config.shutdownGraceSeconds) | quote }}
+{{- end }}

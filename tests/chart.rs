@@ -1,0 +1,451 @@
+//! The Helm chart, linted and rendered by Helm itself (the official v4.1.4 binary, installed
+//! pinned by `scripts/test-deps.sh`), with its defaults and with a values file that turns
+//! everything on; the assertions read the rendered objects, parsed as YAML, never grepped.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_ecr-image-service");
+const RELEASE: &str = "images";
+const NAMESPACE: &str = "platform";
+/// The name every object gets: release + chart name.
+const FULLNAME: &str = "images-ecr-image-service";
+const EVERYTHING_ON: &str = "tests/fixtures/chart/everything-on.yaml";
+const ROLE_ARN: &str = "arn:aws:iam::123456789012:role/ecr-image-service";
+/// Start-up of the binary on a loaded CI machine; polled, never slept for.
+const STARTUP_DEADLINE: Duration = Duration::from_secs(30);
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Helm and the Python (with PyYAML) that turns its YAML into JSON, installed once per run.
+fn tools() -> &'static (PathBuf, PathBuf) {
+    static TOOLS: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    TOOLS.get_or_init(|| {
+        let status = Command::new(root().join("scripts/test-deps.sh"))
+            .args(["helm", "moto"])
+            .status()
+            .expect("run scripts/test-deps.sh");
+        assert!(status.success(), "scripts/test-deps.sh helm moto: {status}");
+        let venv = std::env::var_os("ECR_TEST_VENV")
+            .map_or_else(|| root().join("target/test-venv"), PathBuf::from);
+        (
+            root().join("target/test-tools/helm-v4.1.4/helm"),
+            venv.join("bin/python"),
+        )
+    })
+}
+
+fn helm(args: &[&str]) -> Output {
+    Command::new(&tools().0)
+        .current_dir(root())
+        .args(args)
+        .output()
+        .expect("run helm")
+}
+
+/// `helm template` with `args` added; its stderr on failure.
+fn try_render(args: &[&str]) -> Result<Vec<Value>, String> {
+    let mut argv = vec!["template", RELEASE, "helm/ecr-image-service"];
+    argv.extend_from_slice(&["--namespace", NAMESPACE]);
+    argv.extend_from_slice(args);
+    let output = helm(&argv);
+    if !output.status.success() {
+        return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+    }
+    Ok(yaml_documents(&output.stdout))
+}
+
+fn render(args: &[&str]) -> Vec<Value> {
+    try_render(args).unwrap_or_else(|stderr| panic!("helm template {args:?}: {stderr}"))
+}
+
+/// Every non-empty document of a YAML stream, as JSON values (PyYAML's safe loader).
+fn yaml_documents(yaml: &[u8]) -> Vec<Value> {
+    let mut python = Command::new(&tools().1)
+        .args([
+            "-c",
+            "import json, sys, yaml; json.dump([d for d in yaml.safe_load_all(sys.stdin) if d], sys.stdout)",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run python");
+    python
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(yaml)
+        .expect("write YAML");
+    let output = python.wait_with_output().expect("python");
+    assert!(output.status.success(), "the rendered YAML does not parse");
+    serde_json::from_slice(&output.stdout).expect("JSON from python")
+}
+
+/// The objects of `kind` in a rendering.
+fn all<'a>(objects: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    objects.iter().filter(|o| o["kind"] == kind).collect()
+}
+
+/// The one object of `kind`.
+fn one<'a>(objects: &'a [Value], kind: &str) -> &'a Value {
+    match all(objects, kind).as_slice() {
+        [object] => object,
+        other => panic!("expected one {kind}, found {}", other.len()),
+    }
+}
+
+fn service_container(objects: &[Value]) -> &Value {
+    &one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+}
+
+fn env(container: &Value) -> BTreeMap<String, String> {
+    container["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .map(|e| {
+            let value = e["value"].as_str().expect("env values are strings");
+            (
+                e["name"].as_str().expect("name").to_owned(),
+                value.to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Whole seconds of a `"25s"`-style duration, as the chart writes the drain settings.
+fn seconds(duration: &str) -> u64 {
+    duration
+        .strip_suffix('s')
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("not whole seconds: {duration:?}"))
+}
+
+#[test]
+fn helm_lint_passes_with_defaults_and_with_everything_on() {
+    for args in [vec![], vec!["--values", EVERYTHING_ON]] {
+        let mut argv = vec!["lint", "--strict", "helm/ecr-image-service"];
+        argv.extend_from_slice(&args);
+        let output = helm(&argv);
+        assert!(
+            output.status.success(),
+            "helm lint {args:?}: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+#[test]
+fn defaults_render_hardened_pods_with_native_grpc_probes() {
+    let objects = render(&[]);
+    let pod = &one(&objects, "Deployment")["spec"]["template"]["spec"];
+    let container = service_container(&objects);
+
+    // Native gRPC probes on the gRPC port; readiness asks for the service that drains.
+    let grpc_port = container["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "grpc")
+        .expect("a port named grpc")["containerPort"]
+        .clone();
+    assert_eq!(grpc_port, 50051);
+    for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+        let probe_spec = &container[probe];
+        assert_eq!(probe_spec["grpc"]["port"], grpc_port, "{probe}");
+        assert!(
+            probe_spec.get("httpGet").is_none() && probe_spec.get("exec").is_none(),
+            "{probe} is gRPC only"
+        );
+    }
+    assert_eq!(
+        container["readinessProbe"]["grpc"]["service"],
+        "imageservice.v1.ImageService"
+    );
+
+    // Hardened: non-root, read-only root, no capabilities, RuntimeDefault seccomp.
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    let security = &container["securityContext"];
+    assert_eq!(security["runAsNonRoot"], true);
+    assert_eq!(security["readOnlyRootFilesystem"], true);
+    assert_eq!(security["allowPrivilegeEscalation"], false);
+    assert_eq!(security["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    assert_eq!(security["seccompProfile"]["type"], "RuntimeDefault");
+    assert!(container["resources"]["requests"]["memory"].is_string());
+    assert!(container["resources"]["limits"]["memory"].is_string());
+    assert_eq!(pod["automountServiceAccountToken"], false);
+
+    // Kubernetes waits longer than the whole drain.
+    let settings = env(container);
+    let drain = seconds(&settings["ECR_IMAGE_SERVICE_SHUTDOWN_DELAY"])
+        + seconds(&settings["ECR_IMAGE_SERVICE_SHUTDOWN_GRACE"]);
+    let termination = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    assert!(termination > drain, "{termination} s <= drain {drain} s");
+    assert_eq!(settings["ECR_IMAGE_SERVICE_REFLECTION"], "true");
+    assert_eq!(
+        settings["ECR_IMAGE_SERVICE_RATE_SHARE"], "2",
+        "two replicas share ECR's quota"
+    );
+
+    // The Service names its gRPC port for the mesh.
+    let service = one(&objects, "Service");
+    let ports = service["spec"]["ports"].as_array().unwrap();
+    let grpc = ports.iter().find(|p| p["name"] == "grpc").unwrap();
+    assert_eq!(grpc["appProtocol"], "grpc");
+    assert_eq!(grpc["port"], 50051);
+    assert_eq!(grpc["targetPort"], "grpc");
+    assert!(ports.iter().any(|p| p["name"] == "http-metrics"));
+
+    // IRSA is a slot, empty by default.
+    let account = one(&objects, "ServiceAccount");
+    assert!(account["metadata"].get("annotations").is_none());
+    assert_eq!(
+        pod["serviceAccountName"], account["metadata"]["name"],
+        "the pods run as the chart's ServiceAccount"
+    );
+
+    // Two replicas by default: a PDB; the optional objects stay off.
+    assert_eq!(
+        one(&objects, "PodDisruptionBudget")["spec"]["maxUnavailable"],
+        1
+    );
+    for kind in ["HorizontalPodAutoscaler", "ServiceMonitor", "NetworkPolicy"] {
+        assert!(all(&objects, kind).is_empty(), "{kind} is off by default");
+    }
+
+    // `helm test`: the image's own health-check against the Service.
+    let test = one(&objects, "Pod");
+    assert_eq!(test["metadata"]["annotations"]["helm.sh/hook"], "test");
+    let args = &test["spec"]["containers"][0]["args"];
+    assert_eq!(args[0], "health-check");
+    assert_eq!(
+        args[2],
+        format!("http://{FULLNAME}.{NAMESPACE}.svc:50051").as_str()
+    );
+}
+
+#[test]
+fn everything_on_renders_irsa_autoscaling_monitoring_policy_and_mesh() {
+    let objects = render(&["--values", EVERYTHING_ON]);
+    let annotations = &one(&objects, "ServiceAccount")["metadata"]["annotations"];
+    assert_eq!(annotations["eks.amazonaws.com/role-arn"], ROLE_ARN);
+    assert_eq!(
+        annotations["eks.amazonaws.com/sts-regional-endpoints"],
+        "true"
+    );
+
+    let deployment = one(&objects, "Deployment");
+    assert!(
+        deployment["spec"].get("replicas").is_none(),
+        "the HPA owns the replica count"
+    );
+    let hpa = one(&objects, "HorizontalPodAutoscaler");
+    assert_eq!(hpa["spec"]["minReplicas"], 3);
+    assert_eq!(hpa["spec"]["maxReplicas"], 12);
+    assert_eq!(hpa["spec"]["scaleTargetRef"]["name"], FULLNAME);
+    assert_eq!(
+        one(&objects, "PodDisruptionBudget")["spec"]["maxUnavailable"],
+        1
+    );
+    let monitor = one(&objects, "ServiceMonitor");
+    assert_eq!(monitor["spec"]["endpoints"][0]["port"], "http-metrics");
+    assert_eq!(monitor["metadata"]["labels"]["release"], "prometheus");
+    let policy = one(&objects, "NetworkPolicy");
+    assert_eq!(
+        policy["spec"]["ingress"][0]["from"][0]["namespaceSelector"]["matchLabels"]["ecr-image-service/client"],
+        "true"
+    );
+
+    // Mesh knobs: injection, hold the app until the proxy is up, drain the proxy with it.
+    let template = &deployment["spec"]["template"];
+    let pod_annotations = &template["metadata"]["annotations"];
+    assert_eq!(
+        template["metadata"]["labels"]["sidecar.istio.io/inject"],
+        "true"
+    );
+    let istio: Value =
+        serde_json::from_str(pod_annotations["proxy.istio.io/config"].as_str().unwrap()).unwrap();
+    assert_eq!(istio["holdApplicationUntilProxyStarts"], true);
+    assert_eq!(istio["terminationDrainDuration"], "33s");
+    assert_eq!(pod_annotations["linkerd.io/inject"], "enabled");
+    assert_eq!(pod_annotations["config.linkerd.io/proxy-await"], "enabled");
+    assert_eq!(pod_annotations["example.com/team"], "platform");
+
+    let pod = &template["spec"];
+    assert_eq!(pod["terminationGracePeriodSeconds"], 45);
+    assert_eq!(pod["priorityClassName"], "system-cluster-critical");
+    let container = &pod["containers"][0];
+    assert!(
+        container["image"]
+            .as_str()
+            .unwrap()
+            .ends_with("/ecr-image-service@sha256:8ece96b74f87652876199d83bd107d0435a196133af383ac54cb82b6cc5283ae"),
+        "a digest pins the image"
+    );
+    let settings = env(container);
+    assert_eq!(settings["ECR_IMAGE_SERVICE_RATE_SHARE"], "5");
+    assert_eq!(settings["ECR_IMAGE_SERVICE_REFLECTION"], "false");
+    assert_eq!(settings["AWS_STS_REGIONAL_ENDPOINTS"], "regional");
+}
+
+/// The env twins `serve --help` lists: the binary's own list of its settings.
+fn env_twins() -> Vec<String> {
+    let help = Command::new(BINARY)
+        .args(["serve", "--help"])
+        .output()
+        .expect("serve --help");
+    let help = String::from_utf8(help.stdout).expect("UTF-8 help");
+    let twins: Vec<String> = help
+        .split("[env: ")
+        .skip(1)
+        .filter_map(|rest| rest.split(['=', ']']).next())
+        .map(str::to_owned)
+        .collect();
+    assert!(twins.len() > 20, "too few env twins in the help: {twins:?}");
+    twins
+}
+
+/// Every setting of the binary is reachable from values, and the binary accepts what the chart
+/// renders: started with exactly the rendered environment, it comes up with those settings.
+#[test]
+fn every_setting_of_the_binary_is_reachable_from_values_and_accepted_by_it() {
+    let objects = render(&["--values", EVERYTHING_ON]);
+    let mut settings = env(service_container(&objects));
+    for twin in env_twins() {
+        assert!(
+            settings.contains_key(&twin),
+            "{twin} cannot be set from values"
+        );
+    }
+
+    // Loopback and any free port for this run; everything else exactly as rendered.
+    settings.insert("ECR_IMAGE_SERVICE_LISTEN".into(), "127.0.0.1:0".into());
+    settings.insert(
+        "ECR_IMAGE_SERVICE_ADMIN_LISTEN".into(),
+        "127.0.0.1:0".into(),
+    );
+    let home = std::env::temp_dir().join(format!("chart-home-{}", std::process::id()));
+    std::fs::create_dir_all(&home).unwrap();
+    let mut child = Command::new(BINARY)
+        .arg("serve")
+        .env_clear()
+        .envs(&settings)
+        .env("HOME", &home)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + STARTUP_DEADLINE;
+    let mut seen = Vec::new();
+    let listening = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(line) = lines.recv_timeout(left) else {
+            let _ = child.kill();
+            panic!("not listening with the rendered settings: {seen:#?}");
+        };
+        if let Ok(json) = serde_json::from_str::<Value>(&line)
+            && json["message"] == "listening"
+        {
+            break json;
+        }
+        seen.push(line);
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    // Values that reached the binary, in its own words.
+    assert_eq!(listening["region"], "eu-west-1");
+    assert_eq!(listening["ecr_endpoint"], "http://127.0.0.1:9");
+    assert_eq!(listening["max_attempts"], 4);
+    assert_eq!(listening["digest_cache_bytes"], 128 << 20);
+    assert_eq!(listening["tag_ttl"], "30s");
+}
+
+#[test]
+fn pdb_and_spread_only_with_more_than_one_replica() {
+    let cases: [(&[&str], bool); 4] = [
+        (&[], true),
+        (&["--set", "replicaCount=1"], false),
+        (
+            &[
+                "--set",
+                "autoscaling.enabled=true,autoscaling.minReplicas=1",
+            ],
+            false,
+        ),
+        (
+            &[
+                "--set",
+                "replicaCount=1,autoscaling.enabled=true,autoscaling.minReplicas=2",
+            ],
+            true,
+        ),
+    ];
+    for (args, several) in cases {
+        let objects = render(args);
+        assert_eq!(
+            all(&objects, "PodDisruptionBudget").len(),
+            usize::from(several),
+            "PDB with {args:?}"
+        );
+        let pod = &one(&objects, "Deployment")["spec"]["template"]["spec"];
+        assert_eq!(
+            pod.get("topologySpreadConstraints").is_some(),
+            several,
+            "spread with {args:?}"
+        );
+    }
+}
+
+#[test]
+fn ipv6_listen_address_is_bracketed() {
+    let objects = render(&["--set", "listenAddress=::"]);
+    let settings = env(service_container(&objects));
+    assert_eq!(settings["ECR_IMAGE_SERVICE_LISTEN"], "[::]:50051");
+    assert_eq!(settings["ECR_IMAGE_SERVICE_ADMIN_LISTEN"], "[::]:9090");
+}
+
+/// Wrong values fail the render (schema or template), naming what is wrong.
+#[test]
+fn bad_values_are_refused_naming_the_value() {
+    let cases = [
+        ("replicaCount=two", "/replicaCount"),
+        ("config.tagTtl=10", "/config/tagTtl"),
+        ("config.logFormat=xml", "/config/logFormat"),
+        ("serviceAccount.roleArn=admin", "/serviceAccount/roleArn"),
+        ("replicas=3", "replicas"),
+        (
+            "terminationGracePeriodSeconds=20",
+            "terminationGracePeriodSeconds (20)",
+        ),
+    ];
+    for (set, named) in cases {
+        match try_render(&["--set", set]) {
+            Ok(_) => panic!("--set {set} rendered"),
+            Err(stderr) => assert!(stderr.contains(named), "--set {set}: {stderr}"),
+        }
+    }
+}
