@@ -7,6 +7,7 @@ mod emulator;
 mod faults;
 mod observability;
 mod seed;
+mod sidecar;
 #[allow(dead_code)] // shared with tests/rate_budget.rs, which uses other parts
 mod support;
 mod validation;

@@ -3,9 +3,11 @@
 
 pub mod fault_proxy;
 pub mod moto;
+pub mod nginx;
 pub mod recorded;
 pub mod requests;
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -170,6 +172,17 @@ pub async fn start_with(
 }
 
 async fn start_channel_with(registry: impl Registry, settings: ServerSettings) -> Channel {
+    let address = serve_on_loopback(registry, settings).await;
+    // The listener is bound before the server task starts, so the connection cannot race it.
+    Endpoint::from_shared(format!("http://{address}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// Serves the service over `registry` on 127.0.0.1:0, for the test's runtime; its address.
+pub async fn serve_on_loopback(registry: impl Registry, settings: ServerSettings) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     tokio::spawn(ecr_image_service::server::serve(
@@ -178,12 +191,7 @@ async fn start_channel_with(registry: impl Registry, settings: ServerSettings) -
         settings,
         std::future::pending(),
     ));
-    // The listener is bound before the server task starts, so the connection cannot race it.
-    Endpoint::from_shared(format!("http://{address}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
+    address
 }
 
 /// Recorded ECR answering `script`, and the service (its ECR backend, no cache) in front of it.
