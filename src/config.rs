@@ -226,6 +226,13 @@ pub struct ServeArgs {
     /// Log filter in tracing's EnvFilter syntax, e.g. `info` or `info,ecr_image_service=debug`.
     #[arg(long, env = "ECR_IMAGE_SERVICE_LOG", default_value = "info")]
     pub log_filter: String,
+
+    /// OpenTelemetry collector to export spans to over OTLP/gRPC (e.g.
+    /// `http://otel-collector:4317`): one span per RPC, continuing the caller's `traceparent`,
+    /// and one per ECR call with its request ID. Off when unset. `OTEL_SERVICE_NAME`,
+    /// `OTEL_RESOURCE_ATTRIBUTES` and `OTEL_BSP_*` are honoured.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// A configuration that parses but cannot work.
@@ -296,7 +303,10 @@ impl ServeArgs {
             }
         }
         if let Some(url) = &self.ecr_endpoint_url {
-            check_endpoint_url(url)?;
+            check_endpoint_url("--ecr-endpoint-url", url)?;
+        }
+        if let Some(url) = &self.otlp_endpoint {
+            check_endpoint_url("--otlp-endpoint", url)?;
         }
         if self.batch_window > MAX_BATCH_WINDOW {
             return Err(invalid(
@@ -391,14 +401,14 @@ fn parse_bytes(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("'{text}' is not a size such as 64MiB"))
 }
 
-fn check_endpoint_url(url: &str) -> Result<(), ConfigError> {
+fn check_endpoint_url(flag: &'static str, url: &str) -> Result<(), ConfigError> {
     let uri: http::Uri = url
         .parse()
-        .map_err(|e| invalid("--ecr-endpoint-url", format!("'{url}' is not a URL: {e}")))?;
+        .map_err(|e| invalid(flag, format!("'{url}' is not a URL: {e}")))?;
     let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
     if !scheme_ok || uri.host().is_none_or(str::is_empty) {
         return Err(invalid(
-            "--ecr-endpoint-url",
+            flag,
             format!("'{url}' must be an http:// or https:// URL with a host"),
         ));
     }

@@ -43,15 +43,30 @@ fn main() -> ExitCode {
     if let Err(err) = args.validate() {
         return config_error(&err.to_string());
     }
-    telemetry::init(args.log_format, &args.log_filter);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {
-            error!(error = %err, "cannot start the async runtime");
+            eprintln!("ecr-image-service: cannot start the async runtime: {err}");
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    runtime.block_on(serve(args))
+    // Inside the runtime: the OTLP exporter's channel is spawned on it.
+    let telemetry = {
+        let _runtime = runtime.enter();
+        telemetry::init(
+            args.log_format,
+            &args.log_filter,
+            args.otlp_endpoint.as_deref(),
+        )
+    };
+    let telemetry = match telemetry {
+        Ok(telemetry) => telemetry,
+        Err(err) => return config_error(&err.to_string()),
+    };
+    let exit = runtime.block_on(serve(args));
+    // Before the runtime goes: the last spans are sent on its connection.
+    telemetry.shutdown();
+    exit
 }
 
 /// Runs `health-check`: one line on failure, and an exit code per kind of failure.

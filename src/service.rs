@@ -12,6 +12,7 @@ use crate::error::Error;
 use crate::image::{Digest, Tag};
 use crate::pb;
 use crate::registry::{CacheStatus, PutOutcome, Registry, StoredImage};
+use crate::telemetry::TraceParent;
 use crate::validate;
 use crate::{deadline, metrics};
 
@@ -169,8 +170,8 @@ struct Call {
     method: &'static str,
     repository: String,
     reference: String,
-    /// The caller's W3C trace ID, so this request's lines join the caller's trace.
-    trace_id: Option<String>,
+    /// The caller's W3C trace context, so this request's lines and spans join its trace.
+    trace: Option<TraceParent>,
 }
 
 impl Call {
@@ -180,39 +181,18 @@ impl Call {
         repository: &str,
         reference: String,
     ) -> Self {
-        let trace_id = request
+        let trace = request
             .metadata()
             .get("traceparent")
             .and_then(|v| v.to_str().ok())
-            .and_then(trace_id_of);
+            .and_then(TraceParent::parse);
         Self {
             method,
             repository: repository.to_owned(),
             reference,
-            trace_id,
+            trace,
         }
     }
-}
-
-/// The trace ID of a W3C `traceparent` (`00-<32 hex trace id>-<16 hex parent id>-<2 hex
-/// flags>`), if it is well formed; an all-zero ID is invalid by the spec.
-fn trace_id_of(traceparent: &str) -> Option<String> {
-    let mut parts = traceparent.trim().split('-');
-    let (version, trace_id, parent_id, flags) =
-        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    let hex = |s: &str, len: usize| {
-        s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-    };
-    let nonzero = |s: &str| s.bytes().any(|b| b != b'0');
-    let valid = hex(version, 2)
-        && version != "ff"
-        && hex(trace_id, 32)
-        && nonzero(trace_id)
-        && hex(parent_id, 16)
-        && nonzero(parent_id)
-        && hex(flags, 2)
-        && (version != "00" || parts.next().is_none());
-    valid.then(|| trace_id.to_owned())
 }
 
 /// Runs one request in its span and logs its end: successes at DEBUG; caller mistakes at INFO;
@@ -230,16 +210,27 @@ async fn observe<T>(
     deadline: Instant,
     work: impl Future<Output = Result<T, Error>>,
 ) -> Result<Response<T>, Status> {
+    // `otel.*` and `rpc.*` name the exported span by OpenTelemetry's RPC conventions.
     let span = debug_span!(
         "rpc",
         method = call.method,
         repository = %call.repository,
         reference = %call.reference,
-        trace_id = call.trace_id.as_deref(),
+        trace_id = call.trace.as_ref().map(|t| t.trace_id.as_str()),
         digest = Empty,
         code = Empty,
-        latency_ms = Empty
+        latency_ms = Empty,
+        otel.name = call.method,
+        otel.kind = "server",
+        otel.status_code = Empty,
+        rpc.system = "grpc",
+        rpc.service = pb::image_service_server::SERVICE_NAME,
+        rpc.method = call.method,
+        rpc.grpc.status_code = Empty,
     );
+    if let Some(trace) = &call.trace {
+        trace.adopt(&span);
+    }
     let started = Instant::now();
     let counted = metrics::process();
     counted.rpc_in_flight.inc();
@@ -265,6 +256,7 @@ async fn observe<T>(
     span.in_scope(|| match result {
         Ok(body) => {
             span.record("code", "Ok");
+            span.record("rpc.grpc.status_code", 0);
             debug!("request succeeded");
             Ok(Response::new(body))
         }
@@ -274,13 +266,17 @@ async fn observe<T>(
             let detail = err
                 .upstream()
                 .map_or_else(|| err.to_string(), |u| u.detail.clone());
+            span.record("rpc.grpc.status_code", code as i32);
+            if err.is_server_side() {
+                span.record("otel.status_code", "ERROR");
+            }
             let Call {
                 method,
                 repository,
                 reference,
-                trace_id,
+                trace,
             } = &call;
-            let trace_id = trace_id.as_deref();
+            let trace_id = trace.as_ref().map(|t| t.trace_id.as_str());
             if err.is_server_side() {
                 warn!(method, %repository, %reference, trace_id, ?code, reason, latency_ms, error = %detail, "request failed");
             } else {
@@ -306,30 +302,5 @@ fn image_id(digest: Digest, tag: Option<Tag>) -> pb::ImageIdentifier {
     pb::ImageIdentifier {
         image_digest: digest.as_str().to_owned(),
         image_tag: tag.map(|t| t.as_str().to_owned()).unwrap_or_default(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::trace_id_of;
-
-    #[test]
-    fn traceparents_yield_their_trace_id() {
-        let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
-        assert_eq!(
-            trace_id_of(&format!("00-{trace}-00f067aa0ba902b7-01")).as_deref(),
-            Some(trace)
-        );
-        for bad in [
-            "",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
-            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
-            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
-        ] {
-            assert_eq!(trace_id_of(bad), None, "{bad:?}");
-        }
     }
 }

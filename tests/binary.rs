@@ -584,3 +584,138 @@ async fn health_check_subcommand_reports_serving_draining_and_gone() {
         "nothing listening"
     );
 }
+
+/// A stand-in OpenTelemetry collector: the OTLP/gRPC TraceService, keeping every span.
+mod collector {
+    use std::sync::{Arc, Mutex};
+
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+        TraceService, TraceServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+    use opentelemetry_proto::tonic::trace::v1::Span;
+    use tonic::{Request, Response, Status};
+
+    #[derive(Clone, Default)]
+    pub struct Collector(Arc<Mutex<Vec<Span>>>);
+
+    #[tonic::async_trait]
+    impl TraceService for Collector {
+        async fn export(
+            &self,
+            request: Request<ExportTraceServiceRequest>,
+        ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+            let spans = request
+                .into_inner()
+                .resource_spans
+                .into_iter()
+                .flat_map(|r| r.scope_spans)
+                .flat_map(|s| s.spans);
+            self.0.lock().unwrap().extend(spans);
+            Ok(Response::new(ExportTraceServiceResponse::default()))
+        }
+    }
+
+    impl Collector {
+        /// Serves the collector on a free loopback port; its address.
+        pub async fn start(&self) -> std::net::SocketAddr {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = listener.local_addr().unwrap();
+            let service = TraceServiceServer::new(self.clone());
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            );
+            address
+        }
+
+        pub fn spans(&self) -> Vec<Span> {
+            self.0.lock().unwrap().clone()
+        }
+    }
+}
+
+/// With `--otlp-endpoint`, each RPC and each ECR call is exported as a span: the RPC continues
+/// the caller's `traceparent`, the ECR call is its child and carries ECR's request ID. The
+/// last spans are flushed on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_export_continues_the_callers_trace_with_rpc_and_ecr_spans() {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value as Attribute;
+    use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+
+    const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const CALLER_SPAN: &str = "00f067aa0ba902b7";
+    let collector = collector::Collector::default();
+    let otlp = collector.start().await;
+    let otlp_endpoint = format!("http://{otlp}");
+    let Running {
+        mut child,
+        mut client,
+        ..
+    } = serve_on_moto(
+        &["--otlp-endpoint", &otlp_endpoint, "--shutdown-delay", "0s"],
+        "otlp",
+    )
+    .await;
+    client
+        .put_image(requests::put("otlp", "v1", SEED))
+        .await
+        .unwrap();
+    let mut fresh = requests::get("otlp", "v1", "");
+    fresh.max_staleness = Some(prost_types::Duration::default());
+    let mut traced = tonic::Request::new(fresh);
+    traced.metadata_mut().insert(
+        "traceparent",
+        format!("00-{TRACE}-{CALLER_SPAN}-01").parse().unwrap(),
+    );
+    client.get_image(traced).await.unwrap();
+
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let exit = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(exit.success(), "exit after SIGTERM: {exit}");
+
+    let spans = collector.spans();
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let named = |name: &str, kind: SpanKind, trace: Option<&str>| {
+        spans
+            .iter()
+            .find(|s| {
+                s.name == name
+                    && s.kind == kind as i32
+                    && trace.is_none_or(|t| hex(&s.trace_id) == t)
+            })
+            .unwrap_or_else(|| {
+                let seen: Vec<_> = spans.iter().map(|s| (&s.name, s.kind)).collect();
+                panic!("no {kind:?} span {name} in trace {trace:?}: {seen:?}")
+            })
+    };
+    let rpc = named("GetImage", SpanKind::Server, Some(TRACE));
+    assert_eq!(
+        hex(&rpc.parent_span_id),
+        CALLER_SPAN,
+        "continues the caller's span"
+    );
+    let ecr = named("BatchGetImage", SpanKind::Client, Some(TRACE));
+    assert_eq!(
+        ecr.parent_span_id, rpc.span_id,
+        "the ECR call is the RPC's child"
+    );
+    let request_id = ecr
+        .attributes
+        .iter()
+        .find(|a| a.key == "aws.request_id")
+        .and_then(|a| a.value.as_ref()?.value.as_ref())
+        .unwrap_or_else(|| panic!("no aws.request_id on {ecr:?}"));
+    assert!(matches!(request_id, Attribute::StringValue(id) if !id.is_empty()));
+    // The put, with no caller trace, is a trace of its own with its ECR call inside.
+    let put = named("PutImage", SpanKind::Server, None);
+    let put_call = named("PutImage", SpanKind::Client, None);
+    assert_eq!(put_call.trace_id, put.trace_id);
+    assert_ne!(hex(&put.trace_id), TRACE);
+}

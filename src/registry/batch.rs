@@ -13,6 +13,7 @@ use std::time::Duration;
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
+use tracing::{Instrument, Span};
 
 use super::{BatchGet, BatchInput, RegistryError, RepositoryKey, StoredImage, Upstream};
 use crate::deadline;
@@ -28,6 +29,8 @@ struct Waiter {
     reference: ImageRef,
     reply: Reply,
     deadline: Option<Instant>,
+    /// The caller's span: a batch's ECR call is traced as a child of its oldest caller.
+    span: Span,
 }
 
 /// Callers that can share a call: same repository, same accepted media types.
@@ -94,6 +97,7 @@ impl<R: BatchGet> Batcher<R> {
                 reference,
                 reply,
                 deadline: deadline::current(),
+                span: Span::current(),
             });
             !std::mem::replace(&mut lane.draining, true)
         };
@@ -139,6 +143,7 @@ impl<R: BatchGet> Batcher<R> {
             .iter()
             .map(|w| w.deadline)
             .try_fold(None::<Instant>, |latest, d| d.map(|d| latest.max(Some(d))));
+        let parent = batch.first().map_or_else(Span::none, |w| w.span.clone());
         let mut references: Vec<ImageRef> = Vec::with_capacity(batch.len());
         let mut replies: Vec<Vec<Reply>> = Vec::with_capacity(batch.len());
         for Waiter {
@@ -160,7 +165,7 @@ impl<R: BatchGet> Batcher<R> {
             accepted_media_types: key.accepted.clone(),
             references,
         };
-        let call = self.registry.get_images(input);
+        let call = self.registry.get_images(input).instrument(parent);
         let answer = match deadline.flatten() {
             Some(deadline) => tokio::time::timeout_at(deadline, deadline::scope(deadline, call))
                 .await

@@ -18,6 +18,8 @@ use aws_smithy_http_client::proxy::ProxyConfig;
 use aws_smithy_http_client::{ConnectorBuilder, tls};
 use aws_smithy_runtime_api::client::http::SharedHttpClient;
 use tokio::time::Instant;
+use tracing::field::Empty;
+use tracing::{Instrument, Span, debug_span};
 
 use super::budget::{BudgetExhausted, BudgetedHttpClient, RateBudgets};
 use super::calls::UpstreamCalls;
@@ -219,10 +221,16 @@ impl Registry for EcrRegistry {
             .image_manifest_media_type(input.manifest.media_type().as_str())
             .image_digest(input.manifest.digest().as_str())
             .set_image_tag(input.tag.as_ref().map(|t| t.as_str().to_owned()));
-        let sent = match self.within_deadline() {
-            Some(bounded) => call.customize().config_override(bounded).send().await,
-            None => call.send().await,
-        };
+        let span = ecr_call_span("PutImage");
+        let sent = async {
+            match self.within_deadline() {
+                Some(bounded) => call.customize().config_override(bounded).send().await,
+                None => call.send().await,
+            }
+        }
+        .instrument(span.clone())
+        .await;
+        record_answer(&span, &sent);
         let output = match sent {
             Ok(output) => output,
             Err(err) if is_already_exists(err.code()) => {
@@ -291,7 +299,8 @@ impl BatchGet for EcrRegistry {
                 .collect()
         };
         let repository = &input.repository;
-        let output = self
+        let span = ecr_call_span("BatchGetImage");
+        let sent = self
             .client
             .batch_get_image()
             .set_registry_id(
@@ -304,8 +313,10 @@ impl BatchGet for EcrRegistry {
             .set_image_ids(Some(ids))
             .set_accepted_media_types(Some(accepted))
             .send()
-            .await
-            .map_err(classify)?;
+            .instrument(span.clone())
+            .await;
+        record_answer(&span, &sent);
+        let output = sent.map_err(classify)?;
         let request_id = output.request_id().map(str::to_owned);
         // A missing or malformed reference is not an error to BatchGetImage: it answers 200 with
         // a `failures[]` entry for it instead of an image.
@@ -321,6 +332,36 @@ impl BatchGet for EcrRegistry {
                 None => Err(nothing_for_reference()),
             })
             .collect())
+    }
+}
+
+/// One span per ECR call, around all its attempts, named and typed by OpenTelemetry's RPC
+/// conventions. At DEBUG, like the RPC span: free unless spans are exported or logged.
+fn ecr_call_span(operation: &'static str) -> Span {
+    debug_span!(
+        "ecr",
+        operation,
+        otel.name = operation,
+        otel.kind = "client",
+        otel.status_code = Empty,
+        rpc.system = "aws-api",
+        rpc.service = "ECR",
+        rpc.method = operation,
+        aws.request_id = Empty,
+    )
+}
+
+/// Puts ECR's request ID on the call's span (the ID AWS support asks for), and marks failures.
+fn record_answer<T: RequestId, E: RequestId>(span: &Span, sent: &Result<T, E>) {
+    let request_id = match sent {
+        Ok(output) => output.request_id(),
+        Err(err) => err.request_id(),
+    };
+    if let Some(request_id) = request_id {
+        span.record("aws.request_id", request_id);
+    }
+    if sent.is_err() {
+        span.record("otel.status_code", "ERROR");
     }
 }
 

@@ -104,6 +104,7 @@ Whole numbers are printed as integers (Helm reads numbers as floats: 1000000 wou
   "reflection" "REFLECTION"
   "logFormat" "LOG_FORMAT"
   "log" "LOG"
+  "otlpEndpoint" "OTLP_ENDPOINT"
 }}
 {{- range $key := keys $names | sortAlpha }}
 {{- $value := index $.Values.config $key }}
