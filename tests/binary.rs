@@ -577,7 +577,12 @@ async fn health_check_subcommand_reports_serving_draining_and_gone() {
     }
     let draining = check("imageservice.v1.ImageService");
     assert!(String::from_utf8_lossy(&draining.stderr).contains("NOT_SERVING"));
-    assert!(child.wait().unwrap().success());
+    // Waited for off the runtime, so the (dropped) client's connection can see the GOAWAY
+    // and close instead of holding the drain open for the whole grace period.
+    let exit = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(exit.success());
     assert_eq!(
         code("imageservice.v1.ImageService"),
         Some(2),
