@@ -25,7 +25,7 @@ use ecr_image_service::pb::image_service_client::ImageServiceClient;
 use ecr_image_service::pb::image_service_server::{ImageService, ImageServiceServer};
 use ecr_image_service::pb::{
     GetImageRequest, GetImageResponse, ImageIdentifier, PutImageRequest, PutImageResponse,
-    ResolveImageRequest, ResolveImageResponse,
+    ResolveImageRequest, ResolveImageResponse, RetagImageRequest, RetagImageResponse,
 };
 use ecr_image_service::registry::cached::{CacheSettings, CachedRegistry};
 use ecr_image_service::registry::ecr::{EcrRegistry, EcrSettings, client_config};
@@ -211,6 +211,13 @@ impl ImageService for Bare {
         &self,
         _: Request<ResolveImageRequest>,
     ) -> Result<Response<ResolveImageResponse>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
+
+    async fn retag_image(
+        &self,
+        _: Request<RetagImageRequest>,
+    ) -> Result<Response<RetagImageResponse>, Status> {
         Err(Status::unimplemented("bare"))
     }
 }

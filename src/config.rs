@@ -8,8 +8,11 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::image::{RegistryId, RepositoryName};
+
 use crate::registry::cached::CacheSettings;
 use crate::registry::ecr::EcrSettings;
+use crate::registry::local::LocalSettings;
 use crate::server::ServerSettings;
 
 /// The admin port (`/metrics`), apart from gRPC so that it is never routed through the gRPC
@@ -88,6 +91,16 @@ pub enum Command {
     /// Ask a running server's gRPC health service whether it serves; exit 0 if it does.
     /// The container image has no shell, so this is what a `helm test` pod runs.
     HealthCheck(HealthCheckArgs),
+    /// Store a manifest under a tag, like `aws ecr put-image`, through a running service.
+    PutImage(crate::cli::PutImageArgs),
+    /// Fetch an image by tag or digest; `--output manifest` writes its exact bytes.
+    GetImage(crate::cli::GetImageArgs),
+    /// Point one or more tags at an existing image, server-side.
+    RetagImage(crate::cli::RetagImageArgs),
+    /// Resolve a tag to its digest, media type and size.
+    ResolveImage(crate::cli::ResolveImageArgs),
+    /// Print the digest ECR gives a manifest file (offline: SHA-256 of its exact bytes).
+    Digest(crate::cli::DigestArgs),
 }
 
 /// Where `health-check` asks when no endpoint is given: a server on this host's default port.
@@ -122,9 +135,39 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where images are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    /// Amazon ECR, through aws-sdk-ecr (credentials from the AWS default chain).
+    Ecr,
+    /// An embedded SQLite store in `--data-dir` with ECR's semantics: no AWS account needed.
+    Local,
+}
+
 /// `ecr-image-service serve`.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
+    /// Where images are stored: Amazon ECR, or the embedded store for development and tests.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_BACKEND", value_enum, default_value_t = Backend::Ecr)]
+    pub backend: Backend,
+
+    /// Directory of the embedded store (`--backend local`); created if missing.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_DATA_DIR")]
+    pub data_dir: Option<std::path::PathBuf>,
+
+    /// Repositories the embedded store creates tag-immutable: names, or `prefix/*`,
+    /// comma-separated (`--backend local`; ECR sets this per repository).
+    #[arg(
+        long,
+        env = "ECR_IMAGE_SERVICE_IMMUTABLE_REPOSITORIES",
+        value_delimiter = ','
+    )]
+    pub immutable_repositories: Vec<String>,
+
+    /// The registry ID the embedded store reports (`--backend local`).
+    #[arg(long, env = "ECR_IMAGE_SERVICE_LOCAL_REGISTRY_ID", default_value = crate::registry::local::DEFAULT_REGISTRY_ID)]
+    pub local_registry_id: String,
+
     /// Address to listen on for gRPC.
     #[arg(long, env = "ECR_IMAGE_SERVICE_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
@@ -256,8 +299,36 @@ fn invalid(flag: &'static str, problem: impl Into<String>) -> ConfigError {
 }
 
 impl ServeArgs {
+    /// The embedded store's settings (`--backend local`).
+    pub fn local_settings(&self) -> LocalSettings {
+        LocalSettings {
+            data_dir: self.data_dir.clone().unwrap_or_default(),
+            registry_id: self.local_registry_id.clone(),
+            immutable_repositories: self.immutable_repositories.clone(),
+        }
+    }
+
     /// Checks what clap's types cannot: ranges, orderings and shapes.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.backend == Backend::Local && self.data_dir.is_none() {
+            return Err(invalid(
+                "--data-dir",
+                "is required with --backend local (the directory of the embedded store)",
+            ));
+        }
+        if RegistryId::parse(&self.local_registry_id).is_err() {
+            return Err(invalid("--local-registry-id", "must be 12 digits"));
+        }
+        if let Some(bad) = self
+            .immutable_repositories
+            .iter()
+            .find(|p| RepositoryName::parse(p.strip_suffix("/*").unwrap_or(p)).is_err())
+        {
+            return Err(invalid(
+                "--immutable-repositories",
+                format!("'{bad}' is not a repository name or a 'prefix/*' pattern"),
+            ));
+        }
         if !(1..=MAX_ATTEMPTS_LIMIT).contains(&self.max_attempts) {
             return Err(invalid(
                 "--max-attempts",

@@ -87,7 +87,7 @@ pub async fn check(
 }
 
 /// `err: cause: cause`, because tonic's transport error alone says only "transport error".
-fn with_sources(err: &dyn std::error::Error) -> String {
+pub fn with_sources(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {

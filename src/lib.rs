@@ -21,6 +21,7 @@
 //! generated code.
 
 pub mod admin;
+pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod deadline;

@@ -1,14 +1,19 @@
 //! The `ecr-image-service` binary: parse the configuration, start logging, serve until
 //! SIGTERM or SIGINT.
 
+use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::Parser;
 use clap::error::ErrorKind;
-use ecr_image_service::config::{Cli, Command, HealthCheckArgs, ServeArgs};
+
+use ecr_image_service::cli::{self, CliError};
+use ecr_image_service::config::{Backend, Cli, Command, HealthCheckArgs, ServeArgs};
 use ecr_image_service::health_check::{self, HealthCheckError};
+use ecr_image_service::registry::Registry;
 use ecr_image_service::registry::cached::CachedRegistry;
 use ecr_image_service::registry::ecr::{self, EcrRegistry};
+use ecr_image_service::registry::local::LocalRegistry;
 use ecr_image_service::{server, telemetry};
 use tokio::net::TcpListener;
 use tracing::{error, info};
@@ -39,6 +44,11 @@ fn main() -> ExitCode {
     let args = match cli.command {
         Command::Serve(args) => *args,
         Command::HealthCheck(args) => return health_check(&args),
+        Command::Digest(args) => return client_exit(cli::digest(&args)),
+        Command::PutImage(args) => return client(cli::put_image(args)),
+        Command::GetImage(args) => return client(cli::get_image(args)),
+        Command::RetagImage(args) => return client(cli::retag_image(args)),
+        Command::ResolveImage(args) => return client(cli::resolve_image(args)),
     };
     if let Err(err) = args.validate() {
         return config_error(&err.to_string());
@@ -67,6 +77,31 @@ fn main() -> ExitCode {
     // Before the runtime goes: the last spans are sent on its connection.
     telemetry.shutdown();
     exit
+}
+
+/// Runs a client subcommand on a small runtime of its own.
+fn client(call: impl Future<Output = Result<(), CliError>>) -> ExitCode {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => client_exit(runtime.block_on(call)),
+        Err(err) => {
+            eprintln!("ecr-image-service: cannot start the async runtime: {err}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// A client subcommand's failure: one message on stderr, and its class's exit code.
+fn client_exit(result: Result<(), CliError>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("ecr-image-service: {err}");
+            ExitCode::from(err.exit_code())
+        }
+    }
 }
 
 /// Runs `health-check`: one line on failure, and an exit code per kind of failure.
@@ -111,6 +146,14 @@ fn first_line(rendered: &str) -> &str {
 }
 
 async fn serve(args: ServeArgs) -> ExitCode {
+    match args.backend {
+        Backend::Ecr => serve_ecr(args).await,
+        Backend::Local => serve_local(args).await,
+    }
+}
+
+/// Serves in front of ECR: the SDK's configuration, then the cache over the ECR client.
+async fn serve_ecr(args: ServeArgs) -> ExitCode {
     let settings = args.ecr_settings();
     let sdk = ecr::load_sdk_config(&settings).await;
     let Some(region) = sdk.region().map(ToString::to_string) else {
@@ -122,6 +165,54 @@ async fn serve(args: ServeArgs) -> ExitCode {
         EcrRegistry::from_config(ecr::client_config(&sdk, &settings)),
         args.cache_settings(),
     );
+    let metrics = ecr_image_service::metrics::registry(Some(&registry));
+    run(&args, registry, metrics, |address, admin_address| {
+        info!(
+            %address,
+            %admin_address,
+            backend = "ecr",
+            %region,
+            ecr_endpoint = settings.endpoint_url.as_deref().unwrap_or("(SDK default)"),
+            max_attempts = settings.max_attempts,
+            digest_cache_bytes = args.digest_cache_bytes,
+            tag_ttl = ?args.tag_ttl,
+            "listening"
+        );
+    })
+    .await
+}
+
+/// Serves from the embedded store in `--data-dir`: no AWS account, no cache needed.
+async fn serve_local(args: ServeArgs) -> ExitCode {
+    let settings = args.local_settings();
+    let registry = match LocalRegistry::open(&settings) {
+        Ok(registry) => registry,
+        Err(err) => {
+            error!(error = %err, "cannot open the local store");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let metrics = ecr_image_service::metrics::registry(None);
+    run(&args, registry, metrics, |address, admin_address| {
+        info!(
+            %address,
+            %admin_address,
+            backend = "local",
+            data_dir = %settings.data_dir.display(),
+            registry_id = settings.registry_id,
+            "listening"
+        );
+    })
+    .await
+}
+
+/// Binds both listeners, serves `/metrics`, says where it listens, and serves until SIGTERM.
+async fn run(
+    args: &ServeArgs,
+    registry: impl Registry,
+    metrics: prometheus_client::registry::Registry,
+    announce: impl FnOnce(SocketAddr, SocketAddr),
+) -> ExitCode {
     let listener = match TcpListener::bind(args.listen).await {
         Ok(listener) => listener,
         Err(err) => {
@@ -137,22 +228,14 @@ async fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     let admin_address = admin.local_addr().map_or(args.admin_listen, |a| a);
-    let metrics = ecr_image_service::metrics::registry(&registry);
     tokio::spawn(async move {
         if let Err(err) = ecr_image_service::admin::serve(admin, metrics).await {
             error!(error = %err, "admin endpoint failed");
         }
     });
-    let address = listener.local_addr().map_or(args.listen, |a| a);
-    info!(
-        %address,
-        %admin_address,
-        %region,
-        ecr_endpoint = settings.endpoint_url.as_deref().unwrap_or("(SDK default)"),
-        max_attempts = settings.max_attempts,
-        digest_cache_bytes = args.digest_cache_bytes,
-        tag_ttl = ?args.tag_ttl,
-        "listening"
+    announce(
+        listener.local_addr().map_or(args.listen, |a| a),
+        admin_address,
     );
     match server::serve(
         listener,

@@ -60,7 +60,7 @@ pub fn process() -> &'static ProcessMetrics {
 
 /// The registry the admin endpoint serves: the process's metrics and those of `cache` and the
 /// ECR backend behind it, all prefixed `imageservice_`.
-pub fn registry(cache: &CachedRegistry<EcrRegistry>) -> Registry {
+pub fn registry(cache: Option<&CachedRegistry<EcrRegistry>>) -> Registry {
     let mut registry = Registry::with_prefix("imageservice");
     let process = process();
     registry.register(
@@ -89,8 +89,11 @@ pub fn registry(cache: &CachedRegistry<EcrRegistry>) -> Registry {
         "ECR requests refused: no rate-budget slot before their deadline",
         process.budget_rejections.clone(),
     );
-    cache.register_metrics(&mut registry);
-    cache.inner().calls().register_metrics(&mut registry);
+    // The ECR backend's cache and calls; the embedded store has neither.
+    if let Some(cache) = cache {
+        cache.register_metrics(&mut registry);
+        cache.inner().calls().register_metrics(&mut registry);
+    }
     registry
 }
 

@@ -8,10 +8,10 @@ use tonic::{Request, Response, Status};
 use tracing::field::{Empty, debug as debug_value};
 use tracing::{Instrument, Span, debug, debug_span, info, warn};
 
-use crate::error::Error;
-use crate::image::{Digest, Tag};
+use crate::error::{Error, Reason, Violation};
+use crate::image::{Digest, Manifest, MediaType, RegistryId, Tag};
 use crate::pb;
-use crate::registry::{CacheStatus, PutOutcome, Registry, StoredImage};
+use crate::registry::{CacheStatus, PutImageInput, PutOutcome, Registry, StoredImage};
 use crate::telemetry::TraceParent;
 use crate::validate;
 use crate::{deadline, metrics};
@@ -71,13 +71,9 @@ impl<R: Registry> pb::image_service_server::ImageService for ImageService<R> {
             let input = validate::put_image(request)?;
             Span::current().record("digest", input.manifest.digest().as_str());
             let (image, outcome) = self.registry.put_image(input).await?;
-            let outcome = match outcome {
-                PutOutcome::Created => pb::PutImageOutcome::Created,
-                PutOutcome::AlreadyExisted => pb::PutImageOutcome::AlreadyExisted,
-            };
             Ok(pb::PutImageResponse {
                 image: Some(to_proto(image)),
-                outcome: outcome.into(),
+                outcome: put_outcome(outcome).into(),
             })
         };
         observe(call, deadline, work).await
@@ -105,6 +101,65 @@ impl<R: Registry> pb::image_service_server::ImageService for ImageService<R> {
                 image: Some(to_proto(fetched.image)),
                 cache_status: cache_status.into(),
                 tag_resolution_age,
+            })
+        };
+        observe(call, deadline, work).await
+    }
+
+    async fn retag_image(
+        &self,
+        request: Request<pb::RetagImageRequest>,
+    ) -> Result<Response<pb::RetagImageResponse>, Status> {
+        let deadline = self.deadline_of(&request);
+        let reference = describe(request.get_ref().source_image_id.as_ref());
+        let call = Call::new(
+            "RetagImage",
+            &request,
+            &request.get_ref().repository_name,
+            reference,
+        );
+        let request = request.into_inner();
+        let work = async {
+            let input = validate::retag_image(request)?;
+            let registry_id = input.source.registry_id.clone();
+            let source = self.registry.get_image(input.source).await?.image;
+            Span::current().record("digest", source.digest.as_str());
+            // One put per target, in order: ECR's PutImage takes one tag, and the rate budget
+            // paces them. A failure is that target's result, not the call's.
+            let mut results = Vec::with_capacity(input.targets.len());
+            for tag in input.targets {
+                let image_tag = tag.as_str().to_owned();
+                let put = retag_put(&source, registry_id.clone(), tag);
+                let result = match put {
+                    Ok(put) => self.registry.put_image(put).await.map_err(Error::from),
+                    Err(err) => Err(err),
+                };
+                results.push(match result {
+                    Ok((_, outcome)) => pb::RetagImageResult {
+                        image_tag,
+                        outcome: put_outcome(outcome).into(),
+                        failure: None,
+                    },
+                    Err(err) => {
+                        let (code, reason) = err.code_and_reason();
+                        pb::RetagImageResult {
+                            image_tag,
+                            outcome: pb::PutImageOutcome::Unspecified.into(),
+                            failure: Some(pb::RetagImageFailure {
+                                code: metrics::code_name(code).to_owned(),
+                                reason: reason.as_str().to_owned(),
+                                message: err.to_string(),
+                            }),
+                        }
+                    }
+                });
+            }
+            let mut source_image = to_proto(source);
+            // The bytes stay home: the caller asked for tags, not for the manifest.
+            source_image.image_manifest = String::new();
+            Ok(pb::RetagImageResponse {
+                source_image: Some(source_image),
+                results,
             })
         };
         observe(call, deadline, work).await
@@ -285,6 +340,37 @@ async fn observe<T>(
             Err(err.into())
         }
     })
+}
+
+/// The put that points `tag` at `source`: its exact bytes, its media type.
+fn retag_put(
+    source: &StoredImage,
+    registry_id: Option<RegistryId>,
+    tag: Tag,
+) -> Result<PutImageInput, Error> {
+    let declared = MediaType::parse(&source.media_type).ok();
+    let manifest = Manifest::parse(source.manifest.to_string(), declared).map_err(|err| {
+        Error::InvalidArgument {
+            reason: Reason::MediaTypeUndetermined,
+            violations: vec![Violation::new(
+                "source_image_id",
+                format!("the source manifest cannot be put again: {err}"),
+            )],
+        }
+    })?;
+    Ok(PutImageInput {
+        registry_id,
+        repository: source.repository.clone(),
+        manifest,
+        tag: Some(tag),
+    })
+}
+
+fn put_outcome(outcome: PutOutcome) -> pb::PutImageOutcome {
+    match outcome {
+        PutOutcome::Created => pb::PutImageOutcome::Created,
+        PutOutcome::AlreadyExisted => pb::PutImageOutcome::AlreadyExisted,
+    }
 }
 
 /// The API's form of a stored image. The one copy of the manifest bytes a read makes.

@@ -10,6 +10,10 @@ use crate::image::{
 use crate::pb;
 use crate::registry::{GetImageInput, PutImageInput};
 
+/// Targets of one RetagImage: each is a PutImage, paced at ECR's ~10/s, so 20 fit in the
+/// default deadline with room for throttling.
+pub const MAX_TARGET_TAGS: usize = 20;
+
 /// ECR's limit on `acceptedMediaTypes` (model shape `MediaTypeList`).
 const MAX_ACCEPTED_MEDIA_TYPES: usize = 100;
 
@@ -142,6 +146,75 @@ pub fn resolve_image(request: pb::ResolveImageRequest) -> Result<GetImageInput, 
         accepted_media_types: &[],
         max_staleness: request.max_staleness,
     })
+}
+
+/// A validated RetagImage: the source to read, and the distinct tags to point at it.
+#[derive(Debug, Clone)]
+pub struct RetagInput {
+    /// The source image, as a fresh read.
+    pub source: GetImageInput,
+    /// The target tags, distinct, in the order asked.
+    pub targets: Vec<Tag>,
+}
+
+/// Validates a RetagImage: the source like a GetImage (always fresh), then the targets.
+pub fn retag_image(request: pb::RetagImageRequest) -> Result<RetagInput, Error> {
+    let source = image_read(ImageRead {
+        registry_id: &request.registry_id,
+        repository_name: &request.repository_name,
+        image_id: request.source_image_id.as_ref(),
+        accepted_media_types: &[],
+        max_staleness: Some(prost_types::Duration::default()),
+    });
+    let mut check = Checker::default();
+    if request.target_tags.is_empty() {
+        check.push("target_tags", "needs at least one tag");
+    }
+    if request.target_tags.len() > MAX_TARGET_TAGS {
+        check.push(
+            "target_tags",
+            format!(
+                "must list at most {MAX_TARGET_TAGS} tags, got {}",
+                request.target_tags.len()
+            ),
+        );
+    }
+    let mut targets: Vec<Tag> = Vec::with_capacity(request.target_tags.len());
+    for (i, text) in request.target_tags.iter().enumerate() {
+        let field = format!("target_tags[{i}]");
+        if let Some(tag) = check.required(&field, text, Tag::parse) {
+            if targets.contains(&tag) {
+                check.push(&field, format!("'{tag}' is listed twice"));
+            } else {
+                targets.push(tag);
+            }
+        }
+    }
+    match (source, check.violations.is_empty()) {
+        (Ok(source), true) => Ok(RetagInput { source, targets }),
+        (Ok(_), false) => Err(check.into_error()),
+        (Err(err), _) => Err(source_error(err, check.violations)),
+    }
+}
+
+/// A source read's violations under the RetagImage field names (`source_image_id…`), with the
+/// targets' violations after them, so one answer names every bad field.
+fn source_error(err: Error, targets: Vec<Violation>) -> Error {
+    match err {
+        Error::InvalidArgument {
+            reason,
+            mut violations,
+        } => {
+            for violation in &mut violations {
+                if let Some(rest) = violation.field.strip_prefix("image_id") {
+                    violation.field = format!("source_image_id{rest}");
+                }
+            }
+            violations.extend(targets);
+            Error::InvalidArgument { reason, violations }
+        }
+        other => other,
+    }
 }
 
 /// The fields GetImage and ResolveImage share.

@@ -11,6 +11,7 @@ pub mod calls;
 pub mod ecr;
 mod error;
 mod flight;
+pub mod local;
 mod retry;
 
 use std::future::Future;

@@ -1,0 +1,551 @@
+//! The command line client, in the same binary: `put-image`, `get-image`, `retag-image` and
+//! `resolve-image` talk gRPC to a running service with the AWS CLI's flag names and output
+//! shape, so `aws ecr put-image …` habits carry over; `digest` works offline.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+use tonic::Code;
+use tonic::transport::{Channel, Endpoint};
+use tonic_types::StatusExt;
+
+use crate::config::DEFAULT_ENDPOINT;
+use crate::image::Digest;
+use crate::pb;
+use crate::pb::image_service_client::ImageServiceClient;
+
+/// A call to the service, retries included, gets this long: a cold put is paced by ECR's rate.
+const DEFAULT_CALL_TIMEOUT: &str = "30s";
+/// Manifests are at most 4 MiB; a reply carries one plus its envelope.
+const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024 + 64 * 1024;
+
+/// Exit codes, one per class of failure (documented in the README).
+pub mod exit {
+    /// Any failure not listed below (INTERNAL, DATA_LOSS, UNKNOWN…).
+    pub const OTHER: u8 = 1;
+    /// The service could not be reached.
+    pub const UNREACHABLE: u8 = 2;
+    /// NOT_FOUND: no such repository or image.
+    pub const NOT_FOUND: u8 = 3;
+    /// ALREADY_EXISTS: an immutable tag points elsewhere.
+    pub const ALREADY_EXISTS: u8 = 4;
+    /// FAILED_PRECONDITION: referenced layers or images missing, KMS, archived image.
+    pub const FAILED_PRECONDITION: u8 = 5;
+    /// PERMISSION_DENIED or UNAUTHENTICATED.
+    pub const DENIED: u8 = 6;
+    /// UNAVAILABLE or RESOURCE_EXHAUSTED: try again later.
+    pub const RETRY_LATER: u8 = 7;
+    /// DEADLINE_EXCEEDED.
+    pub const DEADLINE_EXCEEDED: u8 = 8;
+    /// sysexits `EX_USAGE`: bad flags.
+    pub const USAGE: u8 = 64;
+    /// sysexits `EX_DATAERR`: INVALID_ARGUMENT, the request itself is wrong.
+    pub const INVALID_ARGUMENT: u8 = 65;
+    /// sysexits `EX_NOINPUT`: a file named on the command line cannot be read.
+    pub const NO_INPUT: u8 = 66;
+}
+
+/// The exit code for a gRPC code.
+pub fn exit_code(code: Code) -> u8 {
+    match code {
+        Code::Ok => 0,
+        Code::InvalidArgument | Code::OutOfRange => exit::INVALID_ARGUMENT,
+        Code::NotFound => exit::NOT_FOUND,
+        Code::AlreadyExists => exit::ALREADY_EXISTS,
+        Code::FailedPrecondition => exit::FAILED_PRECONDITION,
+        Code::PermissionDenied | Code::Unauthenticated => exit::DENIED,
+        Code::Unavailable | Code::ResourceExhausted | Code::Aborted => exit::RETRY_LATER,
+        Code::DeadlineExceeded => exit::DEADLINE_EXCEEDED,
+        _ => exit::OTHER,
+    }
+}
+
+/// Where the service is, for every client subcommand.
+#[derive(Debug, Clone, Args)]
+pub struct Target {
+    /// The service, as an `http://HOST:PORT` URL.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
+    pub endpoint: String,
+
+    /// How long the call may take (sent as its gRPC deadline).
+    #[arg(long, default_value = DEFAULT_CALL_TIMEOUT, value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+/// `put-image`: `aws ecr put-image`'s flags.
+#[derive(Debug, Clone, Args)]
+pub struct PutImageArgs {
+    #[command(flatten)]
+    target: Target,
+    /// The repository.
+    #[arg(long)]
+    repository_name: String,
+    /// The manifest: `file://PATH` (or `fileb://PATH`) for a file's exact bytes, else the text.
+    #[arg(long)]
+    image_manifest: String,
+    /// The tag to put the image under.
+    #[arg(long)]
+    image_tag: Option<String>,
+    /// The manifest's media type, when it has no `mediaType` of its own.
+    #[arg(long)]
+    image_manifest_media_type: Option<String>,
+    /// The digest the manifest must have; the put is refused otherwise.
+    #[arg(long)]
+    image_digest: Option<String>,
+    /// The registry (12-digit account ID); the service's own when omitted.
+    #[arg(long)]
+    registry_id: Option<String>,
+}
+
+/// What `get-image` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GetOutput {
+    /// `{"image": {...}}`, as the AWS CLI prints images.
+    Json,
+    /// The manifest's exact bytes, nothing else: pipe it to a file or to `sha256sum`.
+    Manifest,
+}
+
+/// `get-image`: one image by tag or digest (ECR `BatchGetImage`).
+#[derive(Debug, Clone, Args)]
+pub struct GetImageArgs {
+    #[command(flatten)]
+    target: Target,
+    /// The repository.
+    #[arg(long)]
+    repository_name: String,
+    /// The tag.
+    #[arg(long, required_unless_present = "image_digest")]
+    image_tag: Option<String>,
+    /// The digest.
+    #[arg(long)]
+    image_digest: Option<String>,
+    /// Media types to accept; every manifest type when omitted.
+    #[arg(long, num_args = 1..)]
+    accepted_media_types: Vec<String>,
+    /// The registry (12-digit account ID); the service's own when omitted.
+    #[arg(long)]
+    registry_id: Option<String>,
+    /// What to print.
+    #[arg(long, value_enum, default_value_t = GetOutput::Json)]
+    output: GetOutput,
+}
+
+/// `retag-image`: point tags at an existing image, server-side.
+#[derive(Debug, Clone, Args)]
+pub struct RetagImageArgs {
+    #[command(flatten)]
+    target: Target,
+    /// The repository.
+    #[arg(long)]
+    repository_name: String,
+    /// The source image's tag.
+    #[arg(long, required_unless_present = "image_digest")]
+    image_tag: Option<String>,
+    /// The source image's digest.
+    #[arg(long)]
+    image_digest: Option<String>,
+    /// The tags to point at the source image.
+    #[arg(long, num_args = 1.., required = true)]
+    target_tags: Vec<String>,
+    /// The registry (12-digit account ID); the service's own when omitted.
+    #[arg(long)]
+    registry_id: Option<String>,
+}
+
+/// `resolve-image`: a tag's digest, media type and size, without the manifest.
+#[derive(Debug, Clone, Args)]
+pub struct ResolveImageArgs {
+    #[command(flatten)]
+    target: Target,
+    /// The repository.
+    #[arg(long)]
+    repository_name: String,
+    /// The tag.
+    #[arg(long, required_unless_present = "image_digest")]
+    image_tag: Option<String>,
+    /// The digest.
+    #[arg(long)]
+    image_digest: Option<String>,
+    /// The registry (12-digit account ID); the service's own when omitted.
+    #[arg(long)]
+    registry_id: Option<String>,
+}
+
+/// `digest`: the digest ECR gives a manifest file, computed here without any service.
+#[derive(Debug, Clone, Args)]
+pub struct DigestArgs {
+    /// The manifest file (`file://PATH` is accepted too).
+    file: PathBuf,
+}
+
+/// Why a client subcommand failed; each maps to an exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// A file named on the command line cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Input {
+        /// The file.
+        path: String,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The endpoint is not a URL, or nothing answers there.
+    #[error("cannot reach the service at {endpoint}: {reason}")]
+    Unreachable {
+        /// The endpoint.
+        endpoint: String,
+        /// Why.
+        reason: String,
+    },
+    /// The service refused or failed the call.
+    #[error("{}", describe_status(.0))]
+    Status(tonic::Status),
+    /// RetagImage answered, but some targets failed; the first failure's code decides the exit.
+    #[error("{failed} of {total} target tags failed")]
+    PartialRetag {
+        /// How many failed.
+        failed: usize,
+        /// How many were asked for.
+        total: usize,
+        /// The first failure's gRPC code.
+        code: Code,
+    },
+    /// Printing the answer failed (a closed pipe).
+    #[error("cannot write the output: {0}")]
+    Output(std::io::Error),
+}
+
+impl CliError {
+    /// The process exit code for this failure.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Input { .. } => exit::NO_INPUT,
+            Self::Unreachable { .. } => exit::UNREACHABLE,
+            Self::Status(status) => exit_code(status.code()),
+            Self::PartialRetag { code, .. } => exit_code(*code),
+            Self::Output(_) => exit::OTHER,
+        }
+    }
+}
+
+/// `CODE (REASON): message`, then one line per offending field.
+fn describe_status(status: &tonic::Status) -> String {
+    let code = crate::metrics::code_name(status.code());
+    let reason = status
+        .get_details_error_info()
+        .map(|info| format!(" ({})", info.reason))
+        .unwrap_or_default();
+    let mut text = format!("{code}{reason}: {}", status.message());
+    if let Some(bad_request) = status.get_details_bad_request() {
+        for violation in bad_request.field_violations {
+            text.push_str(&format!(
+                "\n  {}: {}",
+                violation.field, violation.description
+            ));
+        }
+    }
+    text
+}
+
+/// Reads `file://PATH` / `fileb://PATH` as exact bytes (the AWS CLI's convention); anything
+/// else is the value itself.
+fn argument_text(value: &str) -> Result<String, CliError> {
+    let Some(path) = value
+        .strip_prefix("fileb://")
+        .or_else(|| value.strip_prefix("file://"))
+    else {
+        return Ok(value.to_owned());
+    };
+    std::fs::read_to_string(path).map_err(|source| CliError::Input {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+async fn connect(target: &Target) -> Result<ImageServiceClient<Channel>, CliError> {
+    let unreachable = |reason: String| CliError::Unreachable {
+        endpoint: target.endpoint.clone(),
+        reason,
+    };
+    let channel = Endpoint::from_shared(target.endpoint.clone())
+        .map_err(|e| unreachable(e.to_string()))?
+        .connect_timeout(target.timeout)
+        .connect()
+        .await
+        .map_err(|e| unreachable(crate::health_check::with_sources(&e)))?;
+    Ok(ImageServiceClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+/// A request with the call's deadline.
+fn request<T>(message: T, target: &Target) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(target.timeout);
+    request
+}
+
+fn identifier(tag: Option<String>, digest: Option<String>) -> pb::ImageIdentifier {
+    pb::ImageIdentifier {
+        image_tag: tag.unwrap_or_default(),
+        image_digest: digest.unwrap_or_default(),
+    }
+}
+
+/// The AWS CLI's JSON: 4-space indentation, camelCase fields, a trailing newline.
+fn print_json(value: &impl Serialize) -> Result<(), CliError> {
+    let mut out = std::io::stdout().lock();
+    let formatter = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+    let mut serializer = serde_json::Serializer::with_formatter(&mut out, formatter);
+    value
+        .serialize(&mut serializer)
+        .map_err(|e| CliError::Output(e.into()))?;
+    writeln!(out).map_err(CliError::Output)
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ImageIdJson {
+    image_digest: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    image_tag: String,
+}
+
+impl From<pb::ImageIdentifier> for ImageIdJson {
+    fn from(id: pb::ImageIdentifier) -> Self {
+        Self {
+            image_digest: id.image_digest,
+            image_tag: id.image_tag,
+        }
+    }
+}
+
+/// An image as `aws ecr put-image` prints it.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ImageJson {
+    registry_id: String,
+    repository_name: String,
+    image_id: ImageIdJson,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    image_manifest: String,
+    /// Left out of put-image's output, which (as in the AWS CLI's documented example) has
+    /// none; printed by get-image and retag-image.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    image_manifest_media_type: Option<String>,
+}
+
+impl ImageJson {
+    fn new(image: pb::Image, with_media_type: bool) -> Self {
+        Self {
+            registry_id: image.registry_id,
+            repository_name: image.repository_name,
+            image_id: image.image_id.unwrap_or_default().into(),
+            image_manifest: image.image_manifest,
+            image_manifest_media_type: with_media_type.then_some(image.image_manifest_media_type),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ImageOutput {
+    image: ImageJson,
+}
+
+/// `put-image`.
+pub async fn put_image(args: PutImageArgs) -> Result<(), CliError> {
+    let image_manifest = argument_text(&args.image_manifest)?;
+    let mut client = connect(&args.target).await?;
+    let message = pb::PutImageRequest {
+        registry_id: args.registry_id.unwrap_or_default(),
+        repository_name: args.repository_name,
+        image_manifest,
+        image_manifest_media_type: args.image_manifest_media_type.unwrap_or_default(),
+        image_tag: args.image_tag.unwrap_or_default(),
+        image_digest: args.image_digest.unwrap_or_default(),
+    };
+    let response = client
+        .put_image(request(message, &args.target))
+        .await
+        .map_err(CliError::Status)?
+        .into_inner();
+    print_json(&ImageOutput {
+        image: ImageJson::new(response.image.unwrap_or_default(), false),
+    })
+}
+
+/// `get-image`.
+pub async fn get_image(args: GetImageArgs) -> Result<(), CliError> {
+    let mut client = connect(&args.target).await?;
+    let message = pb::GetImageRequest {
+        registry_id: args.registry_id.unwrap_or_default(),
+        repository_name: args.repository_name,
+        image_id: Some(identifier(args.image_tag, args.image_digest)),
+        accepted_media_types: args.accepted_media_types,
+        max_staleness: None,
+    };
+    let image = client
+        .get_image(request(message, &args.target))
+        .await
+        .map_err(CliError::Status)?
+        .into_inner()
+        .image
+        .unwrap_or_default();
+    match args.output {
+        GetOutput::Json => print_json(&ImageOutput {
+            image: ImageJson::new(image, true),
+        }),
+        GetOutput::Manifest => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(image.image_manifest.as_bytes())
+                .and_then(|()| out.flush())
+                .map_err(CliError::Output)
+        }
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RetagResultJson {
+    image_tag: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    outcome: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failure: Option<FailureJson>,
+}
+
+#[derive(Serialize)]
+struct FailureJson {
+    code: String,
+    reason: String,
+    message: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RetagOutput {
+    source_image: ImageJson,
+    results: Vec<RetagResultJson>,
+}
+
+/// `retag-image`: prints every target's result; exits non-zero if any failed.
+pub async fn retag_image(args: RetagImageArgs) -> Result<(), CliError> {
+    let mut client = connect(&args.target).await?;
+    let total = args.target_tags.len();
+    let message = pb::RetagImageRequest {
+        registry_id: args.registry_id.unwrap_or_default(),
+        repository_name: args.repository_name,
+        source_image_id: Some(identifier(args.image_tag, args.image_digest)),
+        target_tags: args.target_tags,
+    };
+    let response = client
+        .retag_image(request(message, &args.target))
+        .await
+        .map_err(CliError::Status)?
+        .into_inner();
+    let first_failure = response
+        .results
+        .iter()
+        .find_map(|r| r.failure.as_ref())
+        .map(|f| code_named(&f.code));
+    let failed = response
+        .results
+        .iter()
+        .filter(|r| r.failure.is_some())
+        .count();
+    let results = response
+        .results
+        .into_iter()
+        .map(|result| RetagResultJson {
+            outcome: result
+                .failure
+                .is_none()
+                .then(|| outcome_name(result.outcome())),
+            image_tag: result.image_tag,
+            failure: result.failure.map(|f| FailureJson {
+                code: f.code,
+                reason: f.reason,
+                message: f.message,
+            }),
+        })
+        .collect();
+    print_json(&RetagOutput {
+        source_image: ImageJson::new(response.source_image.unwrap_or_default(), true),
+        results,
+    })?;
+    match first_failure {
+        Some(code) => Err(CliError::PartialRetag {
+            failed,
+            total,
+            code,
+        }),
+        None => Ok(()),
+    }
+}
+
+fn outcome_name(outcome: pb::PutImageOutcome) -> &'static str {
+    match outcome {
+        pb::PutImageOutcome::Created => "CREATED",
+        pb::PutImageOutcome::AlreadyExisted => "ALREADY_EXISTED",
+        pb::PutImageOutcome::Unspecified => "UNSPECIFIED",
+    }
+}
+
+/// The gRPC code with this canonical name (as the service writes it); UNKNOWN otherwise.
+fn code_named(name: &str) -> Code {
+    (0..=16)
+        .map(Code::from_i32)
+        .find(|code| crate::metrics::code_name(*code) == name)
+        .unwrap_or(Code::Unknown)
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ResolveOutput {
+    registry_id: String,
+    repository_name: String,
+    image_id: ImageIdJson,
+    image_manifest_media_type: String,
+    image_manifest_size: i64,
+}
+
+/// `resolve-image`.
+pub async fn resolve_image(args: ResolveImageArgs) -> Result<(), CliError> {
+    let mut client = connect(&args.target).await?;
+    let message = pb::ResolveImageRequest {
+        registry_id: args.registry_id.unwrap_or_default(),
+        repository_name: args.repository_name,
+        image_id: Some(identifier(args.image_tag, args.image_digest)),
+        max_staleness: None,
+    };
+    let response = client
+        .resolve_image(request(message, &args.target))
+        .await
+        .map_err(CliError::Status)?
+        .into_inner();
+    print_json(&ResolveOutput {
+        registry_id: response.registry_id,
+        repository_name: response.repository_name,
+        image_id: response.image_id.unwrap_or_default().into(),
+        image_manifest_media_type: response.image_manifest_media_type,
+        image_manifest_size: response.image_manifest_size,
+    })
+}
+
+/// `digest`: prints `sha256:…` of the file's exact bytes.
+pub fn digest(args: &DigestArgs) -> Result<(), CliError> {
+    let text = args.file.to_string_lossy();
+    let path = text
+        .strip_prefix("fileb://")
+        .or_else(|| text.strip_prefix("file://"))
+        .unwrap_or(&text);
+    let bytes = std::fs::read(path).map_err(|source| CliError::Input {
+        path: path.to_owned(),
+        source,
+    })?;
+    writeln!(std::io::stdout(), "{}", Digest::of(&bytes)).map_err(CliError::Output)
+}

@@ -1,0 +1,397 @@
+//! The embedded backend: ECR's semantics over SQLite (`serve --backend local --data-dir DIR`),
+//! so the API runs on a laptop or in a client's CI with no AWS account.
+//!
+//! What ECR does, this does: the digest is SHA-256 of the exact bytes, a put moves a tag, a
+//! re-put is idempotent, a tag-immutable repository refuses to move a tag, and missing
+//! repositories, images and tag/digest disagreements fail with the same errors. Divergences,
+//! all documented in the README: a put creates its repository (ECR needs CreateRepository
+//! first), which repositories are tag-immutable comes from configuration, and there is one
+//! registry (any other registry ID has no repositories).
+//!
+//! Durability: SQLite in WAL mode with `synchronous = FULL`, so a put is acknowledged only
+//! after its transaction is on disk; a `kill -9` loses nothing that was acknowledged.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+use super::{
+    CacheStatus, Fetched, GetImageInput, PutImageInput, PutOutcome, Registry, RegistryError,
+    StoredImage, Upstream,
+};
+use crate::image::{Digest, ImageRef, RegistryId, RepositoryName};
+
+/// The registry ID the embedded store answers as: a placeholder account, 12 digits like ECR's.
+pub const DEFAULT_REGISTRY_ID: &str = "000000000000";
+/// The database file inside `--data-dir`.
+const DATABASE_FILE: &str = "images.sqlite3";
+/// A writer waits this long for another (another process on the same directory) before the
+/// put fails as unavailable; one process never waits, its connection is behind a mutex.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+const SCHEMA: &str = "
+    CREATE TABLE IF NOT EXISTS repositories (
+        name TEXT PRIMARY KEY,
+        tag_immutable INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE IF NOT EXISTS images (
+        repository TEXT NOT NULL REFERENCES repositories (name),
+        digest TEXT NOT NULL,
+        manifest TEXT NOT NULL,
+        media_type TEXT NOT NULL,
+        PRIMARY KEY (repository, digest)
+    ) STRICT;
+    CREATE TABLE IF NOT EXISTS tags (
+        repository TEXT NOT NULL,
+        tag TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        PRIMARY KEY (repository, tag),
+        FOREIGN KEY (repository, digest) REFERENCES images (repository, digest)
+    ) STRICT;
+";
+
+/// How the embedded store is set up.
+#[derive(Debug, Clone)]
+pub struct LocalSettings {
+    /// The directory holding the database; created if missing.
+    pub data_dir: PathBuf,
+    /// The registry ID reported in responses.
+    pub registry_id: String,
+    /// Repositories created tag-immutable: exact names, or `prefix/*` for a namespace.
+    pub immutable_repositories: Vec<String>,
+}
+
+/// The embedded store could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot open the local store in {dir}: {source}")]
+pub struct OpenError {
+    dir: PathBuf,
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+/// ECR's semantics over an SQLite database in one directory.
+#[derive(Clone)]
+pub struct LocalRegistry {
+    connection: Arc<Mutex<Connection>>,
+    registry_id: String,
+    immutable_repositories: Arc<[String]>,
+}
+
+impl LocalRegistry {
+    /// Opens (creating if needed) the store in `settings.data_dir`.
+    pub fn open(settings: &LocalSettings) -> Result<Self, OpenError> {
+        let failed = |source: Box<dyn std::error::Error + Send + Sync>| OpenError {
+            dir: settings.data_dir.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&settings.data_dir).map_err(|e| failed(e.into()))?;
+        let connection =
+            open_database(&settings.data_dir.join(DATABASE_FILE)).map_err(|e| failed(e.into()))?;
+        Ok(Self {
+            connection: Arc::new(Mutex::new(connection)),
+            registry_id: settings.registry_id.clone(),
+            immutable_repositories: settings.immutable_repositories.clone().into(),
+        })
+    }
+
+    /// Creates a repository, or sets an existing one's tag mutability: what ECR's
+    /// CreateRepository and PutImageTagMutability do, for set-up and tests.
+    pub async fn create_repository(
+        &self,
+        repository: &RepositoryName,
+        tag_immutable: bool,
+    ) -> Result<(), RegistryError> {
+        let name = repository.as_str().to_owned();
+        self.with_connection(move |connection| {
+            connection.execute(
+                "INSERT INTO repositories (name, tag_immutable) VALUES (?1, ?2)
+                 ON CONFLICT (name) DO UPDATE SET tag_immutable = excluded.tag_immutable",
+                params![name, tag_immutable],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Whether a repository created by a put is tag-immutable, by configuration.
+    fn configured_immutable(&self, repository: &RepositoryName) -> bool {
+        let name = repository.as_str();
+        self.immutable_repositories
+            .iter()
+            .any(|pattern| match pattern.strip_suffix("/*") {
+                Some(prefix) => name
+                    .strip_prefix(prefix)
+                    .is_some_and(|r| r.starts_with('/')),
+                None => pattern == name,
+            })
+    }
+
+    /// Runs `work` on the connection off the async runtime: SQLite blocks, on disk syncs too.
+    async fn with_connection<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Connection) -> Result<T, Failure> + Send + 'static,
+    ) -> Result<T, RegistryError> {
+        let connection = Arc::clone(&self.connection);
+        let joined = tokio::task::spawn_blocking(move || {
+            let mut connection = connection.lock().unwrap_or_else(PoisonError::into_inner);
+            work(&mut connection)
+        })
+        .await;
+        match joined {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(Failure::Registry(err))) => Err(err),
+            Ok(Err(Failure::Store(err))) => Err(store_error(&err)),
+            Err(join) => Err(RegistryError::Other(Upstream::message(format!(
+                "the local store's worker failed: {join}"
+            )))),
+        }
+    }
+
+    /// Any registry ID but ours holds no repositories.
+    fn check_registry(
+        &self,
+        registry_id: Option<&RegistryId>,
+        repository: &RepositoryName,
+    ) -> Result<(), RegistryError> {
+        match registry_id {
+            Some(id) if id.as_str() != self.registry_id => {
+                Err(repository_not_found(repository.as_str(), id.as_str()))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Opens the database, durable and with the schema in place.
+fn open_database(path: &Path) -> rusqlite::Result<Connection> {
+    let connection = Connection::open(path)?;
+    connection.busy_timeout(BUSY_TIMEOUT)?;
+    // WAL: readers never block the writer; FULL: a commit is on disk before it returns.
+    connection.pragma_update(None, "journal_mode", "WAL")?;
+    connection.pragma_update(None, "synchronous", "FULL")?;
+    connection.pragma_update(None, "foreign_keys", true)?;
+    connection.execute_batch(SCHEMA)?;
+    Ok(connection)
+}
+
+/// Why a store operation failed: a registry answer (not found, conflict) or SQLite itself.
+enum Failure {
+    Registry(RegistryError),
+    Store(rusqlite::Error),
+}
+
+impl From<rusqlite::Error> for Failure {
+    fn from(err: rusqlite::Error) -> Self {
+        Failure::Store(err)
+    }
+}
+
+impl From<RegistryError> for Failure {
+    fn from(err: RegistryError) -> Self {
+        Failure::Registry(err)
+    }
+}
+
+/// SQLite failing (disk full, I/O error, another process holding the lock) is the store being
+/// unavailable, as a failing ECR would be: retryable, and the server's problem.
+fn store_error(err: &rusqlite::Error) -> RegistryError {
+    RegistryError::Unavailable(Upstream {
+        code: None,
+        request_id: None,
+        message: "the local store failed".to_owned(),
+        detail: format!("local store: {err}"),
+    })
+}
+
+/// ECR's error, in ECR's words, with its exception name as the code.
+fn answer(code: &str, message: String) -> Upstream {
+    Upstream {
+        code: Some(code.to_owned()),
+        request_id: None,
+        detail: format!("{code}: {message}"),
+        message,
+    }
+}
+
+fn repository_not_found(repository: &str, registry_id: &str) -> RegistryError {
+    RegistryError::RepositoryNotFound(answer(
+        "RepositoryNotFoundException",
+        format!(
+            "The repository with name '{repository}' does not exist in the registry with id \
+             '{registry_id}'"
+        ),
+    ))
+}
+
+fn image_not_found(reference: &ImageRef, repository: &str) -> RegistryError {
+    RegistryError::ImageNotFound(answer(
+        "ImageNotFound",
+        format!("Requested image {reference} not found in repository '{repository}'"),
+    ))
+}
+
+impl Registry for LocalRegistry {
+    async fn put_image(
+        &self,
+        input: PutImageInput,
+    ) -> Result<(StoredImage, PutOutcome), RegistryError> {
+        self.check_registry(input.registry_id.as_ref(), &input.repository)?;
+        let immutable_if_new = self.configured_immutable(&input.repository);
+        let registry_id = self.registry_id.clone();
+        self.with_connection(move |connection| {
+            let transaction =
+                connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let repository = input.repository.as_str();
+            let digest = input.manifest.digest().as_str();
+            transaction.execute(
+                "INSERT INTO repositories (name, tag_immutable) VALUES (?1, ?2)
+                 ON CONFLICT (name) DO NOTHING",
+                params![repository, immutable_if_new],
+            )?;
+            let tag_immutable: bool = transaction.query_row(
+                "SELECT tag_immutable FROM repositories WHERE name = ?1",
+                [repository],
+                |row| row.get(0),
+            )?;
+            let image_existed = transaction
+                .query_row(
+                    "SELECT 1 FROM images WHERE repository = ?1 AND digest = ?2",
+                    params![repository, digest],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some();
+            let tag_target: Option<String> = match &input.tag {
+                Some(tag) => transaction
+                    .query_row(
+                        "SELECT digest FROM tags WHERE repository = ?1 AND tag = ?2",
+                        params![repository, tag.as_str()],
+                        |row| row.get(0),
+                    )
+                    .optional()?,
+                None => None,
+            };
+            let outcome = match (&input.tag, tag_target.as_deref()) {
+                // The same bytes under the same tag, or untagged again: nothing changes.
+                (Some(_), Some(current)) if current == digest => PutOutcome::AlreadyExisted,
+                (None, _) if image_existed => PutOutcome::AlreadyExisted,
+                (Some(tag), Some(current)) if tag_immutable => {
+                    return Err(RegistryError::TagAlreadyExists(answer(
+                        "ImageTagAlreadyExistsException",
+                        format!(
+                            "The image tag '{tag}' already exists in the '{repository}' \
+                             repository (it points at {current}) and cannot be overwritten \
+                             because the repository is immutable."
+                        ),
+                    ))
+                    .into());
+                }
+                _ => PutOutcome::Created,
+            };
+            if outcome == PutOutcome::Created {
+                transaction.execute(
+                    "INSERT INTO images (repository, digest, manifest, media_type)
+                     VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
+                    params![
+                        repository,
+                        digest,
+                        input.manifest.as_str(),
+                        input.manifest.media_type().as_str()
+                    ],
+                )?;
+                if let Some(tag) = &input.tag {
+                    transaction.execute(
+                        "INSERT INTO tags (repository, tag, digest) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (repository, tag) DO UPDATE SET digest = excluded.digest",
+                        params![repository, tag.as_str(), digest],
+                    )?;
+                }
+                transaction.commit()?;
+            }
+            Ok((input.into_stored(registry_id), outcome))
+        })
+        .await
+    }
+
+    async fn get_image(&self, input: GetImageInput) -> Result<Fetched, RegistryError> {
+        self.check_registry(input.registry_id.as_ref(), &input.repository)?;
+        let registry_id = self.registry_id.clone();
+        let image = self
+            .with_connection(move |connection| {
+                let repository = input.repository.as_str();
+                let known = connection
+                    .query_row(
+                        "SELECT 1 FROM repositories WHERE name = ?1",
+                        [repository],
+                        |_| Ok(()),
+                    )
+                    .optional()?;
+                if known.is_none() {
+                    return Err(repository_not_found(repository, &registry_id).into());
+                }
+                let reference = &input.reference;
+                let digest = match (reference.tag(), reference.digest()) {
+                    (Some(tag), asked) => {
+                        let tagged: Option<String> = connection
+                            .query_row(
+                                "SELECT digest FROM tags WHERE repository = ?1 AND tag = ?2",
+                                params![repository, tag.as_str()],
+                                |row| row.get(0),
+                            )
+                            .optional()?;
+                        let tagged =
+                            tagged.ok_or_else(|| image_not_found(reference, repository))?;
+                        if let Some(asked) = asked
+                            && asked.as_str() != tagged
+                        {
+                            return Err(RegistryError::TagDigestMismatch(answer(
+                                "ImageTagDoesNotMatchDigest",
+                                format!("Tag '{tag}' points at {tagged}, not at {asked}"),
+                            ))
+                            .into());
+                        }
+                        tagged
+                    }
+                    (None, Some(digest)) => digest.as_str().to_owned(),
+                    (None, None) => return Err(image_not_found(reference, repository).into()),
+                };
+                let row: Option<(String, String)> = connection
+                    .query_row(
+                        "SELECT manifest, media_type FROM images
+                         WHERE repository = ?1 AND digest = ?2",
+                        params![repository, digest],
+                        |row| Ok((row.get(0)?, row.get(1)?)),
+                    )
+                    .optional()?;
+                let (manifest, media_type) =
+                    row.ok_or_else(|| image_not_found(reference, repository))?;
+                let accepted = &input.accepted_media_types;
+                if !accepted.is_empty() && !accepted.iter().any(|m| m.as_str() == media_type) {
+                    return Err(image_not_found(reference, repository).into());
+                }
+                // The bytes on disk are checked like bytes from ECR: corruption is refused.
+                let actual = Digest::of(manifest.as_bytes());
+                if actual.as_str() != digest {
+                    return Err(RegistryError::DigestVerificationFailed {
+                        expected: digest,
+                        actual: actual.to_string(),
+                    }
+                    .into());
+                }
+                Ok(StoredImage {
+                    registry_id,
+                    repository: input.repository,
+                    digest: actual,
+                    tag: reference.tag().cloned(),
+                    manifest: manifest.into(),
+                    media_type,
+                })
+            })
+            .await?;
+        Ok(Fetched {
+            image,
+            cache: CacheStatus::Miss,
+        })
+    }
+}
