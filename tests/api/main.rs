@@ -2,11 +2,10 @@
 //! `aws-sdk-ecr` client speaking HTTP to the moto emulator or to recorded ECR responses.
 
 mod cache;
+mod conformance;
 mod ecr_errors;
-mod emulator;
 mod faults;
 mod observability;
-mod seed;
 mod sidecar;
 #[allow(dead_code)] // shared with tests/rate_budget.rs, which uses other parts
 mod support;

@@ -1,6 +1,7 @@
 //! What every integration test needs: the emulator, recorded ECR, the service on a real socket
 //! with a real gRPC client, and readers for the rich error details.
 
+pub mod backend;
 pub mod fault_proxy;
 pub mod moto;
 pub mod nginx;

@@ -1,0 +1,145 @@
+//! The two backends every conformance test runs on: ECR (through the moto emulator and the
+//! production stack, the cache over aws-sdk-ecr) and the embedded store (`--backend local`).
+
+use std::path::PathBuf;
+
+use ecr_image_service::image::RepositoryName;
+use ecr_image_service::pb::image_service_client::ImageServiceClient;
+use ecr_image_service::registry::local::{DEFAULT_REGISTRY_ID, LocalRegistry, LocalSettings};
+use tonic::transport::Channel;
+
+use super::{MOTO_ACCOUNT, cached, create_repository, moto, start, unique};
+
+/// Which store the service is in front of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Amazon ECR's API, served by the moto emulator.
+    Ecr,
+    /// The embedded SQLite store.
+    Local,
+}
+
+/// The service in front of one backend, a client of it, and the backend's set-up handle.
+pub struct Backend {
+    /// Which backend this is.
+    pub kind: Kind,
+    /// A gRPC client of the service.
+    pub client: ImageServiceClient<Channel>,
+    store: Store,
+}
+
+enum Store {
+    Ecr(&'static str),
+    Local(LocalRegistry, ScratchDir),
+}
+
+impl Backend {
+    /// Starts the service on `kind`.
+    pub async fn start(kind: Kind) -> Self {
+        let (client, store) = match kind {
+            Kind::Ecr => {
+                let endpoint = moto::endpoint();
+                (start(cached(endpoint).0).await, Store::Ecr(endpoint))
+            }
+            Kind::Local => {
+                let dir = ScratchDir::new("conformance");
+                let local = LocalRegistry::open(&local_settings(&dir.0)).expect("open the store");
+                (start(local.clone()).await, Store::Local(local, dir))
+            }
+        };
+        Self {
+            kind,
+            client,
+            store,
+        }
+    }
+
+    /// Creates a repository, as `aws ecr create-repository` would.
+    pub async fn create_repository(&self, name: &str, immutable: bool) {
+        match &self.store {
+            Store::Ecr(endpoint) => create_repository(endpoint, name, immutable).await,
+            Store::Local(local, _) => local
+                .create_repository(&RepositoryName::parse(name).unwrap(), immutable)
+                .await
+                .unwrap(),
+        }
+    }
+
+    /// A fresh repository for one test (moto is shared by every test in the binary).
+    pub async fn repository(&self, prefix: &str, immutable: bool) -> String {
+        let name = unique(prefix);
+        self.create_repository(&name, immutable).await;
+        name
+    }
+
+    /// The registry ID the backend reports.
+    pub fn registry_id(&self) -> &'static str {
+        match self.kind {
+            Kind::Ecr => MOTO_ACCOUNT,
+            Kind::Local => DEFAULT_REGISTRY_ID,
+        }
+    }
+}
+
+/// The embedded store's production settings, in `dir`.
+pub fn local_settings(dir: &std::path::Path) -> LocalSettings {
+    LocalSettings {
+        data_dir: dir.to_owned(),
+        registry_id: DEFAULT_REGISTRY_ID.to_owned(),
+        immutable_repositories: Vec::new(),
+    }
+}
+
+/// A directory of the test's own, removed when dropped.
+pub struct ScratchDir(pub PathBuf);
+
+impl ScratchDir {
+    /// A new empty directory under the system's temporary directory.
+    pub fn new(prefix: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "ecr-image-service-{}-{}",
+            std::process::id(),
+            unique(prefix)
+        ));
+        std::fs::create_dir_all(&dir).expect("scratch directory");
+        Self(dir)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs each named scenario `async fn(Backend)` as two tests, `ecr::NAME` and `local::NAME`:
+/// one suite, so the backends cannot drift apart.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($scenario:ident),* $(,)?) => {
+        mod ecr {
+            $(
+                #[tokio::test]
+                async fn $scenario() {
+                    let backend = $crate::support::backend::Backend::start(
+                        $crate::support::backend::Kind::Ecr,
+                    )
+                    .await;
+                    super::$scenario(backend).await;
+                }
+            )*
+        }
+        mod local {
+            $(
+                #[tokio::test]
+                async fn $scenario() {
+                    let backend = $crate::support::backend::Backend::start(
+                        $crate::support::backend::Kind::Local,
+                    )
+                    .await;
+                    super::$scenario(backend).await;
+                }
+            )*
+        }
+    };
+}
