@@ -3,7 +3,9 @@
 #   moto   the ECR emulator (tests/requirements.txt) into $ECR_TEST_VENV, default target/test-venv
 #   helm   Helm v4.1.4, the official static binary, into target/test-tools/
 #   nginx  Debian's nginx-light (the HTTP/2 grpc_pass proxy standing in for a mesh sidecar)
-# No argument installs all three. Idempotent, safe to run concurrently (one lock), and quick
+#   python the Python client test's grpcio packages (tests/clients/python) into target/test-python
+#   node   the Node client test's packages and buf (tests/clients/node, npm ci) into target/test-node
+# No argument installs them all. Idempotent, safe to run concurrently (one lock), and quick
 # when everything is in place. Needs python3 with venv, npm, and apt-get for nginx (as root).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -21,20 +23,40 @@ HELM_DIR="$root/target/test-tools/helm-v4.1.4"
 NGINX_VERSION="1.22.1-9+deb12u7"
 
 install_moto() {
-  local venv="${ECR_TEST_VENV:-$root/target/test-venv}"
-  local requirements="$root/tests/requirements.txt"
+  install_venv "${ECR_TEST_VENV:-$root/target/test-venv}" "$root/tests/requirements.txt" moto_server
+}
+
+# A venv from a pinned requirements file, re-made only when the file changes.
+install_venv() {
+  local venv="$1" requirements="$2" marker="$3"
   local stamp="$venv/.requirements.sha256"
   local want
   want=$(sha256sum "$requirements" | cut -d' ' -f1)
-  if [ -x "$venv/bin/moto_server" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+  if [ -e "$venv/bin/$marker" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
     return
   fi
-  echo "test-deps: installing the moto emulator into $venv" >&2
+  echo "test-deps: installing $requirements into $venv" >&2
   rm -rf "$venv"
   python3 -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
     --require-virtualenv -r "$requirements"
   echo "$want" > "$stamp"
+}
+
+install_node() {
+  local dir="$root/target/test-node" lock="$root/tests/clients/node/package-lock.json"
+  local want
+  want=$(cat "$root/tests/clients/node/package.json" "$lock" | sha256sum | cut -d' ' -f1)
+  if [ -x "$dir/node_modules/.bin/buf" ] && [ "$(cat "$dir/.lock.sha256" 2>/dev/null)" = "$want" ]; then
+    return
+  fi
+  echo "test-deps: installing the Node client packages and buf into $dir" >&2
+  rm -rf "$dir"
+  mkdir -p "$dir"
+  cp "$root/tests/clients/node/package.json" "$lock" "$dir/"
+  # npm ci: exactly the lock file's versions and integrity hashes.
+  (cd "$dir" && npm ci --silent --no-audit --no-fund)
+  echo "$want" > "$dir/.lock.sha256"
 }
 
 install_helm() {
@@ -67,13 +89,15 @@ install_nginx() {
   "${install[@]}" >/dev/null || { "${sudo[@]}" apt-get update -q >/dev/null && "${install[@]}" >/dev/null; }
 }
 
-for what in "${@:-moto helm nginx}"; do
+for what in "${@:-moto helm nginx python node}"; do
   for one in $what; do
     case "$one" in
       moto) install_moto ;;
       helm) install_helm ;;
       nginx) install_nginx ;;
-      *) echo "test-deps: unknown dependency '$one' (moto, helm, nginx)" >&2; exit 64 ;;
+      python) install_venv "$root/target/test-python" "$root/tests/clients/python/requirements.txt" python ;;
+      node) install_node ;;
+      *) echo "test-deps: unknown dependency '$one' (moto, helm, nginx, python, node)" >&2; exit 64 ;;
     esac
   done
 done

@@ -1,6 +1,7 @@
 //! The two backends every conformance test runs on: ECR (through the moto emulator and the
 //! production stack, the cache over aws-sdk-ecr) and the embedded store (`--backend local`).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use ecr_image_service::image::RepositoryName;
@@ -8,7 +9,9 @@ use ecr_image_service::pb::image_service_client::ImageServiceClient;
 use ecr_image_service::registry::local::{DEFAULT_REGISTRY_ID, LocalRegistry, LocalSettings};
 use tonic::transport::Channel;
 
-use super::{MOTO_ACCOUNT, cached, create_repository, moto, start, unique};
+use super::{
+    MOTO_ACCOUNT, cached, create_repository, moto, serve_on_loopback, server_settings, unique,
+};
 
 /// Which store the service is in front of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +28,8 @@ pub struct Backend {
     pub kind: Kind,
     /// A gRPC client of the service.
     pub client: ImageServiceClient<Channel>,
+    /// Where the service listens, for clients in other languages.
+    pub address: SocketAddr,
     store: Store,
 }
 
@@ -36,20 +41,26 @@ enum Store {
 impl Backend {
     /// Starts the service on `kind`.
     pub async fn start(kind: Kind) -> Self {
-        let (client, store) = match kind {
+        let (address, store) = match kind {
             Kind::Ecr => {
                 let endpoint = moto::endpoint();
-                (start(cached(endpoint).0).await, Store::Ecr(endpoint))
+                let address = serve_on_loopback(cached(endpoint).0, server_settings()).await;
+                (address, Store::Ecr(endpoint))
             }
             Kind::Local => {
                 let dir = ScratchDir::new("conformance");
                 let local = LocalRegistry::open(&local_settings(&dir.0)).expect("open the store");
-                (start(local.clone()).await, Store::Local(local, dir))
+                let address = serve_on_loopback(local.clone(), server_settings()).await;
+                (address, Store::Local(local, dir))
             }
         };
+        let client = ImageServiceClient::connect(format!("http://{address}"))
+            .await
+            .expect("connect to the service");
         Self {
             kind,
             client,
+            address,
             store,
         }
     }
