@@ -820,3 +820,94 @@ async fn the_local_store_keeps_every_acknowledged_put_across_kill_9() {
     restarted.wait().unwrap();
     let _ = std::fs::remove_dir_all(&data_dir);
 }
+
+/// The README's first `sh` block containing `needle`, as one line (continuations joined), with
+/// `cargo run --release --` standing for the binary.
+fn readme_command(needle: &str) -> String {
+    let readme = include_str!("../README.md");
+    let block = readme
+        .split("```sh\n")
+        .skip(1)
+        .filter_map(|rest| rest.split("```").next())
+        .find(|block| block.contains(needle))
+        .unwrap_or_else(|| panic!("no sh block with {needle:?} in the README"));
+    let command = block.replace("\\\n", " ");
+    let line = command
+        .lines()
+        .find(|line| line.contains(needle))
+        .expect("the command line");
+    line.replace("cargo run --release --", BINARY)
+}
+
+/// The README's two first-five-minutes commands, copied from the README: the run command
+/// serves on the embedded store, and the `put-image` example prints the AWS CLI's output shape
+/// (`put-image.expected-output.json`) with the seed's digest.
+#[tokio::test]
+async fn the_readme_run_command_and_put_image_example_work_as_written() {
+    let data_dir = scratch_home().join("readme-store");
+    let _ = std::fs::remove_dir_all(&data_dir);
+    // Only the address (a free port, not 50051) and the data directory are adapted.
+    let serve = readme_command("serve --backend local")
+        .replace("127.0.0.1:50051", "127.0.0.1:0")
+        .replace("./data", &data_dir.display().to_string());
+    let home = scratch_home();
+    let mut child = Command::new("sh")
+        .args([
+            "-c",
+            &format!("exec {serve} --admin-listen 127.0.0.1:0 --log-format json"),
+        ])
+        .env_clear()
+        .env("HOME", &home)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = stderr_lines(&mut child);
+    let listening = listening_line(&lines, &mut Vec::new());
+    assert_eq!(listening["backend"], "local");
+    let address = listening["address"].as_str().unwrap().to_owned();
+
+    let put = readme_command("put-image --repository-name hello-world");
+    let output = Command::new("sh")
+        .args(["-c", &put])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("ECR_IMAGE_SERVICE_ENDPOINT", format!("http://{address}"))
+        .env("NO_PROXY", "127.0.0.1")
+        .output()
+        .unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        output.status.success(),
+        "{put}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let printed: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let expected: Value =
+        serde_json::from_str(include_str!("fixtures/put-image.expected-output.json")).unwrap();
+    assert_eq!(
+        shape(&printed),
+        shape(&expected),
+        "the AWS CLI's output shape"
+    );
+    assert_eq!(
+        printed["image"]["imageId"]["imageDigest"],
+        "sha256:8ece96b74f87652876199d83bd107d0435a196133af383ac54cb82b6cc5283ae"
+    );
+    let mut without_account = printed.clone();
+    without_account["image"]["registryId"] = expected["image"]["registryId"].clone();
+    assert_eq!(
+        without_account, expected,
+        "all but the account, value for value"
+    );
+    let _ = std::fs::remove_dir_all(&data_dir);
+}
+
+/// A JSON value's keys, recursively, with the values left out.
+fn shape(value: &Value) -> Value {
+    match value {
+        Value::Object(map) => map.iter().map(|(k, v)| (k.clone(), shape(v))).collect(),
+        _ => Value::Null,
+    }
+}

@@ -324,9 +324,12 @@ fn env_twins() -> Vec<String> {
 fn every_setting_of_the_binary_is_reachable_from_values_and_accepted_by_it() {
     let objects = render(&["--values", EVERYTHING_ON]);
     let mut settings = env(service_container(&objects));
+    // The embedded store's directory is set only with that backend.
+    let local = render(&["--values", EVERYTHING_ON, "--set", "config.backend=local"]);
+    let local_settings = env(service_container(&local));
     for twin in env_twins() {
         assert!(
-            settings.contains_key(&twin),
+            settings.contains_key(&twin) || local_settings.contains_key(&twin),
             "{twin} cannot be set from values"
         );
     }
@@ -448,4 +451,33 @@ fn bad_values_are_refused_naming_the_value() {
             Err(stderr) => assert!(stderr.contains(named), "--set {set}: {stderr}"),
         }
     }
+}
+
+/// `config.backend: local` mounts a volume for the store (the root filesystem is read-only):
+/// an emptyDir, or the PersistentVolumeClaim named in values.
+#[test]
+fn the_local_backend_gets_a_writable_data_volume() {
+    for (claim, expect_claim) in [(None, false), (Some("images-data"), true)] {
+        let mut args = vec!["--set", "config.backend=local"];
+        let set_claim;
+        if let Some(claim) = claim {
+            set_claim = format!("localStore.existingClaim={claim}");
+            args.extend(["--set", &set_claim]);
+        }
+        let objects = render(&args);
+        let container = service_container(&objects);
+        let settings = env(container);
+        assert_eq!(settings["ECR_IMAGE_SERVICE_BACKEND"], "local");
+        assert_eq!(settings["ECR_IMAGE_SERVICE_DATA_DIR"], "/data");
+        assert_eq!(container["volumeMounts"][0]["mountPath"], "/data");
+        let volume = &one(&objects, "Deployment")["spec"]["template"]["spec"]["volumes"][0];
+        assert_eq!(volume["name"], container["volumeMounts"][0]["name"]);
+        if expect_claim {
+            assert_eq!(volume["persistentVolumeClaim"]["claimName"], "images-data");
+        } else {
+            assert!(volume["emptyDir"].is_object(), "{volume}");
+        }
+    }
+    let objects = render(&[]);
+    assert!(service_container(&objects).get("volumeMounts").is_none());
 }

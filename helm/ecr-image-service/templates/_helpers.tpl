@@ -105,6 +105,9 @@ Whole numbers are printed as integers (Helm reads numbers as floats: 1000000 wou
   "logFormat" "LOG_FORMAT"
   "log" "LOG"
   "otlpEndpoint" "OTLP_ENDPOINT"
+  "backend" "BACKEND"
+  "immutableRepositories" "IMMUTABLE_REPOSITORIES"
+  "localRegistryId" "LOCAL_REGISTRY_ID"
 }}
 {{- range $key := keys $names | sortAlpha }}
 {{- $value := index $.Values.config $key }}
@@ -121,6 +124,10 @@ Whole numbers are printed as integers (Helm reads numbers as floats: 1000000 wou
   value: {{ printf "%s:%d" $host (int .Values.ports.grpc) | quote }}
 - name: ECR_IMAGE_SERVICE_ADMIN_LISTEN
   value: {{ printf "%s:%d" $host (int .Values.ports.metrics) | quote }}
+{{- if eq .Values.config.backend "local" }}
+- name: ECR_IMAGE_SERVICE_DATA_DIR
+  value: /data
+{{- end }}
 - name: ECR_IMAGE_SERVICE_RATE_SHARE
   value: {{ include "ecr-image-service.rateShare" . | quote }}
 - name: ECR_IMAGE_SERVICE_SHUTDOWN_DELAY
