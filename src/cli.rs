@@ -109,11 +109,9 @@ pub enum GetOutput {
     Manifest,
 }
 
-/// `get-image`: one image by tag or digest (ECR `BatchGetImage`).
+/// The image a command names: `aws ecr batch-get-image`'s flags for one image.
 #[derive(Debug, Clone, Args)]
-pub struct GetImageArgs {
-    #[command(flatten)]
-    target: Target,
+pub struct ImageArgs {
     /// The repository.
     #[arg(long)]
     repository_name: String,
@@ -123,12 +121,36 @@ pub struct GetImageArgs {
     /// The digest.
     #[arg(long)]
     image_digest: Option<String>,
-    /// Media types to accept; every manifest type when omitted.
-    #[arg(long, num_args = 1..)]
-    accepted_media_types: Vec<String>,
     /// The registry (12-digit account ID); the service's own when omitted.
     #[arg(long)]
     registry_id: Option<String>,
+}
+
+impl ImageArgs {
+    /// The API's identifier for the image.
+    fn identifier(&self) -> pb::ImageIdentifier {
+        pb::ImageIdentifier {
+            image_tag: self.image_tag.clone().unwrap_or_default(),
+            image_digest: self.image_digest.clone().unwrap_or_default(),
+        }
+    }
+
+    /// The registry ID, empty for the service's own.
+    fn registry_id(&self) -> String {
+        self.registry_id.clone().unwrap_or_default()
+    }
+}
+
+/// `get-image`: one image by tag or digest (ECR `BatchGetImage`).
+#[derive(Debug, Clone, Args)]
+pub struct GetImageArgs {
+    #[command(flatten)]
+    target: Target,
+    #[command(flatten)]
+    image: ImageArgs,
+    /// Media types to accept; every manifest type when omitted.
+    #[arg(long, num_args = 1..)]
+    accepted_media_types: Vec<String>,
     /// What to print.
     #[arg(long, value_enum, default_value_t = GetOutput::Json)]
     output: GetOutput,
@@ -139,21 +161,12 @@ pub struct GetImageArgs {
 pub struct RetagImageArgs {
     #[command(flatten)]
     target: Target,
-    /// The repository.
-    #[arg(long)]
-    repository_name: String,
-    /// The source image's tag.
-    #[arg(long, required_unless_present = "image_digest")]
-    image_tag: Option<String>,
-    /// The source image's digest.
-    #[arg(long)]
-    image_digest: Option<String>,
+    /// The source image.
+    #[command(flatten)]
+    source: ImageArgs,
     /// The tags to point at the source image.
     #[arg(long, num_args = 1.., required = true)]
     target_tags: Vec<String>,
-    /// The registry (12-digit account ID); the service's own when omitted.
-    #[arg(long)]
-    registry_id: Option<String>,
 }
 
 /// `resolve-image`: a tag's digest, media type and size, without the manifest.
@@ -161,18 +174,8 @@ pub struct RetagImageArgs {
 pub struct ResolveImageArgs {
     #[command(flatten)]
     target: Target,
-    /// The repository.
-    #[arg(long)]
-    repository_name: String,
-    /// The tag.
-    #[arg(long, required_unless_present = "image_digest")]
-    image_tag: Option<String>,
-    /// The digest.
-    #[arg(long)]
-    image_digest: Option<String>,
-    /// The registry (12-digit account ID); the service's own when omitted.
-    #[arg(long)]
-    registry_id: Option<String>,
+    #[command(flatten)]
+    image: ImageArgs,
 }
 
 /// `digest`: the digest ECR gives a manifest file, computed here without any service.
@@ -289,13 +292,6 @@ fn request<T>(message: T, target: &Target) -> tonic::Request<T> {
     request
 }
 
-fn identifier(tag: Option<String>, digest: Option<String>) -> pb::ImageIdentifier {
-    pb::ImageIdentifier {
-        image_tag: tag.unwrap_or_default(),
-        image_digest: digest.unwrap_or_default(),
-    }
-}
-
 /// The AWS CLI's JSON: 4-space indentation, camelCase fields, a trailing newline.
 fn print_json(value: &impl Serialize) -> Result<(), CliError> {
     let mut out = std::io::stdout().lock();
@@ -382,9 +378,9 @@ pub async fn put_image(args: PutImageArgs) -> Result<(), CliError> {
 pub async fn get_image(args: GetImageArgs) -> Result<(), CliError> {
     let mut client = connect(&args.target).await?;
     let message = pb::GetImageRequest {
-        registry_id: args.registry_id.unwrap_or_default(),
-        repository_name: args.repository_name,
-        image_id: Some(identifier(args.image_tag, args.image_digest)),
+        registry_id: args.image.registry_id(),
+        image_id: Some(args.image.identifier()),
+        repository_name: args.image.repository_name,
         accepted_media_types: args.accepted_media_types,
         max_staleness: None,
     };
@@ -437,9 +433,9 @@ pub async fn retag_image(args: RetagImageArgs) -> Result<(), CliError> {
     let mut client = connect(&args.target).await?;
     let total = args.target_tags.len();
     let message = pb::RetagImageRequest {
-        registry_id: args.registry_id.unwrap_or_default(),
-        repository_name: args.repository_name,
-        source_image_id: Some(identifier(args.image_tag, args.image_digest)),
+        registry_id: args.source.registry_id(),
+        source_image_id: Some(args.source.identifier()),
+        repository_name: args.source.repository_name,
         target_tags: args.target_tags,
     };
     let response = client
@@ -517,9 +513,9 @@ struct ResolveOutput {
 pub async fn resolve_image(args: ResolveImageArgs) -> Result<(), CliError> {
     let mut client = connect(&args.target).await?;
     let message = pb::ResolveImageRequest {
-        registry_id: args.registry_id.unwrap_or_default(),
-        repository_name: args.repository_name,
-        image_id: Some(identifier(args.image_tag, args.image_digest)),
+        registry_id: args.image.registry_id(),
+        image_id: Some(args.image.identifier()),
+        repository_name: args.image.repository_name,
         max_staleness: None,
     };
     let response = client

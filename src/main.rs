@@ -39,7 +39,7 @@ fn main() -> ExitCode {
             let _ = err.print();
             return ExitCode::SUCCESS;
         }
-        Err(err) => return config_error(first_line(&err.to_string())),
+        Err(err) => return config_error(&first_line(&err.to_string())),
     };
     let args = match cli.command {
         Command::Serve(args) => *args,
@@ -139,10 +139,19 @@ fn config_error(problem: &str) -> ExitCode {
     ExitCode::from(EXIT_CONFIG)
 }
 
-/// clap's first line (`error: …`), without the usage block that follows it.
-fn first_line(rendered: &str) -> &str {
-    let line = rendered.lines().next().unwrap_or_default();
-    line.strip_prefix("error: ").unwrap_or(line)
+/// clap's message (`error: …`) on one line, without the usage block that follows it; a
+/// message that lists what is missing on the lines below keeps the list.
+fn first_line(rendered: &str) -> String {
+    let message: Vec<&str> = rendered
+        .lines()
+        .take_while(|line| !line.starts_with("Usage:"))
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect();
+    let message = message.join(" ");
+    message
+        .strip_prefix("error: ")
+        .map_or(message.clone(), str::to_owned)
 }
 
 async fn serve(args: ServeArgs) -> ExitCode {

@@ -726,11 +726,12 @@ async fn otlp_export_continues_the_callers_trace_with_rpc_and_ecr_spans() {
 }
 
 /// The binary on the embedded store in `data_dir`, logging JSON; its address once listening.
-fn serve_local(data_dir: &std::path::Path) -> (Child, String) {
+fn serve_local(data_dir: &std::path::Path, args: &[&str]) -> (Child, String) {
     let home = scratch_home();
     let mut child = command(&home)
         .args(["serve", "--backend", "local", "--data-dir"])
         .arg(data_dir)
+        .args(args)
         .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
         .args(["--log-format", "json", "--shutdown-delay", "0s"])
         .spawn()
@@ -748,7 +749,7 @@ fn serve_local(data_dir: &std::path::Path) -> (Child, String) {
 async fn the_local_store_keeps_every_acknowledged_put_across_kill_9() {
     let data_dir = scratch_home().join("kill-9-store");
     let _ = std::fs::remove_dir_all(&data_dir);
-    let (mut child, address) = serve_local(&data_dir);
+    let (mut child, address) = serve_local(&data_dir, &[]);
     let client = ImageServiceClient::connect(format!("http://{address}"))
         .await
         .unwrap();
@@ -804,7 +805,7 @@ async fn the_local_store_keeps_every_acknowledged_put_across_kill_9() {
     }
     assert!(acknowledged.len() > 20, "only {} puts", acknowledged.len());
 
-    let (mut restarted, address) = serve_local(&data_dir);
+    let (mut restarted, address) = serve_local(&data_dir, &[]);
     let mut client = ImageServiceClient::connect(format!("http://{address}"))
         .await
         .unwrap();
@@ -910,4 +911,162 @@ fn shape(value: &Value) -> Value {
         Value::Object(map) => map.iter().map(|(k, v)| (k.clone(), shape(v))).collect(),
         _ => Value::Null,
     }
+}
+
+/// The client subcommands against a running service: AWS CLI flags and output, exact bytes
+/// with `--output manifest`, per-target retag results, the offline digest, and one exit code
+/// per class of failure.
+#[test]
+fn cli_subcommands_print_aws_cli_json_and_exit_per_error_class() {
+    let data_dir = scratch_home().join("cli-store");
+    let _ = std::fs::remove_dir_all(&data_dir);
+    let (mut server, address) = serve_local(&data_dir, &["--immutable-repositories", "frozen"]);
+    let home = scratch_home();
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    let seed = format!("file://{fixtures}/hello-world.manifest.json");
+    let doc_form = format!("file://{fixtures}/hello-world.manifest.doc-form.json");
+    let run = |args: &[&str]| {
+        command(&home)
+            .args(args)
+            .env("ECR_IMAGE_SERVICE_ENDPOINT", format!("http://{address}"))
+            .stdout(Stdio::piped())
+            .output()
+            .unwrap()
+    };
+    let json = |output: &std::process::Output| -> Value {
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).unwrap()
+    };
+    let repo = ["--repository-name", "frozen"];
+
+    let put = json(&run(&[
+        &["put-image"][..],
+        &repo,
+        &["--image-tag", "v1", "--image-manifest", &seed],
+    ]
+    .concat()));
+    assert_eq!(put["image"]["imageId"]["imageDigest"], SEED_DIGEST);
+    let put_doc = json(&run(&[
+        &["put-image"][..],
+        &repo,
+        &["--image-tag", "doc", "--image-manifest", &doc_form],
+    ]
+    .concat()));
+    let doc_digest = put_doc["image"]["imageId"]["imageDigest"].clone();
+
+    // Exact bytes out, whatever the shell would do to JSON.
+    let manifest = run(&[
+        &["get-image"][..],
+        &repo,
+        &["--image-tag", "v1", "--output", "manifest"],
+    ]
+    .concat());
+    assert!(manifest.status.success());
+    assert_eq!(manifest.stdout, SEED.as_bytes());
+    let got = json(&run(&[
+        &["get-image"][..],
+        &repo,
+        &["--image-digest", SEED_DIGEST],
+    ]
+    .concat()));
+    assert_eq!(got["image"]["imageManifest"], SEED);
+    assert_eq!(
+        got["image"]["imageManifestMediaType"],
+        "application/vnd.docker.distribution.manifest.v2+json"
+    );
+    let resolved = json(&run(&[
+        &["resolve-image"][..],
+        &repo,
+        &["--image-tag", "v1"],
+    ]
+    .concat()));
+    assert_eq!(resolved["imageId"]["imageDigest"], SEED_DIGEST);
+    assert_eq!(resolved["imageManifestSize"], SEED.len());
+
+    // A retag with one conflicting target: every result printed, exit code of the conflict.
+    let retag = run(&[
+        &["retag-image"][..],
+        &repo,
+        &["--image-tag", "v1", "--target-tags", "latest", "doc"],
+    ]
+    .concat());
+    assert_eq!(retag.status.code(), Some(4), "ALREADY_EXISTS");
+    let printed: Value = serde_json::from_slice(&retag.stdout).unwrap();
+    assert_eq!(printed["results"][0]["outcome"], "CREATED");
+    assert_eq!(
+        printed["results"][1]["failure"]["reason"],
+        "TAG_ALREADY_EXISTS"
+    );
+    assert_ne!(doc_digest, SEED_DIGEST);
+
+    // Offline digest: no service needed.
+    let digest = command(&home)
+        .args(["digest", &seed])
+        .stdout(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8(digest.stdout).unwrap().trim(),
+        SEED_DIGEST
+    );
+
+    // One exit code per class, with code and reason on stderr.
+    let cases: [(&str, Vec<&str>, i32, &str); 5] = [
+        (
+            "not found",
+            [&["get-image"][..], &repo, &["--image-tag", "nope"]].concat(),
+            3,
+            "NOT_FOUND (IMAGE_NOT_FOUND)",
+        ),
+        (
+            "invalid",
+            vec!["get-image", "--repository-name", "Bad", "--image-tag", "x"],
+            65,
+            "INVALID_ARGUMENT (INVALID_FIELD)",
+        ),
+        (
+            "no input",
+            [
+                &["put-image"][..],
+                &repo,
+                &["--image-manifest", "file:///nonexistent.json"],
+            ]
+            .concat(),
+            66,
+            "cannot read",
+        ),
+        (
+            "usage",
+            vec!["get-image", "--image-tag", "x"],
+            64,
+            "--repository-name",
+        ),
+        (
+            "unreachable",
+            vec![
+                "get-image",
+                "--repository-name",
+                "r",
+                "--image-tag",
+                "x",
+                "--endpoint",
+                "http://127.0.0.1:1",
+            ],
+            2,
+            "cannot reach",
+        ),
+    ];
+    for (what, args, code, says) in cases {
+        let output = run(&args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(code), "{what}: {stderr}");
+        assert!(stderr.contains(says), "{what}: {stderr}");
+    }
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&data_dir);
 }
