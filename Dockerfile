@@ -3,6 +3,11 @@
 #
 #   docker build -t ecr-image-service .
 #   docker run --rm -p 50051:50051 -p 9090:9090 -e AWS_REGION=us-east-1 ecr-image-service
+#   docker run --rm -p 50051:50051 -v images:/data ecr-image-service \
+#     serve --backend local --data-dir /data
+#
+# The entrypoint is the binary and the command its subcommand, so the Helm chart's args
+# (`serve …`, and `health-check …` in the helm test pod) select what runs.
 
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
@@ -20,4 +25,7 @@ COPY --from=build /src/target/release/ecr-image-service /usr/local/bin/ecr-image
 USER nonroot:nonroot
 # gRPC, and the admin port with /metrics.
 EXPOSE 50051 9090
-ENTRYPOINT ["/usr/local/bin/ecr-image-service", "serve"]
+# No shell for a probe script: the binary asks its own gRPC health service.
+HEALTHCHECK CMD ["/usr/local/bin/ecr-image-service", "health-check"]
+ENTRYPOINT ["/usr/local/bin/ecr-image-service"]
+CMD ["serve"]

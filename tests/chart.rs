@@ -481,3 +481,40 @@ fn the_local_backend_gets_a_writable_data_volume() {
     let objects = render(&[]);
     assert!(service_container(&objects).get("volumeMounts").is_none());
 }
+
+/// The image's entrypoint is the bare binary (no Docker engine here to build it, so its
+/// Dockerfile is read instead), and the chart's args start with real subcommands: `serve` for
+/// the service, `health-check` for the `helm test` pod.
+#[test]
+fn the_chart_args_select_subcommands_of_the_image_entrypoint() {
+    let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
+    let entrypoint = dockerfile
+        .lines()
+        .find_map(|line| line.strip_prefix("ENTRYPOINT "))
+        .expect("an ENTRYPOINT");
+    let entrypoint: Vec<String> = serde_json::from_str(entrypoint).expect("exec form");
+    assert_eq!(entrypoint, ["/usr/local/bin/ecr-image-service"]);
+
+    let objects = render(&[]);
+    let service_args = &service_container(&objects)["args"];
+    let test_args = &one(&objects, "Pod")["spec"]["containers"][0]["args"];
+    for args in [service_args, test_args] {
+        let args: Vec<&str> = args
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        let status = Command::new(BINARY)
+            .args(&args)
+            .arg("--help")
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "`{}` is not a command of the binary",
+            args.join(" ")
+        );
+    }
+}
