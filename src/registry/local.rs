@@ -395,3 +395,31 @@ impl Registry for LocalRegistry {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn immutable_patterns_match_names_and_whole_namespaces() {
+        let dir = std::env::temp_dir().join(format!("local-patterns-{}", std::process::id()));
+        let registry = LocalRegistry::open(&LocalSettings {
+            data_dir: dir.clone(),
+            registry_id: DEFAULT_REGISTRY_ID.to_owned(),
+            immutable_repositories: vec!["base".to_owned(), "releases/*".to_owned()],
+        })
+        .unwrap();
+        let immutable =
+            |name: &str| registry.configured_immutable(&RepositoryName::parse(name).unwrap());
+        assert!(immutable("base"));
+        assert!(immutable("releases/app"));
+        assert!(immutable("releases/team/app"));
+        assert!(
+            !immutable("releases"),
+            "the namespace itself is not inside it"
+        );
+        assert!(!immutable("releasesx/app"));
+        assert!(!immutable("base/app"), "an exact name is not a namespace");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

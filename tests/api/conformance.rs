@@ -445,3 +445,24 @@ async fn retag_image_refuses_bad_requests_whole(backend: Backend) {
         .unwrap_err();
     assert_status(&status, Code::NotFound, "IMAGE_NOT_FOUND");
 }
+
+/// A tag and a digest that name different images: ECR's `ImageTagDoesNotMatchDigest` failure
+/// (asserted on recorded ECR answers in `ecr_errors.rs`; moto does not check it), here from the
+/// embedded store.
+#[tokio::test]
+async fn the_local_store_refuses_a_tag_and_digest_that_disagree() {
+    let backend = Backend::start(Kind::Local).await;
+    let repository = backend.repository("mismatch", false).await;
+    let mut client = backend.client.clone();
+    client
+        .put_image(put(&repository, "v1", SEED))
+        .await
+        .unwrap();
+    let status = client
+        .get_image(get(&repository, "v1", SEED_DOC_FORM_DIGEST))
+        .await
+        .unwrap_err();
+    assert_status(&status, Code::InvalidArgument, "TAG_DIGEST_MISMATCH");
+    let both = fetch(&mut client, get(&repository, "v1", SEED_DIGEST)).await;
+    assert_eq!(both.image_manifest, SEED);
+}
