@@ -469,6 +469,14 @@ async fn metrics_count_what_happens() {
         ),
         0.0
     );
+    // No ECR call yet: reachability is unknown, not "unreachable".
+    assert!(
+        !before
+            .samples
+            .iter()
+            .any(|s| s.metric == "imageservice_ecr_reachable"),
+        "ecr_reachable before any ECR call"
+    );
 
     client
         .put_image(requests::put("metrics", "v1", SEED))
@@ -537,6 +545,7 @@ async fn metrics_count_what_happens() {
     );
     assert!(sample(&after, "imageservice_cache_bytes", &[]) > 2461.0);
     assert_eq!(sample(&after, "imageservice_rpc_in_flight", &[]), 0.0);
+    assert_eq!(sample(&after, "imageservice_ecr_reachable", &[]), 1.0);
 
     // SAFETY: kill(2) on our own child's pid.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);

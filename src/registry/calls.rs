@@ -7,6 +7,7 @@ use aws_sdk_ecr::error::BoxError;
 use aws_smithy_runtime_api::client::orchestrator::Metadata;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 /// What one attempt came back with, by HTTP status class.
@@ -28,6 +29,10 @@ pub struct UpstreamCalls {
     calls: Family<[(&'static str, String); 1], Counter>,
     /// Attempts by operation and outcome.
     attempts: Family<[(&'static str, String); 2], Counter>,
+    /// 1 when ECR's last attempt got an answer that was not a 5xx, 0 when it got none or a
+    /// 5xx. A family without labels, so the series appears with the first attempt instead of
+    /// reading 0 ("unreachable") on a service that has not called ECR yet.
+    reachable: Family<Vec<(String, String)>, Gauge>,
 }
 
 impl UpstreamCalls {
@@ -60,6 +65,18 @@ impl UpstreamCalls {
             "ECR attempts by operation and outcome",
             self.attempts.clone(),
         );
+        registry.register(
+            "ecr_reachable",
+            "1 if ECR's last attempt was answered without a 5xx, 0 if not (readiness ignores it)",
+            self.reachable.clone(),
+        );
+    }
+
+    /// Whether ECR's last attempt was answered without a 5xx; `None` before the first one.
+    pub fn reachable(&self) -> Option<bool> {
+        self.reachable
+            .get(&Vec::new())
+            .map(|gauge| gauge.get() == 1)
     }
 }
 
@@ -104,6 +121,10 @@ impl Intercept for UpstreamCalls {
                 ("outcome", what.to_owned()),
             ])
             .inc();
+        let answered = matches!(what, outcome::OK | outcome::CLIENT_ERROR);
+        self.reachable
+            .get_or_create(&Vec::new())
+            .set(i64::from(answered));
         Ok(())
     }
 }

@@ -622,14 +622,18 @@ async fn a_stalled_ecr_times_out() {
 }
 
 #[tokio::test]
-async fn an_unreachable_ecr_is_unavailable() {
+async fn an_unreachable_ecr_is_unavailable_and_shows_in_the_reachability_gauge() {
     // Port 1 on loopback: nothing listens there, so the connection is refused at once.
-    let mut client = start(registry("http://127.0.0.1:1", settings())).await;
+    let ecr = registry("http://127.0.0.1:1", settings());
+    let calls = ecr.calls().clone();
+    assert_eq!(calls.reachable(), None, "unknown before any call");
+    let mut client = start(ecr).await;
     let status = client
         .get_image(get("hello-world", "2019.08", ""))
         .await
         .unwrap_err();
     assert_status(&status, Code::Unavailable, "ECR_UNAVAILABLE");
+    assert_eq!(calls.reachable(), Some(false));
 }
 
 /// A machine with no AWS credentials at all (the default chain finds none): the failure is the
