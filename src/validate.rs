@@ -53,6 +53,16 @@ impl Checker {
             .ok()
     }
 
+    /// Records a violation if a repeated field lists more than `max` entries.
+    fn at_most(&mut self, field: &str, len: usize, max: usize, entries: &str) {
+        if len > max {
+            self.push(
+                field,
+                format!("must list at most {max} {entries}, got {len}"),
+            );
+        }
+    }
+
     /// Records a violation found by other means.
     fn push(&mut self, field: &str, description: impl Into<String>) {
         self.violations.push(Violation::new(field, description));
@@ -170,15 +180,12 @@ pub fn retag_image(request: pb::RetagImageRequest) -> Result<RetagInput, Error> 
     if request.target_tags.is_empty() {
         check.push("target_tags", "needs at least one tag");
     }
-    if request.target_tags.len() > MAX_TARGET_TAGS {
-        check.push(
-            "target_tags",
-            format!(
-                "must list at most {MAX_TARGET_TAGS} tags, got {}",
-                request.target_tags.len()
-            ),
-        );
-    }
+    check.at_most(
+        "target_tags",
+        request.target_tags.len(),
+        MAX_TARGET_TAGS,
+        "tags",
+    );
     let mut targets: Vec<Tag> = Vec::with_capacity(request.target_tags.len());
     for (i, text) in request.target_tags.iter().enumerate() {
         let field = format!("target_tags[{i}]");
@@ -242,15 +249,12 @@ fn image_read(request: ImageRead<'_>) -> Result<GetImageInput, Error> {
     if tag_text.is_empty() && digest_text.is_empty() {
         check.push("image_id", "needs an image_tag, an image_digest, or both");
     }
-    if request.accepted_media_types.len() > MAX_ACCEPTED_MEDIA_TYPES {
-        check.push(
-            "accepted_media_types",
-            format!(
-                "must list at most {MAX_ACCEPTED_MEDIA_TYPES} media types, got {}",
-                request.accepted_media_types.len()
-            ),
-        );
-    }
+    check.at_most(
+        "accepted_media_types",
+        request.accepted_media_types.len(),
+        MAX_ACCEPTED_MEDIA_TYPES,
+        "media types",
+    );
     let accepted_media_types: Vec<MediaType> = request
         .accepted_media_types
         .iter()

@@ -185,10 +185,7 @@ async fn a_mutable_tag_moves(backend: Backend) {
     let repository = backend.repository("mutable", false).await;
     let mut client = backend.client.clone();
 
-    client
-        .put_image(put(&repository, "v1", SEED))
-        .await
-        .unwrap();
+    backend.put(&repository, "v1", SEED).await;
     let moved = client
         .put_image(put(&repository, "v1", SEED_DOC_FORM))
         .await
@@ -211,10 +208,7 @@ async fn an_immutable_tag_stays(backend: Backend) {
     let repository = backend.repository("immutable", true).await;
     let mut client = backend.client.clone();
 
-    client
-        .put_image(put(&repository, "v1", SEED))
-        .await
-        .unwrap();
+    backend.put(&repository, "v1", SEED).await;
     let again = client
         .put_image(put(&repository, "v1", SEED))
         .await
@@ -246,11 +240,8 @@ async fn media_types_are_inferred_or_declared(backend: Backend) {
         media_types::DOCKER_MANIFEST_V2,
         SEED.len()
     );
-    client.put_image(put(&repository, "", SEED)).await.unwrap();
-    client
-        .put_image(put(&repository, "multi", &index))
-        .await
-        .unwrap();
+    backend.put(&repository, "", SEED).await;
+    backend.put(&repository, "multi", &index).await;
     let image = fetch(&mut client, get(&repository, "multi", "")).await;
     assert_eq!(image.image_manifest, index);
     assert_eq!(image.image_manifest_media_type, media_types::OCI_INDEX);
@@ -289,10 +280,7 @@ async fn untagged_images_are_addressed_by_digest(backend: Backend) {
 async fn resolve_reports_digest_type_and_size(backend: Backend) {
     let repository = backend.repository("resolve", false).await;
     let mut client = backend.client.clone();
-    client
-        .put_image(put(&repository, "v1", SEED))
-        .await
-        .unwrap();
+    backend.put(&repository, "v1", SEED).await;
     let resolved = client
         .resolve_image(ResolveImageRequest {
             repository_name: repository.clone(),
@@ -331,10 +319,7 @@ fn retag(repository: &str, source_tag: &str, targets: &[&str]) -> RetagImageRequ
 async fn retag_image_points_tags_at_the_exact_bytes(backend: Backend) {
     let repository = backend.repository("retag", false).await;
     let mut client = backend.client.clone();
-    client
-        .put_image(put(&repository, "2019.08", SEED))
-        .await
-        .unwrap();
+    backend.put(&repository, "2019.08", SEED).await;
 
     let response = client
         .retag_image(retag(&repository, "2019.08", &["latest", "stable"]))
@@ -378,14 +363,8 @@ async fn retag_image_points_tags_at_the_exact_bytes(backend: Backend) {
 async fn retag_image_reports_each_target_on_its_own(backend: Backend) {
     let repository = backend.repository("retag-immutable", true).await;
     let mut client = backend.client.clone();
-    client
-        .put_image(put(&repository, "v1", SEED))
-        .await
-        .unwrap();
-    client
-        .put_image(put(&repository, "taken", SEED_DOC_FORM))
-        .await
-        .unwrap();
+    backend.put(&repository, "v1", SEED).await;
+    backend.put(&repository, "taken", SEED_DOC_FORM).await;
 
     let response = client
         .retag_image(retag(&repository, "v1", &["first", "taken", "last"]))
@@ -414,10 +393,7 @@ async fn retag_image_reports_each_target_on_its_own(backend: Backend) {
 async fn retag_image_refuses_bad_requests_whole(backend: Backend) {
     let repository = backend.repository("retag-bad", false).await;
     let mut client = backend.client.clone();
-    client
-        .put_image(put(&repository, "v1", SEED))
-        .await
-        .unwrap();
+    backend.put(&repository, "v1", SEED).await;
 
     let status = client
         .retag_image(retag(&repository, "v1", &["ok", "", "ok"]))
@@ -454,10 +430,7 @@ async fn the_local_store_refuses_a_tag_and_digest_that_disagree() {
     let backend = Backend::start(Kind::Local).await;
     let repository = backend.repository("mismatch", false).await;
     let mut client = backend.client.clone();
-    client
-        .put_image(put(&repository, "v1", SEED))
-        .await
-        .unwrap();
+    backend.put(&repository, "v1", SEED).await;
     let status = client
         .get_image(get(&repository, "v1", SEED_DOC_FORM_DIGEST))
         .await

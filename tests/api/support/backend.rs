@@ -5,10 +5,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use ecr_image_service::image::RepositoryName;
+use ecr_image_service::pb::PutImageResponse;
 use ecr_image_service::pb::image_service_client::ImageServiceClient;
 use ecr_image_service::registry::local::{DEFAULT_REGISTRY_ID, LocalRegistry, LocalSettings};
 use tonic::transport::Channel;
 
+use super::requests::put;
 use super::{
     MOTO_ACCOUNT, cached, create_repository, moto, serve_on_loopback, server_settings, unique,
 };
@@ -81,6 +83,16 @@ impl Backend {
         let name = unique(prefix);
         self.create_repository(&name, immutable).await;
         name
+    }
+
+    /// Puts `manifest` as `repository:tag` through the service; the put must succeed.
+    pub async fn put(&self, repository: &str, tag: &str, manifest: &str) -> PutImageResponse {
+        self.client
+            .clone()
+            .put_image(put(repository, tag, manifest))
+            .await
+            .unwrap_or_else(|status| panic!("put {repository}:{tag}: {status:?}"))
+            .into_inner()
     }
 
     /// The registry ID the backend reports.
