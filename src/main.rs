@@ -149,9 +149,10 @@ fn first_line(rendered: &str) -> String {
         .filter(|line| !line.is_empty())
         .collect();
     let message = message.join(" ");
-    message
-        .strip_prefix("error: ")
-        .map_or(message.clone(), str::to_owned)
+    match message.strip_prefix("error: ") {
+        Some(rest) => rest.to_owned(),
+        None => message,
+    }
 }
 
 async fn serve(args: ServeArgs) -> ExitCode {

@@ -9,7 +9,7 @@ use tracing::field::{Empty, debug as debug_value};
 use tracing::{Instrument, Span, debug, debug_span, info, warn};
 
 use crate::error::{Error, Reason, Violation};
-use crate::image::{Digest, Manifest, MediaType, RegistryId, Tag};
+use crate::image::{Digest, Manifest, MediaType, Tag};
 use crate::pb;
 use crate::registry::{CacheStatus, PutImageInput, PutOutcome, Registry, StoredImage};
 use crate::telemetry::TraceParent;
@@ -126,13 +126,25 @@ impl<R: Registry> pb::image_service_server::ImageService for ImageService<R> {
             Span::current().record("digest", source.digest.as_str());
             // One put per target, in order: ECR's PutImage takes one tag, and the rate budget
             // paces them. A failure is that target's result, not the call's.
+            // Parsed (and hashed) once, whatever the number of targets.
+            let manifest = source_manifest(&source);
             let mut results = Vec::with_capacity(input.targets.len());
             for tag in input.targets {
                 let image_tag = tag.as_str().to_owned();
-                let put = retag_put(&source, registry_id.clone(), tag);
-                let result = match put {
-                    Ok(put) => self.registry.put_image(put).await.map_err(Error::from),
-                    Err(err) => Err(err),
+                let result = match &manifest {
+                    Ok(manifest) => {
+                        let put = PutImageInput {
+                            registry_id: registry_id.clone(),
+                            repository: source.repository.clone(),
+                            manifest: manifest.clone(),
+                            tag: Some(tag),
+                        };
+                        self.registry.put_image(put).await.map_err(Error::from)
+                    }
+                    Err(why) => Err(Error::InvalidArgument {
+                        reason: Reason::MediaTypeUndetermined,
+                        violations: vec![Violation::new("source_image_id", why.clone())],
+                    }),
                 };
                 results.push(match result {
                     Ok((_, outcome)) => pb::RetagImageResult {
@@ -342,28 +354,12 @@ async fn observe<T>(
     })
 }
 
-/// The put that points `tag` at `source`: its exact bytes, its media type.
-fn retag_put(
-    source: &StoredImage,
-    registry_id: Option<RegistryId>,
-    tag: Tag,
-) -> Result<PutImageInput, Error> {
+/// The source's exact bytes and media type as a manifest to put again; why not, if they
+/// cannot be (a registry may hold what this service would refuse).
+fn source_manifest(source: &StoredImage) -> Result<Manifest, String> {
     let declared = MediaType::parse(&source.media_type).ok();
-    let manifest = Manifest::parse(source.manifest.to_string(), declared).map_err(|err| {
-        Error::InvalidArgument {
-            reason: Reason::MediaTypeUndetermined,
-            violations: vec![Violation::new(
-                "source_image_id",
-                format!("the source manifest cannot be put again: {err}"),
-            )],
-        }
-    })?;
-    Ok(PutImageInput {
-        registry_id,
-        repository: source.repository.clone(),
-        manifest,
-        tag: Some(tag),
-    })
+    Manifest::parse(source.manifest.to_string(), declared)
+        .map_err(|err| format!("the source manifest cannot be put again: {err}"))
 }
 
 fn put_outcome(outcome: PutOutcome) -> pb::PutImageOutcome {
