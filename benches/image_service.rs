@@ -11,7 +11,10 @@
 //! - memory: resident memory after 100,000 distinct manifests pass through a 64 MiB cache
 //!   (in a child process, so nothing else is in its heap).
 //!
-//! Targets are printed beside the figures; the bench reports, it does not fail.
+//! Every setting is the production default (`EcrSettings`, `CacheSettings` and `ServerSettings`
+//! `::default()`), but for the endpoint and region of the emulator: a figure here is what a user
+//! running the defaults gets. Set-up data is put straight into the emulator, so no budget paces
+//! it. Targets are printed beside the figures; the bench reports, it does not fail.
 
 #[path = "../tests/api/support/moto.rs"]
 mod moto;
@@ -28,11 +31,13 @@ use ecr_image_service::pb::{
     ResolveImageRequest, ResolveImageResponse, RetagImageRequest, RetagImageResponse,
 };
 use ecr_image_service::registry::cached::{CacheSettings, CachedRegistry};
+use ecr_image_service::registry::ecr::calls::UpstreamCalls;
 use ecr_image_service::registry::ecr::{EcrRegistry, EcrSettings, client_config};
 use ecr_image_service::registry::{
-    BatchGet, BatchInput, Fetched, GetImageInput, PutImageInput, PutOutcome, Registry,
-    RegistryError, StoredImage,
+    BoxFuture, Fetched, GetImageInput, PutImageInput, PutOutcome, Registry, RegistryError,
+    StoredImage,
 };
+use ecr_image_service::server::{self as server, ServerSettings};
 use tokio::net::TcpListener;
 use tonic::transport::{Channel, Endpoint, Server};
 use tonic::{Request, Response, Status};
@@ -53,8 +58,7 @@ const WARM_UP: Duration = Duration::from_millis(500);
 const ROUNDS: usize = 3;
 /// Sequential cold reads per side.
 const COLD_READS: usize = 300;
-/// The memory phase: budget and number of distinct manifests.
-const MEMORY_BUDGET: u64 = 64 << 20;
+/// The memory phase: number of distinct manifests (through the default 64 MiB budget).
 const MEMORY_MANIFESTS: usize = 100_000;
 /// Set in the child process that runs the memory phase.
 const MEMORY_PHASE_ENV: &str = "ECR_IMAGE_SERVICE_BENCH_MEMORY_PHASE";
@@ -80,19 +84,12 @@ fn main() {
     println!("{}", memory());
 }
 
+/// The production defaults, pointed at the emulator.
 fn ecr_settings(endpoint: &str) -> EcrSettings {
     EcrSettings {
         region: Some(REGION.into()),
         endpoint_url: Some(endpoint.into()),
-        max_attempts: 3,
-        initial_backoff: Duration::from_millis(100),
-        max_backoff: Duration::from_secs(2),
-        connect_timeout: Duration::from_secs(2),
-        attempt_timeout: Duration::from_secs(5),
-        operation_timeout: Duration::from_secs(15),
-        // The published quotas would pace the bench's set-up puts; budgets are not measured here.
-        put_image_rate: 100_000.0,
-        batch_get_image_rate: 100_000.0,
+        ..EcrSettings::default()
     }
 }
 
@@ -106,17 +103,6 @@ fn sdk_config() -> aws_config::SdkConfig {
             )),
         )
         .build()
-}
-
-fn cache_settings() -> CacheSettings {
-    CacheSettings {
-        digest_cache_bytes: MEMORY_BUDGET,
-        tag_cache_entries: ecr_image_service::config::DEFAULT_TAG_CACHE_ENTRIES,
-        // Long enough that the tag stays fresh for the whole limit run.
-        tag_ttl: Duration::from_secs(600),
-        stale_if_error: Duration::from_secs(300),
-        batch_window: Duration::ZERO,
-    }
 }
 
 async fn serve<S>(service: S) -> Vec<Channel>
@@ -150,30 +136,22 @@ where
     channels
 }
 
-async fn start_service(
-    endpoint: &str,
-) -> (
-    Vec<Channel>,
-    ecr_image_service::registry::calls::UpstreamCalls,
-) {
-    let ecr = EcrRegistry::from_config(client_config(&sdk_config(), &ecr_settings(endpoint)));
+/// The service as `serve` runs it, on the defaults, through the production serve path.
+async fn start_service(endpoint: &str) -> (Vec<Channel>, UpstreamCalls) {
+    let settings = ecr_settings(endpoint);
+    let config = client_config(&sdk_config(), &settings);
+    let ecr = EcrRegistry::from_config(config, settings.batch_window);
     let calls = ecr.calls().clone();
-    let registry = CachedRegistry::new(ecr, cache_settings());
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    let settings = ecr_image_service::server::ServerSettings {
-        max_concurrent_requests: 4096,
-        default_deadline: Duration::from_secs(20),
-        shutdown_delay: Duration::ZERO,
-        shutdown_grace: Duration::from_secs(20),
-        reflection: true,
-    };
-    tokio::spawn(ecr_image_service::server::serve(
-        listener,
-        registry,
-        settings,
-        std::future::pending(),
-    ));
+    let registry = CachedRegistry::new(Arc::new(ecr), CacheSettings::default());
+    let bound = server::bind(ServerSettings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_listen: "127.0.0.1:0".parse().unwrap(),
+        ..ServerSettings::default()
+    })
+    .await
+    .unwrap();
+    let address = bound.address();
+    tokio::spawn(bound.serve(Arc::new(registry), std::future::pending()));
     let mut channels = Vec::new();
     for _ in 0..CONNECTIONS {
         channels.push(
@@ -371,15 +349,15 @@ async fn run() {
         );
     }
     println!(
-        "by tag: {tag_rps_ratio:.2}x bare RPS (target >= 0.85: {}), p99 {tag_p99_ratio:.2}x \
+        "by tag: {tag_rps_ratio:.2}x bare RPS (target >= 0.9: {}), p99 {tag_p99_ratio:.2}x \
          (target <= 1.5: {})",
-        verdict(tag_rps_ratio >= 0.85),
+        verdict(tag_rps_ratio >= 0.9),
         verdict(tag_p99_ratio <= 1.5)
     );
     println!(
-        "by digest: {digest_rps_ratio:.2}x bare RPS (target >= 0.85: {}), p99 \
+        "by digest: {digest_rps_ratio:.2}x bare RPS (target >= 0.9: {}), p99 \
          {digest_p99_ratio:.2}x (target <= 1.5: {})",
-        verdict(digest_rps_ratio >= 0.85),
+        verdict(digest_rps_ratio >= 0.9),
         verdict(digest_p99_ratio <= 1.5)
     );
     println!("upstream BatchGetImage calls during the cached runs: {upstream_during}");
@@ -462,11 +440,7 @@ async fn cold_path(moto: &str, admin: &aws_sdk_ecr::Client, service: &[Channel])
 }
 
 /// Concurrent cold reads: one tag by 1,000 callers, then 500 distinct tags.
-async fn herd(
-    admin: &aws_sdk_ecr::Client,
-    service: &[Channel],
-    calls: &ecr_image_service::registry::calls::UpstreamCalls,
-) {
+async fn herd(admin: &aws_sdk_ecr::Client, service: &[Channel], calls: &UpstreamCalls) {
     let manifest = |n: usize| {
         format!(r#"{{"mediaType":"application/vnd.oci.image.manifest.v1+json","herd":{n}}}"#)
     };
@@ -494,16 +468,25 @@ async fn herd(
             tokio::spawn(async move { client.get_image(get("herd-500", "")).await })
         })
         .collect();
-    let mut correct = 0;
+    let (mut correct, mut refused) = (0, Vec::new());
     for caller in callers {
-        let image = caller.await.unwrap().unwrap().into_inner().image.unwrap();
-        correct += usize::from(image.image_manifest == manifest(500));
+        match caller.await.unwrap() {
+            Ok(response) => {
+                let image = response.into_inner().image.unwrap();
+                correct += usize::from(image.image_manifest == manifest(500));
+            }
+            Err(status) => refused.push(status.code()),
+        }
     }
     let one_tag = calls.calls("BatchGetImage") - before;
     println!(
         "herd: 1,000 concurrent GetImage of one uncached tag -> {one_tag} BatchGetImage \
-         (target exactly 1: {}), {correct}/1000 answered correctly",
-        verdict(one_tag == 1 && correct == 1000)
+         (target exactly 1: {}), {correct}/1000 answered correctly (target 1000: {}), {} \
+         refused {:?}",
+        verdict(one_tag == 1),
+        verdict(correct == 1000),
+        refused.len(),
+        refused.first()
     );
 
     let before = calls.calls("BatchGetImage");
@@ -513,17 +496,24 @@ async fn herd(
             tokio::spawn(async move { (n, client.get_image(get(&format!("herd-{n}"), "")).await) })
         })
         .collect();
-    let mut correct = 0;
+    let (mut correct, mut refused) = (0, 0);
     for caller in callers {
         let (n, result) = caller.await.unwrap();
-        let image = result.unwrap().into_inner().image.unwrap();
-        correct += usize::from(image.image_manifest == manifest(n));
+        match result {
+            Ok(response) => {
+                let image = response.into_inner().image.unwrap();
+                correct += usize::from(image.image_manifest == manifest(n));
+            }
+            Err(_) => refused += 1,
+        }
     }
     let distinct = calls.calls("BatchGetImage") - before;
     println!(
         "herd: 500 concurrent GetImage of 500 distinct uncached tags -> {distinct} \
-         BatchGetImage (target <= 10: {}), {correct}/500 answered correctly",
-        verdict(distinct <= 10 && correct == 500)
+         BatchGetImage (target <= 10: {}), {correct}/500 answered correctly (target 500: {}), \
+         {refused} refused",
+        verdict(distinct <= 10),
+        verdict(correct == 500)
     );
 }
 
@@ -544,26 +534,15 @@ fn memory() -> String {
 struct Sink;
 
 impl Registry for Sink {
-    async fn put_image(
+    fn put_image(
         &self,
         input: PutImageInput,
-    ) -> Result<(StoredImage, PutOutcome), RegistryError> {
-        Ok((
-            input.into_stored("123456789012".into()),
-            PutOutcome::Created,
-        ))
+    ) -> BoxFuture<'_, Result<(StoredImage, PutOutcome), RegistryError>> {
+        let stored = input.into_stored("123456789012".into());
+        Box::pin(async move { Ok((stored, PutOutcome::Created)) })
     }
 
-    async fn get_image(&self, _: GetImageInput) -> Result<Fetched, RegistryError> {
-        unreachable!("the memory phase only puts")
-    }
-}
-
-impl BatchGet for Sink {
-    async fn get_images(
-        &self,
-        _: BatchInput,
-    ) -> Result<Vec<Result<StoredImage, RegistryError>>, RegistryError> {
+    fn get_image(&self, _: GetImageInput) -> BoxFuture<'_, Result<Fetched, RegistryError>> {
         unreachable!("the memory phase only puts")
     }
 }
@@ -577,8 +556,8 @@ fn resident_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// Puts 100,000 distinct seed-sized manifests through the write-through path of a cache with a
-/// 64 MiB budget and reports resident memory. Untagged, only the digest cache fills (the
+/// Puts 100,000 distinct seed-sized manifests through the write-through path of a cache with
+/// its default 64 MiB budget and reports resident memory. Untagged, only the digest cache fills (the
 /// budget under test); tagged, the tag cache also fills with 100,000 resolutions (bounded by
 /// entry count, not by the byte budget).
 fn memory_phase(tagged: bool) {
@@ -586,7 +565,8 @@ fn memory_phase(tagged: bool) {
         .build()
         .unwrap();
     let before = resident_bytes();
-    let cache = CachedRegistry::new(Sink, cache_settings());
+    let cache = CachedRegistry::new(Arc::new(Sink), CacheSettings::default());
+    let budget = CacheSettings::default().digest_cache_bytes;
     let repository = RepositoryName::parse(REPOSITORY).unwrap();
     runtime.block_on(async {
         for n in 0..MEMORY_MANIFESTS {
@@ -615,11 +595,11 @@ fn memory_phase(tagged: bool) {
             "untagged puts"
         },
         SEED.len(),
-        mib(MEMORY_BUDGET),
+        mib(budget),
         mib(held),
         mib(before),
         mib(after),
-        mib(MEMORY_BUDGET + (64 << 20)),
-        verdict(after <= MEMORY_BUDGET + (64 << 20))
+        mib(budget + (64 << 20)),
+        verdict(after <= budget + (64 << 20))
     );
 }

@@ -1,4 +1,4 @@
-//! Command line and environment: every flag has an `ECR_IMAGE_SERVICE_*` twin, and everything is
+//! The server's configuration (`serve`): every flag has an `ECR_IMAGE_SERVICE_*` twin, and everything is
 //! validated at start-up so a bad deployment fails at once with one clear line (exit 64).
 //!
 //! AWS credentials are not configuration here: they come only from the SDK's default chain.
@@ -6,134 +6,20 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, ValueEnum};
+use humantime::Duration as Human;
 
 use crate::image::{RegistryId, RepositoryName};
+use crate::registry::cached::{self, CacheSettings};
+use crate::registry::ecr::{EcrSettings, client as ecr};
+use crate::registry::local::{self, LocalSettings};
+use crate::server::{self, ServerSettings};
+use crate::telemetry::LogFormat;
 
-use crate::registry::cached::CacheSettings;
-use crate::registry::ecr::EcrSettings;
-use crate::registry::local::LocalSettings;
-use crate::server::ServerSettings;
-
-/// The admin port (`/metrics`), apart from gRPC so that it is never routed through the gRPC
-/// Service or the mesh's gRPC routes; 9090 is where Prometheus scrape configs look first.
-pub const DEFAULT_ADMIN_LISTEN: &str = "0.0.0.0:9090";
-/// gRPC's conventional port, on every interface: in a pod, the kubelet's probes and the mesh
-/// sidecar reach the server through the pod IP, not loopback.
-pub const DEFAULT_LISTEN: &str = "0.0.0.0:50051";
-/// The SDK's standard: two retries ride out a throttling blip or a dropped connection, and a
-/// throttled account sees at most three times the load, not more.
-pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
-/// ECR's rate budgets refill every second; retries jittered over 0-100 ms, then 0-200 ms, spread
-/// out without making an interactive caller wait the SDK's default of up to 1 s.
-pub const DEFAULT_INITIAL_BACKOFF: &str = "100ms";
-/// Caps the wait between two attempts well inside a typical 10-30 s caller deadline.
-pub const DEFAULT_MAX_BACKOFF: &str = "2s";
-/// A regional or VPC endpoint connects in milliseconds: two seconds means it is unreachable.
-pub const DEFAULT_CONNECT_TIMEOUT: &str = "2s";
-/// ECR answers these calls in well under a second; five allows a 4 MiB manifest upload on a
-/// slow link, and abandons (then retries) an attempt that is stuck.
-pub const DEFAULT_ATTEMPT_TIMEOUT: &str = "5s";
-/// Bounds a whole call, retries included, so no request outlives a sensible caller deadline.
-pub const DEFAULT_OPERATION_TIMEOUT: &str = "15s";
-/// Enough for the hot set of a large fleet: 64 MiB holds ~25,000 typical 2.5 KiB manifests.
-/// Entries are immutable and verified, so a bigger budget only trades memory for ECR calls.
-pub const DEFAULT_DIGEST_CACHE_BYTES: &str = "64MiB";
-/// A tag resolution costs ~570 bytes with moka's expiry bookkeeping (measured by the
-/// benchmark's memory phase), so 20,000, far more tags than a fleet deploys from at once, hold
-/// ~11 MiB.
-pub const DEFAULT_TAG_CACHE_ENTRIES: u64 = 20_000;
-/// A tag pushed elsewhere becomes visible within 10 s, quicker than a rollout step. It also
-/// caps ECR load: 1,000 hot tags on 10 replicas is ~1,000 BatchGetImage/s at worst, half of
-/// the account's 2,000/s.
-pub const DEFAULT_TAG_TTL: &str = "10s";
-/// While ECR throttles or fails, a resolution up to 5 minutes old is served, flagged STALE,
-/// rather than an error: long enough to ride out a throttling episode. A fresh read
-/// (`max_staleness` = 0) never gets a stale answer.
-pub const DEFAULT_STALE_IF_ERROR: &str = "5m";
-/// No wait for a lone miss: batching comes from misses arriving while a call is in flight.
-pub const DEFAULT_BATCH_WINDOW: &str = "0ms";
 /// Upper bound on `--batch-window`: a longer wait costs every cold read more than ECR's latency.
 const MAX_BATCH_WINDOW: Duration = Duration::from_millis(100);
-/// A request without a `grpc-timeout` still ends: later than the ECR operation timeout, so
-/// that an ECR failure is reported with its own reason rather than as a bare deadline.
-pub const DEFAULT_DEADLINE: &str = "20s";
-/// Cached reads finish in microseconds and ECR calls in tens of milliseconds, so 512 slots
-/// absorb thousands of requests per second; at worst they hold 512 4-MiB puts (2 GiB).
-pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 512;
-/// Kubernetes removes a terminating pod from endpoints while it sends SIGTERM; proxies keep
-/// sending for a few seconds. Serving (as NOT_SERVING) that long loses none of that traffic.
-pub const DEFAULT_SHUTDOWN_DELAY: &str = "5s";
-/// In-flight requests get this long to finish; with the delay it fits Kubernetes' default
-/// 30 s termination grace period.
-pub const DEFAULT_SHUTDOWN_GRACE: &str = "20s";
-/// ECR's default PutImage quota per account and region.
-pub const DEFAULT_PUT_IMAGE_RATE: f64 = 10.0;
-/// ECR's default BatchGetImage quota per account and region.
-pub const DEFAULT_BATCH_GET_IMAGE_RATE: f64 = 2000.0;
 /// Upper bound on `--max-attempts`: beyond this, retries only amplify an ECR outage.
 const MAX_ATTEMPTS_LIMIT: u32 = 10;
-
-/// A gRPC facade over Amazon ECR: put and get image manifests by tag or digest.
-#[derive(Debug, Parser)]
-#[command(name = "ecr-image-service", version, about)]
-pub struct Cli {
-    /// What to do.
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-/// The binary's subcommands.
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Serve the ImageService gRPC API.
-    Serve(Box<ServeArgs>),
-    /// Ask a running server's gRPC health service whether it serves; exit 0 if it does.
-    /// The container image has no shell, so this is what a `helm test` pod runs.
-    HealthCheck(HealthCheckArgs),
-    /// Store a manifest under a tag, like `aws ecr put-image`, through a running service.
-    PutImage(crate::cli::PutImageArgs),
-    /// Fetch an image by tag or digest; `--output manifest` writes its exact bytes.
-    GetImage(crate::cli::GetImageArgs),
-    /// Point one or more tags at an existing image, server-side.
-    RetagImage(crate::cli::RetagImageArgs),
-    /// Resolve a tag to its digest, media type and size.
-    ResolveImage(crate::cli::ResolveImageArgs),
-    /// Print the digest ECR gives a manifest file (offline: SHA-256 of its exact bytes).
-    Digest(crate::cli::DigestArgs),
-}
-
-/// Where `health-check` asks when no endpoint is given: a server on this host's default port.
-pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:50051";
-/// The service name Kubernetes' readiness probe asks about: NOT_SERVING while draining.
-pub const DEFAULT_HEALTH_SERVICE: &str = "imageservice.v1.ImageService";
-/// A health answer comes from memory; a server slower than this is as good as down.
-pub const DEFAULT_HEALTH_TIMEOUT: &str = "5s";
-
-/// `ecr-image-service health-check`.
-#[derive(Debug, Clone, Args)]
-pub struct HealthCheckArgs {
-    /// The server to ask, as an `http://HOST:PORT` URL.
-    #[arg(long, env = "ECR_IMAGE_SERVICE_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
-    pub endpoint: String,
-
-    /// The service whose status to ask for; `""` asks about the server as a whole.
-    #[arg(long, default_value = DEFAULT_HEALTH_SERVICE)]
-    pub service: String,
-
-    /// How long to wait for the connection and the answer together.
-    #[arg(long, default_value = DEFAULT_HEALTH_TIMEOUT, value_parser = humantime::parse_duration)]
-    pub timeout: Duration,
-}
-
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line, for log pipelines.
-    Json,
-}
 
 /// Where images are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -142,6 +28,16 @@ pub enum Backend {
     Ecr,
     /// An embedded SQLite store in `--data-dir` with ECR's semantics: no AWS account needed.
     Local,
+}
+
+impl Backend {
+    /// The backend's name as `--backend` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ecr => "ecr",
+            Self::Local => "local",
+        }
+    }
 }
 
 /// `ecr-image-service serve`.
@@ -165,15 +61,15 @@ pub struct ServeArgs {
     pub immutable_repositories: Vec<String>,
 
     /// The registry ID the embedded store reports (`--backend local`).
-    #[arg(long, env = "ECR_IMAGE_SERVICE_LOCAL_REGISTRY_ID", default_value = crate::registry::local::DEFAULT_REGISTRY_ID)]
+    #[arg(long, env = "ECR_IMAGE_SERVICE_LOCAL_REGISTRY_ID", default_value = local::DEFAULT_REGISTRY_ID)]
     pub local_registry_id: String,
 
     /// Address to listen on for gRPC.
-    #[arg(long, env = "ECR_IMAGE_SERVICE_LISTEN", default_value = DEFAULT_LISTEN)]
+    #[arg(long, env = "ECR_IMAGE_SERVICE_LISTEN", default_value_t = server::DEFAULT_LISTEN)]
     pub listen: SocketAddr,
 
     /// Address of the admin HTTP endpoint (`/metrics` for Prometheus).
-    #[arg(long, env = "ECR_IMAGE_SERVICE_ADMIN_LISTEN", default_value = DEFAULT_ADMIN_LISTEN)]
+    #[arg(long, env = "ECR_IMAGE_SERVICE_ADMIN_LISTEN", default_value_t = server::DEFAULT_ADMIN_LISTEN)]
     pub admin_listen: SocketAddr,
 
     /// AWS region of the registry [default: the SDK's chain: AWS_REGION, profile, IMDS].
@@ -186,63 +82,63 @@ pub struct ServeArgs {
     pub ecr_endpoint_url: Option<String>,
 
     /// Attempts per ECR call, the first included (1 disables retries).
-    #[arg(long, env = "ECR_IMAGE_SERVICE_MAX_ATTEMPTS", default_value_t = DEFAULT_MAX_ATTEMPTS)]
+    #[arg(long, env = "ECR_IMAGE_SERVICE_MAX_ATTEMPTS", default_value_t = ecr::DEFAULT_MAX_ATTEMPTS)]
     pub max_attempts: u32,
 
     /// Backoff ceiling before the first retry; doubles per retry, with full jitter.
-    #[arg(long, env = "ECR_IMAGE_SERVICE_INITIAL_BACKOFF", default_value = DEFAULT_INITIAL_BACKOFF, value_parser = humantime::parse_duration)]
-    pub initial_backoff: Duration,
+    #[arg(long, env = "ECR_IMAGE_SERVICE_INITIAL_BACKOFF", default_value_t = Human::from(ecr::DEFAULT_INITIAL_BACKOFF))]
+    pub initial_backoff: Human,
 
     /// Largest backoff between two attempts.
-    #[arg(long, env = "ECR_IMAGE_SERVICE_MAX_BACKOFF", default_value = DEFAULT_MAX_BACKOFF, value_parser = humantime::parse_duration)]
-    pub max_backoff: Duration,
+    #[arg(long, env = "ECR_IMAGE_SERVICE_MAX_BACKOFF", default_value_t = Human::from(ecr::DEFAULT_MAX_BACKOFF))]
+    pub max_backoff: Human,
 
     /// Time allowed to open a connection to ECR.
-    #[arg(long, env = "ECR_IMAGE_SERVICE_CONNECT_TIMEOUT", default_value = DEFAULT_CONNECT_TIMEOUT, value_parser = humantime::parse_duration)]
-    pub connect_timeout: Duration,
+    #[arg(long, env = "ECR_IMAGE_SERVICE_CONNECT_TIMEOUT", default_value_t = Human::from(ecr::DEFAULT_CONNECT_TIMEOUT))]
+    pub connect_timeout: Human,
 
     /// Time allowed for one attempt of an ECR call (a timed-out attempt is retried).
-    #[arg(long, env = "ECR_IMAGE_SERVICE_ATTEMPT_TIMEOUT", default_value = DEFAULT_ATTEMPT_TIMEOUT, value_parser = humantime::parse_duration)]
-    pub attempt_timeout: Duration,
+    #[arg(long, env = "ECR_IMAGE_SERVICE_ATTEMPT_TIMEOUT", default_value_t = Human::from(ecr::DEFAULT_ATTEMPT_TIMEOUT))]
+    pub attempt_timeout: Human,
 
     /// Time allowed for a whole ECR call, every attempt and backoff included.
-    #[arg(long, env = "ECR_IMAGE_SERVICE_OPERATION_TIMEOUT", default_value = DEFAULT_OPERATION_TIMEOUT, value_parser = humantime::parse_duration)]
-    pub operation_timeout: Duration,
+    #[arg(long, env = "ECR_IMAGE_SERVICE_OPERATION_TIMEOUT", default_value_t = Human::from(ecr::DEFAULT_OPERATION_TIMEOUT))]
+    pub operation_timeout: Human,
 
     /// Budget of the digest -> manifest cache, in bytes (suffixes KiB, MiB, GiB).
-    #[arg(long, env = "ECR_IMAGE_SERVICE_DIGEST_CACHE_BYTES", default_value = DEFAULT_DIGEST_CACHE_BYTES, value_parser = parse_bytes)]
+    #[arg(long, env = "ECR_IMAGE_SERVICE_DIGEST_CACHE_BYTES", default_value_t = cached::DEFAULT_DIGEST_CACHE_BYTES, value_parser = parse_bytes)]
     pub digest_cache_bytes: u64,
 
     /// How many tag -> digest resolutions to keep.
-    #[arg(long, env = "ECR_IMAGE_SERVICE_TAG_CACHE_ENTRIES", default_value_t = DEFAULT_TAG_CACHE_ENTRIES)]
+    #[arg(long, env = "ECR_IMAGE_SERVICE_TAG_CACHE_ENTRIES", default_value_t = cached::DEFAULT_TAG_CACHE_ENTRIES)]
     pub tag_cache_entries: u64,
 
     /// How long a tag resolution is served from cache unless a request asks for fresher.
-    #[arg(long, env = "ECR_IMAGE_SERVICE_TAG_TTL", default_value = DEFAULT_TAG_TTL, value_parser = humantime::parse_duration)]
-    pub tag_ttl: Duration,
+    #[arg(long, env = "ECR_IMAGE_SERVICE_TAG_TTL", default_value_t = Human::from(cached::DEFAULT_TAG_TTL))]
+    pub tag_ttl: Human,
 
     /// Oldest tag resolution served (flagged stale) while ECR throttles or fails; 0 disables.
-    #[arg(long, env = "ECR_IMAGE_SERVICE_STALE_IF_ERROR", default_value = DEFAULT_STALE_IF_ERROR, value_parser = humantime::parse_duration)]
-    pub stale_if_error: Duration,
+    #[arg(long, env = "ECR_IMAGE_SERVICE_STALE_IF_ERROR", default_value_t = Human::from(cached::DEFAULT_STALE_IF_ERROR))]
+    pub stale_if_error: Human,
 
     /// How long the first miss of an idle repository waits to batch with others.
-    #[arg(long, env = "ECR_IMAGE_SERVICE_BATCH_WINDOW", default_value = DEFAULT_BATCH_WINDOW, value_parser = humantime::parse_duration)]
-    pub batch_window: Duration,
+    #[arg(long, env = "ECR_IMAGE_SERVICE_BATCH_WINDOW", default_value_t = Human::from(ecr::DEFAULT_BATCH_WINDOW))]
+    pub batch_window: Human,
 
     /// Deadline of a request that sends no grpc-timeout.
-    #[arg(long, env = "ECR_IMAGE_SERVICE_DEFAULT_DEADLINE", default_value = DEFAULT_DEADLINE, value_parser = humantime::parse_duration)]
-    pub default_deadline: Duration,
+    #[arg(long, env = "ECR_IMAGE_SERVICE_DEFAULT_DEADLINE", default_value_t = Human::from(server::DEFAULT_DEADLINE))]
+    pub default_deadline: Human,
 
     /// ImageService requests in flight at once; more are shed with UNAVAILABLE + RetryInfo.
-    #[arg(long, env = "ECR_IMAGE_SERVICE_MAX_CONCURRENT_REQUESTS", default_value_t = DEFAULT_MAX_CONCURRENT_REQUESTS)]
+    #[arg(long, env = "ECR_IMAGE_SERVICE_MAX_CONCURRENT_REQUESTS", default_value_t = server::DEFAULT_MAX_CONCURRENT_REQUESTS)]
     pub max_concurrent_requests: usize,
 
     /// PutImage requests per second the account allows (ECR quota L-AD52DFB2).
-    #[arg(long, env = "ECR_IMAGE_SERVICE_PUT_IMAGE_RATE", default_value_t = DEFAULT_PUT_IMAGE_RATE)]
+    #[arg(long, env = "ECR_IMAGE_SERVICE_PUT_IMAGE_RATE", default_value_t = ecr::DEFAULT_PUT_IMAGE_RATE)]
     pub put_image_rate: f64,
 
     /// BatchGetImage requests per second the account allows (ECR quota L-16E70933).
-    #[arg(long, env = "ECR_IMAGE_SERVICE_BATCH_GET_IMAGE_RATE", default_value_t = DEFAULT_BATCH_GET_IMAGE_RATE)]
+    #[arg(long, env = "ECR_IMAGE_SERVICE_BATCH_GET_IMAGE_RATE", default_value_t = ecr::DEFAULT_BATCH_GET_IMAGE_RATE)]
     pub batch_get_image_rate: f64,
 
     /// Processes sharing those quotas (e.g. the replica count): each takes rate / share.
@@ -251,12 +147,12 @@ pub struct ServeArgs {
 
     /// After SIGTERM, how long to keep serving with health NOT_SERVING before refusing
     /// connections.
-    #[arg(long, env = "ECR_IMAGE_SERVICE_SHUTDOWN_DELAY", default_value = DEFAULT_SHUTDOWN_DELAY, value_parser = humantime::parse_duration)]
-    pub shutdown_delay: Duration,
+    #[arg(long, env = "ECR_IMAGE_SERVICE_SHUTDOWN_DELAY", default_value_t = Human::from(server::DEFAULT_SHUTDOWN_DELAY))]
+    pub shutdown_delay: Human,
 
     /// Then, how long in-flight requests have to finish.
-    #[arg(long, env = "ECR_IMAGE_SERVICE_SHUTDOWN_GRACE", default_value = DEFAULT_SHUTDOWN_GRACE, value_parser = humantime::parse_duration)]
-    pub shutdown_grace: Duration,
+    #[arg(long, env = "ECR_IMAGE_SERVICE_SHUTDOWN_GRACE", default_value_t = Human::from(server::DEFAULT_SHUTDOWN_GRACE))]
+    pub shutdown_grace: Human,
 
     /// Serve gRPC reflection (v1 and v1alpha): `--reflection false` turns it off.
     #[arg(long, env = "ECR_IMAGE_SERVICE_REFLECTION", default_value_t = true, action = clap::ArgAction::Set)]
@@ -339,11 +235,11 @@ impl ServeArgs {
             ));
         }
         let durations = [
-            ("--initial-backoff", self.initial_backoff),
-            ("--max-backoff", self.max_backoff),
-            ("--connect-timeout", self.connect_timeout),
-            ("--attempt-timeout", self.attempt_timeout),
-            ("--operation-timeout", self.operation_timeout),
+            ("--initial-backoff", *self.initial_backoff),
+            ("--max-backoff", *self.max_backoff),
+            ("--connect-timeout", *self.connect_timeout),
+            ("--attempt-timeout", *self.attempt_timeout),
+            ("--operation-timeout", *self.operation_timeout),
         ];
         if let Some((flag, _)) = durations.iter().find(|(_, d)| d.is_zero()) {
             return Err(invalid(flag, "must be greater than zero"));
@@ -379,7 +275,7 @@ impl ServeArgs {
         if let Some(url) = &self.otlp_endpoint {
             check_endpoint_url("--otlp-endpoint", url)?;
         }
-        if self.batch_window > MAX_BATCH_WINDOW {
+        if *self.batch_window > MAX_BATCH_WINDOW {
             return Err(invalid(
                 "--batch-window",
                 format!("must be at most {MAX_BATCH_WINDOW:?}"),
@@ -419,23 +315,26 @@ impl ServeArgs {
             region: self.region.clone(),
             endpoint_url: self.ecr_endpoint_url.clone(),
             max_attempts: self.max_attempts,
-            initial_backoff: self.initial_backoff,
-            max_backoff: self.max_backoff,
-            connect_timeout: self.connect_timeout,
-            attempt_timeout: self.attempt_timeout,
-            operation_timeout: self.operation_timeout,
+            initial_backoff: *self.initial_backoff,
+            max_backoff: *self.max_backoff,
+            connect_timeout: *self.connect_timeout,
+            attempt_timeout: *self.attempt_timeout,
+            operation_timeout: *self.operation_timeout,
             put_image_rate: self.put_image_rate / f64::from(self.rate_share),
             batch_get_image_rate: self.batch_get_image_rate / f64::from(self.rate_share),
+            batch_window: *self.batch_window,
         }
     }
 
     /// The server part of the configuration.
     pub fn server_settings(&self) -> ServerSettings {
         ServerSettings {
+            listen: self.listen,
+            admin_listen: self.admin_listen,
             max_concurrent_requests: self.max_concurrent_requests,
-            default_deadline: self.default_deadline,
-            shutdown_delay: self.shutdown_delay,
-            shutdown_grace: self.shutdown_grace,
+            default_deadline: *self.default_deadline,
+            shutdown_delay: *self.shutdown_delay,
+            shutdown_grace: *self.shutdown_grace,
             reflection: self.reflection,
         }
     }
@@ -445,9 +344,8 @@ impl ServeArgs {
         CacheSettings {
             digest_cache_bytes: self.digest_cache_bytes,
             tag_cache_entries: self.tag_cache_entries,
-            tag_ttl: self.tag_ttl,
-            stale_if_error: self.stale_if_error,
-            batch_window: self.batch_window,
+            tag_ttl: *self.tag_ttl,
+            stale_if_error: *self.stale_if_error,
         }
     }
 }
@@ -490,22 +388,29 @@ fn check_endpoint_url(flag: &'static str, url: &str) -> Result<(), ConfigError> 
 mod tests {
     use super::*;
 
+    use clap::Parser;
+
+    /// `serve`'s flags alone, as the binary parses them.
+    #[derive(Parser)]
+    struct Serve {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
     fn parse(args: &[&str]) -> ServeArgs {
-        let mut argv = vec!["ecr-image-service", "serve"];
+        let mut argv = vec!["serve"];
         argv.extend_from_slice(args);
-        match Cli::try_parse_from(argv).unwrap().command {
-            Command::Serve(serve) => *serve,
-            other => panic!("parsed as {other:?}"),
-        }
+        Serve::try_parse_from(argv).unwrap().args
     }
 
     #[test]
     fn defaults_are_valid() {
         let args = parse(&[]);
         assert_eq!(args.validate(), Ok(()));
-        assert_eq!(args.max_attempts, DEFAULT_MAX_ATTEMPTS);
-        assert_eq!(args.attempt_timeout, Duration::from_secs(5));
-        assert_eq!(args.digest_cache_bytes, 64 << 20);
+        // clap's defaults are the settings types' defaults: one source for both.
+        assert_eq!(args.ecr_settings(), EcrSettings::default());
+        assert_eq!(args.cache_settings(), CacheSettings::default());
+        assert_eq!(args.server_settings(), ServerSettings::default());
     }
 
     /// A deployment of N replicas gives each its share of the account's quotas.

@@ -231,7 +231,7 @@ impl Error {
         match self {
             Self::InvalidArgument { violations, .. } => violations.clone(),
             Self::Registry(RegistryError::InvalidParameter { field, upstream }) => {
-                vec![Violation::new(field.clone(), upstream.message.clone())]
+                vec![Violation::new(*field, upstream.message.clone())]
             }
             Self::Registry(RegistryError::DigestRejected(upstream)) => {
                 vec![Violation::new("image_manifest", upstream.message.clone())]
@@ -284,6 +284,29 @@ impl From<Error> for Status {
     }
 }
 
+/// The gRPC code's canonical name, as a label value.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -294,7 +317,7 @@ mod tests {
             code: Some(code.to_owned()),
             request_id: Some("8f3a1c2e-0000-4000-8000-000000000000".to_owned()),
             message: format!("{code} happened"),
-            detail: format!("service error: {code}"),
+            ..Upstream::default()
         }
     }
 
@@ -336,7 +359,7 @@ mod tests {
             ),
             (
                 R::InvalidParameter {
-                    field: "image_manifest".into(),
+                    field: "image_manifest",
                     upstream: ecr("InvalidParameterException"),
                 }
                 .into(),

@@ -21,6 +21,7 @@
 //! generated code.
 
 pub mod admin;
+pub mod app;
 pub mod cli;
 pub mod codec;
 pub mod config;
@@ -32,7 +33,9 @@ pub mod metrics;
 pub mod overload;
 pub mod pb;
 pub mod registry;
+pub mod retag;
 pub mod server;
 pub mod service;
+pub mod shutdown;
 pub mod telemetry;
 pub mod validate;

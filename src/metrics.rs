@@ -3,7 +3,8 @@
 //! Process-wide metrics (RPCs, the ECR rate budgets) live here as statics: there is one server
 //! and one budget per process. Per-instance metrics (cache, coalescing, batching, ECR calls)
 //! are owned by the components that count them, so tests can read one instance's counts
-//! exactly; [`registry`] gathers both for the endpoint. Recording is an atomic increment or a
+//! exactly; each layer of the registry stack registers its own, and [`registry`] gathers them
+//! for the endpoint without knowing which layers there are. Recording is an atomic increment or a
 //! histogram bucket: nothing the cached-read benchmark can see.
 
 use std::sync::LazyLock;
@@ -13,10 +14,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
-use tonic::Code;
 
-use crate::registry::cached::CachedRegistry;
-use crate::registry::ecr::EcrRegistry;
+use crate::registry::Registry as RegistryStack;
 
 /// One label.
 pub type Label = [(&'static str, &'static str); 1];
@@ -58,9 +57,9 @@ pub fn process() -> &'static ProcessMetrics {
     &PROCESS
 }
 
-/// The registry the admin endpoint serves: the process's metrics and those of `cache` and the
-/// ECR backend behind it, all prefixed `imageservice_`.
-pub fn registry(cache: Option<&CachedRegistry<EcrRegistry>>) -> Registry {
+/// The registry the admin endpoint serves: the process's metrics and those of every layer of
+/// `stack`, all prefixed `imageservice_`.
+pub fn registry(stack: &dyn RegistryStack) -> Registry {
     let mut registry = Registry::with_prefix("imageservice");
     let process = process();
     registry.register(
@@ -89,33 +88,6 @@ pub fn registry(cache: Option<&CachedRegistry<EcrRegistry>>) -> Registry {
         "ECR requests refused: no rate-budget slot before their deadline",
         process.budget_rejections.clone(),
     );
-    // The ECR backend's cache and calls; the embedded store has neither.
-    if let Some(cache) = cache {
-        cache.register_metrics(&mut registry);
-        cache.inner().calls().register_metrics(&mut registry);
-    }
+    stack.register_metrics(&mut registry);
     registry
-}
-
-/// The gRPC code's canonical name, as a label value.
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
 }

@@ -1,7 +1,9 @@
-//! The gRPC server: ImageService behind its overload guard, gRPC health, and the shutdown
-//! sequence Kubernetes expects.
+//! The gRPC server: ImageService behind its overload guard, gRPC health, reflection, the admin
+//! endpoint, and the shutdown sequence Kubernetes expects. One serve path for the binary, the
+//! tests and the benchmark: [`bind`], then [`Bound::serve`] over a registry stack.
 
 use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,8 +17,30 @@ use tracing::{info, warn};
 use crate::image::MAX_MANIFEST_BYTES;
 use crate::overload::Shed;
 use crate::pb::image_service_server::ImageServiceServer;
-use crate::registry::Registry;
+use crate::registry::SharedRegistry;
 use crate::service::ImageService;
+use crate::{admin, metrics};
+
+/// gRPC's conventional port, on every interface: in a pod, the kubelet's probes and the mesh
+/// sidecar reach the server through the pod IP, not loopback.
+pub const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 50051));
+/// The admin port (`/metrics`), apart from gRPC so that it is never routed through the gRPC
+/// Service or the mesh's gRPC routes; 9090 is where Prometheus scrape configs look first.
+pub const DEFAULT_ADMIN_LISTEN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 9090));
+/// A request without a `grpc-timeout` still ends: later than the ECR operation timeout, so
+/// that an ECR failure is reported with its own reason rather than as a bare deadline.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(20);
+/// Cached reads finish in microseconds and ECR calls in tens of milliseconds, so 512 slots
+/// absorb thousands of requests per second; at worst they hold 512 4-MiB puts (2 GiB).
+pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 512;
+/// Kubernetes removes a terminating pod from endpoints while it sends SIGTERM; proxies keep
+/// sending for a few seconds. Serving (as NOT_SERVING) that long loses none of that traffic.
+pub const DEFAULT_SHUTDOWN_DELAY: Duration = Duration::from_secs(5);
+/// In-flight requests get this long to finish; with the delay it fits Kubernetes' default
+/// 30 s termination grace period.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 /// The largest request accepted: a manifest at ECR's 4 MiB limit plus room for the other fields.
 /// tonic's default (4 MiB for the whole message) would refuse a legal manifest before our
@@ -38,6 +62,10 @@ const SHED_RETRY_AFTER: Duration = Duration::from_millis(100);
 /// Limits and timings of the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerSettings {
+    /// Where gRPC is served.
+    pub listen: SocketAddr,
+    /// Where the admin endpoint (`/metrics`) is served.
+    pub admin_listen: SocketAddr,
     /// ImageService requests in flight at once; more are shed with UNAVAILABLE.
     pub max_concurrent_requests: usize,
     /// The deadline of a request that brings none.
@@ -50,6 +78,90 @@ pub struct ServerSettings {
     /// Serve gRPC reflection (v1, and v1alpha for older clients), so that grpcurl and
     /// `buf curl` work without the proto files.
     pub reflection: bool,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN,
+            admin_listen: DEFAULT_ADMIN_LISTEN,
+            max_concurrent_requests: DEFAULT_MAX_CONCURRENT_REQUESTS,
+            default_deadline: DEFAULT_DEADLINE,
+            shutdown_delay: DEFAULT_SHUTDOWN_DELAY,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            reflection: true,
+        }
+    }
+}
+
+/// Why the server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        /// The address.
+        address: SocketAddr,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Both listeners, bound: the addresses are known (port 0 picks one) before anything serves.
+#[derive(Debug)]
+pub struct Bound {
+    grpc: TcpListener,
+    admin: TcpListener,
+    settings: ServerSettings,
+}
+
+/// Binds the gRPC and admin listeners of `settings`.
+pub async fn bind(settings: ServerSettings) -> Result<Bound, ServeError> {
+    let listen = |address: SocketAddr| async move {
+        TcpListener::bind(address)
+            .await
+            .map_err(|source| ServeError::Bind { address, source })
+    };
+    Ok(Bound {
+        grpc: listen(settings.listen).await?,
+        admin: listen(settings.admin_listen).await?,
+        settings,
+    })
+}
+
+impl Bound {
+    /// Where gRPC is served.
+    pub fn address(&self) -> SocketAddr {
+        self.grpc.local_addr().unwrap_or(self.settings.listen)
+    }
+
+    /// Where `/metrics` is served.
+    pub fn admin_address(&self) -> SocketAddr {
+        self.admin
+            .local_addr()
+            .unwrap_or(self.settings.admin_listen)
+    }
+
+    /// Serves `registry` until `shutdown` completes (see [`serve`]), and `/metrics` with the
+    /// metrics of every layer of `registry` until the process ends.
+    pub async fn serve(
+        self,
+        registry: SharedRegistry,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), ServeError> {
+        let metrics = metrics::registry(&*registry);
+        let admin_listener = self.admin;
+        tokio::spawn(async move {
+            if let Err(err) = admin::serve(admin_listener, metrics).await {
+                tracing::error!(error = %err, "admin endpoint failed");
+            }
+        });
+        serve(self.grpc, registry, self.settings, shutdown).await?;
+        Ok(())
+    }
 }
 
 /// Reflection services describing ImageService and health, if enabled.
@@ -87,15 +199,15 @@ fn reflection(
 /// Serves the API on `listener` until `shutdown` completes, then: health turns NOT_SERVING,
 /// requests are still served for `shutdown_delay`, new connections are refused, in-flight
 /// requests get `shutdown_grace` to finish, and the function returns.
-pub async fn serve<R: Registry>(
+pub async fn serve(
     listener: TcpListener,
-    registry: R,
+    registry: SharedRegistry,
     settings: ServerSettings,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health
-        .set_serving::<ImageServiceServer<ImageService<R>>>()
+        .set_serving::<ImageServiceServer<ImageService>>()
         .await;
     let images = ImageServiceServer::new(ImageService::new(registry, settings.default_deadline))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
@@ -112,7 +224,7 @@ pub async fn serve<R: Registry>(
     let stop_accepting = async move {
         shutdown.await;
         health
-            .set_not_serving::<ImageServiceServer<ImageService<R>>>()
+            .set_not_serving::<ImageServiceServer<ImageService>>()
             .await;
         health
             .set_service_status("", ServingStatus::NotServing)

@@ -8,28 +8,26 @@ use tonic::{Request, Response, Status};
 use tracing::field::{Empty, debug as debug_value};
 use tracing::{Instrument, Span, debug, debug_span, info, warn};
 
-use crate::error::{Error, Reason, Violation};
-use crate::image::{Digest, Manifest, MediaType, Tag};
+use crate::error::{self, Error};
+use crate::image::{Digest, Tag};
 use crate::pb;
-use crate::registry::{CacheStatus, PutImageInput, PutOutcome, Registry, StoredImage};
+use crate::registry::{CacheStatus, PutOutcome, SharedRegistry, StoredImage};
 use crate::telemetry::TraceParent;
-use crate::validate;
-use crate::{deadline, metrics};
+use crate::{deadline, metrics, retag, validate};
 
 /// Time kept back from the caller's deadline to send our answer before it gives up.
 const RESPONSE_MARGIN: Duration = Duration::from_millis(50);
 
-/// The gRPC service over a [`Registry`].
-#[derive(Debug)]
-pub struct ImageService<R> {
-    registry: R,
+/// The gRPC service over a registry stack.
+pub struct ImageService {
+    registry: SharedRegistry,
     /// The deadline of a request that brings none (no `grpc-timeout`).
     default_deadline: Duration,
 }
 
-impl<R: Registry> ImageService<R> {
+impl ImageService {
     /// A service answering from `registry`.
-    pub fn new(registry: R, default_deadline: Duration) -> Self {
+    pub fn new(registry: SharedRegistry, default_deadline: Duration) -> Self {
         Self {
             registry,
             default_deadline,
@@ -54,7 +52,7 @@ impl<R: Registry> ImageService<R> {
 }
 
 #[tonic::async_trait]
-impl<R: Registry> pb::image_service_server::ImageService for ImageService<R> {
+impl pb::image_service_server::ImageService for ImageService {
     async fn put_image(
         &self,
         request: Request<pb::PutImageRequest>,
@@ -121,52 +119,14 @@ impl<R: Registry> pb::image_service_server::ImageService for ImageService<R> {
         let request = request.into_inner();
         let work = async {
             let input = validate::retag_image(request)?;
-            let registry_id = input.source.registry_id.clone();
-            let source = self.registry.get_image(input.source).await?.image;
-            Span::current().record("digest", source.digest.as_str());
-            // One put per target, in order: ECR's PutImage takes one tag, and the rate budget
-            // paces them. A failure is that target's result, not the call's.
-            // Parsed (and hashed) once, whatever the number of targets.
-            let manifest = source_manifest(&source);
-            let mut results = Vec::with_capacity(input.targets.len());
-            for tag in input.targets {
-                let image_tag = tag.as_str().to_owned();
-                let result = match &manifest {
-                    Ok(manifest) => {
-                        let put = PutImageInput {
-                            registry_id: registry_id.clone(),
-                            repository: source.repository.clone(),
-                            manifest: manifest.clone(),
-                            tag: Some(tag),
-                        };
-                        self.registry.put_image(put).await.map_err(Error::from)
-                    }
-                    Err(why) => Err(Error::InvalidArgument {
-                        reason: Reason::MediaTypeUndetermined,
-                        violations: vec![Violation::new("source_image_id", why.clone())],
-                    }),
-                };
-                results.push(match result {
-                    Ok((_, outcome)) => pb::RetagImageResult {
-                        image_tag,
-                        outcome: put_outcome(outcome).into(),
-                        failure: None,
-                    },
-                    Err(err) => {
-                        let (code, reason) = err.code_and_reason();
-                        pb::RetagImageResult {
-                            image_tag,
-                            outcome: pb::PutImageOutcome::Unspecified.into(),
-                            failure: Some(pb::RetagImageFailure {
-                                code: metrics::code_name(code).to_owned(),
-                                reason: reason.as_str().to_owned(),
-                                message: err.to_string(),
-                            }),
-                        }
-                    }
-                });
-            }
-            let mut source_image = to_proto(source);
+            let retagged = retag::retag(&*self.registry, input).await?;
+            Span::current().record("digest", retagged.source.digest.as_str());
+            let results = retagged
+                .results
+                .into_iter()
+                .map(|(tag, result)| retag_result(tag, result))
+                .collect();
+            let mut source_image = to_proto(retagged.source);
             // The bytes stay home: the caller asked for tags, not for the manifest.
             source_image.image_manifest = String::new();
             Ok(pb::RetagImageResponse {
@@ -232,10 +192,31 @@ fn provenance(cache: CacheStatus) -> (pb::CacheStatus, Option<prost_types::Durat
     }
 }
 
+/// The most of a request-supplied value (a repository, a tag) that goes on a log line. Values
+/// are logged before validation, so they are escaped and cut: a hostile tag can neither forge
+/// a line nor make one megabytes long.
+const MAX_LOGGED_VALUE_CHARS: usize = 128;
+
+/// `value` made safe for a log line: control and invisible characters escaped, at most
+/// [`MAX_LOGGED_VALUE_CHARS`] characters, `…` where it was cut.
+fn loggable(value: &str) -> String {
+    let mut logged: String = value
+        .chars()
+        .take(MAX_LOGGED_VALUE_CHARS)
+        .flat_map(char::escape_debug)
+        .collect();
+    if value.chars().nth(MAX_LOGGED_VALUE_CHARS).is_some() {
+        logged.push('…');
+    }
+    logged
+}
+
 /// What a request is, for its span and for the line logged if it fails.
 struct Call {
     method: &'static str,
+    /// Escaped and bounded ([`loggable`]).
     repository: String,
+    /// Escaped and bounded ([`loggable`]).
     reference: String,
     /// The caller's W3C trace context, so this request's lines and spans join its trace.
     trace: Option<TraceParent>,
@@ -255,111 +236,167 @@ impl Call {
             .and_then(TraceParent::parse);
         Self {
             method,
-            repository: repository.to_owned(),
-            reference,
+            repository: loggable(repository),
+            reference: loggable(&reference),
             trace,
+        }
+    }
+
+    fn trace_id(&self) -> Option<&str> {
+        self.trace.as_ref().map(|t| t.trace_id.as_str())
+    }
+
+    /// The request's span. At DEBUG: at the default level it is disabled and costs a cached
+    /// check, where an INFO span would have its fields formatted on every request, successes
+    /// included. `otel.*` and `rpc.*` name the exported span by OpenTelemetry's RPC
+    /// conventions.
+    fn span(&self) -> Span {
+        let span = debug_span!(
+            "rpc",
+            method = self.method,
+            repository = %self.repository,
+            reference = %self.reference,
+            trace_id = self.trace_id(),
+            digest = Empty,
+            code = Empty,
+            latency_ms = Empty,
+            otel.name = self.method,
+            otel.kind = "server",
+            otel.status_code = Empty,
+            rpc.system = "grpc",
+            rpc.service = pb::image_service_server::SERVICE_NAME,
+            rpc.method = self.method,
+            rpc.grpc.status_code = Empty,
+        );
+        if let Some(trace) = &self.trace {
+            trace.adopt(&span);
+        }
+        span
+    }
+
+    /// The one line a failed request logs: caller mistakes at INFO, the service's and ECR's
+    /// failures at WARN. What ECR said goes in fields of its own (code, message, request ID,
+    /// attempts), never as a raw response.
+    fn log_failure(&self, err: &Error, code: tonic::Code, reason: &str, latency_ms: f64) {
+        let (method, repository, reference) = (self.method, &self.repository, &self.reference);
+        let trace_id = self.trace_id();
+        let upstream = err.upstream();
+        let ecr_code = upstream.and_then(|u| u.code.as_deref());
+        let ecr_request_id = upstream.and_then(|u| u.request_id.as_deref());
+        let attempts = upstream.and_then(|u| u.attempts);
+        let cause = upstream
+            .map(|u| u.detail.as_str())
+            .filter(|d| !d.is_empty());
+        let error = loggable(&err.to_string());
+        if err.is_server_side() {
+            warn!(method, %repository, %reference, trace_id, ?code, reason, latency_ms, %error, ecr_code, ecr_request_id, attempts, cause, "request failed");
+        } else {
+            info!(method, %repository, %reference, trace_id, ?code, reason, latency_ms, %error, ecr_code, ecr_request_id, attempts, cause, "request refused");
         }
     }
 }
 
-/// Runs one request in its span and logs its end: successes at DEBUG; caller mistakes at INFO;
-/// the service's and ECR's failures at WARN with the whole error chain. Errors become statuses
-/// here, through the one mapping in [`crate::error`].
+/// Runs one request in its span, under the caller's deadline, and answers: successes logged at
+/// DEBUG, failures by [`Call::log_failure`], and errors turned into statuses through the one
+/// mapping in [`crate::error`].
 ///
-/// The span is at DEBUG: at the default level it is disabled and costs a cached check, where
-/// an INFO span would have its fields formatted on every request, successes included. A
-/// failure line carries the request's context as its own fields instead.
-///
-/// The work runs under the caller's deadline: at the deadline it is dropped (and with it any
-/// ECR call only it was waiting for) and the caller gets DEADLINE_EXCEEDED.
+/// At the deadline the work is dropped (and with it any ECR call only it was waiting for) and
+/// the caller gets DEADLINE_EXCEEDED.
 async fn observe<T>(
     call: Call,
     deadline: Instant,
     work: impl Future<Output = Result<T, Error>>,
 ) -> Result<Response<T>, Status> {
-    // `otel.*` and `rpc.*` name the exported span by OpenTelemetry's RPC conventions.
-    let span = debug_span!(
-        "rpc",
-        method = call.method,
-        repository = %call.repository,
-        reference = %call.reference,
-        trace_id = call.trace.as_ref().map(|t| t.trace_id.as_str()),
-        digest = Empty,
-        code = Empty,
-        latency_ms = Empty,
-        otel.name = call.method,
-        otel.kind = "server",
-        otel.status_code = Empty,
-        rpc.system = "grpc",
-        rpc.service = pb::image_service_server::SERVICE_NAME,
-        rpc.method = call.method,
-        rpc.grpc.status_code = Empty,
-    );
-    if let Some(trace) = &call.trace {
-        trace.adopt(&span);
-    }
-    let started = Instant::now();
-    let counted = metrics::process();
-    counted.rpc_in_flight.inc();
-    let bounded = tokio::time::timeout_at(deadline, deadline::scope(deadline, work));
-    let result = bounded
+    let span = call.span();
+    let timing = RpcTiming::start(call.method);
+    let result = tokio::time::timeout_at(deadline, deadline::scope(deadline, work))
         .instrument(span.clone())
         .await
         .unwrap_or(Err(Error::DeadlineExceeded));
-    let elapsed = started.elapsed();
-    let latency_ms = elapsed.as_secs_f64() * 1e3;
-    span.record("latency_ms", latency_ms);
-    counted.rpc_in_flight.dec();
-    counted
-        .rpc_duration
-        .get_or_create(&[("method", call.method)])
-        .observe(elapsed.as_secs_f64());
     let failure = result.as_ref().err().map(Error::code_and_reason);
     let code = failure.map_or(tonic::Code::Ok, |(code, _)| code);
-    counted
-        .rpc_requests
-        .get_or_create(&[("method", call.method), ("code", metrics::code_name(code))])
-        .inc();
+    let latency_ms = timing.finish(code);
+    span.record("latency_ms", latency_ms);
+    span.record("rpc.grpc.status_code", code as i32);
     span.in_scope(|| match result {
         Ok(body) => {
             span.record("code", "Ok");
-            span.record("rpc.grpc.status_code", 0);
             debug!("request succeeded");
             Ok(Response::new(body))
         }
         Err(err) => {
             let reason = failure.map_or("", |(_, reason)| reason.as_str());
             span.record("code", debug_value(code));
-            let detail = err
-                .upstream()
-                .map_or_else(|| err.to_string(), |u| u.detail.clone());
-            span.record("rpc.grpc.status_code", code as i32);
             if err.is_server_side() {
                 span.record("otel.status_code", "ERROR");
             }
-            let Call {
-                method,
-                repository,
-                reference,
-                trace,
-            } = &call;
-            let trace_id = trace.as_ref().map(|t| t.trace_id.as_str());
-            if err.is_server_side() {
-                warn!(method, %repository, %reference, trace_id, ?code, reason, latency_ms, error = %detail, "request failed");
-            } else {
-                info!(method, %repository, %reference, trace_id, ?code, reason, latency_ms, error = %detail, "request refused");
-            }
+            call.log_failure(&err, code, reason, latency_ms);
             Err(err.into())
         }
     })
 }
 
-/// The source's exact bytes and media type as a manifest to put again; why not, if they
-/// cannot be (a registry may hold what this service would refuse).
-fn source_manifest(source: &StoredImage) -> Result<Manifest, String> {
-    let declared = MediaType::parse(&source.media_type).ok();
-    Manifest::parse(source.manifest.to_string(), declared)
-        .map_err(|err| format!("the source manifest cannot be put again: {err}"))
+/// One RPC in the process's metrics: in flight from [`start`](Self::start) until dropped;
+/// counted by code and timed by [`finish`](Self::finish).
+struct RpcTiming {
+    method: &'static str,
+    started: Instant,
+}
+
+impl RpcTiming {
+    fn start(method: &'static str) -> Self {
+        metrics::process().rpc_in_flight.inc();
+        Self {
+            method,
+            started: Instant::now(),
+        }
+    }
+
+    /// Records the RPC's end with `code`; its latency in milliseconds.
+    fn finish(self, code: tonic::Code) -> f64 {
+        let elapsed = self.started.elapsed();
+        let counted = metrics::process();
+        counted
+            .rpc_duration
+            .get_or_create(&[("method", self.method)])
+            .observe(elapsed.as_secs_f64());
+        counted
+            .rpc_requests
+            .get_or_create(&[("method", self.method), ("code", error::code_name(code))])
+            .inc();
+        elapsed.as_secs_f64() * 1e3
+    }
+}
+
+impl Drop for RpcTiming {
+    /// Out of flight however the RPC ends, a client's cancellation included.
+    fn drop(&mut self) {
+        metrics::process().rpc_in_flight.dec();
+    }
+}
+
+/// The API's form of one target's result.
+fn retag_result(tag: Tag, result: Result<PutOutcome, Error>) -> pb::RetagImageResult {
+    let image_tag = tag.as_str().to_owned();
+    match result {
+        Ok(outcome) => pb::RetagImageResult {
+            image_tag,
+            outcome: put_outcome(outcome).into(),
+            failure: None,
+        },
+        Err(err) => {
+            let (code, reason) = err.code_and_reason();
+            pb::RetagImageResult {
+                image_tag,
+                outcome: pb::PutImageOutcome::Unspecified.into(),
+                failure: Some(pb::RetagImageFailure {
+                    code: error::code_name(code).to_owned(),
+                    reason: reason.as_str().to_owned(),
+                    message: err.to_string(),
+                }),
+            }
+        }
+    }
 }
 
 fn put_outcome(outcome: PutOutcome) -> pb::PutImageOutcome {

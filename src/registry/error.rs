@@ -3,7 +3,8 @@
 use std::fmt;
 
 /// What the registry said about a failure, for the caller (`message`), for AWS support
-/// (`code`, `request_id`) and for the operator's log (`detail`, the whole error chain).
+/// (`code`, `request_id`) and for the operator's log (each a field of its own, never a raw
+/// response).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Upstream {
     /// The registry's error or failure code, e.g. `ThrottlingException`, `ImageNotFound`.
@@ -12,17 +13,18 @@ pub struct Upstream {
     pub request_id: Option<String>,
     /// A short message safe to return to the caller.
     pub message: String,
-    /// The full error chain, for logs only.
+    /// What lies under a failure the registry never answered (a refused connection, a
+    /// timeout), for logs only; empty when the registry answered.
     pub detail: String,
+    /// Attempts the call made, retries included; `None` when not counted.
+    pub attempts: Option<u32>,
 }
 
 impl Upstream {
     /// A failure described by a message alone (no upstream code or request ID).
     pub fn message(message: impl Into<String>) -> Self {
-        let message = message.into();
         Self {
-            detail: message.clone(),
-            message,
+            message: message.into(),
             ..Self::default()
         }
     }
@@ -65,8 +67,9 @@ pub enum RegistryError {
     /// The registry rejected a parameter; `field` is the API field it names, when known.
     #[error("invalid parameter: {upstream}")]
     InvalidParameter {
-        /// The request field the registry named, in the API's spelling (`image_manifest`).
-        field: String,
+        /// The request field the registry named, in the API's spelling (`image_manifest`);
+        /// empty when it named none this API knows.
+        field: &'static str,
         /// What the registry said.
         upstream: Upstream,
     },
@@ -114,28 +117,42 @@ pub enum RegistryError {
     Other(Upstream),
 }
 
+/// The variants that carry what the registry said, for [`RegistryError::upstream`] and its
+/// `_mut` twin (one list, so a new variant cannot be forgotten in one of them).
+macro_rules! with_upstream {
+    ($err:expr, $u:ident => $found:expr, $none:expr) => {
+        match $err {
+            RegistryError::RepositoryNotFound($u)
+            | RegistryError::ImageNotFound($u)
+            | RegistryError::TagDigestMismatch($u)
+            | RegistryError::TagAlreadyExists($u)
+            | RegistryError::LayersNotFound($u)
+            | RegistryError::ReferencedImagesNotFound($u)
+            | RegistryError::Kms($u)
+            | RegistryError::ImageInaccessible($u)
+            | RegistryError::InvalidParameter { upstream: $u, .. }
+            | RegistryError::DigestRejected($u)
+            | RegistryError::LimitExceeded($u)
+            | RegistryError::Throttled($u)
+            | RegistryError::Unavailable($u)
+            | RegistryError::Timeout($u)
+            | RegistryError::AccessDenied($u)
+            | RegistryError::CredentialsInvalid($u)
+            | RegistryError::Other($u) => $found,
+            RegistryError::DigestVerificationFailed { .. }
+            | RegistryError::RateBudgetExhausted { .. } => $none,
+        }
+    };
+}
+
 impl RegistryError {
     /// What the registry said, when the error came from it.
     pub fn upstream(&self) -> Option<&Upstream> {
-        match self {
-            Self::RepositoryNotFound(u)
-            | Self::ImageNotFound(u)
-            | Self::TagDigestMismatch(u)
-            | Self::TagAlreadyExists(u)
-            | Self::LayersNotFound(u)
-            | Self::ReferencedImagesNotFound(u)
-            | Self::Kms(u)
-            | Self::ImageInaccessible(u)
-            | Self::InvalidParameter { upstream: u, .. }
-            | Self::DigestRejected(u)
-            | Self::LimitExceeded(u)
-            | Self::Throttled(u)
-            | Self::Unavailable(u)
-            | Self::Timeout(u)
-            | Self::AccessDenied(u)
-            | Self::CredentialsInvalid(u)
-            | Self::Other(u) => Some(u),
-            Self::DigestVerificationFailed { .. } | Self::RateBudgetExhausted { .. } => None,
-        }
+        with_upstream!(self, u => Some(u), None)
+    }
+
+    /// What the registry said, to add to (e.g. the attempts a call made).
+    pub fn upstream_mut(&mut self) -> Option<&mut Upstream> {
+        with_upstream!(self, u => Some(u), None)
     }
 }

@@ -45,20 +45,54 @@ impl<K: Hash + Eq + Clone, V: Clone> Flights<K, V> {
             }
             Arc::clone(cell)
         };
-        let value = cell.get_or_init(call).await.clone();
-        let mut in_flight = self
-            .in_flight
+        // Leaves the map tidy however this caller ends: with the answer, or dropped because
+        // its client gave up (code after an `.await` never runs then).
+        let seat = Seat {
+            flights: self,
+            key,
+            cell,
+        };
+        seat.cell.get_or_init(call).await.clone()
+    }
+
+    /// Keys in flight now.
+    #[cfg(test)]
+    pub fn keys_in_flight(&self) -> usize {
+        self.in_flight
             .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if in_flight.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-            in_flight.remove(&key);
-        }
-        value
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     /// Callers that joined a call in flight instead of making their own.
     pub fn joined(&self) -> &Counter {
         &self.joined
+    }
+}
+
+/// One caller's place in a flight. When the last caller leaves, or the answer is in, the
+/// entry goes: the next caller starts a new call, and nobody's entry outlives its callers.
+struct Seat<'a, K: Hash + Eq, V> {
+    flights: &'a Flights<K, V>,
+    key: K,
+    cell: Arc<OnceCell<V>>,
+}
+
+impl<K: Hash + Eq, V> Drop for Seat<'_, K, V> {
+    fn drop(&mut self) {
+        let mut in_flight = self
+            .flights
+            .in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let ours = in_flight
+            .get(&self.key)
+            .is_some_and(|c| Arc::ptr_eq(c, &self.cell));
+        // The map's reference and this seat's: nobody else is waiting.
+        let last = Arc::strong_count(&self.cell) <= 2;
+        if ours && (self.cell.initialized() || last) {
+            in_flight.remove(&self.key);
+        }
     }
 }
 
@@ -94,5 +128,34 @@ mod tests {
         assert_eq!(flights.joined().get(), 49);
         // Finished flights are forgotten: the next call runs again.
         assert_eq!(flights.run("tag", || async { 8 }).await, 8);
+        assert_eq!(flights.keys_in_flight(), 0);
+    }
+
+    /// Callers dropped mid-call (their clients gave up) leave no entry behind, and a caller
+    /// still waiting when another is dropped keeps the flight.
+    #[tokio::test(start_paused = true)]
+    async fn cancelled_callers_leave_no_entry() {
+        let flights = Flights::<u32, u32>::default();
+        let slow = || async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            1
+        };
+        for key in 0..1000 {
+            let cancelled =
+                tokio::time::timeout(Duration::from_millis(10), flights.run(key, slow)).await;
+            assert!(cancelled.is_err());
+        }
+        assert_eq!(
+            flights.keys_in_flight(),
+            0,
+            "every cancelled caller's entry is gone"
+        );
+
+        let patient = flights.run(7, slow);
+        let impatient = tokio::time::timeout(Duration::from_millis(10), flights.run(7, slow));
+        let (answer, gave_up) = tokio::join!(patient, impatient);
+        assert_eq!(answer, 1);
+        assert!(gave_up.is_err());
+        assert_eq!(flights.keys_in_flight(), 0);
     }
 }

@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    CacheStatus, Fetched, GetImageInput, PutImageInput, PutOutcome, Registry, RegistryError,
-    StoredImage, Upstream,
+    BoxFuture, CacheStatus, Fetched, GetImageInput, PutImageInput, PutOutcome, Registry,
+    RegistryError, StoredImage, Upstream,
 };
 use crate::image::{Digest, ImageRef, RegistryId, RepositoryName};
 
@@ -197,10 +197,9 @@ impl From<RegistryError> for Failure {
 /// unavailable, as a failing ECR would be: retryable, and the server's problem.
 fn store_error(err: &rusqlite::Error) -> RegistryError {
     RegistryError::Unavailable(Upstream {
-        code: None,
-        request_id: None,
         message: "the local store failed".to_owned(),
         detail: format!("local store: {err}"),
+        ..Upstream::default()
     })
 }
 
@@ -208,9 +207,8 @@ fn store_error(err: &rusqlite::Error) -> RegistryError {
 fn answer(code: &str, message: String) -> Upstream {
     Upstream {
         code: Some(code.to_owned()),
-        request_id: None,
-        detail: format!("{code}: {message}"),
         message,
+        ..Upstream::default()
     }
 }
 
@@ -231,11 +229,8 @@ fn image_not_found(reference: &ImageRef, repository: &str) -> RegistryError {
     ))
 }
 
-impl Registry for LocalRegistry {
-    async fn put_image(
-        &self,
-        input: PutImageInput,
-    ) -> Result<(StoredImage, PutOutcome), RegistryError> {
+impl LocalRegistry {
+    async fn put(&self, input: PutImageInput) -> Result<(StoredImage, PutOutcome), RegistryError> {
         self.check_registry(input.registry_id.as_ref(), &input.repository)?;
         let immutable_if_new = self.configured_immutable(&input.repository);
         let registry_id = self.registry_id.clone();
@@ -314,7 +309,7 @@ impl Registry for LocalRegistry {
         .await
     }
 
-    async fn get_image(&self, input: GetImageInput) -> Result<Fetched, RegistryError> {
+    async fn get(&self, input: GetImageInput) -> Result<Fetched, RegistryError> {
         self.check_registry(input.registry_id.as_ref(), &input.repository)?;
         let registry_id = self.registry_id.clone();
         let image = self
@@ -393,6 +388,19 @@ impl Registry for LocalRegistry {
             image,
             cache: CacheStatus::Miss,
         })
+    }
+}
+
+impl Registry for LocalRegistry {
+    fn put_image(
+        &self,
+        input: PutImageInput,
+    ) -> BoxFuture<'_, Result<(StoredImage, PutOutcome), RegistryError>> {
+        Box::pin(self.put(input))
+    }
+
+    fn get_image(&self, input: GetImageInput) -> BoxFuture<'_, Result<Fetched, RegistryError>> {
+        Box::pin(self.get(input))
     }
 }
 

@@ -1,26 +1,57 @@
 //! The registry seam: what the service needs from a place that stores manifests.
 //!
-//! [`ecr::EcrRegistry`] implements it over `aws-sdk-ecr`; a cache (or an embedded store) is
-//! another implementation of the same trait, decorating or replacing it without the service
-//! noticing.
+//! One object-safe trait, [`Registry`], held as a [`SharedRegistry`] (`Arc<dyn Registry>`).
+//! Backends implement it ([`ecr::EcrRegistry`] over `aws-sdk-ecr`, [`local::LocalRegistry`]
+//! over SQLite), and decorators implement it by holding whatever is below them
+//! ([`cached::CachedRegistry`]), like go-containerregistry's layers. A trait object rather
+//! than an enum of backends: a decorator (the cache today; authorization and a shared Redis
+//! tier next) stacks over any backend without an enum that names every combination, and the
+//! one allocation a boxed future costs per call is noise next to an RPC. Each new capability
+//! (list, delete, watch, platform resolution) becomes one more method here, which the cache
+//! and the embedded store answer like any other.
+//!
+//! Each layer registers its own metrics ([`Registry::register_metrics`]), so the metrics
+//! module knows no backend.
 
-mod batch;
-pub mod budget;
-pub mod cached;
-pub mod calls;
-pub mod ecr;
 mod error;
 mod flight;
+
+pub mod cached;
+pub mod ecr;
 pub mod local;
-mod retry;
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 pub use error::{RegistryError, Upstream};
 
 use crate::image::{Digest, ImageRef, Manifest, MediaType, RegistryId, RepositoryName, Tag};
+
+/// A registry call in flight: boxed, so that [`Registry`] can be a trait object.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A registry stack, shared by the service and its decorators.
+pub type SharedRegistry = Arc<dyn Registry>;
+
+/// A shared registry is a registry: a stack can be handed on as it was built.
+impl<R: Registry + ?Sized> Registry for Arc<R> {
+    fn put_image(
+        &self,
+        input: PutImageInput,
+    ) -> BoxFuture<'_, Result<(StoredImage, PutOutcome), RegistryError>> {
+        (**self).put_image(input)
+    }
+
+    fn get_image(&self, input: GetImageInput) -> BoxFuture<'_, Result<Fetched, RegistryError>> {
+        (**self).get_image(input)
+    }
+
+    fn register_metrics(&self, metrics: &mut prometheus_client::registry::Registry) {
+        (**self).register_metrics(metrics);
+    }
+}
 
 /// A validated PutImage: everything in it has passed the API's checks.
 #[derive(Debug, Clone)]
@@ -67,17 +98,6 @@ impl GetImageInput {
             repository: self.repository.clone(),
         }
     }
-}
-
-/// Several images of one repository, fetched in one upstream call.
-#[derive(Debug, Clone)]
-pub struct BatchInput {
-    /// The repository.
-    pub repository: RepositoryKey,
-    /// What the callers accept (the same for the whole batch).
-    pub accepted_media_types: Vec<MediaType>,
-    /// The images, each distinct.
-    pub references: Vec<ImageRef>,
 }
 
 /// Where a read was answered from.
@@ -164,22 +184,13 @@ pub trait Registry: Send + Sync + 'static {
     fn put_image(
         &self,
         input: PutImageInput,
-    ) -> impl Future<Output = Result<(StoredImage, PutOutcome), RegistryError>> + Send;
+    ) -> BoxFuture<'_, Result<(StoredImage, PutOutcome), RegistryError>>;
 
     /// Fetches one image by tag, digest or both.
-    fn get_image(
-        &self,
-        input: GetImageInput,
-    ) -> impl Future<Output = Result<Fetched, RegistryError>> + Send;
-}
+    fn get_image(&self, input: GetImageInput) -> BoxFuture<'_, Result<Fetched, RegistryError>>;
 
-/// A registry that can fetch several images of one repository in one call (ECR's
-/// `BatchGetImage` takes up to 100).
-pub trait BatchGet: Send + Sync + 'static {
-    /// Fetches every reference in one call. The outer error fails the whole call (throttling,
-    /// a missing repository); the inner results are per reference, in the order given.
-    fn get_images(
-        &self,
-        input: BatchInput,
-    ) -> impl Future<Output = Result<Vec<Result<StoredImage, RegistryError>>, RegistryError>> + Send;
+    /// Adds this layer's metrics, and those of the layers below it, to `metrics`.
+    fn register_metrics(&self, metrics: &mut prometheus_client::registry::Registry) {
+        let _ = metrics;
+    }
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use ecr_image_service::image::media_types;
 use ecr_image_service::pb::{CacheStatus, ImageIdentifier, ResolveImageRequest};
-use ecr_image_service::registry::calls::outcome;
+use ecr_image_service::registry::ecr::calls::outcome;
 use serde_json::json;
 use tonic::Code;
 

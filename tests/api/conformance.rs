@@ -5,7 +5,8 @@
 
 use ecr_image_service::image::media_types;
 use ecr_image_service::pb::{
-    ImageIdentifier, PutImageOutcome, PutImageResponse, ResolveImageRequest, RetagImageRequest,
+    CacheStatus, ImageIdentifier, PutImageOutcome, PutImageResponse, ResolveImageRequest,
+    RetagImageRequest,
 };
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
@@ -31,7 +32,28 @@ on_both_backends!(
     retag_image_points_tags_at_the_exact_bytes,
     retag_image_reports_each_target_on_its_own,
     retag_image_refuses_bad_requests_whole,
+    a_second_read_by_digest_is_a_cache_hit,
 );
+
+/// Both backends sit behind the same cache: an image that reached the registry behind the
+/// service's back is a MISS on its first read by digest and a HIT on the second, the exact
+/// bytes both times.
+async fn a_second_read_by_digest_is_a_cache_hit(backend: Backend) {
+    let repository = backend.repository("cache-hit", false).await;
+    backend
+        .put_behind_the_service(&repository, "v1", SEED)
+        .await;
+    let mut client = backend.client.clone();
+    for expected in [CacheStatus::Miss, CacheStatus::Hit] {
+        let answer = client
+            .get_image(get(&repository, "", SEED_DIGEST))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answer.cache_status(), expected);
+        assert_eq!(answer.image.unwrap().image_manifest, SEED);
+    }
+}
 
 /// The one documented divergence in what the API exposes: ECR refuses a put into a repository
 /// that was never created (REPOSITORY_NOT_FOUND, asserted on recorded ECR answers in

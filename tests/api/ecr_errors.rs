@@ -661,7 +661,8 @@ async fn missing_service_credentials_are_the_services_problem() {
         )))
         .build();
     let config = ecr_image_service::registry::ecr::client_config(&sdk, &settings);
-    let registry = ecr_image_service::registry::ecr::EcrRegistry::from_config(config);
+    let registry =
+        ecr_image_service::registry::ecr::EcrRegistry::from_config(config, settings.batch_window);
     let mut client = start(registry).await;
     let status = client
         .get_image(get("hello-world", "2019.08", ""))

@@ -1,18 +1,23 @@
-//! The two backends every conformance test runs on: ECR (through the moto emulator and the
-//! production stack, the cache over aws-sdk-ecr) and the embedded store (`--backend local`).
+//! The two backends every conformance test runs on, each behind the production stack (the
+//! cache over the backend): ECR through aws-sdk-ecr and the moto emulator, and the embedded
+//! store (`--backend local`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
-use ecr_image_service::image::RepositoryName;
+use ecr_image_service::image::{Manifest, RepositoryName, Tag};
 use ecr_image_service::pb::PutImageResponse;
 use ecr_image_service::pb::image_service_client::ImageServiceClient;
+use ecr_image_service::registry::cached::{CacheSettings, CachedRegistry};
 use ecr_image_service::registry::local::{DEFAULT_REGISTRY_ID, LocalRegistry, LocalSettings};
+use ecr_image_service::registry::{PutImageInput, Registry};
 use tonic::transport::Channel;
 
 use super::requests::put;
 use super::{
-    MOTO_ACCOUNT, cached, create_repository, moto, serve_on_loopback, server_settings, unique,
+    MOTO_ACCOUNT, admin, cached, create_repository, moto, serve_on_loopback, server_settings,
+    unique,
 };
 
 /// Which store the service is in front of.
@@ -52,7 +57,8 @@ impl Backend {
             Kind::Local => {
                 let dir = ScratchDir::new("conformance");
                 let local = LocalRegistry::open(&local_settings(&dir.0)).expect("open the store");
-                let address = serve_on_loopback(local.clone(), server_settings()).await;
+                let stack = CachedRegistry::new(Arc::new(local.clone()), CacheSettings::default());
+                let address = serve_on_loopback(stack, server_settings()).await;
                 (address, Store::Local(local, dir))
             }
         };
@@ -93,6 +99,37 @@ impl Backend {
             .await
             .unwrap_or_else(|status| panic!("put {repository}:{tag}: {status:?}"))
             .into_inner()
+    }
+
+    /// Puts `manifest` as `repository:tag` straight into the backend, behind the service's
+    /// back (as another client of the registry would): the service's cache has not seen it.
+    pub async fn put_behind_the_service(&self, repository: &str, tag: &str, manifest: &str) {
+        let parsed = Manifest::parse(manifest.to_owned(), None).expect("a valid manifest");
+        match &self.store {
+            Store::Ecr(endpoint) => {
+                admin(endpoint)
+                    .put_image()
+                    .repository_name(repository)
+                    .image_tag(tag)
+                    .image_manifest(manifest)
+                    .image_manifest_media_type(parsed.media_type().as_str())
+                    .image_digest(parsed.digest().as_str())
+                    .send()
+                    .await
+                    .expect("put into the emulator");
+            }
+            Store::Local(local, _) => {
+                local
+                    .put_image(PutImageInput {
+                        registry_id: None,
+                        repository: RepositoryName::parse(repository).unwrap(),
+                        manifest: parsed,
+                        tag: Some(Tag::parse(tag).unwrap()),
+                    })
+                    .await
+                    .expect("put into the store");
+            }
+        }
     }
 
     /// The registry ID the backend reports.

@@ -9,6 +9,7 @@ pub mod recorded;
 pub mod requests;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -18,12 +19,11 @@ use aws_credential_types::provider::SharedCredentialsProvider;
 use aws_sdk_ecr::config::retry::RetryPartition;
 use ecr_image_service::error::ERROR_DOMAIN;
 use ecr_image_service::pb::image_service_client::ImageServiceClient;
-use ecr_image_service::registry::Registry;
 use ecr_image_service::registry::cached::{CacheSettings, CachedRegistry};
-use ecr_image_service::registry::calls::UpstreamCalls;
+use ecr_image_service::registry::ecr::calls::UpstreamCalls;
 use ecr_image_service::registry::ecr::{EcrRegistry, EcrSettings, client_config};
-use ecr_image_service::server::ServerSettings;
-use tokio::net::TcpListener;
+use ecr_image_service::registry::{Registry, SharedRegistry};
+use ecr_image_service::server::{self, ServerSettings};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetail, ErrorInfo, StatusExt};
@@ -46,31 +46,30 @@ pub const REGION: &str = "us-east-1";
 /// The account moto reports for test credentials.
 pub const MOTO_ACCOUNT: &str = "123456789012";
 
-/// Test settings: the production shape, with short backoffs so retry tests run fast.
+/// Test settings: the production defaults, but for what is named here. Short backoffs and
+/// long timeouts make retry tests quick and never flaky; generous budgets keep set-up puts
+/// unpaced (the budget itself is tested on purpose in `faults.rs` and `rate_budget.rs`).
 pub fn settings() -> EcrSettings {
     EcrSettings {
         region: Some(REGION.into()),
-        endpoint_url: None,
-        max_attempts: 3,
         initial_backoff: Duration::from_millis(5),
         max_backoff: Duration::from_millis(20),
-        connect_timeout: Duration::from_secs(2),
         attempt_timeout: Duration::from_secs(10),
         operation_timeout: Duration::from_secs(30),
-        // Generous budgets: the budget itself is tested on purpose in `faults.rs`.
         put_image_rate: 10_000.0,
         batch_get_image_rate: 10_000.0,
+        ..EcrSettings::default()
     }
 }
 
-/// Server settings for tests: production values, with no shutdown delay.
+/// Server settings for tests: the production defaults, on loopback ports of the OS's choosing
+/// and with no shutdown delay.
 pub fn server_settings() -> ServerSettings {
     ServerSettings {
-        max_concurrent_requests: 512,
-        default_deadline: Duration::from_secs(20),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_listen: "127.0.0.1:0".parse().unwrap(),
         shutdown_delay: Duration::ZERO,
-        shutdown_grace: Duration::from_secs(20),
-        reflection: true,
+        ..ServerSettings::default()
     }
 }
 
@@ -100,26 +99,17 @@ pub fn registry(endpoint: &str, settings: EcrSettings) -> EcrRegistry {
     };
     let config = client_config(&sdk_config(), &settings)
         .retry_partition(RetryPartition::new(unique("test-partition")));
-    EcrRegistry::from_config(config)
+    EcrRegistry::from_config(config, settings.batch_window)
 }
 
-/// Cache settings for tests: the production defaults, spelled out.
-pub fn cache_settings() -> CacheSettings {
-    CacheSettings {
-        digest_cache_bytes: 64 << 20,
-        tag_cache_entries: 20_000,
-        tag_ttl: Duration::from_secs(10),
-        stale_if_error: Duration::from_secs(300),
-        batch_window: Duration::ZERO,
-    }
-}
-
-/// The production stack against `endpoint`: the cache over the ECR backend, and the backend's
-/// call counters (shared, so they keep counting after the registry moves into the server).
-pub fn cached(endpoint: &str) -> (CachedRegistry<EcrRegistry>, UpstreamCalls) {
+/// The production stack against `endpoint`: the cache (on its defaults) over the ECR backend,
+/// and the backend's call counters (shared, so they keep counting after the stack moves into
+/// the server).
+pub fn cached(endpoint: &str) -> (SharedRegistry, UpstreamCalls) {
     let ecr = registry(endpoint, settings());
     let calls = ecr.calls().clone();
-    (CachedRegistry::new(ecr, cache_settings()), calls)
+    let stack = CachedRegistry::new(Arc::new(ecr), CacheSettings::default());
+    (Arc::new(stack), calls)
 }
 
 /// A plain ECR client for test set-up (creating repositories), bypassing the service.
@@ -182,17 +172,21 @@ async fn start_channel_with(registry: impl Registry, settings: ServerSettings) -
         .unwrap()
 }
 
-/// Serves the service over `registry` on 127.0.0.1:0, for the test's runtime; its address.
+/// Serves the service over `registry` through the production serve path, on the loopback
+/// addresses of `settings`, for the test's runtime; its gRPC address.
 pub async fn serve_on_loopback(registry: impl Registry, settings: ServerSettings) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(ecr_image_service::server::serve(
-        listener,
-        registry,
-        settings,
-        std::future::pending(),
-    ));
-    address
+    serve_with_admin(registry, settings).await.0
+}
+
+/// [`serve_on_loopback`], also returning where `/metrics` is served.
+pub async fn serve_with_admin(
+    registry: impl Registry,
+    settings: ServerSettings,
+) -> (SocketAddr, SocketAddr) {
+    let bound = server::bind(settings).await.expect("bind on loopback");
+    let addresses = (bound.address(), bound.admin_address());
+    tokio::spawn(bound.serve(Arc::new(registry), std::future::pending()));
+    addresses
 }
 
 /// Recorded ECR answering `script`, and the service (its ECR backend, no cache) in front of it.

@@ -15,12 +15,36 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::{Instrument, Span};
 
-use super::{BatchGet, BatchInput, RegistryError, RepositoryKey, StoredImage, Upstream};
 use crate::deadline;
 use crate::image::{ImageRef, MediaType};
+use crate::registry::{RegistryError, RepositoryKey, StoredImage, Upstream};
 
 /// ECR's limit on image ids per `BatchGetImage` (model shape `ImageIdentifierList`).
 pub const MAX_BATCH: usize = 100;
+
+/// Several images of one repository, fetched in one upstream call.
+#[derive(Debug, Clone)]
+pub struct BatchInput {
+    /// The repository.
+    pub repository: RepositoryKey,
+    /// What the callers accept (the same for the whole batch).
+    pub accepted_media_types: Vec<MediaType>,
+    /// The images, each distinct.
+    pub references: Vec<ImageRef>,
+}
+
+/// A registry that can fetch several images of one repository in one call (ECR's
+/// `BatchGetImage` takes up to [`MAX_BATCH`]).
+pub trait BatchGet: Send + Sync + 'static {
+    /// Fetches every reference in one call. The outer error fails the whole call (throttling,
+    /// a missing repository); the inner results are per reference, in the order given.
+    fn get_images(
+        &self,
+        input: BatchInput,
+    ) -> impl std::future::Future<
+        Output = Result<Vec<Result<StoredImage, RegistryError>>, RegistryError>,
+    > + Send;
+}
 
 type Reply = oneshot::Sender<Result<StoredImage, RegistryError>>;
 
@@ -190,5 +214,90 @@ impl<R: BatchGet> Batcher<R> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The batcher on tokio's paused clock, over an in-memory `BatchGet` that records the size
+    //! of each call. (The real BatchGetImage is exercised through the server in `tests/`.)
+
+    use super::*;
+    use crate::image::{RepositoryName, Tag};
+
+    /// Tags `t0`..`t149` exist; each call takes 50 ms, so misses queue behind it.
+    #[derive(Default)]
+    struct Recorded {
+        calls: Mutex<Vec<usize>>,
+    }
+
+    impl BatchGet for Recorded {
+        async fn get_images(
+            &self,
+            input: BatchInput,
+        ) -> Result<Vec<Result<StoredImage, RegistryError>>, RegistryError> {
+            self.calls.lock().unwrap().push(input.references.len());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Ok(input
+                .references
+                .iter()
+                .map(|r| {
+                    let tag = r.tag().map(|t| t.as_str().to_owned()).unwrap_or_default();
+                    let n: usize = tag.trim_start_matches('t').parse().unwrap_or(usize::MAX);
+                    if n >= 150 {
+                        return Err(RegistryError::ImageNotFound(Upstream::message("absent")));
+                    }
+                    let manifest = format!("{{\"n\":{n}}}");
+                    Ok(StoredImage {
+                        registry_id: "123456789012".into(),
+                        repository: RepositoryName::parse("repo").unwrap(),
+                        digest: crate::image::Digest::of(manifest.as_bytes()),
+                        tag: r.tag().cloned(),
+                        manifest: manifest.into(),
+                        media_type: String::new(),
+                    })
+                })
+                .collect())
+        }
+    }
+
+    /// Concurrent misses for distinct tags share calls of at most [`MAX_BATCH`], and each
+    /// caller gets its own image or its own failure.
+    #[tokio::test(start_paused = true)]
+    async fn misses_are_batched_and_fanned_out() {
+        let recorded = Arc::new(Recorded::default());
+        let batcher = Arc::new(Batcher::new(Arc::clone(&recorded), Duration::ZERO));
+        let repository = RepositoryKey {
+            registry_id: None,
+            repository: RepositoryName::parse("repo").unwrap(),
+        };
+        let readers: Vec<_> = (0..200)
+            .map(|n| {
+                let (batcher, repository) = (Arc::clone(&batcher), repository.clone());
+                let tag = Tag::parse(&format!("t{n}")).unwrap();
+                let reference = ImageRef::new(Some(tag), None).unwrap();
+                tokio::spawn(
+                    async move { (n, batcher.get(repository, Vec::new(), reference).await) },
+                )
+            })
+            .collect();
+        for reader in readers {
+            let (n, result) = reader.await.unwrap();
+            match result {
+                Ok(image) => {
+                    assert!(n < 150);
+                    assert_eq!(image.tag.unwrap().as_str(), format!("t{n}"));
+                    assert_eq!(&*image.manifest, format!("{{\"n\":{n}}}"));
+                }
+                Err(err) => {
+                    assert!(n >= 150, "t{n} exists");
+                    assert!(matches!(err, RegistryError::ImageNotFound(_)));
+                }
+            }
+        }
+        let calls = recorded.calls.lock().unwrap().clone();
+        assert_eq!(calls.iter().sum::<usize>(), 200);
+        assert!(calls.iter().all(|&b| b <= MAX_BATCH), "{calls:?}");
+        assert!(calls.len() <= 4, "{calls:?}");
     }
 }

@@ -1,5 +1,5 @@
-//! The command line client, in the same binary: `put-image`, `get-image`, `retag-image` and
-//! `resolve-image` talk gRPC to a running service with the AWS CLI's flag names and output
+//! The client subcommands: `put-image`, `get-image`, `retag-image` and `resolve-image` talk
+//! gRPC to a running service with the AWS CLI's flag names and output
 //! shape, so `aws ecr put-image …` habits carry over; `digest` works offline.
 
 use std::io::Write;
@@ -12,7 +12,8 @@ use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 use tonic_types::StatusExt;
 
-use crate::config::DEFAULT_ENDPOINT;
+use super::DEFAULT_ENDPOINT;
+use super::exit::{self, exit_code};
 use crate::image::Digest;
 use crate::pb;
 use crate::pb::image_service_client::ImageServiceClient;
@@ -21,47 +22,6 @@ use crate::pb::image_service_client::ImageServiceClient;
 const DEFAULT_CALL_TIMEOUT: &str = "30s";
 /// Manifests are at most 4 MiB; a reply carries one plus its envelope.
 const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024 + 64 * 1024;
-
-/// Exit codes, one per class of failure (documented in the README).
-pub mod exit {
-    /// Any failure not listed below (INTERNAL, DATA_LOSS, UNKNOWN…).
-    pub const OTHER: u8 = 1;
-    /// The service could not be reached.
-    pub const UNREACHABLE: u8 = 2;
-    /// NOT_FOUND: no such repository or image.
-    pub const NOT_FOUND: u8 = 3;
-    /// ALREADY_EXISTS: an immutable tag points elsewhere.
-    pub const ALREADY_EXISTS: u8 = 4;
-    /// FAILED_PRECONDITION: referenced layers or images missing, KMS, archived image.
-    pub const FAILED_PRECONDITION: u8 = 5;
-    /// PERMISSION_DENIED or UNAUTHENTICATED.
-    pub const DENIED: u8 = 6;
-    /// UNAVAILABLE or RESOURCE_EXHAUSTED: try again later.
-    pub const RETRY_LATER: u8 = 7;
-    /// DEADLINE_EXCEEDED.
-    pub const DEADLINE_EXCEEDED: u8 = 8;
-    /// sysexits `EX_USAGE`: bad flags.
-    pub const USAGE: u8 = 64;
-    /// sysexits `EX_DATAERR`: INVALID_ARGUMENT, the request itself is wrong.
-    pub const INVALID_ARGUMENT: u8 = 65;
-    /// sysexits `EX_NOINPUT`: a file named on the command line cannot be read.
-    pub const NO_INPUT: u8 = 66;
-}
-
-/// The exit code for a gRPC code.
-pub fn exit_code(code: Code) -> u8 {
-    match code {
-        Code::Ok => 0,
-        Code::InvalidArgument | Code::OutOfRange => exit::INVALID_ARGUMENT,
-        Code::NotFound => exit::NOT_FOUND,
-        Code::AlreadyExists => exit::ALREADY_EXISTS,
-        Code::FailedPrecondition => exit::FAILED_PRECONDITION,
-        Code::PermissionDenied | Code::Unauthenticated => exit::DENIED,
-        Code::Unavailable | Code::ResourceExhausted | Code::Aborted => exit::RETRY_LATER,
-        Code::DeadlineExceeded => exit::DEADLINE_EXCEEDED,
-        _ => exit::OTHER,
-    }
-}
 
 /// Where the service is, for every client subcommand.
 #[derive(Debug, Clone, Args)]
@@ -237,7 +197,7 @@ impl CliError {
 
 /// `CODE (REASON): message`, then one line per offending field.
 fn describe_status(status: &tonic::Status) -> String {
-    let code = crate::metrics::code_name(status.code());
+    let code = crate::error::code_name(status.code());
     let reason = status
         .get_details_error_info()
         .map(|info| format!(" ({})", info.reason))
@@ -495,7 +455,7 @@ fn outcome_name(outcome: pb::PutImageOutcome) -> &'static str {
 fn code_named(name: &str) -> Code {
     (0..=16)
         .map(Code::from_i32)
-        .find(|code| crate::metrics::code_name(*code) == name)
+        .find(|code| crate::error::code_name(*code) == name)
         .unwrap_or(Code::Unknown)
 }
 

@@ -1,0 +1,102 @@
+//! The wiring: the registry stack the configuration asks for, served until shutdown. The one
+//! module that names concrete backends; everything else sees a [`SharedRegistry`].
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tracing::info;
+
+use crate::cli::exit;
+use crate::config::{Backend, ServeArgs};
+use crate::registry::SharedRegistry;
+use crate::registry::cached::CachedRegistry;
+use crate::registry::ecr::{self, EcrRegistry};
+use crate::registry::local::{LocalRegistry, OpenError};
+use crate::server::{self, ServeError};
+
+/// Why the service could not start, or stopped on an error.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration cannot work; restarting will not help.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The embedded store cannot be opened.
+    #[error(transparent)]
+    Store(#[from] OpenError),
+    /// A listener could not be bound, or the server failed.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+}
+
+impl StartError {
+    /// The process exit code for this failure.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Config(_) => exit::USAGE,
+            Self::Store(_) | Self::Serve(_) => exit::OTHER,
+        }
+    }
+}
+
+/// The stack `args` asks for: the cache over the chosen backend.
+pub async fn registry(args: &ServeArgs) -> Result<SharedRegistry, StartError> {
+    let backend: SharedRegistry = match args.backend {
+        Backend::Ecr => {
+            let settings = args.ecr_settings();
+            let sdk = ecr::load_sdk_config(&settings).await;
+            let Some(region) = sdk.region().map(ToString::to_string) else {
+                return Err(StartError::Config(
+                    "no AWS region: set --region, ECR_IMAGE_SERVICE_REGION, AWS_REGION or a \
+                     profile region"
+                        .to_owned(),
+                ));
+            };
+            info!(
+                backend = "ecr",
+                %region,
+                ecr_endpoint = settings.endpoint_url.as_deref().unwrap_or("(SDK default)"),
+                max_attempts = settings.max_attempts,
+                put_image_rate = settings.put_image_rate,
+                batch_get_image_rate = settings.batch_get_image_rate,
+                "backend ready"
+            );
+            let config = ecr::client_config(&sdk, &settings);
+            Arc::new(EcrRegistry::from_config(config, settings.batch_window))
+        }
+        Backend::Local => {
+            let settings = args.local_settings();
+            let store = LocalRegistry::open(&settings)?;
+            info!(
+                backend = "local",
+                data_dir = %settings.data_dir.display(),
+                registry_id = settings.registry_id,
+                "backend ready"
+            );
+            Arc::new(store)
+        }
+    };
+    Ok(Arc::new(CachedRegistry::new(
+        backend,
+        args.cache_settings(),
+    )))
+}
+
+/// Builds the stack, binds both listeners, says where it listens, and serves until `shutdown`.
+pub async fn serve(
+    args: ServeArgs,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), StartError> {
+    let registry = registry(&args).await?;
+    let bound = server::bind(args.server_settings()).await?;
+    info!(
+        address = %bound.address(),
+        admin_address = %bound.admin_address(),
+        backend = args.backend.name(),
+        digest_cache_bytes = args.digest_cache_bytes,
+        tag_ttl = %args.tag_ttl,
+        "listening"
+    );
+    bound.serve(registry, shutdown).await?;
+    info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,139 @@
+//! The ECR client: the SDK's shared configuration, our retries, timeouts and endpoint, and the
+//! rate budgets in front of its HTTP client. Built once; clones share its connection pool.
+
+use std::time::Duration;
+
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_sdk_ecr::config::retry::RetryConfig;
+use aws_sdk_ecr::config::timeout::TimeoutConfig;
+use aws_smithy_http_client::proxy::ProxyConfig;
+use aws_smithy_http_client::{ConnectorBuilder, tls};
+use aws_smithy_runtime_api::client::http::SharedHttpClient;
+
+use super::budget::{BudgetedHttpClient, RateBudgets};
+use super::retry::QuotaIsNotThrottling;
+
+/// The SDK's standard: two retries ride out a throttling blip or a dropped connection, and a
+/// throttled account sees at most three times the load, not more.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+/// ECR's rate budgets refill every second; retries jittered over 0-100 ms, then 0-200 ms, spread
+/// out without making an interactive caller wait the SDK's default of up to 1 s.
+pub const DEFAULT_INITIAL_BACKOFF: Duration = Duration::from_millis(100);
+/// Caps the wait between two attempts well inside a typical 10-30 s caller deadline.
+pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// A regional or VPC endpoint connects in milliseconds: two seconds means it is unreachable.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// ECR answers these calls in well under a second; five allows a 4 MiB manifest upload on a
+/// slow link, and abandons (then retries) an attempt that is stuck.
+pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bounds a whole call, retries included, so no request outlives a sensible caller deadline.
+pub const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(15);
+/// ECR's default PutImage quota per account and region (quota L-AD52DFB2).
+pub const DEFAULT_PUT_IMAGE_RATE: f64 = 10.0;
+/// ECR's default BatchGetImage quota per account and region (quota L-16E70933).
+pub const DEFAULT_BATCH_GET_IMAGE_RATE: f64 = 2000.0;
+/// No wait for a lone miss: batching comes from misses arriving while a call is in flight.
+pub const DEFAULT_BATCH_WINDOW: Duration = Duration::ZERO;
+
+/// How the service talks to ECR: where, and how hard it tries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EcrSettings {
+    /// The AWS region; `None` leaves it to the SDK's chain (`AWS_REGION`, profile, IMDS).
+    pub region: Option<String>,
+    /// An ECR endpoint override (emulator, VPC endpoint); `None` leaves it to the SDK
+    /// (`AWS_ENDPOINT_URL_ECR`, `AWS_ENDPOINT_URL`, or the regional endpoint).
+    pub endpoint_url: Option<String>,
+    /// Attempts per ECR call, the first included (SDK standard retry mode).
+    pub max_attempts: u32,
+    /// The first retry's backoff ceiling; the SDK doubles it per attempt, with full jitter.
+    pub initial_backoff: Duration,
+    /// The largest backoff between two attempts.
+    pub max_backoff: Duration,
+    /// How long to wait for a TCP/TLS connection to ECR.
+    pub connect_timeout: Duration,
+    /// How long one attempt may take before it is abandoned (and retried).
+    pub attempt_timeout: Duration,
+    /// How long one call may take, all attempts and backoffs included.
+    pub operation_timeout: Duration,
+    /// This process's PutImage budget, requests per second (its share of the account quota).
+    pub put_image_rate: f64,
+    /// This process's BatchGetImage budget, requests per second.
+    pub batch_get_image_rate: f64,
+    /// How long the first miss of an idle repository waits for others to batch with.
+    pub batch_window: Duration,
+}
+
+impl Default for EcrSettings {
+    /// The production defaults: the SDK's chains for region and endpoint, and the whole
+    /// account's quotas (one replica).
+    fn default() -> Self {
+        Self {
+            region: None,
+            endpoint_url: None,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            initial_backoff: DEFAULT_INITIAL_BACKOFF,
+            max_backoff: DEFAULT_MAX_BACKOFF,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            attempt_timeout: DEFAULT_ATTEMPT_TIMEOUT,
+            operation_timeout: DEFAULT_OPERATION_TIMEOUT,
+            put_image_rate: DEFAULT_PUT_IMAGE_RATE,
+            batch_get_image_rate: DEFAULT_BATCH_GET_IMAGE_RATE,
+            batch_window: DEFAULT_BATCH_WINDOW,
+        }
+    }
+}
+
+/// Loads the AWS SDK's shared configuration the standard way: credentials only from the default
+/// provider chain (environment, profile, web identity for IRSA, container and instance roles).
+pub async fn load_sdk_config(settings: &EcrSettings) -> SdkConfig {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest());
+    if let Some(region) = &settings.region {
+        loader = loader.region(Region::new(region.clone()));
+    }
+    loader.load().await
+}
+
+/// The ECR client configuration: the shared SDK configuration plus our retries, timeouts and
+/// endpoint. Returned as a builder so tests can add what production never needs.
+pub fn client_config(sdk: &SdkConfig, settings: &EcrSettings) -> aws_sdk_ecr::config::Builder {
+    let retry = RetryConfig::standard()
+        .with_max_attempts(settings.max_attempts)
+        .with_initial_backoff(settings.initial_backoff)
+        .with_max_backoff(settings.max_backoff);
+    let timeouts = TimeoutConfig::builder()
+        .connect_timeout(settings.connect_timeout)
+        .operation_attempt_timeout(settings.attempt_timeout)
+        .operation_timeout(settings.operation_timeout)
+        .build();
+    // The SDK's own HTTPS client, or its default, with the rate budgets in front.
+    let http = sdk.http_client().unwrap_or_else(default_https_client);
+    let budgets = RateBudgets::new([
+        ("PutImage", settings.put_image_rate),
+        ("BatchGetImage", settings.batch_get_image_rate),
+    ]);
+    let mut builder = aws_sdk_ecr::config::Builder::from(sdk)
+        .retry_config(retry)
+        .retry_classifier(QuotaIsNotThrottling)
+        .timeout_config(timeouts)
+        .http_client(BudgetedHttpClient::new(http, budgets));
+    if let Some(url) = &settings.endpoint_url {
+        builder = builder.endpoint_url(url);
+    }
+    builder
+}
+
+/// The HTTPS client the SDK builds by default for the current behavior version: hyper 1,
+/// rustls with aws-lc, and HTTP(S)_PROXY/NO_PROXY honoured from the environment.
+fn default_https_client() -> SharedHttpClient {
+    aws_smithy_http_client::Builder::new().build_with_connector_fn(|settings, components| {
+        let mut connector = ConnectorBuilder::default().tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::AwsLc,
+        ));
+        connector.set_connector_settings(settings.cloned());
+        if let Some(components) = components {
+            connector.set_sleep_impl(components.sleep_impl());
+        }
+        connector.set_proxy_config(Some(ProxyConfig::from_env()));
+        connector.build()
+    })
+}

@@ -1,0 +1,381 @@
+//! The two ECR operations as SDK calls, each in its own span: PutImage, and BatchGetImage with
+//! its answers paired to the references asked for and verified against their digests.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use aws_sdk_ecr::config::interceptors::BeforeTransmitInterceptorContextRef;
+use aws_sdk_ecr::config::timeout::TimeoutConfig;
+use aws_sdk_ecr::config::{ConfigBag, Intercept, RuntimeComponents};
+use aws_sdk_ecr::error::{BoxError, ProvideErrorMetadata};
+use aws_sdk_ecr::operation::RequestId;
+use aws_sdk_ecr::types::{Image, ImageFailure, ImageIdentifier};
+use tokio::time::Instant;
+use tracing::field::Empty;
+use tracing::{Instrument, Span, debug_span};
+
+use super::batch::{BatchGet, BatchInput};
+use super::calls::UpstreamCalls;
+use super::classify::{classify, failure_error, is_already_exists, upstream_of};
+use crate::deadline;
+use crate::image::{Digest, ImageRef, Manifest, media_types};
+use crate::registry::{PutImageInput, RegistryError, RepositoryKey, StoredImage, Upstream};
+
+/// The ECR client and what every call needs around it.
+#[derive(Debug)]
+pub struct Operations {
+    /// Built once: it owns the connection pool and the retry token bucket.
+    client: aws_sdk_ecr::Client,
+    /// What this client has asked of ECR, counted by an interceptor on every call.
+    calls: UpstreamCalls,
+    /// The configured bound on one call; a caller's deadline can only shorten it.
+    operation_timeout: Option<Duration>,
+}
+
+/// What ECR said to a PutImage that did not fail.
+pub enum PutAnswer {
+    /// Stored, in this registry.
+    Stored {
+        /// The account that holds the image.
+        registry_id: String,
+    },
+    /// Refused because an image is already there (same bytes and tag, or an immutable tag):
+    /// only a look at the tag tells success from conflict.
+    AlreadyThere(Upstream),
+}
+
+impl Operations {
+    /// Operations over a client built from `config`, with call counting added.
+    pub fn new(config: aws_sdk_ecr::config::Builder) -> Self {
+        let calls = UpstreamCalls::default();
+        let client = aws_sdk_ecr::Client::from_conf(config.interceptor(calls.clone()).build());
+        let operation_timeout = client
+            .config()
+            .timeout_config()
+            .and_then(|t| t.operation_timeout());
+        Self {
+            client,
+            calls,
+            operation_timeout,
+        }
+    }
+
+    /// The calls made to ECR so far.
+    pub fn calls(&self) -> &UpstreamCalls {
+        &self.calls
+    }
+
+    /// A per-call configuration that ends the ECR call [`DEADLINE_MARGIN`] before the caller's
+    /// deadline, when that comes before the configured operation timeout.
+    fn within_deadline(&self) -> Option<aws_sdk_ecr::config::Builder> {
+        let remaining = deadline::current()?
+            .saturating_duration_since(Instant::now())
+            .saturating_sub(DEADLINE_MARGIN);
+        if self.operation_timeout.is_some_and(|t| t <= remaining) {
+            return None;
+        }
+        let timeouts = TimeoutConfig::builder()
+            .operation_timeout(remaining.max(Duration::from_millis(1)))
+            .build();
+        Some(aws_sdk_ecr::config::Builder::default().timeout_config(timeouts))
+    }
+
+    /// PutImage of the exact bytes. The digest and the media type are always sent: real ECR
+    /// verifies the digest against the bytes, and needs the media type when the manifest
+    /// carries none (OCI artifacts).
+    pub async fn put_image(&self, input: &PutImageInput) -> Result<PutAnswer, RegistryError> {
+        let attempts = AttemptCounter::default();
+        let call = self
+            .client
+            .put_image()
+            .set_registry_id(input.registry_id.as_ref().map(|r| r.as_str().to_owned()))
+            .repository_name(input.repository.as_str())
+            .image_manifest(input.manifest.as_str())
+            .image_manifest_media_type(input.manifest.media_type().as_str())
+            .image_digest(input.manifest.digest().as_str())
+            .set_image_tag(input.tag.as_ref().map(|t| t.as_str().to_owned()))
+            .customize()
+            .interceptor(attempts.clone());
+        let call = match self.within_deadline() {
+            Some(bounded) => call.config_override(bounded),
+            None => call,
+        };
+        let span = ecr_call_span("PutImage");
+        let sent = call.send().instrument(span.clone()).await;
+        record_answer(&span, &sent);
+        let output = match sent {
+            Ok(output) => output,
+            Err(err) if is_already_exists(err.code()) => {
+                return Ok(PutAnswer::AlreadyThere(attempts.note(upstream_of(&err))));
+            }
+            Err(err) => return Err(attempts.note_error(classify(err))),
+        };
+        let image = output.image();
+        if let Some(returned) = image.and_then(claimed_digest)
+            && returned != input.manifest.digest().as_str()
+        {
+            return Err(RegistryError::DigestVerificationFailed {
+                expected: input.manifest.digest().to_string(),
+                actual: returned.to_owned(),
+            });
+        }
+        let registry_id = image
+            .and_then(Image::registry_id)
+            .or(input.registry_id.as_ref().map(|r| r.as_str()))
+            .unwrap_or_default()
+            .to_owned();
+        Ok(PutAnswer::Stored { registry_id })
+    }
+}
+
+impl BatchGet for Operations {
+    async fn get_images(
+        &self,
+        input: BatchInput,
+    ) -> Result<Vec<Result<StoredImage, RegistryError>>, RegistryError> {
+        let ids: Vec<ImageIdentifier> = input
+            .references
+            .iter()
+            .map(|reference| {
+                ImageIdentifier::builder()
+                    .set_image_tag(reference.tag().map(|t| t.as_str().to_owned()))
+                    .set_image_digest(reference.digest().map(|d| d.as_str().to_owned()))
+                    .build()
+            })
+            .collect();
+        let accepted: Vec<String> = if input.accepted_media_types.is_empty() {
+            media_types::ALL_MANIFESTS.map(str::to_owned).to_vec()
+        } else {
+            input
+                .accepted_media_types
+                .iter()
+                .map(|m| m.as_str().to_owned())
+                .collect()
+        };
+        let repository = &input.repository;
+        let attempts = AttemptCounter::default();
+        let span = ecr_call_span("BatchGetImage");
+        let sent = self
+            .client
+            .batch_get_image()
+            .set_registry_id(
+                repository
+                    .registry_id
+                    .as_ref()
+                    .map(|r| r.as_str().to_owned()),
+            )
+            .repository_name(repository.repository.as_str())
+            .set_image_ids(Some(ids))
+            .set_accepted_media_types(Some(accepted))
+            .customize()
+            .interceptor(attempts.clone())
+            .send()
+            .instrument(span.clone())
+            .await;
+        record_answer(&span, &sent);
+        let output = sent.map_err(|err| attempts.note_error(classify(err)))?;
+        let request_id = output.request_id().map(str::to_owned);
+        // A missing or malformed reference is not an error to BatchGetImage: it answers 200 with
+        // a `failures[]` entry for it instead of an image.
+        let images = output.images.unwrap_or_default();
+        let failures = output.failures.unwrap_or_default();
+        let answers = match_answers(&input.references, images, failures);
+        Ok(answers
+            .into_iter()
+            .zip(&input.references)
+            .map(|(answer, reference)| match answer {
+                Some(Answer::Image(image)) => verified(image, repository, reference),
+                Some(Answer::Failure(failure)) => Err(failure_error(failure, request_id.clone())),
+                None => Err(nothing_for_reference()),
+            })
+            .collect())
+    }
+}
+
+/// Counts one call's attempts, for its failure's log line: "throttled after 3 attempts" tells
+/// an operator more than "throttled".
+#[derive(Debug, Clone, Default)]
+struct AttemptCounter(Arc<AtomicU32>);
+
+impl AttemptCounter {
+    fn attempts(&self) -> u32 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// `upstream`, with the attempts made.
+    fn note(&self, upstream: Upstream) -> Upstream {
+        Upstream {
+            attempts: Some(self.attempts()),
+            ..upstream
+        }
+    }
+
+    /// `err`, with the attempts made recorded in what ECR said.
+    fn note_error(&self, mut err: RegistryError) -> RegistryError {
+        if let Some(upstream) = err.upstream_mut() {
+            upstream.attempts = Some(self.attempts());
+        }
+        err
+    }
+}
+
+impl Intercept for AttemptCounter {
+    fn name(&self) -> &'static str {
+        "AttemptCounter"
+    }
+
+    fn read_before_attempt(
+        &self,
+        _context: &BeforeTransmitInterceptorContextRef<'_>,
+        _components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Time kept back from a caller's deadline for turning ECR's answer into a response and
+/// sending it: the ECR call must end this much before the caller gives up.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(50);
+
+/// One span per ECR call, around all its attempts, named and typed by OpenTelemetry's RPC
+/// conventions. At DEBUG, like the RPC span: free unless spans are exported or logged.
+fn ecr_call_span(operation: &'static str) -> Span {
+    debug_span!(
+        "ecr",
+        operation,
+        otel.name = operation,
+        otel.kind = "client",
+        otel.status_code = Empty,
+        rpc.system = "aws-api",
+        rpc.service = "ECR",
+        rpc.method = operation,
+        aws.request_id = Empty,
+    )
+}
+
+/// Puts ECR's request ID on the call's span (the ID AWS support asks for), and marks failures.
+fn record_answer<T: RequestId, E: RequestId>(span: &Span, sent: &Result<T, E>) {
+    let request_id = match sent {
+        Ok(output) => output.request_id(),
+        Err(err) => err.request_id(),
+    };
+    if let Some(request_id) = request_id {
+        span.record("aws.request_id", request_id);
+    }
+    if sent.is_err() {
+        span.record("otel.status_code", "ERROR");
+    }
+}
+
+/// What BatchGetImage said about one requested reference.
+enum Answer {
+    Image(Image),
+    Failure(ImageFailure),
+}
+
+/// Pairs each requested reference with its image or failure. ECR echoes the requested image
+/// id, so exact matches come first (by digest when one was asked for, else by tag). What is
+/// left is paired in order, for registries whose echo differs (an emulator that reports an
+/// image's latest tag instead of the requested one); such images are still verified against
+/// any requested digest.
+fn match_answers(
+    references: &[ImageRef],
+    images: Vec<Image>,
+    failures: Vec<ImageFailure>,
+) -> Vec<Option<Answer>> {
+    let mut answers: Vec<Option<Answer>> = references.iter().map(|_| None).collect();
+    let mut leftover = Vec::new();
+    let answered_id = |id: Option<&ImageIdentifier>, reference: &ImageRef| {
+        let id_digest = id.and_then(ImageIdentifier::image_digest);
+        let id_tag = id.and_then(ImageIdentifier::image_tag);
+        match reference.digest() {
+            Some(digest) => id_digest == Some(digest.as_str()),
+            None => id_tag.is_some() && id_tag == reference.tag().map(|t| t.as_str()),
+        }
+    };
+    let answers_for = |answers: &[Option<Answer>], id: Option<&ImageIdentifier>| {
+        (0..references.len()).find(|&i| answers[i].is_none() && answered_id(id, &references[i]))
+    };
+    for image in images {
+        match answers_for(&answers, image.image_id()) {
+            Some(i) => answers[i] = Some(Answer::Image(image)),
+            None => leftover.push(Answer::Image(image)),
+        }
+    }
+    for failure in failures {
+        match answers_for(&answers, failure.image_id()) {
+            Some(i) => answers[i] = Some(Answer::Failure(failure)),
+            None => leftover.push(Answer::Failure(failure)),
+        }
+    }
+    let mut leftover = leftover.into_iter();
+    for answer in answers.iter_mut().filter(|a| a.is_none()) {
+        *answer = leftover.next();
+    }
+    answers
+}
+
+/// The registry answered neither an image nor a failure for a reference.
+fn nothing_for_reference() -> RegistryError {
+    RegistryError::ImageNotFound(Upstream::message(
+        "the registry returned neither the image nor a failure",
+    ))
+}
+
+/// The digest ECR says an image has.
+fn claimed_digest(image: &Image) -> Option<&str> {
+    image.image_id().and_then(ImageIdentifier::image_digest)
+}
+
+/// Turns an image from ECR into a [`StoredImage`], refusing bytes that do not hash to the digest
+/// they came with or the one that was asked for. The tag reported is the one asked for: ECR's
+/// response `imageId.imageTag` is not a reliable echo across implementations.
+fn verified(
+    image: Image,
+    repository: &RepositoryKey,
+    reference: &ImageRef,
+) -> Result<StoredImage, RegistryError> {
+    let claimed = claimed_digest(&image).map(str::to_owned);
+    let Image {
+        registry_id,
+        image_manifest,
+        image_manifest_media_type,
+        ..
+    } = image;
+    let manifest = image_manifest.ok_or_else(|| {
+        RegistryError::Other(Upstream::message(
+            "the registry returned an image without a manifest",
+        ))
+    })?;
+    let actual = Digest::of(manifest.as_bytes());
+    let expected = [claimed.as_deref(), reference.digest().map(Digest::as_str)];
+    if let Some(expected) = expected
+        .into_iter()
+        .flatten()
+        .find(|e| *e != actual.as_str())
+    {
+        return Err(RegistryError::DigestVerificationFailed {
+            expected: expected.to_owned(),
+            actual: actual.to_string(),
+        });
+    }
+    let media_type = image_manifest_media_type
+        .or_else(|| Manifest::sniff_media_type(&manifest))
+        .unwrap_or_default();
+    Ok(StoredImage {
+        registry_id: registry_id
+            .or(repository
+                .registry_id
+                .as_ref()
+                .map(|r| r.as_str().to_owned()))
+            .unwrap_or_default(),
+        repository: repository.repository.clone(),
+        digest: actual,
+        tag: reference.tag().cloned(),
+        manifest: manifest.into(),
+        media_type,
+    })
+}
