@@ -131,6 +131,34 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason, in the order of the error tables (README, proto comment).
+    pub const ALL: [Reason; 24] = [
+        Self::InvalidField,
+        Self::DigestMismatch,
+        Self::MediaTypeMismatch,
+        Self::MediaTypeUndetermined,
+        Self::TagDigestMismatch,
+        Self::EcrInvalidParameter,
+        Self::RepositoryNotFound,
+        Self::ImageNotFound,
+        Self::TagAlreadyExists,
+        Self::LayersNotFound,
+        Self::ReferencedImagesNotFound,
+        Self::KmsError,
+        Self::ImageInaccessible,
+        Self::EcrLimitExceeded,
+        Self::EcrThrottled,
+        Self::EcrUnavailable,
+        Self::EcrTimeout,
+        Self::ServiceAccessDenied,
+        Self::ServiceCredentialsInvalid,
+        Self::DigestVerificationFailed,
+        Self::EcrError,
+        Self::DeadlineExceeded,
+        Self::Overloaded,
+        Self::EcrRateBudgetExhausted,
+    ];
+
     /// The UPPER_SNAKE spelling used in `ErrorInfo.reason`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -321,17 +349,15 @@ mod tests {
         }
     }
 
-    /// The README's error table, row by row: each error maps to one code and one reason, and
-    /// its status carries exactly one ErrorInfo (with ECR's code and request ID when ECR spoke),
-    /// a BadRequest exactly when the code is INVALID_ARGUMENT, and RetryInfo when throttled.
-    #[test]
-    fn every_error_maps_to_its_code_reason_and_details() {
+    /// One error of each kind, with the code and reason it must map to: the README's error
+    /// table, row by row.
+    fn mapping_table() -> Vec<(Error, Code, &'static str)> {
         use RegistryError as R;
         let invalid = |reason| Error::InvalidArgument {
             reason,
             violations: vec![Violation::new("repository_name", "must be lowercase")],
         };
-        let table: Vec<(Error, Code, &str)> = vec![
+        vec![
             (
                 invalid(Reason::InvalidField),
                 Code::InvalidArgument,
@@ -450,7 +476,88 @@ mod tests {
                 Code::Internal,
                 "ECR_ERROR",
             ),
-        ];
+            (
+                Error::DeadlineExceeded,
+                Code::DeadlineExceeded,
+                "DEADLINE_EXCEEDED",
+            ),
+            (
+                Error::Overloaded {
+                    retry_after: Duration::from_millis(100),
+                },
+                Code::Unavailable,
+                "OVERLOADED",
+            ),
+            (
+                R::RateBudgetExhausted {
+                    retry_after: Duration::from_millis(300),
+                }
+                .into(),
+                Code::Unavailable,
+                "ECR_RATE_BUDGET_EXHAUSTED",
+            ),
+        ]
+    }
+
+    /// The README's error table, row by row: each error maps to one code and one reason, and
+    /// its status carries exactly one ErrorInfo (with ECR's code and request ID when ECR spoke),
+    /// a BadRequest exactly when the code is INVALID_ARGUMENT, and RetryInfo when throttled.
+    /// The (code, reason) rows of a Markdown or proto-comment table whose first two columns
+    /// are a gRPC code and a reason.
+    fn documented_rows(text: &str) -> Vec<(String, String)> {
+        let names: Vec<&str> = Reason::ALL.iter().map(|r| r.as_str()).collect();
+        text.lines()
+            .filter_map(|line| {
+                let line = line.trim_start_matches("//").trim();
+                let mut cells = line.strip_prefix('|')?.split('|').map(str::trim);
+                let code = cells.next()?.to_owned();
+                let reason = cells.next()?.trim_matches('`').to_owned();
+                names.contains(&reason.as_str()).then_some((code, reason))
+            })
+            .collect()
+    }
+
+    /// The error tables cannot drift: the README's table and the proto comment's each list
+    /// every reason exactly once, with the code the one mapping gives it, and nothing else.
+    #[test]
+    fn the_documented_error_tables_match_the_mapping() {
+        let mapped: HashMap<&str, &str> = mapping_table()
+            .iter()
+            .map(|(_, code, reason)| (*reason, code_name(*code)))
+            .collect();
+        let every: Vec<&str> = Reason::ALL.iter().map(|r| r.as_str()).collect();
+        let mut sorted = every.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), every.len(), "reasons are distinct");
+        assert_eq!(
+            mapped.len(),
+            every.len(),
+            "the mapping table covers every reason"
+        );
+        for (name, text) in [
+            ("README.md", include_str!("../README.md")),
+            (
+                "the proto comment",
+                include_str!("../proto/imageservice/v1/image_service.proto"),
+            ),
+        ] {
+            let rows = documented_rows(text);
+            let listed: Vec<&str> = rows.iter().map(|(_, reason)| reason.as_str()).collect();
+            assert_eq!(listed, every, "{name} lists every reason once, in order");
+            for (code, reason) in &rows {
+                assert_eq!(
+                    code.as_str(),
+                    mapped[reason.as_str()],
+                    "{name}: {reason}'s code"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_error_maps_to_its_code_reason_and_details() {
+        let table = mapping_table();
         for (err, code, reason) in table {
             let had_ecr_code = err.upstream().and_then(|u| u.code.clone());
             let status = Status::from(err);

@@ -364,25 +364,31 @@ fn every_setting_of_the_binary_is_reachable_from_values_and_accepted_by_it() {
     });
     let deadline = Instant::now() + STARTUP_DEADLINE;
     let mut seen = Vec::new();
+    let mut ready = Value::Null;
     let listening = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let Ok(line) = lines.recv_timeout(left) else {
             let _ = child.kill();
             panic!("not listening with the rendered settings: {seen:#?}");
         };
-        if let Ok(json) = serde_json::from_str::<Value>(&line)
-            && json["message"] == "listening"
-        {
-            break json;
+        if let Ok(json) = serde_json::from_str::<Value>(&line) {
+            if json["message"] == "listening" {
+                break json;
+            }
+            if json["message"] == "backend ready" {
+                ready = json;
+                continue;
+            }
         }
         seen.push(line);
     };
     let _ = child.kill();
     let _ = child.wait();
-    // Values that reached the binary, in its own words.
-    assert_eq!(listening["region"], "eu-west-1");
-    assert_eq!(listening["ecr_endpoint"], "http://127.0.0.1:9");
-    assert_eq!(listening["max_attempts"], 4);
+    // Values that reached the binary, in its own words: the backend's on its ready line, the
+    // server's and the cache's on the listening line.
+    assert_eq!(ready["region"], "eu-west-1");
+    assert_eq!(ready["ecr_endpoint"], "http://127.0.0.1:9");
+    assert_eq!(ready["max_attempts"], 4);
     assert_eq!(listening["digest_cache_bytes"], 128 << 20);
     assert_eq!(listening["tag_ttl"], "30s");
 }
