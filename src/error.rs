@@ -505,14 +505,16 @@ mod tests {
     /// The (code, reason) rows of a Markdown or proto-comment table whose first two columns
     /// are a gRPC code and a reason.
     fn documented_rows(text: &str) -> Vec<(String, String)> {
-        let names: Vec<&str> = Reason::ALL.iter().map(|r| r.as_str()).collect();
+        let reasons: Vec<&str> = Reason::ALL.iter().map(|r| r.as_str()).collect();
+        let codes: Vec<&str> = (0..=16).map(|c| code_name(Code::from_i32(c))).collect();
         text.lines()
             .filter_map(|line| {
                 let line = line.trim_start_matches("//").trim();
                 let mut cells = line.strip_prefix('|')?.split('|').map(str::trim);
                 let code = cells.next()?.to_owned();
                 let reason = cells.next()?.trim_matches('`').to_owned();
-                names.contains(&reason.as_str()).then_some((code, reason))
+                let row = codes.contains(&code.as_str()) && reasons.contains(&reason.as_str());
+                row.then_some((code, reason))
             })
             .collect()
     }

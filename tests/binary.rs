@@ -1079,3 +1079,107 @@ fn cli_subcommands_print_aws_cli_json_and_exit_per_error_class() {
     server.wait().unwrap();
     let _ = std::fs::remove_dir_all(&data_dir);
 }
+
+/// A failure is one readable line: ECR's code, request ID and attempt count as fields of their
+/// own, never the SDK's raw response (headers, body, extension types). A throttled call and a
+/// not-found call, against recorded ECR in the default text format, each log a line under
+/// 512 bytes with no header dump.
+#[tokio::test]
+async fn failure_lines_are_short_and_hold_no_raw_response() {
+    use support::recorded::{REQUEST_ID, RecordedEcr, Reply};
+    let not_found = Reply::ok(serde_json::json!({
+        "images": [],
+        "failures": [{
+            "imageId": {"imageTag": "gone"},
+            "failureCode": "ImageNotFound",
+            "failureReason": "Requested image not found",
+        }],
+    }));
+    let throttled = || Reply::error(400, "ThrottlingException", "Rate exceeded");
+    // Three attempts (the default) throttled, then not-found for every later call.
+    let ecr = RecordedEcr::start(vec![
+        ("BatchGetImage", throttled()),
+        ("BatchGetImage", throttled()),
+        ("BatchGetImage", throttled()),
+        ("BatchGetImage", not_found),
+    ])
+    .await;
+    let home = scratch_home();
+    let mut child = command(&home)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--stale-if-error", "0s"])
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ENDPOINT_URL_ECR", &ecr.endpoint)
+        .env("AWS_ACCESS_KEY_ID", "AKIDE2ETESTKEY")
+        .env("AWS_SECRET_ACCESS_KEY", SECRET)
+        .spawn()
+        .unwrap();
+    let lines = stderr_lines(&mut child);
+    let deadline = Instant::now() + DEADLINE;
+    let address = loop {
+        let line = lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("a listening line");
+        if let Some((_, rest)) = line.split_once(" address=") {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    let mut client = ImageServiceClient::connect(format!("http://{address}"))
+        .await
+        .unwrap();
+    for (tag, code) in [
+        ("busy", tonic::Code::Unavailable),
+        ("gone", tonic::Code::NotFound),
+    ] {
+        let status = client
+            .get_image(requests::get("hello-world", tag, ""))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), code, "{status:?}");
+    }
+    let mut failures = Vec::new();
+    while failures.len() < 2 {
+        let line = lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("two failure lines, got {failures:#?}"));
+        if line.contains("request failed") || line.contains("request refused") {
+            failures.push(line);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    for line in &failures {
+        assert!(line.len() < 512, "{} bytes: {line}", line.len());
+        for dump in [
+            "x-amzn",
+            "content-type",
+            "SdkBody",
+            "headers",
+            "HttpResponse",
+            "Extensions",
+        ] {
+            assert!(!line.contains(dump), "{dump} in {line}");
+        }
+        assert!(
+            line.contains(&format!("ecr_request_id=\"{REQUEST_ID}\""))
+                || line.contains(&format!("ecr_request_id={REQUEST_ID}")),
+            "{line}"
+        );
+    }
+    assert!(failures[0].contains("ECR_THROTTLED"), "{}", failures[0]);
+    assert!(
+        failures[0].contains("ThrottlingException"),
+        "{}",
+        failures[0]
+    );
+    assert!(failures[0].contains("attempts=3"), "{}", failures[0]);
+    assert!(failures[1].contains("IMAGE_NOT_FOUND"), "{}", failures[1]);
+    assert!(failures[1].contains("ImageNotFound"), "{}", failures[1]);
+    assert_eq!(ecr.count("BatchGetImage"), 4);
+}
