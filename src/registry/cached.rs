@@ -28,8 +28,8 @@ use tokio::time::Instant;
 
 use super::flight::Flights;
 use super::{
-    BoxFuture, CacheStatus, Fetched, GetImageInput, PutImageInput, PutOutcome, Registry,
-    RegistryError, RepositoryKey, SharedRegistry, StoredImage,
+    CacheStatus, Fetched, GetImageInput, PutImageInput, PutOutcome, Registry, RegistryError,
+    RepositoryKey, SharedRegistry, StoredImage,
 };
 use crate::image::{Digest, ImageRef, MediaType, Tag};
 
@@ -326,16 +326,7 @@ impl CachedRegistry {
 }
 
 impl Registry for CachedRegistry {
-    fn put_image(
-        &self,
-        input: PutImageInput,
-    ) -> BoxFuture<'_, Result<(StoredImage, PutOutcome), RegistryError>> {
-        Box::pin(self.put(input))
-    }
-
-    fn get_image(&self, input: GetImageInput) -> BoxFuture<'_, Result<Fetched, RegistryError>> {
-        Box::pin(self.get(input))
-    }
+    boxed_registry_methods!();
 
     /// The cache's metrics (hits, misses, stale answers, evictions, bytes held, coalesced
     /// reads), then those of the registry below it.
@@ -388,7 +379,7 @@ mod tests {
 
     use super::*;
     use crate::image::{Manifest, RepositoryName};
-    use crate::registry::{PutImageInput, Upstream};
+    use crate::registry::{BoxFuture, PutImageInput, Upstream};
 
     /// An in-memory registry that counts its calls and can be told to fail.
     #[derive(Default)]

@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    BoxFuture, CacheStatus, Fetched, GetImageInput, PutImageInput, PutOutcome, Registry,
-    RegistryError, StoredImage, Upstream,
+    CacheStatus, Fetched, GetImageInput, PutImageInput, PutOutcome, Registry, RegistryError,
+    StoredImage, Upstream,
 };
 use crate::image::{Digest, ImageRef, RegistryId, RepositoryName};
 
@@ -392,16 +392,7 @@ impl LocalRegistry {
 }
 
 impl Registry for LocalRegistry {
-    fn put_image(
-        &self,
-        input: PutImageInput,
-    ) -> BoxFuture<'_, Result<(StoredImage, PutOutcome), RegistryError>> {
-        Box::pin(self.put(input))
-    }
-
-    fn get_image(&self, input: GetImageInput) -> BoxFuture<'_, Result<Fetched, RegistryError>> {
-        Box::pin(self.get(input))
-    }
+    boxed_registry_methods!();
 }
 
 #[cfg(test)]

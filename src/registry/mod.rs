@@ -13,6 +13,35 @@
 //! Each layer registers its own metrics ([`Registry::register_metrics`]), so the metrics
 //! module knows no backend.
 
+/// The [`Registry`] methods of a type whose inherent `async fn put` and `async fn get` do the
+/// work: the boxing every implementation needs, written once. Used inside `impl Registry`.
+macro_rules! boxed_registry_methods {
+    () => {
+        fn put_image(
+            &self,
+            input: $crate::registry::PutImageInput,
+        ) -> $crate::registry::BoxFuture<
+            '_,
+            Result<
+                ($crate::registry::StoredImage, $crate::registry::PutOutcome),
+                $crate::registry::RegistryError,
+            >,
+        > {
+            Box::pin(self.put(input))
+        }
+
+        fn get_image(
+            &self,
+            input: $crate::registry::GetImageInput,
+        ) -> $crate::registry::BoxFuture<
+            '_,
+            Result<$crate::registry::Fetched, $crate::registry::RegistryError>,
+        > {
+            Box::pin(self.get(input))
+        }
+    };
+}
+
 mod error;
 mod flight;
 

@@ -30,8 +30,8 @@ use self::batch::Batcher;
 use self::calls::UpstreamCalls;
 use self::operations::{Operations, PutAnswer};
 use super::{
-    BoxFuture, CacheStatus, Fetched, GetImageInput, PutImageInput, PutOutcome, Registry,
-    RegistryError, StoredImage, Upstream,
+    CacheStatus, Fetched, GetImageInput, PutImageInput, PutOutcome, Registry, RegistryError,
+    StoredImage, Upstream,
 };
 use crate::image::ImageRef;
 
@@ -131,16 +131,7 @@ impl EcrRegistry {
 }
 
 impl Registry for EcrRegistry {
-    fn put_image(
-        &self,
-        input: PutImageInput,
-    ) -> BoxFuture<'_, Result<(StoredImage, PutOutcome), RegistryError>> {
-        Box::pin(self.put(input))
-    }
-
-    fn get_image(&self, input: GetImageInput) -> BoxFuture<'_, Result<Fetched, RegistryError>> {
-        Box::pin(self.get(input))
-    }
+    boxed_registry_methods!();
 
     fn register_metrics(&self, metrics: &mut Metrics) {
         self.calls().register_metrics(metrics);
