@@ -214,9 +214,9 @@ fn loggable(value: &str) -> String {
 /// What a request is, for its span and for the line logged if it fails.
 struct Call {
     method: &'static str,
-    /// Escaped and bounded ([`loggable`]).
+    /// As the request gave it: escaped ([`loggable`]) only when a line is written.
     repository: String,
-    /// Escaped and bounded ([`loggable`]).
+    /// As the request gave it: escaped ([`loggable`]) only when a line is written.
     reference: String,
     /// The caller's W3C trace context, so this request's lines and spans join its trace.
     trace: Option<TraceParent>,
@@ -236,8 +236,8 @@ impl Call {
             .and_then(TraceParent::parse);
         Self {
             method,
-            repository: loggable(repository),
-            reference: loggable(&reference),
+            repository: repository.to_owned(),
+            reference,
             trace,
         }
     }
@@ -254,8 +254,8 @@ impl Call {
         let span = debug_span!(
             "rpc",
             method = self.method,
-            repository = %self.repository,
-            reference = %self.reference,
+            repository = %loggable(&self.repository),
+            reference = %loggable(&self.reference),
             trace_id = self.trace_id(),
             digest = Empty,
             code = Empty,
@@ -278,7 +278,8 @@ impl Call {
     /// failures at WARN. What ECR said goes in fields of its own (code, message, request ID,
     /// attempts), never as a raw response.
     fn log_failure(&self, err: &Error, code: tonic::Code, reason: &str, latency_ms: f64) {
-        let (method, repository, reference) = (self.method, &self.repository, &self.reference);
+        let method = self.method;
+        let (repository, reference) = (loggable(&self.repository), loggable(&self.reference));
         let trace_id = self.trace_id();
         let upstream = err.upstream();
         let ecr_code = upstream.and_then(|u| u.code.as_deref());

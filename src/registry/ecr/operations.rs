@@ -1,8 +1,8 @@
 //! The two ECR operations as SDK calls, each in its own span: PutImage, and BatchGetImage with
 //! its answers paired to the references asked for and verified against their digests.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::cell::Cell;
+use std::future::Future;
 use std::time::Duration;
 
 use aws_sdk_ecr::config::interceptors::BeforeTransmitInterceptorContextRef;
@@ -49,7 +49,10 @@ impl Operations {
     /// Operations over a client built from `config`, with call counting added.
     pub fn new(config: aws_sdk_ecr::config::Builder) -> Self {
         let calls = UpstreamCalls::default();
-        let client = aws_sdk_ecr::Client::from_conf(config.interceptor(calls.clone()).build());
+        let config = config
+            .interceptor(calls.clone())
+            .interceptor(AttemptCounter);
+        let client = aws_sdk_ecr::Client::from_conf(config.build());
         let operation_timeout = client
             .config()
             .timeout_config()
@@ -85,7 +88,6 @@ impl Operations {
     /// verifies the digest against the bytes, and needs the media type when the manifest
     /// carries none (OCI artifacts).
     pub async fn put_image(&self, input: &PutImageInput) -> Result<PutAnswer, RegistryError> {
-        let attempts = AttemptCounter::default();
         let call = self
             .client
             .put_image()
@@ -94,22 +96,27 @@ impl Operations {
             .image_manifest(input.manifest.as_str())
             .image_manifest_media_type(input.manifest.media_type().as_str())
             .image_digest(input.manifest.digest().as_str())
-            .set_image_tag(input.tag.as_ref().map(|t| t.as_str().to_owned()))
-            .customize()
-            .interceptor(attempts.clone());
-        let call = match self.within_deadline() {
-            Some(bounded) => call.config_override(bounded),
-            None => call,
-        };
+            .set_image_tag(input.tag.as_ref().map(|t| t.as_str().to_owned()));
         let span = ecr_call_span("PutImage");
-        let sent = call.send().instrument(span.clone()).await;
+        let (sent, attempts) = counting_attempts(async {
+            match self.within_deadline() {
+                Some(bounded) => call.customize().config_override(bounded).send().await,
+                None => call.send().await,
+            }
+        })
+        .instrument(span.clone())
+        .await;
         record_answer(&span, &sent);
         let output = match sent {
             Ok(output) => output,
             Err(err) if is_already_exists(err.code()) => {
-                return Ok(PutAnswer::AlreadyThere(attempts.note(upstream_of(&err))));
+                let upstream = Upstream {
+                    attempts: Some(attempts),
+                    ..upstream_of(&err)
+                };
+                return Ok(PutAnswer::AlreadyThere(upstream));
             }
-            Err(err) => return Err(attempts.note_error(classify(err))),
+            Err(err) => return Err(with_attempts(classify(err), attempts)),
         };
         let image = output.image();
         if let Some(returned) = image.and_then(claimed_digest)
@@ -154,9 +161,8 @@ impl BatchGet for Operations {
                 .collect()
         };
         let repository = &input.repository;
-        let attempts = AttemptCounter::default();
         let span = ecr_call_span("BatchGetImage");
-        let sent = self
+        let call = self
             .client
             .batch_get_image()
             .set_registry_id(
@@ -168,13 +174,10 @@ impl BatchGet for Operations {
             .repository_name(repository.repository.as_str())
             .set_image_ids(Some(ids))
             .set_accepted_media_types(Some(accepted))
-            .customize()
-            .interceptor(attempts.clone())
-            .send()
-            .instrument(span.clone())
-            .await;
+            .send();
+        let (sent, attempts) = counting_attempts(call).instrument(span.clone()).await;
         record_answer(&span, &sent);
-        let output = sent.map_err(|err| attempts.note_error(classify(err)))?;
+        let output = sent.map_err(|err| with_attempts(classify(err), attempts))?;
         let request_id = output.request_id().map(str::to_owned);
         // A missing or malformed reference is not an error to BatchGetImage: it answers 200 with
         // a `failures[]` entry for it instead of an image.
@@ -193,32 +196,35 @@ impl BatchGet for Operations {
     }
 }
 
-/// Counts one call's attempts, for its failure's log line: "throttled after 3 attempts" tells
-/// an operator more than "throttled".
-#[derive(Debug, Clone, Default)]
-struct AttemptCounter(Arc<AtomicU32>);
-
-impl AttemptCounter {
-    fn attempts(&self) -> u32 {
-        self.0.load(Ordering::Relaxed)
-    }
-
-    /// `upstream`, with the attempts made.
-    fn note(&self, upstream: Upstream) -> Upstream {
-        Upstream {
-            attempts: Some(self.attempts()),
-            ..upstream
-        }
-    }
-
-    /// `err`, with the attempts made recorded in what ECR said.
-    fn note_error(&self, mut err: RegistryError) -> RegistryError {
-        if let Some(upstream) = err.upstream_mut() {
-            upstream.attempts = Some(self.attempts());
-        }
-        err
-    }
+tokio::task_local! {
+    /// Attempts of the ECR call this task is making, counted by [`AttemptCounter`].
+    static ATTEMPTS: Cell<u32>;
 }
+
+/// Runs `call` (one SDK call) and counts its attempts, for its failure's log line: "throttled
+/// after 3 attempts" tells an operator more than "throttled". A task-local read by one
+/// interceptor registered when the client is built: a per-call interceptor would rebuild the
+/// SDK's runtime components on every call, which the cold path pays for.
+async fn counting_attempts<T>(call: impl Future<Output = T>) -> (T, u32) {
+    ATTEMPTS
+        .scope(Cell::new(0), async {
+            let answer = call.await;
+            (answer, ATTEMPTS.with(Cell::get))
+        })
+        .await
+}
+
+/// `err`, with the attempts its call made recorded in what ECR said.
+fn with_attempts(mut err: RegistryError, attempts: u32) -> RegistryError {
+    if let Some(upstream) = err.upstream_mut() {
+        upstream.attempts = Some(attempts);
+    }
+    err
+}
+
+/// Counts attempts into the task's [`ATTEMPTS`], where a call set one up.
+#[derive(Debug)]
+struct AttemptCounter;
 
 impl Intercept for AttemptCounter {
     fn name(&self) -> &'static str {
@@ -231,7 +237,7 @@ impl Intercept for AttemptCounter {
         _components: &RuntimeComponents,
         _cfg: &mut ConfigBag,
     ) -> Result<(), BoxError> {
-        self.0.fetch_add(1, Ordering::Relaxed);
+        let _ = ATTEMPTS.try_with(|n| n.set(n.get() + 1));
         Ok(())
     }
 }
