@@ -54,8 +54,10 @@ const CONNECTIONS: usize = 4;
 /// Length of one measured run, after a warm-up of [`WARM_UP`].
 const RUN: Duration = Duration::from_secs(3);
 const WARM_UP: Duration = Duration::from_millis(500);
-/// Alternating rounds of (bare, by tag, by digest); the median round is reported.
-const ROUNDS: usize = 3;
+/// Alternating rounds of (bare, by tag, by digest); the median round is reported. Five, not
+/// three: this machine drifts by tens of percent within minutes, and a median of three rounds
+/// moved a ratio by ±0.1 from one run to the next.
+const ROUNDS: usize = 5;
 /// Sequential cold reads per side.
 const COLD_READS: usize = 300;
 /// The memory phase: number of distinct manifests (through the default 64 MiB budget).
