@@ -1,6 +1,10 @@
-//! The protobuf codec: prost's, except that a request field that is not valid UTF-8 is the
-//! caller's INVALID_ARGUMENT naming that field, not the INTERNAL that gRPC uses for parse errors.
-//! Manifests are `string`s, and a client that sends raw bytes in one deserves to be told which.
+//! The protobuf codec: prost's, except that
+//! - a request field that is not valid UTF-8 is the caller's INVALID_ARGUMENT naming that field,
+//!   not the INTERNAL that gRPC uses for parse errors (manifests are `string`s, and a client that
+//!   sends raw bytes in one deserves to be told which);
+//! - a request larger than its type can legally be is refused before it is decoded: decoding
+//!   100,000 strings costs the runtime's workers tens of milliseconds each, time in which health
+//!   checks and every other caller wait.
 
 use prost::Message;
 use tonic::Status;
@@ -8,6 +12,29 @@ use tonic::codec::{BufferSettings, DecodeBuf};
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
 use crate::error::{Error, Reason, Violation};
+
+/// The largest GetImage, ResolveImage or RetagImage request accepted, encoded. The largest legal
+/// one is under 32 KiB (100 accepted media types of 255 bytes, or 20 target tags of 300, plus
+/// the identifiers); twice that leaves room for fields added later. PutImage carries a manifest
+/// of up to 4 MiB and is bounded by the server's message limit instead.
+pub const MAX_SMALL_REQUEST_BYTES: usize = 64 * 1024;
+
+/// The request types bounded by [`MAX_SMALL_REQUEST_BYTES`], by the last segment of their Rust
+/// type name.
+const SMALL_REQUESTS: [&str; 3] = [
+    "GetImageRequest",
+    "ResolveImageRequest",
+    "RetagImageRequest",
+];
+
+/// The size limit of message type `U`, when it is tighter than the server's.
+fn size_limit<U>() -> Option<usize> {
+    let name = std::any::type_name::<U>();
+    let short = name.rsplit("::").next().unwrap_or(name);
+    SMALL_REQUESTS
+        .contains(&short)
+        .then_some(MAX_SMALL_REQUEST_BYTES)
+}
 
 /// [`ProstCodec`] with request decode errors mapped to field violations.
 #[derive(Debug, Clone)]
@@ -47,6 +74,16 @@ impl<U: Message + Default> tonic::codec::Decoder for Decoder<U> {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        use prost::bytes::Buf as _;
+        if let Some(limit) = size_limit::<U>()
+            && buf.remaining() > limit
+        {
+            return Err(Error::RequestTooLarge {
+                bytes: buf.remaining(),
+                limit,
+            }
+            .into());
+        }
         self.0
             .decode(buf)
             .map_err(|status| invalid_request_field(status.message()).unwrap_or(status))
@@ -86,10 +123,10 @@ fn invalid_request_field(message: &str) -> Option<Status> {
         format!("cannot be decoded: {description}")
     };
     Some(
-        Error::InvalidArgument {
-            reason: Reason::InvalidField,
-            violations: vec![Violation::new(path.join("."), problem)],
-        }
+        Error::invalid(
+            Reason::InvalidField,
+            vec![Violation::new(path.join("."), problem)],
+        )
         .into(),
     )
 }

@@ -25,6 +25,28 @@ pub const METADATA_ECR_ERROR_CODE: &str = "ecrErrorCode";
 /// `ErrorInfo.metadata` key for ECR's request ID.
 pub const METADATA_ECR_REQUEST_ID: &str = "ecrRequestId";
 
+/// The most violations one error lists: a request with a million bad entries costs the same
+/// small answer as one with ten. Past this, the message says how many more there were.
+pub const MAX_VIOLATIONS: usize = 10;
+/// The longest description a violation carries (it may echo what the caller sent).
+const MAX_DESCRIPTION_BYTES: usize = 256;
+/// The longest field path a violation names.
+const MAX_FIELD_BYTES: usize = 128;
+/// The longest `grpc-message`: one HTTP/2 trailer, well under a kilobyte whatever the request.
+const MAX_MESSAGE_BYTES: usize = 900;
+
+/// `text`, cut to at most `max_bytes` bytes at a character boundary, with `…` where it was cut.
+pub fn truncated(text: &str, max_bytes: usize) -> String {
+    if text.len() <= max_bytes {
+        return text.to_owned();
+    }
+    let cut = (0..=max_bytes)
+        .rev()
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(0);
+    format!("{}…", &text[..cut])
+}
+
 /// One request field that failed validation, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Violation {
@@ -35,11 +57,12 @@ pub struct Violation {
 }
 
 impl Violation {
-    /// A violation of `field`.
+    /// A violation of `field`, both bounded in size: a description may echo the caller's input.
     pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
+        let (field, description) = (field.into(), description.into());
         Self {
-            field: field.into(),
-            description: description.into(),
+            field: truncated(&field, MAX_FIELD_BYTES),
+            description: truncated(&description, MAX_DESCRIPTION_BYTES),
         }
     }
 }
@@ -48,12 +71,22 @@ impl Violation {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The request was refused before any registry call.
-    #[error("invalid request: {}", describe(violations))]
+    #[error("invalid request: {}", describe(violations, *omitted))]
     InvalidArgument {
         /// Which rule was broken; [`Reason::InvalidField`] for plain format and limit checks.
         reason: Reason,
-        /// Every offending field.
+        /// The offending fields, at most [`MAX_VIOLATIONS`].
         violations: Vec<Violation>,
+        /// How many more violations there were than are listed.
+        omitted: usize,
+    },
+    /// The request message is larger than any legal request of its type; it was not decoded.
+    #[error("the request is {bytes} bytes; requests of this type are at most {limit} bytes")]
+    RequestTooLarge {
+        /// The message's encoded size.
+        bytes: usize,
+        /// The largest accepted.
+        limit: usize,
     },
     /// The caller's deadline passed before the answer was ready.
     #[error("the deadline passed before ECR answered")]
@@ -69,12 +102,36 @@ pub enum Error {
     Registry(#[from] RegistryError),
 }
 
-fn describe(violations: &[Violation]) -> String {
+impl Error {
+    /// A refused request: `reason` and its violations, at most [`MAX_VIOLATIONS`] of them
+    /// kept, the rest counted.
+    pub fn invalid(reason: Reason, violations: Vec<Violation>) -> Self {
+        Self::invalid_beyond(reason, violations, 0)
+    }
+
+    /// [`Error::invalid`], when `omitted` violations were already left out upstream.
+    pub fn invalid_beyond(reason: Reason, mut violations: Vec<Violation>, omitted: usize) -> Self {
+        let omitted = omitted + violations.len().saturating_sub(MAX_VIOLATIONS);
+        violations.truncate(MAX_VIOLATIONS);
+        Self::InvalidArgument {
+            reason,
+            violations,
+            omitted,
+        }
+    }
+}
+
+/// The violations as one message, bounded to [`MAX_MESSAGE_BYTES`].
+fn describe(violations: &[Violation], omitted: usize) -> String {
     let parts: Vec<String> = violations
         .iter()
         .map(|v| format!("{}: {}", v.field, v.description))
         .collect();
-    parts.join("; ")
+    let mut message = parts.join("; ");
+    if omitted > 0 {
+        message.push_str(&format!("; and {omitted} more"));
+    }
+    truncated(&message, MAX_MESSAGE_BYTES)
 }
 
 /// `ErrorInfo.reason` values: stable identifiers clients may branch on.
@@ -128,11 +185,13 @@ pub enum Reason {
     Overloaded,
     /// This service's own ECR rate budget had no slot before the deadline.
     EcrRateBudgetExhausted,
+    /// The request message is larger than any legal request of its type.
+    RequestTooLarge,
 }
 
 impl Reason {
     /// Every reason, in the order of the error tables (README, proto comment).
-    pub const ALL: [Reason; 24] = [
+    pub const ALL: [Reason; 25] = [
         Self::InvalidField,
         Self::DigestMismatch,
         Self::MediaTypeMismatch,
@@ -157,6 +216,7 @@ impl Reason {
         Self::DeadlineExceeded,
         Self::Overloaded,
         Self::EcrRateBudgetExhausted,
+        Self::RequestTooLarge,
     ];
 
     /// The UPPER_SNAKE spelling used in `ErrorInfo.reason`.
@@ -186,6 +246,7 @@ impl Reason {
             Self::DeadlineExceeded => "DEADLINE_EXCEEDED",
             Self::Overloaded => "OVERLOADED",
             Self::EcrRateBudgetExhausted => "ECR_RATE_BUDGET_EXHAUSTED",
+            Self::RequestTooLarge => "REQUEST_TOO_LARGE",
         }
     }
 }
@@ -197,6 +258,8 @@ impl Error {
         match self {
             Self::InvalidArgument { reason, .. } => (Code::InvalidArgument, *reason),
             Self::DeadlineExceeded => (Code::DeadlineExceeded, Reason::DeadlineExceeded),
+            // gRPC's status table: a message over a limit is RESOURCE_EXHAUSTED.
+            Self::RequestTooLarge { .. } => (Code::ResourceExhausted, Reason::RequestTooLarge),
             // UNAVAILABLE, not RESOURCE_EXHAUSTED: the one code retried by default (AIP-194) and
             // by mesh retry policies; nothing was done, so a retry is safe.
             Self::Overloaded { .. } => (Code::Unavailable, Reason::Overloaded),
@@ -235,7 +298,10 @@ impl Error {
     /// What ECR said, when ECR was the cause.
     pub fn upstream(&self) -> Option<&Upstream> {
         match self {
-            Self::InvalidArgument { .. } | Self::DeadlineExceeded | Self::Overloaded { .. } => None,
+            Self::InvalidArgument { .. }
+            | Self::RequestTooLarge { .. }
+            | Self::DeadlineExceeded
+            | Self::Overloaded { .. } => None,
             Self::Registry(err) => err.upstream(),
         }
     }
@@ -267,7 +333,10 @@ impl Error {
             Self::Registry(RegistryError::TagDigestMismatch(upstream)) => {
                 vec![Violation::new("image_id", upstream.message.clone())]
             }
-            Self::Registry(_) | Self::DeadlineExceeded | Self::Overloaded { .. } => Vec::new(),
+            Self::Registry(_)
+            | Self::RequestTooLarge { .. }
+            | Self::DeadlineExceeded
+            | Self::Overloaded { .. } => Vec::new(),
         }
     }
 
@@ -353,9 +422,11 @@ mod tests {
     /// table, row by row.
     fn mapping_table() -> Vec<(Error, Code, &'static str)> {
         use RegistryError as R;
-        let invalid = |reason| Error::InvalidArgument {
-            reason,
-            violations: vec![Violation::new("repository_name", "must be lowercase")],
+        let invalid = |reason| {
+            Error::invalid(
+                reason,
+                vec![Violation::new("repository_name", "must be lowercase")],
+            )
         };
         vec![
             (
@@ -480,6 +551,14 @@ mod tests {
                 Error::DeadlineExceeded,
                 Code::DeadlineExceeded,
                 "DEADLINE_EXCEEDED",
+            ),
+            (
+                Error::RequestTooLarge {
+                    bytes: 800_000,
+                    limit: 65_536,
+                },
+                Code::ResourceExhausted,
+                "REQUEST_TOO_LARGE",
             ),
             (
                 Error::Overloaded {

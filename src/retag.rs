@@ -41,10 +41,10 @@ pub async fn retag(registry: &dyn Registry, input: RetagInput) -> Result<Retagge
                     .map(|(_, outcome)| outcome)
                     .map_err(Error::from)
             }
-            Err(why) => Err(Error::InvalidArgument {
-                reason: Reason::MediaTypeUndetermined,
-                violations: vec![Violation::new("source_image_id", why.clone())],
-            }),
+            Err(why) => Err(Error::invalid(
+                Reason::MediaTypeUndetermined,
+                vec![Violation::new("source_image_id", why.clone())],
+            )),
         };
         results.push((tag, result));
     }

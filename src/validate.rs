@@ -1,9 +1,10 @@
 //! Requests in, validated inputs out: every field is checked before anything reaches a registry,
 //! and every offending field is reported at once, not just the first.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
-use crate::error::{Error, Reason, Violation};
+use crate::error::{Error, MAX_VIOLATIONS, Reason, Violation};
 use crate::image::{
     Digest, ImageRef, Invalid, Manifest, ManifestError, MediaType, RegistryId, RepositoryName, Tag,
 };
@@ -20,7 +21,10 @@ const MAX_ACCEPTED_MEDIA_TYPES: usize = 100;
 /// Collects field violations while parsing a request.
 #[derive(Default)]
 struct Checker {
+    /// At most [`MAX_VIOLATIONS`]: a million bad entries must not become a million records.
     violations: Vec<Violation>,
+    /// Violations found past the cap, counted only.
+    omitted: usize,
 }
 
 impl Checker {
@@ -49,32 +53,36 @@ impl Checker {
             return None;
         }
         parse(value)
-            .map_err(|invalid| self.violations.push(Violation::new(field, invalid.0)))
+            .map_err(|invalid| self.push(field, invalid.0))
             .ok()
     }
 
-    /// Records a violation if a repeated field lists more than `max` entries.
-    fn at_most(&mut self, field: &str, len: usize, max: usize, entries: &str) {
+    /// Records a violation if a repeated field lists more than `max` entries; whether it is
+    /// within bounds, so that its entries are only parsed if it is.
+    fn at_most(&mut self, field: &str, len: usize, max: usize, entries: &str) -> bool {
         if len > max {
             self.push(
                 field,
                 format!("must list at most {max} {entries}, got {len}"),
             );
+            return false;
         }
+        true
     }
 
     /// Records a violation found by other means.
     fn push(&mut self, field: &str, description: impl Into<String>) {
-        self.violations.push(Violation::new(field, description));
+        if self.violations.len() < MAX_VIOLATIONS {
+            self.violations.push(Violation::new(field, description));
+        } else {
+            self.omitted += 1;
+        }
     }
 
     /// The error for what was found: plain format problems first, since a request with those
     /// cannot be judged on anything else.
     fn into_error(self) -> Error {
-        Error::InvalidArgument {
-            reason: Reason::InvalidField,
-            violations: self.violations,
-        }
+        Error::invalid_beyond(Reason::InvalidField, self.violations, self.omitted)
     }
 }
 
@@ -107,17 +115,17 @@ pub fn put_image(request: pb::PutImageRequest) -> Result<PutImageInput, Error> {
             ManifestError::MediaTypeMismatch { .. } => Reason::MediaTypeMismatch,
             _ => Reason::MediaTypeUndetermined,
         };
-        Error::InvalidArgument {
+        Error::invalid(
             reason,
-            violations: vec![Violation::new("image_manifest_media_type", err.to_string())],
-        }
+            vec![Violation::new("image_manifest_media_type", err.to_string())],
+        )
     })?;
     if let Some(expected) = expected
         && &expected != manifest.digest()
     {
-        return Err(Error::InvalidArgument {
-            reason: Reason::DigestMismatch,
-            violations: vec![Violation::new(
+        return Err(Error::invalid(
+            Reason::DigestMismatch,
+            vec![Violation::new(
                 "image_digest",
                 format!(
                     "expected {expected}, but the SHA-256 of image_manifest is {}: the bytes \
@@ -126,7 +134,7 @@ pub fn put_image(request: pb::PutImageRequest) -> Result<PutImageInput, Error> {
                     manifest.digest()
                 ),
             )],
-        });
+        ));
     }
     Ok(PutImageInput {
         registry_id,
@@ -180,45 +188,45 @@ pub fn retag_image(request: pb::RetagImageRequest) -> Result<RetagInput, Error> 
     if request.target_tags.is_empty() {
         check.push("target_tags", "needs at least one tag");
     }
-    check.at_most(
-        "target_tags",
-        request.target_tags.len(),
-        MAX_TARGET_TAGS,
-        "tags",
-    );
-    let mut targets: Vec<Tag> = Vec::with_capacity(request.target_tags.len());
-    for (i, text) in request.target_tags.iter().enumerate() {
-        let field = format!("target_tags[{i}]");
-        if let Some(tag) = check.required(&field, text, Tag::parse) {
-            if targets.contains(&tag) {
-                check.push(&field, format!("'{tag}' is listed twice"));
-            } else {
-                targets.push(tag);
+    // Over the limit, the entries are not even parsed: a 100,000-tag request costs one check.
+    let listed = request.target_tags.len();
+    let mut targets: Vec<Tag> = Vec::new();
+    if check.at_most("target_tags", listed, MAX_TARGET_TAGS, "tags") {
+        let mut seen = HashSet::with_capacity(listed);
+        for (i, text) in request.target_tags.iter().enumerate() {
+            let field = format!("target_tags[{i}]");
+            if let Some(tag) = check.required(&field, text, Tag::parse) {
+                if seen.insert(tag.clone()) {
+                    targets.push(tag);
+                } else {
+                    check.push(&field, format!("'{tag}' is listed twice"));
+                }
             }
         }
     }
     match (source, check.violations.is_empty()) {
         (Ok(source), true) => Ok(RetagInput { source, targets }),
         (Ok(_), false) => Err(check.into_error()),
-        (Err(err), _) => Err(source_error(err, check.violations)),
+        (Err(err), _) => Err(source_error(err, check)),
     }
 }
 
 /// A source read's violations under the RetagImage field names (`source_image_id…`), with the
 /// targets' violations after them, so one answer names every bad field.
-fn source_error(err: Error, targets: Vec<Violation>) -> Error {
+fn source_error(err: Error, targets: Checker) -> Error {
     match err {
         Error::InvalidArgument {
             reason,
             mut violations,
+            omitted,
         } => {
             for violation in &mut violations {
                 if let Some(rest) = violation.field.strip_prefix("image_id") {
                     violation.field = format!("source_image_id{rest}");
                 }
             }
-            violations.extend(targets);
-            Error::InvalidArgument { reason, violations }
+            violations.extend(targets.violations);
+            Error::invalid_beyond(reason, violations, omitted + targets.omitted)
         }
         other => other,
     }
@@ -249,20 +257,24 @@ fn image_read(request: ImageRead<'_>) -> Result<GetImageInput, Error> {
     if tag_text.is_empty() && digest_text.is_empty() {
         check.push("image_id", "needs an image_tag, an image_digest, or both");
     }
-    check.at_most(
+    let listed = request.accepted_media_types.len();
+    let accepted_media_types: Vec<MediaType> = if check.at_most(
         "accepted_media_types",
-        request.accepted_media_types.len(),
+        listed,
         MAX_ACCEPTED_MEDIA_TYPES,
         "media types",
-    );
-    let accepted_media_types: Vec<MediaType> = request
-        .accepted_media_types
-        .iter()
-        .enumerate()
-        .filter_map(|(i, m)| {
-            check.required(&format!("accepted_media_types[{i}]"), m, MediaType::parse)
-        })
-        .collect();
+    ) {
+        request
+            .accepted_media_types
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| {
+                check.required(&format!("accepted_media_types[{i}]"), m, MediaType::parse)
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     let max_staleness = request.max_staleness.and_then(|d| {
         Duration::try_from(d)
             .map_err(|_| check.push("max_staleness", "must not be negative"))
@@ -289,9 +301,9 @@ mod tests {
 
     fn fields(err: Error) -> (Reason, Vec<String>) {
         match err {
-            Error::InvalidArgument { reason, violations } => {
-                (reason, violations.into_iter().map(|v| v.field).collect())
-            }
+            Error::InvalidArgument {
+                reason, violations, ..
+            } => (reason, violations.into_iter().map(|v| v.field).collect()),
             other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
         }
     }

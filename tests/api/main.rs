@@ -6,6 +6,7 @@ mod clients;
 mod conformance;
 mod ecr_errors;
 mod faults;
+mod hostile;
 mod observability;
 mod sidecar;
 #[allow(dead_code)] // shared with tests/rate_budget.rs, which uses other parts
