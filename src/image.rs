@@ -112,21 +112,34 @@ impl RegistryId {
     }
 }
 
-/// An image tag: 1 to 300 characters, mutable in ECR unless the repository is immutable.
+/// An image tag: 1 to 300 of `[a-zA-Z0-9-_.]`, mutable in ECR unless the repository is
+/// immutable.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Tag(String);
 
 impl Tag {
-    /// Parses a tag, enforcing ECR's length (the model has no pattern).
+    /// Parses a tag with ECR's rules: the model's length, and the character set ECR's API
+    /// enforces though the model states none (its own message: `Invalid parameter at 'imageTag'
+    /// failed to satisfy constraint: 'must satisfy regular expression '[a-zA-Z0-9-_.]+''`,
+    /// reported in alexjurkiewicz/ecr-scan-image#40). So control characters, bidirectional
+    /// overrides, spaces and `/` never reach a log line, a store or ECR.
     pub fn parse(tag: &str) -> Result<Self, Invalid> {
         let len = tag.chars().count();
-        if TAG_LEN.contains(&len) {
-            Ok(Self(tag.to_owned()))
-        } else {
-            Err(Invalid::new(format!(
+        if !TAG_LEN.contains(&len) {
+            return Err(Invalid::new(format!(
                 "must be 1 to 300 characters long, got {len}"
-            )))
+            )));
         }
+        if let Some(bad) = tag
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+        {
+            return Err(Invalid::new(format!(
+                "may hold only letters, digits, '-', '_' and '.' (ECR's rule), not {:?}",
+                bad.escape_debug().to_string()
+            )));
+        }
+        Ok(Self(tag.to_owned()))
     }
 
     /// The tag as ECR spells it.
@@ -316,6 +329,40 @@ pub struct Manifest {
     media_type: MediaType,
 }
 
+/// The deepest nesting of objects and arrays a manifest may have, ignored fields included. Real
+/// manifests nest about 5 deep (an index's `manifests[].platform.os.features[]`); serde_json's
+/// own limit (128) would let a 4 MiB document of brackets cost recursion it never needs.
+pub const MAX_MANIFEST_DEPTH: usize = 32;
+
+/// Whether JSON `text` nests objects and arrays deeper than `max`: one pass over the bytes,
+/// brackets inside strings not counted.
+fn nests_deeper_than(text: &str, max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for byte in text.bytes() {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
 /// The top-level fields that say what kind of manifest a document is; everything else is skipped
 /// unread. Parsing into this checks the JSON is well formed without building a tree of it.
 #[derive(Deserialize)]
@@ -345,6 +392,11 @@ impl Shape {
         // serde accepts a JSON array for a struct; a manifest must be an object.
         if !text.trim_start().starts_with('{') {
             return Err(Invalid::new("must be a JSON object"));
+        }
+        if nests_deeper_than(text, MAX_MANIFEST_DEPTH) {
+            return Err(Invalid::new(format!(
+                "must not nest objects and arrays deeper than {MAX_MANIFEST_DEPTH} levels"
+            )));
         }
         serde_json::from_str(text)
             .map_err(|e| Invalid::new(format!("must be a valid JSON object: {e}")))
@@ -502,14 +554,47 @@ mod tests {
         }
     }
 
+    /// Nesting is bounded in every field, read or ignored; brackets inside strings are text.
     #[test]
-    fn tags_are_1_to_300_characters() {
+    fn manifests_nest_at_most_32_levels() {
+        let nested = |depth: usize| {
+            format!(
+                r#"{{"mediaType":"application/vnd.oci.image.manifest.v1+json","x":{}1{}}}"#,
+                "[".repeat(depth - 1),
+                "]".repeat(depth - 1)
+            )
+        };
+        assert!(Manifest::parse(nested(MAX_MANIFEST_DEPTH), None).is_ok());
+        assert!(Manifest::parse(nested(MAX_MANIFEST_DEPTH + 1), None).is_err());
+        let brackets_in_text = format!(
+            r#"{{"mediaType":"application/vnd.oci.image.manifest.v1+json","x":"{}\"{}"}}"#,
+            "[".repeat(100),
+            "{".repeat(100)
+        );
+        assert!(Manifest::parse(brackets_in_text, None).is_ok());
+    }
+
+    #[test]
+    fn tags_are_1_to_300_characters_of_ecrs_set() {
         assert!(Tag::parse("").is_err());
         assert!(Tag::parse("2019.08").is_ok());
+        assert!(Tag::parse("v1.2_rc-3").is_ok());
         assert!(Tag::parse(&"t".repeat(300)).is_ok());
         assert!(Tag::parse(&"t".repeat(301)).is_err());
-        // Characters, not bytes: 300 two-byte characters are allowed.
-        assert!(Tag::parse(&"é".repeat(300)).is_ok());
+        // What a hostile or careless caller sends: NUL, CR, LF, ESC, an RTL override, a path
+        // escape, a space, non-ASCII letters.
+        for bad in [
+            "a\0b",
+            "a\rb",
+            "a\nb",
+            "a\u{1b}[31m",
+            "a\u{202e}b",
+            "../etc",
+            "a b",
+            "é",
+        ] {
+            assert!(Tag::parse(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -1183,3 +1183,67 @@ async fn failure_lines_are_short_and_hold_no_raw_response() {
     assert!(failures[1].contains("ImageNotFound"), "{}", failures[1]);
     assert_eq!(ecr.count("BatchGetImage"), 4);
 }
+
+/// Request values cannot forge or swell log lines: a tag carrying a newline and a fake log line,
+/// and a 4 MB repository name, each leave exactly one line, under 4 KB, in the default text
+/// format (the forged line used to stand on a line of its own, and the name made a 4 MB line).
+#[tokio::test]
+async fn request_values_cannot_forge_or_swell_log_lines() {
+    let data_dir = scratch_home().join("log-injection-store");
+    let _ = std::fs::remove_dir_all(&data_dir);
+    let home = scratch_home();
+    let mut child = command(&home)
+        .args(["serve", "--backend", "local", "--data-dir"])
+        .arg(&data_dir)
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .spawn()
+        .unwrap();
+    let lines = stderr_lines(&mut child);
+    let deadline = Instant::now() + DEADLINE;
+    let address = loop {
+        let line = lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("a listening line");
+        if let Some((_, rest)) = line.split_once(" address=") {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    let mut client = ImageServiceClient::connect(format!("http://{address}"))
+        .await
+        .unwrap();
+    let forged = "v1\n2026-12-01T00:00:00.000000Z ERROR ecr_image_service: FORGED";
+    let _ = client
+        .put_image(requests::put("hello-world", forged, SEED))
+        .await
+        .unwrap_err();
+    let huge = "a".repeat(4 << 20);
+    let _ = client
+        .put_image(requests::put(&huge, "v1", "{}"))
+        .await
+        .unwrap_err();
+    let mut refused = Vec::new();
+    let mut all = Vec::new();
+    while refused.len() < 2 {
+        let line = lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("two refusal lines, got {all:#?}"));
+        if line.contains("request refused") {
+            refused.push(line.clone());
+        }
+        all.push(line);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    for line in &all {
+        assert!(line.len() < 4096, "a {}-byte line", line.len());
+        assert!(
+            !line.starts_with("2026-12-01T00:00:00.000000Z"),
+            "a forged line: {line}"
+        );
+    }
+    assert!(
+        refused[0].contains("FORGED"),
+        "the value is logged, escaped: {}",
+        refused[0]
+    );
+}

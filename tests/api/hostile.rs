@@ -163,3 +163,37 @@ async fn error_answers_are_bounded_whatever_the_request() {
         "{message} + {details} bytes"
     );
 }
+
+/// Tags ECR would refuse (NUL, CR, LF, ESC, an RTL override, a path escape) are refused on both
+/// backends with the field named, and nothing is stored: the embedded store used to keep them.
+#[tokio::test]
+async fn tags_ecr_would_refuse_are_refused_on_both_backends() {
+    use crate::support::backend::{Backend, Kind};
+    use crate::support::{SEED, requests::put};
+    for kind in [Kind::Ecr, Kind::Local] {
+        let backend = Backend::start(kind).await;
+        let repository = backend.repository("hostile-tags", false).await;
+        let mut client = backend.client.clone();
+        for tag in [
+            "a\0b",
+            "a\rb",
+            "a\nFORGED",
+            "a\u{1b}[31m",
+            "a\u{202e}b",
+            "../x",
+        ] {
+            let status = client
+                .put_image(put(&repository, tag, SEED))
+                .await
+                .unwrap_err();
+            assert_status(&status, Code::InvalidArgument, "INVALID_FIELD");
+            assert_eq!(violated_fields(&status), ["image_tag"], "{kind:?} {tag:?}");
+        }
+        // Nothing was stored: the image is not there under any name.
+        let status = client
+            .get_image(get(&repository, "", crate::support::SEED_DIGEST))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::NotFound, "{kind:?}: {status:?}");
+    }
+}
