@@ -84,14 +84,39 @@ impl<U: Message + Default> tonic::codec::Decoder for Decoder<U> {
             }
             .into());
         }
-        self.0
-            .decode(buf)
-            .map_err(|status| invalid_request_field(status.message()).unwrap_or(status))
+        self.0.decode(buf).map_err(|status| {
+            invalid_request_field(status.message())
+                .or_else(|| undecodable_request::<U>(status.message()))
+                .unwrap_or(status)
+        })
     }
 
     fn buffer_settings(&self) -> BufferSettings {
         self.0.buffer_settings()
     }
+}
+
+/// A request that is not protobuf at all (wrong wire types, truncated fields) is the caller's
+/// INVALID_ARGUMENT, with prost's words for what is wrong, not the INTERNAL that reads as a server
+/// bug. A response that cannot be decoded (on the client side) stays INTERNAL.
+fn undecodable_request<U>(message: &str) -> Option<Status> {
+    let name = std::any::type_name::<U>();
+    if !name.ends_with("Request") {
+        return None;
+    }
+    let description = message
+        .strip_prefix("failed to decode Protobuf message: ")
+        .unwrap_or(message);
+    Some(
+        Error::invalid(
+            Reason::InvalidField,
+            vec![Violation::new(
+                "request",
+                format!("is not a valid protobuf message: {description}"),
+            )],
+        )
+        .into(),
+    )
 }
 
 /// Reads prost's error text, `failed to decode Protobuf message: GetImageRequest.image_id:

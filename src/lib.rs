@@ -31,6 +31,7 @@ pub mod health_check;
 pub mod image;
 pub mod metrics;
 pub mod overload;
+pub mod oversize;
 pub mod pb;
 pub mod registry;
 pub mod retag;

@@ -16,6 +16,7 @@ use tracing::{info, warn};
 
 use crate::image::MAX_MANIFEST_BYTES;
 use crate::overload::Shed;
+use crate::oversize::Oversize;
 use crate::pb::image_service_server::ImageServiceServer;
 use crate::registry::SharedRegistry;
 use crate::service::ImageService;
@@ -211,7 +212,11 @@ pub async fn serve(
         .await;
     let images = ImageServiceServer::new(ImageService::new(registry, settings.default_deadline))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let images = Shed::new(images, settings.max_concurrent_requests, SHED_RETRY_AFTER);
+    let images = Shed::new(
+        Oversize(images),
+        settings.max_concurrent_requests,
+        SHED_RETRY_AFTER,
+    );
     // The descriptor sets are compiled in; failing to read them is a build defect, reported
     // as a server error rather than a panic.
     let (reflection_v1, reflection_v1alpha) = reflection(settings.reflection)

@@ -22,6 +22,9 @@ use crate::pb::image_service_client::ImageServiceClient;
 const DEFAULT_CALL_TIMEOUT: &str = "30s";
 /// Manifests are at most 4 MiB; a reply carries one plus its envelope.
 const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024 + 64 * 1024;
+/// The largest GetImage answer seen for a legal 4 MiB manifest (the manifest, its identifiers
+/// and the envelope): over gRPC clients' default 4 MiB receive limit.
+const RESPONSE_BYTES_NEEDED: usize = 4_194_424;
 
 /// Where the service is, for every client subcommand.
 #[derive(Debug, Clone, Args)]
@@ -203,6 +206,14 @@ fn describe_status(status: &tonic::Status) -> String {
         .map(|info| format!(" ({})", info.reason))
         .unwrap_or_default();
     let mut text = format!("{code}{reason}: {}", status.message());
+    // A message-size refusal on this side: say which setting a client needs, and what is legal.
+    if status.message().contains("message length too large") {
+        text.push_str(&format!(
+            "\n  hint: a GetImage answer with a 4 MiB manifest is up to {RESPONSE_BYTES_NEEDED} \
+             bytes; gRPC clients default to a 4 MiB receive limit, and need at least 5 MiB \
+             (this CLI allows {MAX_MESSAGE_BYTES})"
+        ));
+    }
     if let Some(bad_request) = status.get_details_bad_request() {
         for violation in bad_request.field_violations {
             text.push_str(&format!(

@@ -197,3 +197,84 @@ async fn tags_ecr_would_refuse_are_refused_on_both_backends() {
         assert_eq!(status.code(), Code::NotFound, "{kind:?}: {status:?}");
     }
 }
+
+/// Statuses a client can act on: a message over the server's limit is RESOURCE_EXHAUSTED with
+/// REQUEST_TOO_LARGE (tonic alone answers OUT_OF_RANGE), and bytes that are not protobuf are
+/// INVALID_ARGUMENT naming the decode error (gRPC's INTERNAL reads as a server bug).
+#[tokio::test]
+async fn oversized_and_undecodable_requests_get_statuses_clients_act_on() {
+    let channel = start_channel(registry(moto::endpoint(), settings())).await;
+    let mut client =
+        ecr_image_service::pb::image_service_client::ImageServiceClient::new(channel.clone())
+            .max_encoding_message_size(16 << 20);
+    let huge = format!(
+        r#"{{"mediaType":"application/vnd.oci.image.manifest.v1+json","x":"{}"}}"#,
+        "x".repeat(5 << 20)
+    );
+    let status = client
+        .put_image(crate::support::requests::put("hello-world", "v1", &huge))
+        .await
+        .unwrap_err();
+    assert_status(&status, Code::ResourceExhausted, "REQUEST_TOO_LARGE");
+
+    // Field 1 of GetImageRequest (a string) sent with wire type 7, which does not exist.
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let status = grpc
+        .unary(
+            tonic::Request::new(Garbage(vec![0x0f, 0x01, 0x02])),
+            http::uri::PathAndQuery::from_static("/imageservice.v1.ImageService/GetImage"),
+            RawCodec,
+        )
+        .await
+        .unwrap_err();
+    assert_status(&status, Code::InvalidArgument, "INVALID_FIELD");
+    assert_eq!(violated_fields(&status), ["request"]);
+}
+
+/// Bytes sent as a request message as they are.
+#[derive(Debug, Clone)]
+struct Garbage(Vec<u8>);
+
+/// Encodes [`Garbage`] verbatim; decodes nothing (every answer here is an error).
+#[derive(Debug, Clone, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Garbage;
+    type Decode = ();
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Garbage;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Garbage,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use prost::bytes::BufMut as _;
+        dst.put_slice(&item.0);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = ();
+    type Error = tonic::Status;
+
+    fn decode(&mut self, _: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<()>, tonic::Status> {
+        Ok(Some(()))
+    }
+}
