@@ -187,11 +187,13 @@ pub enum Reason {
     EcrRateBudgetExhausted,
     /// The request message is larger than any legal request of its type.
     RequestTooLarge,
+    /// The embedded store's disk is full.
+    StoreFull,
 }
 
 impl Reason {
     /// Every reason, in the order of the error tables (README, proto comment).
-    pub const ALL: [Reason; 25] = [
+    pub const ALL: [Reason; 26] = [
         Self::InvalidField,
         Self::DigestMismatch,
         Self::MediaTypeMismatch,
@@ -217,6 +219,7 @@ impl Reason {
         Self::Overloaded,
         Self::EcrRateBudgetExhausted,
         Self::RequestTooLarge,
+        Self::StoreFull,
     ];
 
     /// The UPPER_SNAKE spelling used in `ErrorInfo.reason`.
@@ -247,6 +250,7 @@ impl Reason {
             Self::Overloaded => "OVERLOADED",
             Self::EcrRateBudgetExhausted => "ECR_RATE_BUDGET_EXHAUSTED",
             Self::RequestTooLarge => "REQUEST_TOO_LARGE",
+            Self::StoreFull => "STORE_FULL",
         }
     }
 }
@@ -277,6 +281,7 @@ impl Error {
                 R::InvalidParameter { .. } => (Code::InvalidArgument, Reason::EcrInvalidParameter),
                 R::DigestRejected(_) => (Code::InvalidArgument, Reason::DigestMismatch),
                 R::LimitExceeded(_) => (Code::ResourceExhausted, Reason::EcrLimitExceeded),
+                R::StoreFull(_) => (Code::ResourceExhausted, Reason::StoreFull),
                 R::Throttled(_) => (Code::Unavailable, Reason::EcrThrottled),
                 R::Unavailable(_) => (Code::Unavailable, Reason::EcrUnavailable),
                 R::Timeout(_) => (Code::Unavailable, Reason::EcrTimeout),
@@ -551,6 +556,11 @@ mod tests {
                 Error::DeadlineExceeded,
                 Code::DeadlineExceeded,
                 "DEADLINE_EXCEEDED",
+            ),
+            (
+                R::StoreFull(Upstream::message("the local store's disk is full")).into(),
+                Code::ResourceExhausted,
+                "STORE_FULL",
             ),
             (
                 Error::RequestTooLarge {

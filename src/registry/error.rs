@@ -79,6 +79,9 @@ pub enum RegistryError {
     /// A service quota (not a rate) would be exceeded.
     #[error("registry limit exceeded: {0}")]
     LimitExceeded(Upstream),
+    /// The embedded store's disk is full: waiting will not help, freeing space will.
+    #[error("the store is full: {0}")]
+    StoreFull(Upstream),
     /// The registry kept throttling after every retry.
     #[error("throttled by the registry: {0}")]
     Throttled(Upstream),
@@ -133,6 +136,7 @@ macro_rules! with_upstream {
             | RegistryError::InvalidParameter { upstream: $u, .. }
             | RegistryError::DigestRejected($u)
             | RegistryError::LimitExceeded($u)
+            | RegistryError::StoreFull($u)
             | RegistryError::Throttled($u)
             | RegistryError::Unavailable($u)
             | RegistryError::Timeout($u)

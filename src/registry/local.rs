@@ -11,6 +11,7 @@
 //! Durability: SQLite in WAL mode with `synchronous = FULL`, so a put is acknowledged only
 //! after its transaction is on disk; a `kill -9` loses nothing that was acknowledged.
 
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -26,6 +27,12 @@ use crate::image::{Digest, ImageRef, RegistryId, RepositoryName};
 pub const DEFAULT_REGISTRY_ID: &str = "000000000000";
 /// The database file inside `--data-dir`.
 const DATABASE_FILE: &str = "images.sqlite3";
+/// The lock file inside `--data-dir`, held exclusively by the serving process.
+const LOCK_FILE: &str = "lock";
+/// The data directory's mode when the store creates it: the service's user only.
+const PRIVATE_DIR_MODE: u32 = 0o700;
+/// The database's and the lock's mode: the service's user only.
+const PRIVATE_FILE_MODE: u32 = 0o600;
 /// A writer waits this long for another (another process on the same directory) before the
 /// put fails as unavailable; one process never waits, its connection is behind a mutex.
 const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -76,6 +83,9 @@ pub struct LocalRegistry {
     connection: Arc<Mutex<Connection>>,
     registry_id: String,
     immutable_repositories: Arc<[String]>,
+    /// The directory's lock, held as long as any clone of the store lives: a second process on
+    /// the same directory would turn two caches' view of it into two truths.
+    _lock: Arc<std::fs::File>,
 }
 
 impl LocalRegistry {
@@ -85,13 +95,42 @@ impl LocalRegistry {
             dir: settings.data_dir.clone(),
             source,
         };
-        std::fs::create_dir_all(&settings.data_dir).map_err(|e| failed(e.into()))?;
-        let connection =
-            open_database(&settings.data_dir.join(DATABASE_FILE)).map_err(|e| failed(e.into()))?;
+        let dir = &settings.data_dir;
+        // Only the service's own user reads what clients stored: 0700 and 0600.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(PRIVATE_DIR_MODE)
+            .create(dir)
+            .map_err(|e| failed(e.into()))?;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(PRIVATE_FILE_MODE)
+            .open(dir.join(LOCK_FILE))
+            .map_err(|e| failed(e.into()))?;
+        lock.try_lock().map_err(|_| {
+            failed(
+                "another process holds this data directory's lock: one process serves a store"
+                    .into(),
+            )
+        })?;
+        let path = dir.join(DATABASE_FILE);
+        // Created 0600 before SQLite opens it; SQLite gives its -wal and -shm files the same mode.
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(PRIVATE_FILE_MODE)
+            .open(&path)
+            .map_err(|e| failed(e.into()))?;
+        let connection = open_database(&path).map_err(|e| failed(damaged(e)))?;
+        check_integrity(&connection).map_err(failed)?;
         Ok(Self {
             connection: Arc::new(Mutex::new(connection)),
             registry_id: settings.registry_id.clone(),
             immutable_repositories: settings.immutable_repositories.clone().into(),
+            _lock: Arc::new(lock),
         })
     }
 
@@ -164,6 +203,48 @@ impl LocalRegistry {
 }
 
 /// Opens the database, durable and with the schema in place.
+/// Refuses a store that fails SQLite's `quick_check`: a damaged file answered false NOT_FOUNDs
+/// and still took writes. Better not to serve than to serve wrong answers.
+fn check_integrity(connection: &Connection) -> Result<(), BoxError> {
+    let problems: Result<Vec<String>, _> =
+        connection
+            .prepare("PRAGMA quick_check")
+            .and_then(|mut check| {
+                check
+                    .query_map([], |row| row.get::<_, String>(0))?
+                    .collect()
+            });
+    match problems {
+        Ok(problems) if problems == ["ok"] => Ok(()),
+        Ok(problems) => Err(damaged_message(
+            problems.first().map_or("no answer", String::as_str),
+        )),
+        Err(err) => Err(damaged(err)),
+    }
+}
+
+/// Errors at open, boxed for [`OpenError`].
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What to do about a store SQLite finds damaged, with what it said.
+fn damaged_message(found: &str) -> BoxError {
+    format!(
+        "the database fails SQLite's integrity check ({found}); restore it from a backup or \
+         move it aside, then start again"
+    )
+    .into()
+}
+
+/// A failure at open, with the integrity guidance when SQLite says the file is damaged.
+fn damaged(err: rusqlite::Error) -> BoxError {
+    match err.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase) => {
+            damaged_message(&err.to_string())
+        }
+        _ => err.into(),
+    }
+}
+
 fn open_database(path: &Path) -> rusqlite::Result<Connection> {
     let connection = Connection::open(path)?;
     connection.busy_timeout(BUSY_TIMEOUT)?;
@@ -193,14 +274,25 @@ impl From<RegistryError> for Failure {
     }
 }
 
-/// SQLite failing (disk full, I/O error, another process holding the lock) is the store being
-/// unavailable, as a failing ECR would be: retryable, and the server's problem.
+/// SQLite failing (an I/O error, a lock held too long) is the store being unavailable, as a
+/// failing ECR would be: retryable, and the server's problem. A full disk is not retryable by
+/// waiting: it is its own error, RESOURCE_EXHAUSTED, so clients do not retry it blindly.
 fn store_error(err: &rusqlite::Error) -> RegistryError {
-    RegistryError::Unavailable(Upstream {
-        message: "the local store failed".to_owned(),
+    let full = err.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull);
+    let upstream = Upstream {
+        message: if full {
+            "the local store's disk is full".to_owned()
+        } else {
+            "the local store failed".to_owned()
+        },
         detail: format!("local store: {err}"),
         ..Upstream::default()
-    })
+    };
+    if full {
+        RegistryError::StoreFull(upstream)
+    } else {
+        RegistryError::Unavailable(upstream)
+    }
 }
 
 /// ECR's error, in ECR's words, with its exception name as the code.
@@ -420,5 +512,103 @@ mod tests {
         assert!(!immutable("releasesx/app"));
         assert!(!immutable("base/app"), "an exact name is not a namespace");
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A fresh directory under the system's temporary directory, for one test.
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("local-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn settings(dir: &Path) -> LocalSettings {
+        LocalSettings {
+            data_dir: dir.to_owned(),
+            registry_id: DEFAULT_REGISTRY_ID.to_owned(),
+            immutable_repositories: Vec::new(),
+        }
+    }
+
+    /// What clients stored is readable by the service's user alone.
+    #[test]
+    fn the_store_is_private_to_its_user() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch("modes");
+        let _store = LocalRegistry::open(&settings(&dir)).unwrap();
+        let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join(DATABASE_FILE)), 0o600);
+        assert_eq!(mode(&dir.join(LOCK_FILE)), 0o600);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A second opener of the same directory is refused while the first lives, and admitted
+    /// once it is gone.
+    #[test]
+    fn one_process_serves_a_store() {
+        let dir = scratch("lock");
+        let first = LocalRegistry::open(&settings(&dir)).unwrap();
+        let second = LocalRegistry::open(&settings(&dir))
+            .map(|_| ())
+            .unwrap_err();
+        assert!(second.to_string().contains("another process"), "{second}");
+        drop(first);
+        assert!(LocalRegistry::open(&settings(&dir)).is_ok());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A store whose pages were damaged is refused at open with a clear message, rather than
+    /// served with false NOT_FOUNDs.
+    #[tokio::test]
+    async fn a_damaged_store_is_refused_at_open() {
+        let dir = scratch("damaged");
+        {
+            let store = LocalRegistry::open(&settings(&dir)).unwrap();
+            for n in 0..200 {
+                let text = format!(
+                    r#"{{"mediaType":"a/b","n":{n},"pad":"{}"}}"#,
+                    "x".repeat(500)
+                );
+                store
+                    .put(PutImageInput {
+                        registry_id: None,
+                        repository: RepositoryName::parse("damaged").unwrap(),
+                        manifest: crate::image::Manifest::parse(text, None).unwrap(),
+                        tag: Some(crate::image::Tag::parse(&format!("t{n}")).unwrap()),
+                    })
+                    .await
+                    .unwrap();
+            }
+            let connection = store.connection.lock().unwrap();
+            connection
+                .pragma_update(None, "wal_checkpoint", "TRUNCATE")
+                .unwrap();
+        }
+        // Overwrite the middle of the file, past the header: b-tree pages, not the magic.
+        let path = dir.join(DATABASE_FILE);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle..middle + 8192].fill(0x5a);
+        std::fs::write(&path, bytes).unwrap();
+        let refused = LocalRegistry::open(&settings(&dir))
+            .map(|_| ())
+            .unwrap_err();
+        assert!(refused.to_string().contains("integrity"), "{refused}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A full disk is its own error (RESOURCE_EXHAUSTED), not the retryable UNAVAILABLE.
+    #[test]
+    fn a_full_disk_is_not_unavailability() {
+        let full = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+            None,
+        );
+        assert!(matches!(store_error(&full), RegistryError::StoreFull(_)));
+        let io = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
+            None,
+        );
+        assert!(matches!(store_error(&io), RegistryError::Unavailable(_)));
     }
 }
