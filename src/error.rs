@@ -692,5 +692,16 @@ mod tests {
             "AccessDeniedException",
         ))));
         assert!(status.message().contains("this service's AWS identity"));
+        let denied = Upstream {
+            message: "User: arn:aws:sts::123456789012:assumed-role/svc/x is not authorized".into(),
+            ..ecr("AccessDeniedException")
+        };
+        let status = Status::from(Error::from(RegistryError::AccessDenied(denied)));
+        assert!(
+            !status.message().contains("arn:aws"),
+            "{}",
+            status.message()
+        );
+        assert!(!format!("{:?}", status.details()).contains("arn:aws"));
     }
 }

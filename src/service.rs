@@ -284,15 +284,17 @@ impl Call {
         let upstream = err.upstream();
         let ecr_code = upstream.and_then(|u| u.code.as_deref());
         let ecr_request_id = upstream.and_then(|u| u.request_id.as_deref());
+        // ECR's own words, which callers may not see (AccessDenied names the service's role).
+        let ecr_message = upstream.map(|u| loggable(&u.message));
         let attempts = upstream.and_then(|u| u.attempts);
         let cause = upstream
             .map(|u| u.detail.as_str())
             .filter(|d| !d.is_empty());
         let error = loggable(&err.to_string());
         if err.is_server_side() {
-            warn!(method, %repository, %reference, trace_id, ?code, reason, latency_ms, %error, ecr_code, ecr_request_id, attempts, cause, "request failed");
+            warn!(method, %repository, %reference, trace_id, ?code, reason, latency_ms, %error, ecr_code, ecr_message, ecr_request_id, attempts, cause, "request failed");
         } else {
-            info!(method, %repository, %reference, trace_id, ?code, reason, latency_ms, %error, ecr_code, ecr_request_id, attempts, cause, "request refused");
+            info!(method, %repository, %reference, trace_id, ?code, reason, latency_ms, %error, ecr_code, ecr_message, ecr_request_id, attempts, cause, "request refused");
         }
     }
 }

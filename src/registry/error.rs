@@ -98,8 +98,12 @@ pub enum RegistryError {
     /// The registry did not answer within the configured timeouts.
     #[error("registry timed out: {0}")]
     Timeout(Upstream),
-    /// The registry denied the service's own identity.
-    #[error("the registry denied this service's AWS identity: {0}")]
+    /// The registry denied the service's own identity. ECR's message names the service's role
+    /// (its ARN, hence its account); it goes to the service's log, never to the caller.
+    #[error(
+        "the registry denied this service's AWS identity: its IAM policy needs fixing (ECR's \
+         message is in the service's log)"
+    )]
     AccessDenied(Upstream),
     /// The service's own credentials are missing, expired or not recognised.
     #[error("this service's AWS credentials are unusable: {0}")]
