@@ -1122,17 +1122,7 @@ async fn failure_lines_are_short_and_hold_no_raw_response() {
         .unwrap();
     let lines = stderr_lines(&mut child);
     let deadline = Instant::now() + DEADLINE;
-    let address = loop {
-        let line = lines
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("a listening line");
-        if let Some((_, rest)) = line.split_once(" address=") {
-            break rest.split_whitespace().next().unwrap().to_owned();
-        }
-    };
-    let mut client = ImageServiceClient::connect(format!("http://{address}"))
-        .await
-        .unwrap();
+    let mut client = text_listening_client(&lines, deadline).await;
     for (tag, code) in [
         ("busy", tonic::Code::Unavailable),
         ("gone", tonic::Code::NotFound),
@@ -1200,17 +1190,7 @@ async fn request_values_cannot_forge_or_swell_log_lines() {
         .unwrap();
     let lines = stderr_lines(&mut child);
     let deadline = Instant::now() + DEADLINE;
-    let address = loop {
-        let line = lines
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("a listening line");
-        if let Some((_, rest)) = line.split_once(" address=") {
-            break rest.split_whitespace().next().unwrap().to_owned();
-        }
-    };
-    let mut client = ImageServiceClient::connect(format!("http://{address}"))
-        .await
-        .unwrap();
+    let mut client = text_listening_client(&lines, deadline).await;
     let forged = "v1\n2026-12-01T00:00:00.000000Z ERROR ecr_image_service: FORGED";
     let _ = client
         .put_image(requests::put("hello-world", forged, SEED))
@@ -1246,4 +1226,22 @@ async fn request_values_cannot_forge_or_swell_log_lines() {
         "the value is logged, escaped: {}",
         refused[0]
     );
+}
+
+/// Waits for the text-format `listening` line on `lines` and connects a client to its address.
+async fn text_listening_client(
+    lines: &mpsc::Receiver<String>,
+    deadline: Instant,
+) -> ImageServiceClient<tonic::transport::Channel> {
+    let address = loop {
+        let line = lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("a listening line");
+        if let Some((_, rest)) = line.split_once(" address=") {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    ImageServiceClient::connect(format!("http://{address}"))
+        .await
+        .unwrap()
 }
