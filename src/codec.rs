@@ -27,12 +27,16 @@ const SMALL_REQUESTS: [&str; 3] = [
     "RetagImageRequest",
 ];
 
+/// The message type's own name (`GetImageRequest`), without its module path.
+fn message_name<U>() -> &'static str {
+    let name = std::any::type_name::<U>();
+    name.rsplit("::").next().unwrap_or(name)
+}
+
 /// The size limit of message type `U`, when it is tighter than the server's.
 fn size_limit<U>() -> Option<usize> {
-    let name = std::any::type_name::<U>();
-    let short = name.rsplit("::").next().unwrap_or(name);
     SMALL_REQUESTS
-        .contains(&short)
+        .contains(&message_name::<U>())
         .then_some(MAX_SMALL_REQUEST_BYTES)
 }
 
@@ -100,8 +104,7 @@ impl<U: Message + Default> tonic::codec::Decoder for Decoder<U> {
 /// INVALID_ARGUMENT, with prost's words for what is wrong, not the INTERNAL that reads as a server
 /// bug. A response that cannot be decoded (on the client side) stays INTERNAL.
 fn undecodable_request<U>(message: &str) -> Option<Status> {
-    let name = std::any::type_name::<U>();
-    if !name.ends_with("Request") {
+    if !message_name::<U>().ends_with("Request") {
         return None;
     }
     let description = message

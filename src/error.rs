@@ -47,6 +47,18 @@ pub fn truncated(text: &str, max_bytes: usize) -> String {
     format!("{}…", &text[..cut])
 }
 
+/// `err: cause: cause`, because tonic's transport error alone says only "transport error".
+pub fn with_sources(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// One request field that failed validation, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Violation {

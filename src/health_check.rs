@@ -56,7 +56,7 @@ pub async fn check(
         .timeout(timeout)
         .connect()
         .await
-        .map_err(|err| unreachable(with_sources(&err)))?;
+        .map_err(|err| unreachable(crate::error::with_sources(&err)))?;
     let answer = HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: service.to_owned(),
@@ -84,16 +84,4 @@ pub async fn check(
             status: status.as_str_name(),
         })
     }
-}
-
-/// `err: cause: cause`, because tonic's transport error alone says only "transport error".
-pub fn with_sources(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

@@ -250,7 +250,7 @@ async fn connect(target: &Target) -> Result<ImageServiceClient<Channel>, CliErro
         .connect_timeout(target.timeout)
         .connect()
         .await
-        .map_err(|e| unreachable(crate::health_check::with_sources(&e)))?;
+        .map_err(|e| unreachable(crate::error::with_sources(&e)))?;
     Ok(ImageServiceClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))

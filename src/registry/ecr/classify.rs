@@ -8,6 +8,7 @@ use aws_sdk_ecr::operation::RequestId;
 use aws_sdk_ecr::types::{ImageFailure, ImageFailureCode};
 
 use super::budget::BudgetExhausted;
+use crate::error::{truncated, with_sources};
 use crate::registry::{RegistryError, Upstream};
 
 /// The error a BatchGetImage `failures[]` entry stands for.
@@ -101,28 +102,11 @@ const MAX_CAUSES_BYTES: usize = 300;
 
 /// An error's `Display` and those of its sources, joined by `: `, on one line and bounded.
 fn causes(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut chain = String::new();
-    let mut next = Some(err);
-    while let Some(e) = next {
-        if !chain.is_empty() {
-            chain.push_str(": ");
-        }
-        chain.push_str(&e.to_string());
-        next = e.source();
-    }
-    let mut chain: String = chain
+    let chain: String = with_sources(err)
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
-    if chain.len() > MAX_CAUSES_BYTES {
-        let cut = (0..=MAX_CAUSES_BYTES)
-            .rev()
-            .find(|&i| chain.is_char_boundary(i))
-            .unwrap_or(0);
-        chain.truncate(cut);
-        chain.push('…');
-    }
-    chain
+    truncated(&chain, MAX_CAUSES_BYTES)
 }
 
 /// Sorts an SDK error into the registry's error kinds. The SDK has already retried what it
