@@ -133,6 +133,20 @@ pub struct ServeArgs {
     #[arg(long, env = "ECR_IMAGE_SERVICE_MAX_CONCURRENT_REQUESTS", default_value_t = server::DEFAULT_MAX_CONCURRENT_REQUESTS)]
     pub max_concurrent_requests: usize,
 
+    /// Request bytes held at once (bodies received or arriving); a request that would pass it
+    /// is shed with UNAVAILABLE + RetryInfo. Size it from the pod's memory limit (see the chart).
+    #[arg(long, env = "ECR_IMAGE_SERVICE_MAX_REQUEST_BYTES_IN_FLIGHT", default_value_t = server::DEFAULT_MAX_REQUEST_BYTES_IN_FLIGHT)]
+    pub max_request_bytes_in_flight: usize,
+
+    /// How long a request's body may take to arrive after its headers; a slower one gets
+    /// DEADLINE_EXCEEDED (REQUEST_BODY_TIMEOUT).
+    #[arg(long, env = "ECR_IMAGE_SERVICE_REQUEST_BODY_TIMEOUT", default_value_t = Human::from(server::DEFAULT_REQUEST_BODY_TIMEOUT))]
+    pub request_body_timeout: Human,
+
+    /// Connections open at once on the gRPC port; one more is closed as soon as it is accepted.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_MAX_CONNECTIONS", default_value_t = server::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+
     /// PutImage requests per second the account allows (ECR quota L-AD52DFB2).
     #[arg(long, env = "ECR_IMAGE_SERVICE_PUT_IMAGE_RATE", default_value_t = ecr::DEFAULT_PUT_IMAGE_RATE)]
     pub put_image_rate: f64,
@@ -298,6 +312,24 @@ impl ServeArgs {
         if self.max_concurrent_requests == 0 {
             return Err(invalid("--max-concurrent-requests", "must be at least 1"));
         }
+        if self.max_request_bytes_in_flight < server::MAX_REQUEST_BYTES + 5 {
+            return Err(invalid(
+                "--max-request-bytes-in-flight",
+                format!(
+                    "must hold at least one largest request ({} bytes)",
+                    server::MAX_REQUEST_BYTES + 5
+                ),
+            ));
+        }
+        if self.request_body_timeout.is_zero() {
+            return Err(invalid(
+                "--request-body-timeout",
+                "must be greater than zero",
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err(invalid("--max-connections", "must be at least 1"));
+        }
         if self.default_deadline.is_zero() {
             return Err(invalid("--default-deadline", "must be greater than zero"));
         }
@@ -332,6 +364,9 @@ impl ServeArgs {
             listen: self.listen,
             admin_listen: self.admin_listen,
             max_concurrent_requests: self.max_concurrent_requests,
+            max_request_bytes_in_flight: self.max_request_bytes_in_flight,
+            request_body_timeout: *self.request_body_timeout,
+            max_connections: self.max_connections,
             default_deadline: *self.default_deadline,
             shutdown_delay: *self.shutdown_delay,
             shutdown_grace: *self.shutdown_grace,

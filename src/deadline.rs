@@ -20,6 +20,21 @@ pub fn current() -> Option<Instant> {
     DEADLINE.try_with(|d| *d).ok()
 }
 
+/// Time kept back from the caller's deadline to send our answer before it gives up.
+pub const RESPONSE_MARGIN: Duration = Duration::from_millis(50);
+
+/// When the work on a request whose headers arrived at `arrived` must be done: its
+/// `grpc-timeout` (else `default`), less the time it takes to answer. tonic cancels a request
+/// at its `grpc-timeout` with a bare CANCELLED; ending our work [`RESPONSE_MARGIN`] earlier
+/// means the caller gets our DEADLINE_EXCEEDED, with its ErrorInfo, while it is still listening.
+pub fn for_request(headers: &http::HeaderMap, arrived: Instant, default: Duration) -> Instant {
+    let asked = headers
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout);
+    arrived + asked.unwrap_or(default).saturating_sub(RESPONSE_MARGIN)
+}
+
 /// Parses a `grpc-timeout` header value: 1-8 ASCII digits and a unit, `H`, `M`, `S`, `m`
 /// (milli), `u` (micro) or `n` (nano), per the gRPC HTTP/2 protocol.
 pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {

@@ -101,10 +101,16 @@ pub enum Error {
         limit: usize,
     },
     /// The caller's deadline passed before the answer was ready.
-    #[error("the deadline passed before ECR answered")]
+    #[error("the deadline passed before the answer was ready")]
     DeadlineExceeded,
+    /// The request's body did not arrive within the header-to-body timeout.
+    #[error("the request body did not arrive within {timeout:?} of its headers")]
+    RequestBodyTimeout {
+        /// The timeout.
+        timeout: Duration,
+    },
     /// Every request slot was taken; the request was shed without being worked on.
-    #[error("the service is at its concurrency limit; retry after {retry_after:?}")]
+    #[error("the service is at its limit of requests in flight; retry after {retry_after:?}")]
     Overloaded {
         /// When a retry is likely to find a free slot.
         retry_after: Duration,
@@ -199,13 +205,15 @@ pub enum Reason {
     EcrRateBudgetExhausted,
     /// The request message is larger than any legal request of its type.
     RequestTooLarge,
+    /// The request's body arrived too slowly after its headers.
+    RequestBodyTimeout,
     /// The embedded store's disk is full.
     StoreFull,
 }
 
 impl Reason {
     /// Every reason, in the order of the error tables (README, proto comment).
-    pub const ALL: [Reason; 26] = [
+    pub const ALL: [Reason; 27] = [
         Self::InvalidField,
         Self::DigestMismatch,
         Self::MediaTypeMismatch,
@@ -231,6 +239,7 @@ impl Reason {
         Self::Overloaded,
         Self::EcrRateBudgetExhausted,
         Self::RequestTooLarge,
+        Self::RequestBodyTimeout,
         Self::StoreFull,
     ];
 
@@ -262,6 +271,7 @@ impl Reason {
             Self::Overloaded => "OVERLOADED",
             Self::EcrRateBudgetExhausted => "ECR_RATE_BUDGET_EXHAUSTED",
             Self::RequestTooLarge => "REQUEST_TOO_LARGE",
+            Self::RequestBodyTimeout => "REQUEST_BODY_TIMEOUT",
             Self::StoreFull => "STORE_FULL",
         }
     }
@@ -274,6 +284,8 @@ impl Error {
         match self {
             Self::InvalidArgument { reason, .. } => (Code::InvalidArgument, *reason),
             Self::DeadlineExceeded => (Code::DeadlineExceeded, Reason::DeadlineExceeded),
+            // The caller's own deadline may be later, but this request will not be worked on.
+            Self::RequestBodyTimeout { .. } => (Code::DeadlineExceeded, Reason::RequestBodyTimeout),
             // gRPC's status table: a message over a limit is RESOURCE_EXHAUSTED.
             Self::RequestTooLarge { .. } => (Code::ResourceExhausted, Reason::RequestTooLarge),
             // UNAVAILABLE, not RESOURCE_EXHAUSTED: the one code retried by default (AIP-194) and
@@ -317,6 +329,7 @@ impl Error {
         match self {
             Self::InvalidArgument { .. }
             | Self::RequestTooLarge { .. }
+            | Self::RequestBodyTimeout { .. }
             | Self::DeadlineExceeded
             | Self::Overloaded { .. } => None,
             Self::Registry(err) => err.upstream(),
@@ -352,6 +365,7 @@ impl Error {
             }
             Self::Registry(_)
             | Self::RequestTooLarge { .. }
+            | Self::RequestBodyTimeout { .. }
             | Self::DeadlineExceeded
             | Self::Overloaded { .. } => Vec::new(),
         }
@@ -581,6 +595,13 @@ mod tests {
                 },
                 Code::ResourceExhausted,
                 "REQUEST_TOO_LARGE",
+            ),
+            (
+                Error::RequestBodyTimeout {
+                    timeout: Duration::from_secs(5),
+                },
+                Code::DeadlineExceeded,
+                "REQUEST_BODY_TIMEOUT",
             ),
             (
                 Error::Overloaded {

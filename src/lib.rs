@@ -6,7 +6,9 @@
 //! carrying the AWS SDK, credentials and retry logic. The data path reads top to bottom:
 //!
 //! - [`server`]: the listener, health, reflection, HTTP/2 limits, the SIGTERM drain;
-//! - [`overload`]: the concurrency limit that sheds with UNAVAILABLE;
+//! - [`connection`]: the connection cap, handshake timeout and accept back-off of both ports;
+//! - [`admission`]: bodies received in time and within a byte budget, then a request slot;
+//!   what finds none is shed with UNAVAILABLE;
 //! - [`service`]: one span per RPC; request -> [`validate`] -> [`registry`] -> response;
 //! - [`validate`]: proto requests into value types ([`image`]), every bad field reported;
 //! - [`registry`]: the seam; [`registry::cached`] keeps hot reads off ECR (caches, coalescing,
@@ -21,17 +23,17 @@
 //! generated code.
 
 pub mod admin;
+pub mod admission;
 pub mod app;
 pub mod cli;
 pub mod codec;
 pub mod config;
+pub mod connection;
 pub mod deadline;
 pub mod error;
 pub mod health_check;
 pub mod image;
 pub mod metrics;
-pub mod overload;
-pub mod oversize;
 pub mod pb;
 pub mod registry;
 pub mod retag;

@@ -1,4 +1,4 @@
-//! The gRPC server: ImageService behind its overload guard, gRPC health, reflection, the admin
+//! The gRPC server: ImageService behind admission (src/admission.rs), gRPC health, reflection, the admin
 //! endpoint, and the shutdown sequence Kubernetes expects. One serve path for the binary, the
 //! tests and the benchmark: [`bind`], then [`Bound::serve`] over a registry stack.
 
@@ -10,13 +10,12 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
+use crate::admission::{Admission, AdmissionLimits};
+use crate::connection::{ConnectionLimits, Listener};
 use crate::image::MAX_MANIFEST_BYTES;
-use crate::overload::Shed;
-use crate::oversize::Oversize;
 use crate::pb::image_service_server::ImageServiceServer;
 use crate::registry::SharedRegistry;
 use crate::service::ImageService;
@@ -34,8 +33,34 @@ pub const DEFAULT_ADMIN_LISTEN: SocketAddr =
 /// that an ECR failure is reported with its own reason rather than as a bare deadline.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(20);
 /// Cached reads finish in microseconds and ECR calls in tens of milliseconds, so 512 slots
-/// absorb thousands of requests per second; at worst they hold 512 4-MiB puts (2 GiB).
+/// absorb thousands of requests per second; what they may hold in memory is bounded apart, by
+/// [`DEFAULT_MAX_REQUEST_BYTES_IN_FLIGHT`].
 pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 512;
+/// Request bytes held at once. A request's body is held about three times over while it is
+/// worked on (received, decoded, sent to the backend), so 32 MiB of bodies is about 96 MiB of
+/// memory: with the 64 MiB digest cache and the process's ~30 MiB, within the chart's 256 Mi
+/// limit (the arithmetic is in the chart's values). Seven 4 MiB puts at once are more than
+/// ECR's 10 PutImage/s quota can take anyway; a herd of small reads needs a few hundred bytes
+/// each.
+pub const DEFAULT_MAX_REQUEST_BYTES_IN_FLIGHT: usize = 32 << 20;
+/// A request's body follows its headers at once from any healthy client; one that has not
+/// arrived after 5 s is a stalled or hostile client, and waiting longer only holds its bytes.
+pub const DEFAULT_REQUEST_BODY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections open at once on the gRPC port: sidecars and pooled clients hold a few each, so
+/// 1,000 is far above a normal fleet's need and far below a pod's descriptor limit.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1000;
+/// How long a new connection has to send the HTTP/2 preface: a client sends it at once, so
+/// a connection that has sent nothing after 5 s is idle or half-open.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The HTTP/2 client preface (RFC 9113 §3.4).
+const HTTP2_PREFACE_BYTES: usize = 24;
+/// Connections open at once on the admin port: Prometheus needs one or two.
+const MAX_ADMIN_CONNECTIONS: usize = 64;
+/// A connection is closed gracefully (GOAWAY) after this long, so that clients reconnect and
+/// spread over replicas added since, as gRPC's `MAX_CONNECTION_AGE` is used for.
+pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(30 * 60);
+/// What a connection past its age has left to finish its streams: past every default deadline.
+const MAX_CONNECTION_AGE_GRACE: Duration = Duration::from_secs(60);
 /// Kubernetes removes a terminating pod from endpoints while it sends SIGTERM; proxies keep
 /// sending for a few seconds. Serving (as NOT_SERVING) that long loses none of that traffic.
 pub const DEFAULT_SHUTDOWN_DELAY: Duration = Duration::from_secs(5);
@@ -69,6 +94,12 @@ pub struct ServerSettings {
     pub admin_listen: SocketAddr,
     /// ImageService requests in flight at once; more are shed with UNAVAILABLE.
     pub max_concurrent_requests: usize,
+    /// Request bytes held at once; a request that would pass it is shed with UNAVAILABLE.
+    pub max_request_bytes_in_flight: usize,
+    /// How long a request's body may take to arrive after its headers.
+    pub request_body_timeout: Duration,
+    /// Connections open at once on the gRPC port.
+    pub max_connections: usize,
     /// The deadline of a request that brings none.
     pub default_deadline: Duration,
     /// After the shutdown signal, how long to keep serving while health reports NOT_SERVING,
@@ -87,6 +118,9 @@ impl Default for ServerSettings {
             listen: DEFAULT_LISTEN,
             admin_listen: DEFAULT_ADMIN_LISTEN,
             max_concurrent_requests: DEFAULT_MAX_CONCURRENT_REQUESTS,
+            max_request_bytes_in_flight: DEFAULT_MAX_REQUEST_BYTES_IN_FLIGHT,
+            request_body_timeout: DEFAULT_REQUEST_BODY_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             default_deadline: DEFAULT_DEADLINE,
             shutdown_delay: DEFAULT_SHUTDOWN_DELAY,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
@@ -154,12 +188,15 @@ impl Bound {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ServeError> {
         let metrics = metrics::registry(&*registry);
-        let admin_listener = self.admin;
-        tokio::spawn(async move {
-            if let Err(err) = admin::serve(admin_listener, metrics).await {
-                tracing::error!(error = %err, "admin endpoint failed");
-            }
-        });
+        let admin = Listener::new(
+            self.admin,
+            ConnectionLimits {
+                max_connections: MAX_ADMIN_CONNECTIONS,
+                handshake_timeout: admin::HEADER_READ_TIMEOUT,
+                handshake_bytes: 1,
+            },
+        );
+        tokio::spawn(admin::serve(admin, metrics));
         serve(self.grpc, registry, self.settings, shutdown).await?;
         Ok(())
     }
@@ -212,10 +249,24 @@ pub async fn serve(
         .await;
     let images = ImageServiceServer::new(ImageService::new(registry, settings.default_deadline))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let images = Shed::new(
-        Oversize(images),
-        settings.max_concurrent_requests,
-        SHED_RETRY_AFTER,
+    let images = Admission::new(
+        images,
+        AdmissionLimits {
+            max_concurrent_requests: settings.max_concurrent_requests,
+            max_request_bytes_in_flight: settings.max_request_bytes_in_flight,
+            max_request_bytes: MAX_REQUEST_BYTES,
+            body_timeout: settings.request_body_timeout,
+            default_deadline: settings.default_deadline,
+            retry_after: SHED_RETRY_AFTER,
+        },
+    );
+    let incoming = Listener::new(
+        listener,
+        ConnectionLimits {
+            max_connections: settings.max_connections,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            handshake_bytes: HTTP2_PREFACE_BYTES,
+        },
     );
     // The descriptor sets are compiled in; failing to read them is a build defect, reported
     // as a server error rather than a panic.
@@ -243,14 +294,13 @@ pub async fn serve(
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .max_connection_age(MAX_CONNECTION_AGE)
+        .max_connection_age_grace(MAX_CONNECTION_AGE_GRACE)
         .add_service(health_service)
         .add_optional_service(reflection_v1)
         .add_optional_service(reflection_v1alpha)
         .add_service(images)
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            stop_accepting,
-        );
+        .serve_with_incoming_shutdown(incoming.into_stream(), stop_accepting);
     tokio::select! {
         served = server => served,
         () = async { draining.notified().await; tokio::time::sleep(grace).await } => {

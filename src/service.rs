@@ -8,15 +8,13 @@ use tonic::{Request, Response, Status};
 use tracing::field::{Empty, debug as debug_value};
 use tracing::{Instrument, Span, debug, debug_span, info, warn};
 
+use crate::admission::Arrived;
 use crate::error::{self, Error};
 use crate::image::{Digest, Tag};
 use crate::pb;
 use crate::registry::{CacheStatus, PutOutcome, SharedRegistry, StoredImage};
 use crate::telemetry::TraceParent;
 use crate::{deadline, metrics, retag, validate};
-
-/// Time kept back from the caller's deadline to send our answer before it gives up.
-const RESPONSE_MARGIN: Duration = Duration::from_millis(50);
 
 /// The gRPC service over a registry stack.
 pub struct ImageService {
@@ -34,20 +32,14 @@ impl ImageService {
         }
     }
 
-    /// When the work must be done: the caller's `grpc-timeout` (else the configured default),
-    /// less the time it takes to answer. tonic cancels a request at its `grpc-timeout` with a
-    /// bare CANCELLED; ending our work [`RESPONSE_MARGIN`] earlier means the caller gets our
-    /// DEADLINE_EXCEEDED, with its ErrorInfo, while it is still listening.
+    /// When the work must be done ([`deadline::for_request`]), counted from the arrival of the
+    /// request's headers, so that the time its body took to arrive is part of it.
     fn deadline_of<T>(&self, request: &Request<T>) -> Instant {
-        let asked = request
-            .metadata()
-            .get("grpc-timeout")
-            .and_then(|v| v.to_str().ok())
-            .and_then(deadline::parse_grpc_timeout);
-        Instant::now()
-            + asked
-                .unwrap_or(self.default_deadline)
-                .saturating_sub(RESPONSE_MARGIN)
+        let arrived = request
+            .extensions()
+            .get::<Arrived>()
+            .map_or_else(Instant::now, |a| a.0);
+        deadline::for_request(request.metadata().as_ref(), arrived, self.default_deadline)
     }
 }
 

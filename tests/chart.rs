@@ -51,10 +51,14 @@ fn helm(args: &[&str]) -> Output {
         .expect("run helm")
 }
 
-/// `helm template` with `args` added; its stderr on failure.
+/// `--set` of the IAM role: the ECR backend refuses to render without one (or another
+/// credential source), so every render starts from it; a test clears it to see that refusal.
+const WITH_ROLE: &str = "serviceAccount.roleArn=arn:aws:iam::123456789012:role/ecr-image-service";
+
+/// `helm template` with a role and `args` added; its stderr on failure.
 fn try_render(args: &[&str]) -> Result<Vec<Value>, String> {
     let mut argv = vec!["template", RELEASE, "helm/ecr-image-service"];
-    argv.extend_from_slice(&["--namespace", NAMESPACE]);
+    argv.extend_from_slice(&["--namespace", NAMESPACE, "--set", WITH_ROLE]);
     argv.extend_from_slice(args);
     let output = helm(&argv);
     if !output.status.success() {
@@ -131,7 +135,7 @@ fn seconds(duration: &str) -> u64 {
 
 #[test]
 fn helm_lint_passes_with_defaults_and_with_everything_on() {
-    for args in [vec![], vec!["--values", EVERYTHING_ON]] {
+    for args in [vec!["--set", WITH_ROLE], vec!["--values", EVERYTHING_ON]] {
         let mut argv = vec!["lint", "--strict", "helm/ecr-image-service"];
         argv.extend_from_slice(&args);
         let output = helm(&argv);
@@ -207,11 +211,18 @@ fn defaults_render_hardened_pods_with_native_grpc_probes() {
     assert_eq!(grpc["appProtocol"], "grpc");
     assert_eq!(grpc["port"], 50051);
     assert_eq!(grpc["targetPort"], "grpc");
-    assert!(ports.iter().any(|p| p["name"] == "http-metrics"));
+    assert_eq!(
+        ports.len(),
+        1,
+        "the admin port stays off the Service: {ports:?}"
+    );
 
-    // IRSA is a slot, empty by default.
+    // IRSA: the role every render here sets, as the ServiceAccount's annotation.
     let account = one(&objects, "ServiceAccount");
-    assert!(account["metadata"].get("annotations").is_none());
+    assert_eq!(
+        account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"],
+        ROLE_ARN
+    );
     assert_eq!(
         pod["serviceAccountName"], account["metadata"]["name"],
         "the pods run as the chart's ServiceAccount"
@@ -222,7 +233,7 @@ fn defaults_render_hardened_pods_with_native_grpc_probes() {
         one(&objects, "PodDisruptionBudget")["spec"]["maxUnavailable"],
         1
     );
-    for kind in ["HorizontalPodAutoscaler", "ServiceMonitor", "NetworkPolicy"] {
+    for kind in ["HorizontalPodAutoscaler", "PodMonitor", "NetworkPolicy"] {
         assert!(all(&objects, kind).is_empty(), "{kind} is off by default");
     }
 
@@ -260,8 +271,11 @@ fn everything_on_renders_irsa_autoscaling_monitoring_policy_and_mesh() {
         one(&objects, "PodDisruptionBudget")["spec"]["maxUnavailable"],
         1
     );
-    let monitor = one(&objects, "ServiceMonitor");
-    assert_eq!(monitor["spec"]["endpoints"][0]["port"], "http-metrics");
+    let monitor = one(&objects, "PodMonitor");
+    assert_eq!(
+        monitor["spec"]["podMetricsEndpoints"][0]["port"],
+        "http-metrics"
+    );
     assert_eq!(monitor["metadata"]["labels"]["release"], "prometheus");
     let policy = one(&objects, "NetworkPolicy");
     assert_eq!(
@@ -521,6 +535,102 @@ fn the_chart_args_select_subcommands_of_the_image_entrypoint() {
             status.success(),
             "`{}` is not a command of the binary",
             args.join(" ")
+        );
+    }
+}
+
+/// With the ECR backend and IRSA, no role fails the render (the pod would otherwise fall back to
+/// the node's instance role through IMDS); the instance metadata service is off unless asked
+/// for by `aws.credentialSource: instanceMetadata`.
+#[test]
+fn the_ecr_backend_needs_credentials_and_imds_is_off_unless_wanted() {
+    let no_role = "serviceAccount.roleArn=";
+    let refused = try_render(&["--set", no_role]).expect_err("ECR without a role renders");
+    assert!(
+        refused.contains("serviceAccount.roleArn is required"),
+        "{refused}"
+    );
+
+    let imds = |args: &[&str]| {
+        env(service_container(&render(args)))
+            .get("AWS_EC2_METADATA_DISABLED")
+            .cloned()
+    };
+    assert_eq!(imds(&[]).as_deref(), Some("true"), "IRSA");
+    for source in ["podIdentity", "env"] {
+        let set = format!("aws.credentialSource={source}");
+        assert_eq!(
+            imds(&["--set", no_role, "--set", &set]).as_deref(),
+            Some("true"),
+            "{source}"
+        );
+    }
+    assert_eq!(
+        imds(&["--set", no_role, "--set", "config.backend=local"]).as_deref(),
+        Some("true"),
+        "the embedded store needs no role"
+    );
+    let on_purpose = [
+        "--set",
+        no_role,
+        "--set",
+        "aws.credentialSource=instanceMetadata",
+    ];
+    assert_eq!(imds(&on_purpose), None, "the node's role, on purpose");
+}
+
+/// The request-bytes admission is sized from the pod's memory limit, as the values document:
+/// (limit - digest cache - 96 MiB) / 3. The chart's default limit gives the binary's default; a
+/// limit that cannot hold one largest request fails the render.
+#[test]
+fn request_bytes_in_flight_follow_the_memory_limit() {
+    let budget = |args: &[&str]| {
+        env(service_container(&render(args)))["ECR_IMAGE_SERVICE_MAX_REQUEST_BYTES_IN_FLIGHT"]
+            .parse::<usize>()
+            .unwrap()
+    };
+    assert_eq!(
+        budget(&[]),
+        ecr_image_service::server::DEFAULT_MAX_REQUEST_BYTES_IN_FLIGHT
+    );
+    assert_eq!(
+        budget(&["--set", "resources.limits.memory=1Gi"]),
+        ((1024 - 64 - 96) / 3) << 20
+    );
+    assert_eq!(
+        budget(&[
+            "--set",
+            "resources.limits.memory=1Gi",
+            "--set",
+            "config.digestCacheBytes=256MiB"
+        ]),
+        ((1024 - 256 - 96) / 3) << 20
+    );
+    let refused = try_render(&["--set", "resources.limits.memory=128Mi"])
+        .expect_err("a limit below one request renders");
+    assert!(
+        refused.contains("resources.limits.memory (128Mi)"),
+        "{refused}"
+    );
+}
+
+/// Every base image of the Dockerfile is pinned by digest, so a rebuild gets reviewed bytes.
+#[test]
+fn the_dockerfile_pins_its_base_images_by_digest() {
+    let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
+    let bases: Vec<&str> = dockerfile
+        .lines()
+        .filter_map(|line| line.strip_prefix("FROM "))
+        .collect();
+    assert_eq!(bases.len(), 2, "{bases:?}");
+    for base in bases {
+        let image = base.split_whitespace().next().unwrap();
+        let (_, digest) = image.split_once("@sha256:").unwrap_or_else(|| {
+            panic!("{image} is not pinned by digest");
+        });
+        assert!(
+            digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{image}"
         );
     }
 }

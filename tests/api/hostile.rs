@@ -9,11 +9,14 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_types::StatusExt;
 
+use crate::support::SEED;
+use crate::support::backend::{Backend, Kind, ScratchDir, local_settings};
 use crate::support::requests::get;
 use crate::support::{
-    assert_status, moto, registry, serve_on_loopback, server_settings, settings, start_channel,
-    violated_fields,
+    assert_status, moto, registry, serve_on_loopback, serve_with_admin, server_settings, settings,
+    start_channel, violated_fields,
 };
+use ecr_image_service::registry::local::LocalRegistry;
 
 /// What a gRPC status costs on the wire: its message and its binary details (the
 /// `grpc-status-details-bin` trailer, before base64).
@@ -168,7 +171,6 @@ async fn error_answers_are_bounded_whatever_the_request() {
 /// backends with the field named, and nothing is stored: the embedded store used to keep them.
 #[tokio::test]
 async fn tags_ecr_would_refuse_are_refused_on_both_backends() {
-    use crate::support::backend::{Backend, Kind};
     use crate::support::{SEED, requests::put};
     for kind in [Kind::Ecr, Kind::Local] {
         let backend = Backend::start(kind).await;
@@ -277,4 +279,139 @@ impl tonic::codec::Decoder for RawCodec {
     fn decode(&mut self, _: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<()>, tonic::Status> {
         Ok(Some(()))
     }
+}
+
+/// One stream of a GetImage whose 100-byte message is never finished: its headers and one byte
+/// of body, then nothing. `grpc_timeout` is sent as `grpc-timeout` when given.
+async fn dribble(
+    sender: &mut h2::client::SendRequest<bytes::Bytes>,
+    grpc_timeout: Option<&str>,
+) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
+    let mut request = http::Request::post("http://localhost/imageservice.v1.ImageService/GetImage")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    if let Some(timeout) = grpc_timeout {
+        request = request.header("grpc-timeout", timeout);
+    }
+    *sender = sender.clone().ready().await.expect("stream capacity");
+    let (response, mut body) = sender
+        .send_request(request.body(()).unwrap(), false)
+        .expect("open a stream");
+    // The gRPC prefix says 100 bytes are coming; only its first byte ever arrives.
+    body.send_data(bytes::Bytes::from_static(&[0]), false)
+        .expect("send one byte");
+    (response, body)
+}
+
+/// An HTTP/2 connection to `address`, driven in the background.
+async fn h2_connection(address: std::net::SocketAddr) -> h2::client::SendRequest<bytes::Bytes> {
+    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    let (sender, connection) = h2::client::handshake(tcp).await.expect("HTTP/2 handshake");
+    tokio::spawn(connection);
+    sender
+}
+
+/// The status of a trailers-only answer (every refusal before work is one).
+async fn status_of(response: h2::client::ResponseFuture) -> tonic::Status {
+    let response = response.await.expect("an answer");
+    tonic::Status::from_header_map(response.headers()).expect("a trailers-only status")
+}
+
+/// Two connections of 256 streams, each holding one byte of a 100-byte message, used to hold
+/// every request slot (UNAVAILABLE for legitimate calls for 32 s). Admission is now decided when
+/// a body has arrived: while they dribble, legitimate calls on another connection succeed, and
+/// each dribbling stream is answered DEADLINE_EXCEEDED (REQUEST_BODY_TIMEOUT) once the
+/// header-to-body timeout has passed. A dribbling call whose own deadline is shorter gets
+/// DEADLINE_EXCEEDED at that deadline: the deadline covers receiving the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_bodies_hold_no_request_slot() {
+    let backend = Backend::start(Kind::Local).await;
+    let repository = backend.repository("slow-bodies", false).await;
+    backend.put(&repository, "v1", SEED).await;
+
+    let attack_started = Instant::now();
+    let mut dribbling = Vec::new();
+    for _ in 0..2 {
+        let mut sender = h2_connection(backend.address).await;
+        for _ in 0..256 {
+            dribbling.push(dribble(&mut sender, None).await);
+        }
+    }
+    let mut short_deadline = h2_connection(backend.address).await;
+    let (short, _held) = dribble(&mut short_deadline, Some("1S")).await;
+
+    let mut client = backend.client.clone();
+    let mut served = 0;
+    while attack_started.elapsed() < Duration::from_secs(2) {
+        client
+            .get_image(get(&repository, "v1", ""))
+            .await
+            .expect("a legitimate call is served while bodies dribble");
+        served += 1;
+    }
+    assert!(served > 0);
+
+    let status = status_of(short).await;
+    assert_status(&status, Code::DeadlineExceeded, "DEADLINE_EXCEEDED");
+    assert!(
+        attack_started.elapsed() < server_settings().request_body_timeout,
+        "the caller's 1 s deadline ended the wait, not the body timeout"
+    );
+    for (response, _body) in dribbling {
+        let status = status_of(response).await;
+        assert_status(&status, Code::DeadlineExceeded, "REQUEST_BODY_TIMEOUT");
+    }
+    let waited = attack_started.elapsed();
+    assert!(
+        waited >= server_settings().request_body_timeout
+            && waited < server_settings().request_body_timeout + Duration::from_secs(5),
+        "answered after {waited:?}"
+    );
+}
+
+/// 300 idle TCP connections to the gRPC port and 300 to the admin port were all still open
+/// after 40 s. Each is now closed once the handshake timeout (5 s) passes without a byte, while
+/// a real client connecting meanwhile is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_on_both_ports() {
+    use tokio::io::AsyncReadExt;
+    let dir = ScratchDir::new("idle-connections");
+    let store = LocalRegistry::open(&local_settings(&dir.0)).expect("open the store");
+    let (grpc, admin) = serve_with_admin(store, server_settings()).await;
+    let started = Instant::now();
+    let mut idle = Vec::new();
+    for address in [grpc, admin] {
+        for _ in 0..300 {
+            idle.push(tokio::net::TcpStream::connect(address).await.unwrap());
+        }
+    }
+    let mut client = ecr_image_service::pb::image_service_client::ImageServiceClient::connect(
+        format!("http://{grpc}"),
+    )
+    .await
+    .unwrap();
+    let status = client
+        .get_image(get("nowhere", "v1", ""))
+        .await
+        .unwrap_err();
+    assert_status(&status, Code::NotFound, "REPOSITORY_NOT_FOUND");
+
+    for mut connection in idle {
+        // The gRPC server sends its HTTP/2 SETTINGS first; then the connection must end.
+        let mut sent = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(15), connection.read_to_end(&mut sent))
+            .await
+            .expect("an idle connection is closed");
+        assert!(
+            sent.len() < 100,
+            "{} bytes sent to an idle client",
+            sent.len()
+        );
+        drop(read);
+    }
+    let closed_after = started.elapsed();
+    assert!(
+        closed_after >= ecr_image_service::server::HANDSHAKE_TIMEOUT,
+        "closed after {closed_after:?}, before the handshake timeout"
+    );
 }

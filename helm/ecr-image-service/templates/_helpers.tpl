@@ -99,6 +99,8 @@ Whole numbers are printed as integers (Helm reads numbers as floats: 1000000 wou
   "batchWindow" "BATCH_WINDOW"
   "defaultDeadline" "DEFAULT_DEADLINE"
   "maxConcurrentRequests" "MAX_CONCURRENT_REQUESTS"
+  "requestBodyTimeout" "REQUEST_BODY_TIMEOUT"
+  "maxConnections" "MAX_CONNECTIONS"
   "putImageRate" "PUT_IMAGE_RATE"
   "batchGetImageRate" "BATCH_GET_IMAGE_RATE"
   "reflection" "REFLECTION"
@@ -128,10 +130,65 @@ Whole numbers are printed as integers (Helm reads numbers as floats: 1000000 wou
 - name: ECR_IMAGE_SERVICE_DATA_DIR
   value: /data
 {{- end }}
+{{- with include "ecr-image-service.maxRequestBytesInFlight" . }}
+- name: ECR_IMAGE_SERVICE_MAX_REQUEST_BYTES_IN_FLIGHT
+  value: {{ . | quote }}
+{{- end }}
+{{- if ne .Values.aws.credentialSource "instanceMetadata" }}
+{{- /* Without this, a pod with no role silently borrows the node's instance role via IMDS. */}}
+- name: AWS_EC2_METADATA_DISABLED
+  value: "true"
+{{- end }}
 - name: ECR_IMAGE_SERVICE_RATE_SHARE
   value: {{ include "ecr-image-service.rateShare" . | quote }}
 - name: ECR_IMAGE_SERVICE_SHUTDOWN_DELAY
   value: {{ printf "%ds" (int .Values.config.shutdownDelaySeconds) | quote }}
 - name: ECR_IMAGE_SERVICE_SHUTDOWN_GRACE
   value: {{ printf "%ds" (int .Values.config.shutdownGraceSeconds) | quote }}
+{{- end }}
+
+{{/* A memory quantity in MiB, for Mi and Gi quantities; empty for any other spelling. */}}
+{{- define "ecr-image-service.memoryMiB" -}}
+{{- $m := toString . }}
+{{- if regexMatch "^[0-9]+Mi$" $m }}{{ trimSuffix "Mi" $m }}
+{{- else if regexMatch "^[0-9]+Gi$" $m }}{{ mul (int (trimSuffix "Gi" $m)) 1024 }}
+{{- end }}
+{{- end }}
+
+{{/* config.digestCacheBytes in MiB: empty is the binary's 64 MiB; NMiB, NGiB or a byte count. */}}
+{{- define "ecr-image-service.digestCacheMiB" -}}
+{{- $c := toString . }}
+{{- if eq $c "" }}64
+{{- else if regexMatch "^[0-9]+MiB$" $c }}{{ trimSuffix "MiB" $c }}
+{{- else if regexMatch "^[0-9]+GiB$" $c }}{{ mul (int (trimSuffix "GiB" $c)) 1024 }}
+{{- else if regexMatch "^[0-9]+$" $c }}{{ div (int64 $c) 1048576 }}
+{{- end }}
+{{- end }}
+
+{{/*
+Request bytes in flight, from the pod's memory limit (values.yaml, at `resources`):
+(limits.memory - digest cache - 96 MiB for the process and tag cache) / 3, in bytes. Empty when
+the limit or the cache size is spelt in a way not parsed here: the binary's default then holds.
+*/}}
+{{- define "ecr-image-service.maxRequestBytesInFlight" -}}
+{{- $set := .Values.config.maxRequestBytesInFlight }}
+{{- if not (kindIs "invalid" $set) }}{{ int64 $set }}
+{{- else }}
+{{- $limit := include "ecr-image-service.memoryMiB" (dig "limits" "memory" "" (.Values.resources | default dict)) }}
+{{- $cache := include "ecr-image-service.digestCacheMiB" .Values.config.digestCacheBytes }}
+{{- if and $limit $cache }}
+{{- $budget := div (sub (sub (int $limit) (int $cache)) 96) 3 }}
+{{- if lt $budget 5 }}
+{{- fail (printf "resources.limits.memory (%sMi) leaves %d MiB of request bytes after the %s MiB digest cache and 96 MiB for the process; one largest request needs 5 MiB. Raise the limit or lower config.digestCacheBytes" $limit $budget $cache) }}
+{{- end }}
+{{- mul $budget 1048576 }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* With the ECR backend, IRSA needs a role: without one the pod has no credentials. */}}
+{{- define "ecr-image-service.requireCredentials" -}}
+{{- if and (eq .Values.config.backend "ecr") (eq .Values.aws.credentialSource "irsa") .Values.serviceAccount.create (not .Values.serviceAccount.roleArn) }}
+{{- fail "serviceAccount.roleArn is required with the ECR backend (IRSA). Set it to the IAM role the pods assume, or set aws.credentialSource to podIdentity, env or instanceMetadata" }}
+{{- end }}
 {{- end }}

@@ -1,0 +1,244 @@
+//! Admission: which requests the ImageService works on, decided once a request's body has
+//! arrived and its size is known, so that a slow or oversized body cannot hold a slot.
+//!
+//! In order, for each request:
+//! 1. the body is received within the header-to-body timeout and the caller's deadline (both
+//!    counted from the headers' arrival); a body that dribbles is dropped with
+//!    DEADLINE_EXCEEDED, and holds nothing but its own bytes while it waits;
+//! 2. its bytes are charged, as they arrive, to a budget of request bytes in flight, which
+//!    bounds the memory bodies can take (see the chart for the arithmetic); a message whose
+//!    length prefix is over the largest legal request is refused before the rest is read;
+//! 3. a request slot is taken (at most `max_concurrent_requests` at once).
+//!
+//! A request that finds the budget or the slots used up is shed at once with UNAVAILABLE and a
+//! `RetryInfo`, rather than queued: queueing would hold its memory and push its latency past
+//! its deadline. tower's `LoadShed` would answer RESOURCE_EXHAUSTED, which mesh retry policies
+//! (Istio's `retryOn: unavailable`, Linkerd's retryable statuses) do not retry; UNAVAILABLE is
+//! the code they do. The bytes and the slot are released when the answer is ready.
+//!
+//! It wraps the ImageService alone, not the whole server, so health probes are never shed:
+//! an overloaded replica must not be restarted by its liveness probe.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http_body_util::{BodyExt, Full};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tonic::Status;
+use tonic::body::Body;
+use tonic::server::NamedService;
+
+use crate::deadline;
+use crate::error::{Error, Reason, Violation};
+
+/// The length of gRPC's message prefix: a compression flag and a 4-byte length.
+const GRPC_PREFIX_BYTES: usize = 5;
+
+/// When the headers of a request arrived: its deadline counts from there, not from when its
+/// body was complete.
+#[derive(Debug, Clone, Copy)]
+pub struct Arrived(pub Instant);
+
+/// The bounds [`Admission`] enforces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdmissionLimits {
+    /// Requests worked on at once.
+    pub max_concurrent_requests: usize,
+    /// Request bytes held at once, received or being received.
+    pub max_request_bytes_in_flight: usize,
+    /// The largest request message, without its prefix.
+    pub max_request_bytes: usize,
+    /// How long a body may take to arrive after its headers.
+    pub body_timeout: Duration,
+    /// The deadline of a request that brings no `grpc-timeout`.
+    pub default_deadline: Duration,
+    /// What a shed caller is told to wait.
+    pub retry_after: Duration,
+}
+
+/// A service that works only on admitted requests; the rest are answered at once.
+#[derive(Debug, Clone)]
+pub struct Admission<S> {
+    inner: S,
+    slots: Arc<Semaphore>,
+    bytes: Arc<Semaphore>,
+    limits: AdmissionLimits,
+}
+
+impl<S> Admission<S> {
+    /// `inner`, behind `limits`.
+    pub fn new(inner: S, limits: AdmissionLimits) -> Self {
+        Self {
+            inner,
+            slots: Arc::new(Semaphore::new(limits.max_concurrent_requests)),
+            bytes: Arc::new(Semaphore::new(limits.max_request_bytes_in_flight)),
+            limits,
+        }
+    }
+}
+
+type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl<S, B> tonic::codegen::Service<http::Request<B>> for Admission<S>
+where
+    S: tonic::codegen::Service<http::Request<Body>, Response = http::Response<Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: std::fmt::Display,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let arrived = Instant::now();
+        // The clone that was made ready is the one to call (tower's `poll_ready` contract).
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let (slots, bytes, limits) = (
+            Arc::clone(&self.slots),
+            Arc::clone(&self.bytes),
+            self.limits,
+        );
+        Box::pin(async move {
+            let (mut parts, body) = request.into_parts();
+            let deadline = deadline::for_request(&parts.headers, arrived, limits.default_deadline);
+            let received = receive(
+                body,
+                &bytes,
+                &limits,
+                arrived + limits.body_timeout,
+                deadline,
+            );
+            let (body, charged) = match received.await {
+                Ok(received) => received,
+                Err(err) => return Ok(answer(err)),
+            };
+            let Ok(slot) = slots.try_acquire_owned() else {
+                tracing::debug!("request shed: concurrency limit reached");
+                return Ok(answer(overloaded(&limits)));
+            };
+            parts.extensions.insert(Arrived(arrived));
+            let request = http::Request::from_parts(parts, Body::new(Full::new(body)));
+            let response = inner.call(request).await;
+            drop((slot, charged));
+            response
+        })
+    }
+}
+
+impl<S: NamedService> NamedService for Admission<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+/// The error as a trailers-only gRPC answer.
+fn answer(err: Error) -> http::Response<Body> {
+    Status::from(err).into_http()
+}
+
+fn overloaded(limits: &AdmissionLimits) -> Error {
+    Error::Overloaded {
+        retry_after: limits.retry_after,
+    }
+}
+
+/// The whole body, and the bytes it holds in the budget: by `body_deadline` and the caller's
+/// `deadline`, whichever comes first.
+async fn receive<B>(
+    mut body: B,
+    budget: &Arc<Semaphore>,
+    limits: &AdmissionLimits,
+    body_deadline: Instant,
+    deadline: Instant,
+) -> Result<(Bytes, Option<OwnedSemaphorePermit>), Error>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    let mut received = BytesMut::new();
+    let mut charged: Option<OwnedSemaphorePermit> = None;
+    let largest = limits.max_request_bytes + GRPC_PREFIX_BYTES;
+    loop {
+        let frame = match tokio::time::timeout_at(body_deadline.min(deadline), body.frame()).await {
+            Err(_) if deadline <= body_deadline => return Err(Error::DeadlineExceeded),
+            Err(_) => {
+                return Err(Error::RequestBodyTimeout {
+                    timeout: limits.body_timeout,
+                });
+            }
+            Ok(None) => return Ok((received.freeze(), charged)),
+            Ok(Some(Err(err))) => {
+                return Err(Error::invalid(
+                    Reason::InvalidField,
+                    vec![Violation::new(
+                        "request",
+                        format!("the request body could not be read: {err}"),
+                    )],
+                ));
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        // Request trailers carry nothing gRPC defines; only data counts.
+        let Ok(mut data) = frame.into_data() else {
+            continue;
+        };
+        let total = received.len() + data.remaining();
+        if total > largest {
+            return Err(Error::RequestTooLarge {
+                bytes: total.saturating_sub(GRPC_PREFIX_BYTES),
+                limit: limits.max_request_bytes,
+            });
+        }
+        let more = u32::try_from(data.remaining()).unwrap_or(u32::MAX);
+        let Ok(permit) = Arc::clone(budget).try_acquire_many_owned(more) else {
+            tracing::debug!("request shed: request bytes in flight at their limit");
+            return Err(overloaded(limits));
+        };
+        match &mut charged {
+            Some(held) => held.merge(permit),
+            None => charged = Some(permit),
+        }
+        received.extend_from_slice(&data.copy_to_bytes(data.remaining()));
+        if let Some(declared) = declared_length(&received)
+            && declared > limits.max_request_bytes
+        {
+            return Err(Error::RequestTooLarge {
+                bytes: declared,
+                limit: limits.max_request_bytes,
+            });
+        }
+    }
+}
+
+/// The length a message's gRPC prefix declares, once the prefix has arrived.
+fn declared_length(received: &[u8]) -> Option<usize> {
+    let prefix = received.get(..GRPC_PREFIX_BYTES)?;
+    let length = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]);
+    usize::try_from(length).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_prefix_declares_the_length() {
+        assert_eq!(declared_length(&[0, 0, 0]), None);
+        assert_eq!(declared_length(&[0, 0, 0, 1, 0]), Some(256));
+        assert_eq!(
+            declared_length(&[0, 0x7f, 0xff, 0xff, 0xff, 9]),
+            Some(0x7fff_ffff)
+        );
+    }
+}
