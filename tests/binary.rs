@@ -1396,8 +1396,7 @@ async fn cancelled_callers_leave_no_memory_behind() {
     use support::recorded::{RecordedEcr, Reply};
     let ecr = RecordedEcr::start(vec![(
         "BatchGetImage",
-        Reply::ok(serde_json::json!({"images": [], "failures": []}))
-            .after(Duration::from_secs(1)),
+        Reply::ok(serde_json::json!({"images": [], "failures": []})).after(Duration::from_secs(1)),
     )])
     .await;
     let repository = support::unique("cancelled");

@@ -1,0 +1,593 @@
+//! The hostile-input benchmark (`cargo bench --bench hostile`): each attack of the hostile-input
+//! review, run against the release binary on loopback with its default settings (the embedded
+//! store, so that no emulator shares the CPU; the cancelled-callers attack needs an ECR that
+//! answers slowly, so it runs on the ECR backend against a recorded ECR answering in 1 s).
+//!
+//! Each attack runs in a fresh process and reports: the gRPC health Check latency while it runs
+//! (a check every 20 ms), the process's peak resident memory (VmHWM), the largest trailer
+//! (`grpc-message` plus `grpc-status-details-bin`) an attacker got back, and the longest log
+//! line the process wrote. The results are in `docs/benchmark.md`.
+
+#[allow(dead_code)]
+#[path = "../tests/api/support/recorded.rs"]
+mod recorded;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ecr_image_service::pb::image_service_client::ImageServiceClient;
+use ecr_image_service::pb::{GetImageRequest, ImageIdentifier, PutImageRequest, RetagImageRequest};
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_ecr-image-service");
+/// How long each attack runs.
+const ATTACK: Duration = Duration::from_secs(6);
+/// The image every legitimate call reads.
+const SEED: &str = include_str!("../tests/fixtures/hello-world.manifest.json");
+
+/// The binary, started on loopback with its defaults but for the backend's own settings.
+struct Service {
+    child: Child,
+    address: String,
+    admin: String,
+    longest_line: Arc<AtomicUsize>,
+    _dir: Option<std::path::PathBuf>,
+}
+
+impl Service {
+    fn start(backend: &[&str], env: &[(&str, &str)]) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "hostile-bench-{}-{}",
+            std::process::id(),
+            Instant::now().elapsed().as_nanos()
+        ));
+        let mut command = Command::new(BINARY);
+        command
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .args(backend)
+            .env_clear()
+            .env("HOME", std::env::temp_dir())
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if backend.contains(&"local") {
+            command.arg("--data-dir").arg(&dir);
+        }
+        let mut child = command.spawn().expect("start the binary");
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let longest_line = Arc::new(AtomicUsize::new(0));
+        let (address_tx, address_rx) = std::sync::mpsc::channel();
+        let longest = Arc::clone(&longest_line);
+        std::thread::spawn(move || {
+            let mut address_tx = Some(address_tx);
+            for line in stderr.split(b'\n').map_while(Result::ok) {
+                longest.fetch_max(line.len(), Ordering::Relaxed);
+                let text = String::from_utf8_lossy(&line);
+                if let Some((_, rest)) = text.split_once(" address=")
+                    && let Some(tx) = address_tx.take()
+                {
+                    let address = rest.split_whitespace().next().unwrap_or("").to_owned();
+                    let admin = text
+                        .split_once(" admin_address=")
+                        .and_then(|(_, r)| r.split_whitespace().next())
+                        .unwrap_or("")
+                        .to_owned();
+                    let _ = tx.send((address, admin));
+                }
+            }
+        });
+        let (address, admin) = address_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("a listening line");
+        Self {
+            child,
+            address,
+            admin,
+            longest_line,
+            _dir: Some(dir),
+        }
+    }
+
+    fn local() -> Self {
+        Self::start(&["--backend", "local"], &[])
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    async fn channel(&self) -> Channel {
+        tonic::transport::Endpoint::from_shared(self.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    fn peak_resident_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let kib: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        kib / 1024.0
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(dir) = &self._dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Health Check latencies while `running` is set.
+async fn probe_health(channel: Channel, running: Arc<AtomicBool>) -> Vec<Duration> {
+    let mut health = HealthClient::new(channel);
+    let mut latencies = Vec::new();
+    while running.load(Ordering::Relaxed) {
+        let started = Instant::now();
+        let answer = tokio::time::timeout(
+            Duration::from_secs(30),
+            health.check(HealthCheckRequest::default()),
+        )
+        .await;
+        latencies.push(started.elapsed());
+        if !matches!(answer, Ok(Ok(_))) {
+            latencies.push(Duration::from_secs(30));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    latencies
+}
+
+/// What one attack cost the service.
+#[derive(Default)]
+struct Report {
+    health: Vec<Duration>,
+    largest_trailer: usize,
+    note: String,
+}
+
+fn trailer_bytes(status: &tonic::Status) -> usize {
+    status.message().len() + status.details().len()
+}
+
+/// Runs `attack` against a fresh service for [`ATTACK`] while health is probed, and prints a
+/// row of the results table.
+async fn measure<F, Fut>(name: &str, service: Service, attack: F)
+where
+    F: FnOnce(Arc<Service>, Instant) -> Fut,
+    Fut: std::future::Future<Output = Report>,
+{
+    let service = Arc::new(service);
+    let running = Arc::new(AtomicBool::new(true));
+    let health = tokio::spawn(probe_health(service.channel().await, Arc::clone(&running)));
+    let mut report = attack(Arc::clone(&service), Instant::now() + ATTACK).await;
+    running.store(false, Ordering::Relaxed);
+    report.health = health.await.unwrap();
+    report.health.sort();
+    let p99 = report.health[report.health.len() * 99 / 100];
+    let max = report.health.last().copied().unwrap_or_default();
+    println!(
+        "| {name} | {:.1} ms / {:.1} ms | {:.1} MiB | {} B | {} B | {} |",
+        p99.as_secs_f64() * 1e3,
+        max.as_secs_f64() * 1e3,
+        service.peak_resident_mib(),
+        report.largest_trailer,
+        service.longest_line.load(Ordering::Relaxed),
+        report.note
+    );
+}
+
+fn get(repository: &str, tag: &str) -> GetImageRequest {
+    GetImageRequest {
+        repository_name: repository.into(),
+        image_id: Some(ImageIdentifier {
+            image_tag: tag.into(),
+            image_digest: String::new(),
+        }),
+        ..Default::default()
+    }
+}
+
+fn put(repository: &str, tag: &str, manifest: &str) -> PutImageRequest {
+    PutImageRequest {
+        repository_name: repository.into(),
+        image_tag: tag.into(),
+        image_manifest: manifest.into(),
+        ..Default::default()
+    }
+}
+
+/// Calls `request` in a loop from `clients` tasks until `until`; the largest error trailer.
+async fn hammer<Fut, Res>(
+    channel: Channel,
+    clients: usize,
+    until: Instant,
+    request: impl Fn(ImageServiceClient<Channel>) -> Fut + Clone + Send + 'static,
+) -> (usize, usize)
+where
+    Fut: std::future::Future<Output = Result<Res, tonic::Status>> + Send,
+{
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let client = ImageServiceClient::new(channel.clone())
+                .max_encoding_message_size(64 << 20)
+                .max_decoding_message_size(64 << 20);
+            let request = request.clone();
+            tokio::spawn(async move {
+                let (mut largest, mut sent) = (0, 0);
+                while Instant::now() < until {
+                    if let Err(status) = request(client.clone()).await {
+                        largest = largest.max(trailer_bytes(&status));
+                    }
+                    sent += 1;
+                }
+                (largest, sent)
+            })
+        })
+        .collect();
+    let mut total = (0, 0);
+    for task in tasks {
+        let (largest, sent) = task.await.unwrap();
+        total = (total.0.max(largest), total.1 + sent);
+    }
+    total
+}
+
+/// [`hammer`] with 2 clients, as a report: the largest trailer, and `{sent} sent, {outcome}`.
+async fn flood<Fut, Res>(
+    service: Arc<Service>,
+    until: Instant,
+    outcome: &str,
+    request: impl Fn(ImageServiceClient<Channel>) -> Fut + Clone + Send + 'static,
+) -> Report
+where
+    Fut: std::future::Future<Output = Result<Res, tonic::Status>> + Send,
+{
+    let (largest, sent) = hammer(service.channel().await, 2, until, request).await;
+    Report {
+        largest_trailer: largest,
+        note: format!("{sent} sent, {outcome}"),
+        ..Report::default()
+    }
+}
+
+/// One stream of a GetImage whose 100-byte message never finishes.
+async fn dribble(
+    sender: &mut h2::client::SendRequest<Bytes>,
+) -> (h2::client::ResponseFuture, h2::SendStream<Bytes>) {
+    let request = http::Request::post("http://localhost/imageservice.v1.ImageService/GetImage")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    *sender = sender.clone().ready().await.unwrap();
+    let (response, mut body) = sender.send_request(request, false).unwrap();
+    body.send_data(Bytes::from_static(&[0]), false).unwrap();
+    (response, body)
+}
+
+async fn run() {
+    println!(
+        "| attack (default settings) | health p99 / max | peak RSS | largest trailer | longest log line | notes |"
+    );
+    println!("|---|---:|---:|---:|---:|---|");
+
+    // Idle reference: nothing but the health probe.
+    measure(
+        "none (reference)",
+        Service::local(),
+        |_, until| async move {
+            tokio::time::sleep_until(until.into()).await;
+            Report::default()
+        },
+    )
+    .await;
+
+    // Finding 1: RetagImage with 100,000 targets (0.8 MB), two clients in a loop.
+    measure(
+        "RetagImage, 100,000 targets, 2 clients",
+        Service::local(),
+        |service, until| async move {
+            let request = RetagImageRequest {
+                repository_name: "bench".into(),
+                source_image_id: Some(ImageIdentifier {
+                    image_tag: "v1".into(),
+                    image_digest: String::new(),
+                }),
+                target_tags: (0..100_000).map(|n| format!("t{n}")).collect(),
+                ..Default::default()
+            };
+            flood(service, until, "each REQUEST_TOO_LARGE", move |mut c| {
+                let request = request.clone();
+                async move { c.retag_image(request).await.map(drop) }
+            })
+            .await
+        },
+    )
+    .await;
+
+    // Finding 2: GetImage just under its 64 KiB size limit, all empty accepted_media_types.
+    measure(
+        "GetImage, 30,000 empty media types, 2 clients",
+        Service::local(),
+        |service, until| async move {
+            let mut request = get("bench", "v1");
+            request.accepted_media_types = vec![String::new(); 30_000];
+            flood(
+                service,
+                until,
+                "INVALID_FIELD (10 violations listed)",
+                move |mut c| {
+                    let request = request.clone();
+                    async move { c.get_image(request).await.map(drop) }
+                },
+            )
+            .await
+        },
+    )
+    .await;
+
+    // Finding 3: two connections of 256 streams, one byte of a 100-byte body each, while a
+    // legitimate client reads.
+    measure(
+        "slow bodies, 2 × 256 streams, + legitimate reads",
+        Service::local(),
+        |service, until| async move {
+            let mut held = Vec::new();
+            let mut largest = 0;
+            let mut legit = ImageServiceClient::new(service.channel().await);
+            let _ = legit.put_image(put("bench", "v1", SEED)).await;
+            let (mut ok, mut failed) = (0, 0);
+            while Instant::now() < until {
+                if held.len() < 512 {
+                    for _ in 0..2 {
+                        let tcp = tokio::net::TcpStream::connect(&service.address)
+                            .await
+                            .unwrap();
+                        let (mut sender, connection) = h2::client::handshake(tcp).await.unwrap();
+                        tokio::spawn(connection);
+                        for _ in 0..256 {
+                            held.push(dribble(&mut sender).await);
+                        }
+                    }
+                }
+                match legit.get_image(get("bench", "v1")).await {
+                    Ok(_) => ok += 1,
+                    Err(status) => {
+                        largest = largest.max(trailer_bytes(&status));
+                        failed += 1;
+                    }
+                }
+            }
+            Report {
+                largest_trailer: largest,
+                note: format!("legitimate GetImage: {ok} OK, {failed} failed"),
+                ..Report::default()
+            }
+        },
+    )
+    .await;
+
+    // Finding 4: 10,000 client-cancelled GetImage calls, ECR answering in 1 s.
+    let ecr = recorded::RecordedEcr::start(vec![(
+        "BatchGetImage",
+        recorded::Reply::ok(serde_json::json!({"images": [], "failures": []}))
+            .after(Duration::from_secs(1)),
+    )])
+    .await;
+    let ecr_env = [
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_ACCESS_KEY_ID", "AKIDBENCHKEY"),
+        (
+            "AWS_SECRET_ACCESS_KEY",
+            "benchSecretKey000000000000000000000000000",
+        ),
+        ("NO_PROXY", "127.0.0.1,localhost"),
+    ];
+    let service = Service::start(&["--ecr-endpoint-url", &ecr.endpoint], &ecr_env);
+    measure(
+        "10,000 cancelled GetImage (ECR answers in 1 s)",
+        service,
+        |service, _| async move {
+            let pid = service.child.id();
+            let resident = || {
+                std::fs::read_to_string(format!("/proc/{pid}/status"))
+                    .ok()
+                    .and_then(|s| {
+                        s.lines()
+                            .find_map(|l| l.strip_prefix("VmRSS:"))
+                            .and_then(|v| v.split_whitespace().next())
+                            .and_then(|v| v.parse::<f64>().ok())
+                    })
+                    .unwrap_or(0.0)
+                    / 1024.0
+            };
+            let before = resident();
+            for wave in 0..50 {
+                let channel = service.channel().await;
+                let calls: Vec<_> = (0..200)
+                    .map(|n| {
+                        let mut client = ImageServiceClient::new(channel.clone());
+                        let request = get("bench", &format!("w{wave}-n{n}"));
+                        tokio::spawn(async move {
+                            let _ = tokio::time::timeout(
+                                Duration::from_millis(50),
+                                client.get_image(request),
+                            )
+                            .await;
+                        })
+                    })
+                    .collect();
+                for call in calls {
+                    let _ = call.await;
+                }
+            }
+            let during = resident();
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            Report {
+                note: format!(
+                    "RSS before {before:.1} MiB, right after {during:.1} MiB, 3 s later {:.1} MiB",
+                    resident()
+                ),
+                ..Report::default()
+            }
+        },
+    )
+    .await;
+
+    // Finding 5: a forged line in a tag, and a 4 MB repository name in a put.
+    measure(
+        "log injection: newline tag, 4 MB repository name",
+        Service::local(),
+        |service, until| async move {
+            let forged = "v1\n2026-12-01T00:00:00Z ERROR ecr_image_service: FORGED".to_owned();
+            let huge = "a".repeat(4 << 20);
+            flood(
+                service,
+                until,
+                "each a GetImage and a PutImage",
+                move |mut c| {
+                    let (forged, huge) = (forged.clone(), huge.clone());
+                    async move {
+                        let first = c.get_image(get("bench", &forged)).await.map(drop);
+                        let second = c.put_image(put(&huge, "v1", SEED)).await.map(drop);
+                        first.and(second)
+                    }
+                },
+            )
+            .await
+        },
+    )
+    .await;
+
+    // Finding 6: 300 idle TCP connections to each port.
+    measure(
+        "300 idle connections to each port",
+        Service::local(),
+        |service, until| async move {
+            use tokio::io::AsyncReadExt;
+            let mut idle = Vec::new();
+            for address in [&service.address, &service.admin] {
+                for _ in 0..300 {
+                    idle.push(
+                        tokio::net::TcpStream::connect(address.as_str())
+                            .await
+                            .unwrap(),
+                    );
+                }
+            }
+            let started = Instant::now();
+            let closed = Arc::new(Mutex::new(Duration::ZERO));
+            let waits: Vec<_> = idle
+                .into_iter()
+                .map(|mut connection| {
+                    let closed = Arc::clone(&closed);
+                    tokio::spawn(async move {
+                        let mut sink = Vec::new();
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(60),
+                            connection.read_to_end(&mut sink),
+                        )
+                        .await;
+                        let mut last = closed.lock().unwrap();
+                        *last = (*last).max(started.elapsed());
+                    })
+                })
+                .collect();
+            for wait in waits {
+                let _ = wait.await;
+            }
+            tokio::time::sleep_until(until.into()).await;
+            let last = *closed.lock().unwrap();
+            Report {
+                note: format!(
+                    "all 600 closed by the server after {:.1} s",
+                    last.as_secs_f64()
+                ),
+                ..Report::default()
+            }
+        },
+    )
+    .await;
+
+    // Finding 8: a 5 MiB PutImage message.
+    measure(
+        "PutImage of 5 MiB, 2 clients",
+        Service::local(),
+        |service, until| async move {
+            let huge = format!(
+                r#"{{"mediaType":"application/vnd.oci.image.manifest.v1+json","x":"{}"}}"#,
+                "x".repeat(5 << 20)
+            );
+            flood(service, until, "each REQUEST_TOO_LARGE", move |mut c| {
+                let huge = huge.clone();
+                async move { c.put_image(put("bench", "v1", &huge)).await.map(drop) }
+            })
+            .await
+        },
+    )
+    .await;
+
+    // Finding 10: 50 concurrent legal 4 MiB puts, over and over.
+    measure("50 concurrent legal 4 MiB PutImage", Service::local(), |service, until| async move {
+        let pad = 4 * 1024 * 1024 - 200;
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{}","size":1}},"layers":[],"annotations":{{"p":"{}"}}}}"#,
+            "0".repeat(64),
+            "x".repeat(pad - 200)
+        );
+        let channel = service.channel().await;
+        let stored = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&stored);
+        let (largest, sent) = hammer(channel, 50, until, move |mut c| {
+            let (manifest, counted) = (manifest.clone(), Arc::clone(&counted));
+            async move {
+                let answer = c.put_image(put("bench", "big", &manifest)).await.map(drop);
+                if answer.is_ok() {
+                    counted.fetch_add(1, Ordering::Relaxed);
+                }
+                answer
+            }
+        })
+        .await;
+        Report {
+            largest_trailer: largest,
+            note: format!(
+                "{sent} sent, {} stored, the rest shed (OVERLOADED, RetryInfo)",
+                stored.load(Ordering::Relaxed)
+            ),
+            ..Report::default()
+        }
+    })
+    .await;
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(run());
+}
