@@ -38,6 +38,11 @@ use crate::error::{Error, Reason, Violation};
 /// The length of gRPC's message prefix: a compression flag and a 4-byte length.
 const GRPC_PREFIX_BYTES: usize = 5;
 
+/// The one method whose requests may be large (a manifest of up to 4 MiB); every other
+/// ImageService request is bounded by [`AdmissionLimits::max_small_request_bytes`], so an
+/// oversized one is refused on its length prefix, before its body is read.
+const LARGE_REQUEST_PATH: &str = "/imageservice.v1.ImageService/PutImage";
+
 /// When the headers of a request arrived: its deadline counts from there, not from when its
 /// body was complete.
 #[derive(Debug, Clone, Copy)]
@@ -50,8 +55,10 @@ pub struct AdmissionLimits {
     pub max_concurrent_requests: usize,
     /// Request bytes held at once, received or being received.
     pub max_request_bytes_in_flight: usize,
-    /// The largest request message, without its prefix.
+    /// The largest PutImage message, without its prefix.
     pub max_request_bytes: usize,
+    /// The largest message of every other method.
+    pub max_small_request_bytes: usize,
     /// How long a body may take to arrive after its headers.
     pub body_timeout: Duration,
     /// The deadline of a request that brings no `grpc-timeout`.
@@ -114,13 +121,13 @@ where
         Box::pin(async move {
             let (mut parts, body) = request.into_parts();
             let deadline = deadline::for_request(&parts.headers, arrived, limits.default_deadline);
-            let received = receive(
-                body,
-                &bytes,
-                &limits,
-                arrived + limits.body_timeout,
-                deadline,
-            );
+            let largest = if parts.uri.path() == LARGE_REQUEST_PATH {
+                limits.max_request_bytes
+            } else {
+                limits.max_small_request_bytes
+            };
+            let deadlines = (arrived + limits.body_timeout, deadline);
+            let received = receive(body, &bytes, &limits, largest, deadlines);
             let (body, charged) = match received.await {
                 Ok(received) => received,
                 Err(err) => return Ok(answer(err)),
@@ -153,23 +160,25 @@ fn overloaded(limits: &AdmissionLimits) -> Error {
     }
 }
 
-/// The whole body, and the bytes it holds in the budget: by `body_deadline` and the caller's
-/// `deadline`, whichever comes first.
+/// The whole body of a message of at most `limit` bytes, and the bytes it holds in the budget:
+/// by the body deadline and the caller's deadline (`deadlines`), whichever comes first.
 async fn receive<B>(
     mut body: B,
     budget: &Arc<Semaphore>,
     limits: &AdmissionLimits,
-    body_deadline: Instant,
-    deadline: Instant,
+    limit: usize,
+    (body_deadline, deadline): (Instant, Instant),
 ) -> Result<(Bytes, Option<OwnedSemaphorePermit>), Error>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
-    let mut received = BytesMut::new();
+    let mut received = Received::default();
     let mut charged: Option<OwnedSemaphorePermit> = None;
-    let largest = limits.max_request_bytes + GRPC_PREFIX_BYTES;
-    loop {
+    let largest = limit + GRPC_PREFIX_BYTES;
+    // A unary request usually arrives whole with its headers: END_STREAM is then known without
+    // another poll, and the single chunk is passed on without a copy.
+    while !body.is_end_stream() {
         let frame = match tokio::time::timeout_at(body_deadline.min(deadline), body.frame()).await {
             Err(_) if deadline <= body_deadline => return Err(Error::DeadlineExceeded),
             Err(_) => {
@@ -177,7 +186,7 @@ where
                     timeout: limits.body_timeout,
                 });
             }
-            Ok(None) => return Ok((received.freeze(), charged)),
+            Ok(None) => break,
             Ok(Some(Err(err))) => {
                 return Err(Error::invalid(
                     Reason::InvalidField,
@@ -197,7 +206,7 @@ where
         if total > largest {
             return Err(Error::RequestTooLarge {
                 bytes: total.saturating_sub(GRPC_PREFIX_BYTES),
-                limit: limits.max_request_bytes,
+                limit,
             });
         }
         let more = u32::try_from(data.remaining()).unwrap_or(u32::MAX);
@@ -209,15 +218,53 @@ where
             Some(held) => held.merge(permit),
             None => charged = Some(permit),
         }
-        received.extend_from_slice(&data.copy_to_bytes(data.remaining()));
-        if let Some(declared) = declared_length(&received)
-            && declared > limits.max_request_bytes
+        received.push(data.copy_to_bytes(data.remaining()));
+        if let Some(declared) = received.declared_length()
+            && declared > limit
         {
             return Err(Error::RequestTooLarge {
                 bytes: declared,
-                limit: limits.max_request_bytes,
+                limit,
             });
         }
+    }
+    Ok((received.into_bytes(), charged))
+}
+
+/// A body's bytes as they arrive: the first chunk as it came, a copy only once there are two.
+#[derive(Default)]
+struct Received {
+    first: Bytes,
+    more: Option<BytesMut>,
+}
+
+impl Received {
+    fn len(&self) -> usize {
+        self.more.as_ref().map_or(self.first.len(), BytesMut::len)
+    }
+
+    fn push(&mut self, chunk: Bytes) {
+        match &mut self.more {
+            Some(more) => more.extend_from_slice(&chunk),
+            None if self.first.is_empty() => self.first = chunk,
+            None => {
+                let mut more = BytesMut::from(&self.first[..]);
+                more.extend_from_slice(&chunk);
+                self.more = Some(more);
+            }
+        }
+    }
+
+    /// The length the message's gRPC prefix declares, once the prefix has arrived.
+    fn declared_length(&self) -> Option<usize> {
+        match &self.more {
+            Some(more) => declared_length(more),
+            None => declared_length(&self.first),
+        }
+    }
+
+    fn into_bytes(self) -> Bytes {
+        self.more.map_or(self.first, BytesMut::freeze)
     }
 }
 
@@ -231,6 +278,31 @@ fn declared_length(received: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunks_are_joined_in_order_and_a_single_one_is_not_copied() {
+        let mut received = Received::default();
+        let chunk = Bytes::from_static(&[0, 0, 0, 0, 3, b'a']);
+        received.push(chunk.clone());
+        assert_eq!(received.declared_length(), Some(3));
+        assert_eq!(received.len(), 6);
+        let whole = Received {
+            first: chunk.clone(),
+            more: None,
+        }
+        .into_bytes();
+        assert_eq!(
+            whole.as_ptr(),
+            chunk.as_ptr(),
+            "one chunk is passed on as it came"
+        );
+        received.push(Bytes::from_static(b"bc"));
+        assert_eq!(received.len(), 8);
+        assert_eq!(
+            &received.into_bytes()[..],
+            &[0, 0, 0, 0, 3, b'a', b'b', b'c']
+        );
+    }
 
     #[test]
     fn the_prefix_declares_the_length() {

@@ -255,6 +255,7 @@ pub async fn serve(
             max_concurrent_requests: settings.max_concurrent_requests,
             max_request_bytes_in_flight: settings.max_request_bytes_in_flight,
             max_request_bytes: MAX_REQUEST_BYTES,
+            max_small_request_bytes: crate::codec::MAX_SMALL_REQUEST_BYTES,
             body_timeout: settings.request_body_timeout,
             default_deadline: settings.default_deadline,
             retry_after: SHED_RETRY_AFTER,

@@ -1345,16 +1345,21 @@ async fn a_full_descriptor_table_does_not_spin_the_accept_loop() {
     let _ = std::fs::remove_dir_all(&data_dir);
 }
 
-/// The process's resident memory, in bytes.
-fn resident_bytes(pid: u32) -> u64 {
+/// A memory figure of `/proc/PID/status` (`VmRSS`, resident; `VmHWM`, its peak), in bytes.
+fn memory_bytes(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let kib: u64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .expect("VmRSS");
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"));
     kib * 1024
+}
+
+/// The process's resident memory, in bytes.
+fn resident_bytes(pid: u32) -> u64 {
+    memory_bytes(pid, "VmRSS")
 }
 
 /// `count` GetImage calls for distinct tags (so that none coalesce), each cancelled by its
@@ -1430,4 +1435,58 @@ async fn cancelled_callers_leave_no_memory_behind() {
     let mut child = running.child;
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
     child.wait().unwrap();
+}
+
+/// 50 concurrent legal 4 MiB puts used to peak at 293 MiB, over the chart's 256 Mi limit. The
+/// request-bytes budget (32 MiB by default, sized for that limit) holds the peak under it; the
+/// puts past the budget are shed with UNAVAILABLE + RetryInfo, and every answer is one of the
+/// two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_large_puts_stay_inside_the_charts_memory_limit() {
+    let data_dir = scratch_home().join(format!("large-puts-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data_dir);
+    let (mut child, address) = serve_local(&data_dir, &[]);
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{}","size":1}},"layers":[],"annotations":{{"p":"{}"}}}}"#,
+        "0".repeat(64),
+        "x".repeat((4 << 20) - 400)
+    );
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let puts: Vec<_> = (0..50)
+        .map(|n| {
+            let mut client = ImageServiceClient::new(channel.clone())
+                .max_encoding_message_size(8 << 20)
+                .max_decoding_message_size(8 << 20);
+            let request = requests::put("large-puts", &format!("t{n}"), &manifest);
+            tokio::spawn(async move { client.put_image(request).await })
+        })
+        .collect();
+    let (mut stored, mut shed) = (0, 0);
+    for put in puts {
+        match put.await.unwrap() {
+            Ok(_) => stored += 1,
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                shed += 1;
+            }
+        }
+    }
+    let peak_kib = memory_bytes(child.id(), "VmHWM") >> 10;
+    eprintln!(
+        "50 concurrent 4 MiB puts: {stored} stored, {shed} shed, peak {} MiB",
+        peak_kib >> 10
+    );
+    assert!(stored > 0, "some puts are stored");
+    assert!(
+        peak_kib < 256 * 1024,
+        "peak resident memory {} MiB, over the chart's 256 Mi",
+        peak_kib >> 10
+    );
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    child.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&data_dir);
 }
