@@ -32,7 +32,7 @@ impl StartError {
     /// The process exit code for this failure.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Config(_) => exit::USAGE,
+            Self::Config(_) | Self::Serve(ServeError::Policy(_)) => exit::USAGE,
             Self::Store(_) | Self::Serve(_) => exit::OTHER,
         }
     }
@@ -94,6 +94,7 @@ pub async fn serve(
         backend = args.backend.name(),
         digest_cache_bytes = args.digest_cache_bytes,
         tag_ttl = %args.tag_ttl,
+        identity_source = args.identity_source.name(),
         "listening"
     );
     bound.serve(registry, shutdown).await?;

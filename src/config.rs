@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use humantime::Duration as Human;
 
+use crate::identity::IdentitySource;
 use crate::image::{RegistryId, RepositoryName};
 use crate::registry::cached::{self, CacheSettings};
 use crate::registry::ecr::{EcrSettings, client as ecr};
@@ -71,6 +72,17 @@ pub struct ServeArgs {
     /// Address of the admin HTTP endpoint (`/metrics` for Prometheus).
     #[arg(long, env = "ECR_IMAGE_SERVICE_ADMIN_LISTEN", default_value_t = server::DEFAULT_ADMIN_LISTEN)]
     pub admin_listen: SocketAddr,
+
+    /// Where callers' identities come from: none (everyone is `anonymous`), istio-xfcc (the
+    /// Istio sidecar's x-forwarded-client-cert) or linkerd (l5d-client-id). Only this source
+    /// is read; every other identity header is ignored.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_IDENTITY_SOURCE", value_enum, default_value_t = IdentitySource::None)]
+    pub identity_source: IdentitySource,
+
+    /// Authorization policy (YAML allow rules; re-read when it changes). Without it every
+    /// caller may do everything, which start-up warns about.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_AUTHZ_POLICY")]
+    pub authz_policy: Option<std::path::PathBuf>,
 
     /// AWS region of the registry [default: the SDK's chain: AWS_REGION, profile, IMDS].
     #[arg(long, env = "ECR_IMAGE_SERVICE_REGION")]
@@ -338,6 +350,11 @@ impl ServeArgs {
         }
         tracing_subscriber::EnvFilter::try_new(&self.log_filter)
             .map_err(|e| invalid("--log-filter", e.to_string()))?;
+        // Checked here too (the server loads it again), so a bad policy is one line, exit 64,
+        // before anything starts.
+        if let Some(path) = &self.authz_policy {
+            crate::authz::Authorizer::from_file(path).map_err(|e| invalid("--authz-policy", e))?;
+        }
         Ok(())
     }
 
@@ -371,6 +388,8 @@ impl ServeArgs {
             shutdown_delay: *self.shutdown_delay,
             shutdown_grace: *self.shutdown_grace,
             reflection: self.reflection,
+            identity_source: self.identity_source,
+            authz_policy: self.authz_policy.clone(),
         }
     }
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
+use crate::authz::Action;
 use crate::registry::{RegistryError, Upstream};
 
 /// `ErrorInfo.domain` for every error this service returns.
@@ -115,6 +116,22 @@ pub enum Error {
         /// When a retry is likely to find a free slot.
         retry_after: Duration,
     },
+    /// The caller's identity is missing or malformed (`--identity-source`).
+    #[error("no valid caller identity from {source_name}: {why}")]
+    Unauthenticated {
+        /// The configured identity source.
+        source_name: &'static str,
+        /// What was wrong, in fixed words (never the header's value).
+        why: &'static str,
+    },
+    /// The authorization policy does not allow this caller this action on this repository.
+    #[error("the caller may not {action} repository {repository}")]
+    AccessDenied {
+        /// What was asked.
+        action: Action,
+        /// The (validated) repository.
+        repository: String,
+    },
     /// The registry failed or refused.
     #[error(transparent)]
     Registry(#[from] RegistryError),
@@ -209,11 +226,15 @@ pub enum Reason {
     RequestBodyTimeout,
     /// The embedded store's disk is full.
     StoreFull,
+    /// The caller's identity is missing or malformed.
+    NoCallerIdentity,
+    /// The authorization policy does not allow the request.
+    AccessDenied,
 }
 
 impl Reason {
     /// Every reason, in the order of the error tables (README, proto comment).
-    pub const ALL: [Reason; 27] = [
+    pub const ALL: [Reason; 29] = [
         Self::InvalidField,
         Self::DigestMismatch,
         Self::MediaTypeMismatch,
@@ -241,6 +262,8 @@ impl Reason {
         Self::RequestTooLarge,
         Self::RequestBodyTimeout,
         Self::StoreFull,
+        Self::NoCallerIdentity,
+        Self::AccessDenied,
     ];
 
     /// The UPPER_SNAKE spelling used in `ErrorInfo.reason`.
@@ -273,6 +296,8 @@ impl Reason {
             Self::RequestTooLarge => "REQUEST_TOO_LARGE",
             Self::RequestBodyTimeout => "REQUEST_BODY_TIMEOUT",
             Self::StoreFull => "STORE_FULL",
+            Self::NoCallerIdentity => "NO_CALLER_IDENTITY",
+            Self::AccessDenied => "ACCESS_DENIED",
         }
     }
 }
@@ -291,6 +316,8 @@ impl Error {
             // UNAVAILABLE, not RESOURCE_EXHAUSTED: the one code retried by default (AIP-194) and
             // by mesh retry policies; nothing was done, so a retry is safe.
             Self::Overloaded { .. } => (Code::Unavailable, Reason::Overloaded),
+            Self::Unauthenticated { .. } => (Code::Unauthenticated, Reason::NoCallerIdentity),
+            Self::AccessDenied { .. } => (Code::PermissionDenied, Reason::AccessDenied),
             Self::Registry(err) => match err {
                 R::RepositoryNotFound(_) => (Code::NotFound, Reason::RepositoryNotFound),
                 R::ImageNotFound(_) => (Code::NotFound, Reason::ImageNotFound),
@@ -331,7 +358,9 @@ impl Error {
             | Self::RequestTooLarge { .. }
             | Self::RequestBodyTimeout { .. }
             | Self::DeadlineExceeded
-            | Self::Overloaded { .. } => None,
+            | Self::Overloaded { .. }
+            | Self::Unauthenticated { .. }
+            | Self::AccessDenied { .. } => None,
             Self::Registry(err) => err.upstream(),
         }
     }
@@ -339,7 +368,12 @@ impl Error {
     /// Whether the failure is the service's or ECR's rather than the caller's: those are logged
     /// at WARN, caller mistakes at INFO.
     pub fn is_server_side(&self) -> bool {
-        matches!(
+        // A caller denied by the policy is the caller's business, unlike the service's own
+        // identity denied by ECR, which shares the code.
+        !matches!(
+            self,
+            Self::AccessDenied { .. } | Self::Unauthenticated { .. }
+        ) && matches!(
             self.code_and_reason().0,
             Code::Unavailable
                 | Code::DeadlineExceeded
@@ -367,7 +401,9 @@ impl Error {
             | Self::RequestTooLarge { .. }
             | Self::RequestBodyTimeout { .. }
             | Self::DeadlineExceeded
-            | Self::Overloaded { .. } => Vec::new(),
+            | Self::Overloaded { .. }
+            | Self::Unauthenticated { .. }
+            | Self::AccessDenied { .. } => Vec::new(),
         }
     }
 
@@ -387,6 +423,10 @@ impl From<Error> for Status {
     fn from(err: Error) -> Self {
         let (code, reason) = err.code_and_reason();
         let mut metadata = HashMap::new();
+        if let Error::AccessDenied { action, repository } = &err {
+            metadata.insert("action".to_owned(), action.as_str().to_owned());
+            metadata.insert("repository".to_owned(), repository.clone());
+        }
         if let Some(upstream) = err.upstream() {
             if let Some(ecr_code) = &upstream.code {
                 metadata.insert(METADATA_ECR_ERROR_CODE.to_owned(), ecr_code.clone());
@@ -595,6 +635,22 @@ mod tests {
                 },
                 Code::ResourceExhausted,
                 "REQUEST_TOO_LARGE",
+            ),
+            (
+                Error::Unauthenticated {
+                    source_name: "istio-xfcc",
+                    why: "no x-forwarded-client-cert header",
+                },
+                Code::Unauthenticated,
+                "NO_CALLER_IDENTITY",
+            ),
+            (
+                Error::AccessDenied {
+                    action: Action::Write,
+                    repository: "team-a/app".into(),
+                },
+                Code::PermissionDenied,
+                "ACCESS_DENIED",
             ),
             (
                 Error::RequestBodyTimeout {

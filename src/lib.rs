@@ -25,6 +25,7 @@
 pub mod admin;
 pub mod admission;
 pub mod app;
+pub mod authz;
 pub mod cli;
 pub mod codec;
 pub mod config;
@@ -32,6 +33,7 @@ pub mod connection;
 pub mod deadline;
 pub mod error;
 pub mod health_check;
+pub mod identity;
 pub mod image;
 pub mod metrics;
 pub mod pb;

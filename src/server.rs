@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +15,9 @@ use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
 use crate::admission::{Admission, AdmissionLimits};
+use crate::authz::Authorizer;
 use crate::connection::{ConnectionLimits, Listener};
+use crate::identity::IdentitySource;
 use crate::image::MAX_MANIFEST_BYTES;
 use crate::pb::image_service_server::ImageServiceServer;
 use crate::registry::SharedRegistry;
@@ -110,6 +113,10 @@ pub struct ServerSettings {
     /// Serve gRPC reflection (v1, and v1alpha for older clients), so that grpcurl and
     /// `buf curl` work without the proto files.
     pub reflection: bool,
+    /// Where callers' identities come from.
+    pub identity_source: IdentitySource,
+    /// The authorization policy file; none allows every caller everything.
+    pub authz_policy: Option<PathBuf>,
 }
 
 impl Default for ServerSettings {
@@ -125,6 +132,8 @@ impl Default for ServerSettings {
             shutdown_delay: DEFAULT_SHUTDOWN_DELAY,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             reflection: true,
+            identity_source: IdentitySource::None,
+            authz_policy: None,
         }
     }
 }
@@ -143,6 +152,9 @@ pub enum ServeError {
     /// The gRPC server failed.
     #[error("server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The authorization policy cannot be read or is invalid.
+    #[error("--authz-policy: {0}")]
+    Policy(String),
 }
 
 /// Both listeners, bound: the addresses are known (port 0 picks one) before anything serves.
@@ -150,11 +162,16 @@ pub enum ServeError {
 pub struct Bound {
     grpc: TcpListener,
     admin: TcpListener,
+    authorizer: Arc<Authorizer>,
     settings: ServerSettings,
 }
 
-/// Binds the gRPC and admin listeners of `settings`.
+/// Loads the policy and binds the gRPC and admin listeners of `settings`.
 pub async fn bind(settings: ServerSettings) -> Result<Bound, ServeError> {
+    let authorizer = match &settings.authz_policy {
+        Some(path) => Authorizer::from_file(path).map_err(ServeError::Policy)?,
+        None => Authorizer::allow_all(),
+    };
     let listen = |address: SocketAddr| async move {
         TcpListener::bind(address)
             .await
@@ -163,6 +180,7 @@ pub async fn bind(settings: ServerSettings) -> Result<Bound, ServeError> {
     Ok(Bound {
         grpc: listen(settings.listen).await?,
         admin: listen(settings.admin_listen).await?,
+        authorizer: Arc::new(authorizer),
         settings,
     })
 }
@@ -187,7 +205,8 @@ impl Bound {
         registry: SharedRegistry,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ServeError> {
-        let metrics = metrics::registry(&*registry);
+        let mut metrics = metrics::registry(&*registry);
+        self.authorizer.register_metrics(&mut metrics);
         let admin = Listener::new(
             self.admin,
             ConnectionLimits {
@@ -197,7 +216,11 @@ impl Bound {
             },
         );
         tokio::spawn(admin::serve(admin, metrics));
-        serve(self.grpc, registry, self.settings, shutdown).await?;
+        self.authorizer.announce();
+        tokio::spawn(Arc::clone(&self.authorizer).watch());
+        let service = ImageService::new(registry, self.settings.default_deadline)
+            .with_access(self.settings.identity_source, self.authorizer);
+        serve(self.grpc, service, self.settings, shutdown).await?;
         Ok(())
     }
 }
@@ -239,7 +262,7 @@ fn reflection(
 /// requests get `shutdown_grace` to finish, and the function returns.
 pub async fn serve(
     listener: TcpListener,
-    registry: SharedRegistry,
+    service: ImageService,
     settings: ServerSettings,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
@@ -247,8 +270,7 @@ pub async fn serve(
     health
         .set_serving::<ImageServiceServer<ImageService>>()
         .await;
-    let images = ImageServiceServer::new(ImageService::new(registry, settings.default_deadline))
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let images = ImageServiceServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES);
     let images = Admission::new(
         images,
         AdmissionLimits {

@@ -1,6 +1,7 @@
 //! The ImageService RPCs: request -> validate -> registry -> response, one span per request.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -9,7 +10,9 @@ use tracing::field::{Empty, debug as debug_value};
 use tracing::{Instrument, Span, debug, debug_span, info, warn};
 
 use crate::admission::Arrived;
+use crate::authz::{Action, Authorizer};
 use crate::error::{self, Error};
+use crate::identity::{IdentitySource, NoIdentity, Principal};
 use crate::image::{Digest, Tag};
 use crate::pb;
 use crate::registry::{CacheStatus, PutOutcome, SharedRegistry, StoredImage};
@@ -21,15 +24,39 @@ pub struct ImageService {
     registry: SharedRegistry,
     /// The deadline of a request that brings none (no `grpc-timeout`).
     default_deadline: Duration,
+    /// Where callers' identities come from.
+    identity: IdentitySource,
+    /// What each caller may do.
+    authorizer: Arc<Authorizer>,
 }
 
 impl ImageService {
-    /// A service answering from `registry`.
+    /// A service answering from `registry` to every caller, as `anonymous`.
     pub fn new(registry: SharedRegistry, default_deadline: Duration) -> Self {
         Self {
             registry,
             default_deadline,
+            identity: IdentitySource::None,
+            authorizer: Arc::new(Authorizer::allow_all()),
         }
+    }
+
+    /// The same service, reading callers' identities from `identity` and checking each request
+    /// against `authorizer`.
+    pub fn with_access(mut self, identity: IdentitySource, authorizer: Arc<Authorizer>) -> Self {
+        self.identity = identity;
+        self.authorizer = authorizer;
+        self
+    }
+
+    /// The caller, from the one configured source.
+    fn principal<T>(&self, request: &Request<T>) -> Result<Principal, Error> {
+        self.identity
+            .principal(request.metadata().as_ref())
+            .map_err(|NoIdentity(why)| Error::Unauthenticated {
+                source_name: self.identity.name(),
+                why,
+            })
     }
 
     /// When the work must be done ([`deadline::for_request`]), counted from the arrival of the
@@ -50,15 +77,20 @@ impl pb::image_service_server::ImageService for ImageService {
         request: Request<pb::PutImageRequest>,
     ) -> Result<Response<pb::PutImageResponse>, Status> {
         let deadline = self.deadline_of(&request);
+        let principal = self.principal(&request);
         let call = Call::new(
             "PutImage",
             &request,
+            principal.as_ref().ok(),
             &request.get_ref().repository_name,
             request.get_ref().image_tag.clone(),
         );
         let request = request.into_inner();
         let work = async {
+            let principal = principal?;
             let input = validate::put_image(request)?;
+            self.authorizer
+                .check(&principal, Action::Write, &input.repository)?;
             Span::current().record("digest", input.manifest.digest().as_str());
             let (image, outcome) = self.registry.put_image(input).await?;
             Ok(pb::PutImageResponse {
@@ -75,15 +107,20 @@ impl pb::image_service_server::ImageService for ImageService {
     ) -> Result<Response<pb::GetImageResponse>, Status> {
         let deadline = self.deadline_of(&request);
         let reference = describe(request.get_ref().image_id.as_ref());
+        let principal = self.principal(&request);
         let call = Call::new(
             "GetImage",
             &request,
+            principal.as_ref().ok(),
             &request.get_ref().repository_name,
             reference,
         );
         let request = request.into_inner();
         let work = async {
+            let principal = principal?;
             let input = validate::get_image(request)?;
+            self.authorizer
+                .check(&principal, Action::Read, &input.repository)?;
             let fetched = self.registry.get_image(input).await?;
             Span::current().record("digest", fetched.image.digest.as_str());
             let (cache_status, tag_resolution_age) = provenance(fetched.cache);
@@ -102,15 +139,24 @@ impl pb::image_service_server::ImageService for ImageService {
     ) -> Result<Response<pb::RetagImageResponse>, Status> {
         let deadline = self.deadline_of(&request);
         let reference = describe(request.get_ref().source_image_id.as_ref());
+        let principal = self.principal(&request);
         let call = Call::new(
             "RetagImage",
             &request,
+            principal.as_ref().ok(),
             &request.get_ref().repository_name,
             reference,
         );
         let request = request.into_inner();
         let work = async {
+            let principal = principal?;
             let input = validate::retag_image(request)?;
+            // Read on the source and write on the targets: one repository, both actions.
+            let repository = &input.source.repository;
+            self.authorizer
+                .check(&principal, Action::Read, repository)?;
+            self.authorizer
+                .check(&principal, Action::Write, repository)?;
             let retagged = retag::retag(&*self.registry, input).await?;
             Span::current().record("digest", retagged.source.digest.as_str());
             let results = retagged
@@ -135,15 +181,20 @@ impl pb::image_service_server::ImageService for ImageService {
     ) -> Result<Response<pb::ResolveImageResponse>, Status> {
         let deadline = self.deadline_of(&request);
         let reference = describe(request.get_ref().image_id.as_ref());
+        let principal = self.principal(&request);
         let call = Call::new(
             "ResolveImage",
             &request,
+            principal.as_ref().ok(),
             &request.get_ref().repository_name,
             reference,
         );
         let request = request.into_inner();
         let work = async {
+            let principal = principal?;
             let input = validate::resolve_image(request)?;
+            self.authorizer
+                .check(&principal, Action::Read, &input.repository)?;
             let fetched = self.registry.get_image(input).await?;
             Span::current().record("digest", fetched.image.digest.as_str());
             let (cache_status, tag_resolution_age) = provenance(fetched.cache);
@@ -206,6 +257,8 @@ fn loggable(value: &str) -> String {
 /// What a request is, for its span and for the line logged if it fails.
 struct Call {
     method: &'static str,
+    /// The caller, when it has a valid identity (checked: safe to log as it is).
+    principal: Option<String>,
     /// As the request gave it: escaped ([`loggable`]) only when a line is written.
     repository: String,
     /// As the request gave it: escaped ([`loggable`]) only when a line is written.
@@ -218,6 +271,7 @@ impl Call {
     fn new<T>(
         method: &'static str,
         request: &Request<T>,
+        principal: Option<&Principal>,
         repository: &str,
         reference: String,
     ) -> Self {
@@ -228,6 +282,7 @@ impl Call {
             .and_then(TraceParent::parse);
         Self {
             method,
+            principal: principal.map(|p| p.as_str().to_owned()),
             repository: repository.to_owned(),
             reference,
             trace,
@@ -246,6 +301,7 @@ impl Call {
         let span = debug_span!(
             "rpc",
             method = self.method,
+            principal = self.principal.as_deref(),
             repository = %loggable(&self.repository),
             reference = %loggable(&self.reference),
             trace_id = self.trace_id(),
@@ -271,6 +327,7 @@ impl Call {
     /// attempts), never as a raw response.
     fn log_failure(&self, err: &Error, code: tonic::Code, reason: &str, latency_ms: f64) {
         let method = self.method;
+        let principal = self.principal.as_deref();
         let (repository, reference) = (loggable(&self.repository), loggable(&self.reference));
         let trace_id = self.trace_id();
         let upstream = err.upstream();
@@ -284,9 +341,9 @@ impl Call {
             .filter(|d| !d.is_empty());
         let error = loggable(&err.to_string());
         if err.is_server_side() {
-            warn!(method, %repository, %reference, trace_id, ?code, reason, latency_ms, %error, ecr_code, ecr_message, ecr_request_id, attempts, cause, "request failed");
+            warn!(method, principal, %repository, %reference, trace_id, ?code, reason, latency_ms, %error, ecr_code, ecr_message, ecr_request_id, attempts, cause, "request failed");
         } else {
-            info!(method, %repository, %reference, trace_id, ?code, reason, latency_ms, %error, ecr_code, ecr_message, ecr_request_id, attempts, cause, "request refused");
+            info!(method, principal, %repository, %reference, trace_id, ?code, reason, latency_ms, %error, ecr_code, ecr_message, ecr_request_id, attempts, cause, "request refused");
         }
     }
 }

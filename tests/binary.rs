@@ -51,6 +51,15 @@ fn scratch_home() -> std::path::PathBuf {
 #[test]
 fn invalid_configuration_exits_64_with_one_line() {
     let home = scratch_home();
+    let bad_policy_path = home.join("bad-policy.yaml");
+    std::fs::write(&bad_policy_path, "rules: [{id: a, actions: [fly]}]\n").unwrap();
+    let bad_policy: &'static str = Box::leak(
+        bad_policy_path
+            .to_str()
+            .unwrap()
+            .to_owned()
+            .into_boxed_str(),
+    );
     /// (what, arguments, environment, what the one line must mention)
     type Case = (
         &'static str,
@@ -85,6 +94,24 @@ fn invalid_configuration_exits_64_with_one_line() {
             "--attempt-timeout",
         ),
         ("no region anywhere", vec!["serve"], vec![], "no AWS region"),
+        (
+            "unknown identity source",
+            vec!["serve", "--identity-source", "spiffe-magic"],
+            vec![],
+            "--identity-source",
+        ),
+        (
+            "invalid policy",
+            vec!["serve", "--authz-policy", bad_policy],
+            vec![],
+            "--authz-policy",
+        ),
+        (
+            "missing policy",
+            vec!["serve", "--authz-policy", "/nonexistent/policy.yaml"],
+            vec![],
+            "--authz-policy",
+        ),
     ];
     for (what, args, env, expected) in cases {
         let output = command(&home).args(&args).envs(env).output().unwrap();
@@ -1489,4 +1516,48 @@ async fn concurrent_large_puts_stay_inside_the_charts_memory_limit() {
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
     child.wait().unwrap();
     let _ = std::fs::remove_dir_all(&data_dir);
+}
+
+/// `policy check` names the rule that allows a request and exits 0, says none does and exits
+/// 6, and refuses an invalid policy with 64.
+#[test]
+fn policy_check_prints_the_allowing_rule_and_exits_per_decision() {
+    let home = scratch_home();
+    let policy = home.join("audit-policy.yaml");
+    std::fs::write(
+        &policy,
+        "rules:\n  - id: ci-team-a\n    principals: [\"spiffe://cluster.local/ns/ci/sa/builder\"]\n    actions: [read, write]\n    repositories: [\"team-a/**\"]\n",
+    )
+    .unwrap();
+    let check = |principal: &str, action: &str, repository: &str, file: &std::path::Path| {
+        command(&home)
+            .stdout(Stdio::piped())
+            .args(["policy", "check", "--authz-policy"])
+            .arg(file)
+            .args(["--principal", principal, "--action", action])
+            .args(["--repository", repository])
+            .output()
+            .unwrap()
+    };
+    let builder = "spiffe://cluster.local/ns/ci/sa/builder";
+    let allowed = check(builder, "write", "team-a/app/api", &policy);
+    assert_eq!(allowed.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&allowed.stdout).contains("rule ci-team-a"));
+    let denied = check(builder, "delete", "team-a/app", &policy);
+    assert_eq!(denied.status.code(), Some(6));
+    assert!(String::from_utf8_lossy(&denied.stdout).contains("no rule allows it"));
+    let other = check(
+        "spiffe://cluster.local/ns/x/sa/y",
+        "read",
+        "team-a/app",
+        &policy,
+    );
+    assert_eq!(other.status.code(), Some(6));
+
+    let broken = home.join("broken-policy.yaml");
+    std::fs::write(&broken, "rules: [{id: a}]\n").unwrap();
+    assert_eq!(
+        check(builder, "read", "team-a/app", &broken).status.code(),
+        Some(64)
+    );
 }

@@ -348,14 +348,26 @@ fn every_setting_of_the_binary_is_reachable_from_values_and_accepted_by_it() {
         );
     }
 
-    // Loopback and any free port for this run; everything else exactly as rendered.
+    // Loopback and any free port for this run; the policy the ConfigMap holds, written where
+    // this run can read it; everything else exactly as rendered.
+    let home = std::env::temp_dir().join(format!("chart-home-{}", std::process::id()));
+    std::fs::create_dir_all(&home).unwrap();
+    let rendered_policy = one(&objects, "ConfigMap")["data"]["policy.yaml"]
+        .as_str()
+        .expect("the policy in the ConfigMap")
+        .to_owned();
+    let policy_file = home.join("policy.yaml");
+    std::fs::write(&policy_file, rendered_policy).unwrap();
+    assert!(settings["ECR_IMAGE_SERVICE_AUTHZ_POLICY"].ends_with("/policy.yaml"));
+    settings.insert(
+        "ECR_IMAGE_SERVICE_AUTHZ_POLICY".into(),
+        policy_file.to_str().unwrap().into(),
+    );
     settings.insert("ECR_IMAGE_SERVICE_LISTEN".into(), "127.0.0.1:0".into());
     settings.insert(
         "ECR_IMAGE_SERVICE_ADMIN_LISTEN".into(),
         "127.0.0.1:0".into(),
     );
-    let home = std::env::temp_dir().join(format!("chart-home-{}", std::process::id()));
-    std::fs::create_dir_all(&home).unwrap();
     let mut child = Command::new(BINARY)
         .arg("serve")
         .env_clear()
@@ -405,6 +417,7 @@ fn every_setting_of_the_binary_is_reachable_from_values_and_accepted_by_it() {
     assert_eq!(ready["max_attempts"], 4);
     assert_eq!(listening["digest_cache_bytes"], 128 << 20);
     assert_eq!(listening["tag_ttl"], "30s");
+    assert_eq!(listening["identity_source"], "istio-xfcc");
 }
 
 #[test]
@@ -633,4 +646,75 @@ fn the_dockerfile_pins_its_base_images_by_digest() {
             "{image}"
         );
     }
+}
+
+/// `authz.rules` become a ConfigMap mounted as the policy file, and the identity source follows
+/// the mesh. A mesh without rules refuses to render unless `authz.allowAll` says so; the
+/// mesh's own layer (mTLS STRICT, meshed principals only) renders on request.
+#[test]
+fn authz_rules_become_the_policy_and_a_mesh_needs_them() {
+    let objects = render(&["--values", EVERYTHING_ON]);
+    let container = service_container(&objects);
+    let settings = env(container);
+    assert_eq!(settings["ECR_IMAGE_SERVICE_IDENTITY_SOURCE"], "istio-xfcc");
+    let policy_path = &settings["ECR_IMAGE_SERVICE_AUTHZ_POLICY"];
+    let mount = container["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "authz")
+        .expect("the policy volume is mounted");
+    assert!(policy_path.starts_with(mount["mountPath"].as_str().unwrap()));
+    assert!(
+        mount.get("subPath").is_none(),
+        "a subPath mount never sees updates"
+    );
+    let policy = one(&objects, "ConfigMap")["data"]["policy.yaml"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        policy.contains("ci-team-a") && policy.contains("team-a/**"),
+        "{policy}"
+    );
+    let peer = one(&objects, "PeerAuthentication");
+    assert_eq!(peer["spec"]["mtls"]["mode"], "STRICT");
+    let istio_policy = all(&objects, "AuthorizationPolicy")
+        .into_iter()
+        .find(|p| {
+            p["apiVersion"]
+                .as_str()
+                .unwrap()
+                .starts_with("security.istio.io")
+        })
+        .expect("Istio's AuthorizationPolicy");
+    assert_eq!(
+        istio_policy["spec"]["rules"][0]["from"][0]["source"]["principals"],
+        serde_json::json!(["*"])
+    );
+    assert_eq!(one(&objects, "Server")["spec"]["proxyProtocol"], "gRPC");
+    assert_eq!(
+        one(&objects, "MeshTLSAuthentication")["spec"]["identities"],
+        serde_json::json!(["*"])
+    );
+
+    let refused = try_render(&["--set", "mesh.linkerd.enabled=true"])
+        .expect_err("a mesh without rules renders");
+    assert!(refused.contains("authz.rules is empty"), "{refused}");
+    let allowed = render(&[
+        "--set",
+        "mesh.linkerd.enabled=true",
+        "--set",
+        "authz.allowAll=true",
+    ]);
+    let settings = env(service_container(&allowed));
+    assert_eq!(settings["ECR_IMAGE_SERVICE_IDENTITY_SOURCE"], "linkerd");
+    assert!(!settings.contains_key("ECR_IMAGE_SERVICE_AUTHZ_POLICY"));
+    assert!(all(&allowed, "ConfigMap").is_empty());
+
+    let plain = render(&[]);
+    assert_eq!(
+        env(service_container(&plain))["ECR_IMAGE_SERVICE_IDENTITY_SOURCE"],
+        "none"
+    );
 }

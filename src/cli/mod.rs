@@ -3,6 +3,7 @@
 //! server to [`crate::app`] and everything else to [`run`].
 
 pub mod client;
+pub mod policy;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -48,6 +49,9 @@ pub enum Command {
     ResolveImage(client::ResolveImageArgs),
     /// Print the digest ECR gives a manifest file (offline: SHA-256 of its exact bytes).
     Digest(client::DigestArgs),
+    /// Audit an authorization policy offline.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
 }
 
 /// `ecr-image-service health-check`.
@@ -84,7 +88,7 @@ pub mod exit {
     pub const ALREADY_EXISTS: u8 = 4;
     /// FAILED_PRECONDITION: referenced layers or images missing, KMS, archived image.
     pub const FAILED_PRECONDITION: u8 = 5;
-    /// PERMISSION_DENIED or UNAUTHENTICATED.
+    /// PERMISSION_DENIED or UNAUTHENTICATED; `policy check`: the policy denies the request.
     pub const DENIED: u8 = 6;
     /// UNAVAILABLE or RESOURCE_EXHAUSTED: try again later.
     pub const RETRY_LATER: u8 = 7;
@@ -131,6 +135,7 @@ pub fn run(command: Command) -> ExitCode {
             return ExitCode::from(exit::USAGE);
         }
         Command::HealthCheck(args) => return runtime.block_on(health(&args)),
+        Command::Policy(command) => return policy::run(command),
         Command::Digest(args) => client::digest(&args),
         Command::PutImage(args) => runtime.block_on(client::put_image(args)),
         Command::GetImage(args) => runtime.block_on(client::get_image(args)),

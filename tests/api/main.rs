@@ -1,6 +1,7 @@
 //! Integration tests: a real gRPC client over a real loopback socket, and the service's real
 //! `aws-sdk-ecr` client speaking HTTP to the moto emulator or to recorded ECR responses.
 
+mod access;
 mod cache;
 mod clients;
 mod conformance;

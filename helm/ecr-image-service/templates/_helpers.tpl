@@ -134,6 +134,12 @@ Whole numbers are printed as integers (Helm reads numbers as floats: 1000000 wou
 - name: ECR_IMAGE_SERVICE_MAX_REQUEST_BYTES_IN_FLIGHT
   value: {{ . | quote }}
 {{- end }}
+- name: ECR_IMAGE_SERVICE_IDENTITY_SOURCE
+  value: {{ include "ecr-image-service.identitySource" . | quote }}
+{{- if .Values.authz.rules }}
+- name: ECR_IMAGE_SERVICE_AUTHZ_POLICY
+  value: {{ printf "%s/policy.yaml" (include "ecr-image-service.policyDir" .) | quote }}
+{{- end }}
 {{- if ne .Values.aws.credentialSource "instanceMetadata" }}
 {{- /* Without this, a pod with no role silently borrows the node's instance role via IMDS. */}}
 - name: AWS_EC2_METADATA_DISABLED
@@ -190,5 +196,23 @@ the limit or the cache size is spelt in a way not parsed here: the binary's defa
 {{- define "ecr-image-service.requireCredentials" -}}
 {{- if and (eq .Values.config.backend "ecr") (eq .Values.aws.credentialSource "irsa") .Values.serviceAccount.create (not .Values.serviceAccount.roleArn) }}
 {{- fail "serviceAccount.roleArn is required with the ECR backend (IRSA). Set it to the IAM role the pods assume, or set aws.credentialSource to podIdentity, env or instanceMetadata" }}
+{{- end }}
+{{- end }}
+
+{{/* Where identities come from: set, or from the mesh. */}}
+{{- define "ecr-image-service.identitySource" -}}
+{{- if .Values.identity.source }}{{ .Values.identity.source }}
+{{- else if .Values.mesh.istio.enabled }}istio-xfcc
+{{- else if .Values.mesh.linkerd.enabled }}linkerd
+{{- else }}none{{ end }}
+{{- end }}
+
+{{/* Where the policy ConfigMap is mounted. */}}
+{{- define "ecr-image-service.policyDir" -}}/etc/ecr-image-service/authz{{- end }}
+
+{{/* A mesh without rules is a confused deputy for every meshed workload: say so, or refuse. */}}
+{{- define "ecr-image-service.requirePolicy" -}}
+{{- if and (or .Values.mesh.istio.enabled .Values.mesh.linkerd.enabled) (not .Values.authz.rules) (not .Values.authz.allowAll) }}
+{{- fail "a mesh is enabled but authz.rules is empty: every meshed workload could write every repository. List authz.rules, or set authz.allowAll: true to mean it" }}
 {{- end }}
 {{- end }}

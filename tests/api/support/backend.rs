@@ -12,6 +12,7 @@ use ecr_image_service::pb::image_service_client::ImageServiceClient;
 use ecr_image_service::registry::cached::{CacheSettings, CachedRegistry};
 use ecr_image_service::registry::local::{DEFAULT_REGISTRY_ID, LocalRegistry, LocalSettings};
 use ecr_image_service::registry::{PutImageInput, Registry};
+use ecr_image_service::server::ServerSettings;
 use tonic::transport::Channel;
 
 use super::requests::put;
@@ -38,7 +39,17 @@ pub struct Backend {
     /// Where the service listens, for clients in other languages.
     pub address: SocketAddr,
     store: Store,
+    _policy: ScratchDir,
 }
+
+/// The policy the conformance suite runs under: the anonymous test client may read and write
+/// every repository (denials have tests of their own, in `access.rs`).
+const CONFORMANCE_POLICY: &str = "rules:
+  - id: conformance
+    principals: [anonymous]
+    actions: [read, write]
+    repositories: ['**']
+";
 
 enum Store {
     Ecr(&'static str),
@@ -46,19 +57,28 @@ enum Store {
 }
 
 impl Backend {
-    /// Starts the service on `kind`.
+    /// Starts the service on `kind`, with an authorization policy in place that lets the
+    /// (anonymous) test client read and write every repository, so that the whole suite runs
+    /// through the policy check.
     pub async fn start(kind: Kind) -> Self {
+        let policy_dir = ScratchDir::new("policy");
+        let policy = policy_dir.0.join("policy.yaml");
+        std::fs::write(&policy, CONFORMANCE_POLICY).expect("write the policy");
+        let settings = ServerSettings {
+            authz_policy: Some(policy),
+            ..server_settings()
+        };
         let (address, store) = match kind {
             Kind::Ecr => {
                 let endpoint = moto::endpoint();
-                let address = serve_on_loopback(cached(endpoint).0, server_settings()).await;
+                let address = serve_on_loopback(cached(endpoint).0, settings).await;
                 (address, Store::Ecr(endpoint))
             }
             Kind::Local => {
                 let dir = ScratchDir::new("conformance");
                 let local = LocalRegistry::open(&local_settings(&dir.0)).expect("open the store");
                 let stack = CachedRegistry::new(Arc::new(local.clone()), CacheSettings::default());
-                let address = serve_on_loopback(stack, server_settings()).await;
+                let address = serve_on_loopback(stack, settings).await;
                 (address, Store::Local(local, dir))
             }
         };
@@ -70,6 +90,7 @@ impl Backend {
             client,
             address,
             store,
+            _policy: policy_dir,
         }
     }
 
