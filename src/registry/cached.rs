@@ -659,6 +659,43 @@ mod tests {
         assert_eq!(cache.coalesced(), 99);
     }
 
+    /// The window of issue 12: the flight's entry used to leave the map before the caches were
+    /// filled, so a request arriving in between found neither and made a second call. On the
+    /// paused clock, at the very instant the entry leaves, a request's cache lookup finds the
+    /// answer; a request started right then is a HIT, and the registry saw one call.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_in_the_gap_after_a_flight_finds_the_cache_filled() {
+        let memory = Memory::with_latency(Duration::from_millis(50));
+        let v1 = image("v1", 1);
+        memory.store(&v1);
+        let (cache, memory) = cache_with(memory, settings());
+        let cache = Arc::new(cache);
+        let found_in_gap = Arc::new(Mutex::new(Vec::new()));
+        let (weak, found) = (Arc::downgrade(&cache), Arc::clone(&found_in_gap));
+        let (gap_tx, gap_rx) = std::sync::mpsc::channel();
+        cache
+            .flights
+            .on_leave(super::super::flight::LeaveHook(Box::new(move || {
+                if let Some(cache) = weak.upgrade() {
+                    let input = by_tag("v1", None);
+                    let hit = cache.cached(&input.repository_key(), &input, TTL).is_some();
+                    found.lock().unwrap().push(hit);
+                    // A whole request, started in the gap.
+                    let _ = gap_tx.send(tokio::spawn(async move { cache.get_image(input).await }));
+                }
+            })));
+        let first = cache.get_image(by_tag("v1", None)).await.unwrap();
+        assert_eq!(first.cache, CacheStatus::Miss);
+        assert_eq!(*found_in_gap.lock().unwrap(), [true]);
+        let in_gap = gap_rx.recv().unwrap().await.unwrap().unwrap();
+        assert!(
+            matches!(in_gap.cache, CacheStatus::Hit { .. }),
+            "{:?}",
+            in_gap.cache
+        );
+        assert_eq!(memory.reads(), 1);
+    }
+
     /// While the registry throttles or fails, a resolution within the stale-if-error bound is
     /// served flagged stale; past the bound, for fresh reads, and for other errors, the error
     /// stands. Errors are never cached.

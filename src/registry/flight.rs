@@ -16,6 +16,21 @@ pub struct Flights<K, V> {
     in_flight: Mutex<HashMap<K, Arc<OnceCell<V>>>>,
     /// Callers that joined a call already in flight rather than starting one.
     joined: Counter,
+    /// Called the instant a finished call's entry leaves the map, for tests that look at
+    /// what a request arriving right then would find.
+    #[cfg(test)]
+    on_leave: Mutex<Option<LeaveHook>>,
+}
+
+/// See [`Flights::on_leave`].
+#[cfg(test)]
+pub struct LeaveHook(pub Box<dyn Fn() + Send + Sync>);
+
+#[cfg(test)]
+impl std::fmt::Debug for LeaveHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LeaveHook")
+    }
 }
 
 impl<K, V> Default for Flights<K, V> {
@@ -23,6 +38,8 @@ impl<K, V> Default for Flights<K, V> {
         Self {
             in_flight: Mutex::default(),
             joined: Counter::default(),
+            #[cfg(test)]
+            on_leave: Mutex::default(),
         }
     }
 }
@@ -68,6 +85,12 @@ impl<K: Hash + Eq + Clone, V: Clone> Flights<K, V> {
     pub fn joined(&self) -> &Counter {
         &self.joined
     }
+
+    /// Runs `hook` whenever a finished call's entry leaves the map, in that instant.
+    #[cfg(test)]
+    pub fn on_leave(&self, hook: LeaveHook) {
+        *self.on_leave.lock().unwrap_or_else(PoisonError::into_inner) = Some(hook);
+    }
 }
 
 /// One caller's place in a flight. When the last caller leaves, or the answer is in, the
@@ -92,6 +115,16 @@ impl<K: Hash + Eq, V> Drop for Seat<'_, K, V> {
         let last = Arc::strong_count(&self.cell) <= 2;
         if ours && (self.cell.initialized() || last) {
             in_flight.remove(&self.key);
+            #[cfg(test)]
+            if self.cell.initialized()
+                && let Some(hook) = &*self
+                    .flights
+                    .on_leave
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+            {
+                (hook.0)();
+            }
         }
     }
 }
