@@ -117,6 +117,11 @@ pub struct ServeArgs {
     #[arg(long, env = "ECR_IMAGE_SERVICE_OPERATION_TIMEOUT", default_value_t = Human::from(ecr::DEFAULT_OPERATION_TIMEOUT))]
     pub operation_timeout: Human,
 
+    /// Distinct calls to ECR (or the store) in flight at once; a new one past it is refused with
+    /// UNAVAILABLE + RetryInfo. Callers joining a read in flight are not counted.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_MAX_UPSTREAM_CALLS", default_value_t = cached::DEFAULT_MAX_UPSTREAM_CALLS)]
+    pub max_upstream_calls: usize,
+
     /// Budget of the digest -> manifest cache, in bytes (suffixes KiB, MiB, GiB).
     #[arg(long, env = "ECR_IMAGE_SERVICE_DIGEST_CACHE_BYTES", default_value_t = cached::DEFAULT_DIGEST_CACHE_BYTES, value_parser = parse_bytes)]
     pub digest_cache_bytes: u64,
@@ -339,6 +344,9 @@ impl ServeArgs {
                 "must be greater than zero",
             ));
         }
+        if self.max_upstream_calls == 0 {
+            return Err(invalid("--max-upstream-calls", "must be at least 1"));
+        }
         if self.max_connections == 0 {
             return Err(invalid("--max-connections", "must be at least 1"));
         }
@@ -396,6 +404,7 @@ impl ServeArgs {
     /// The cache part of the configuration.
     pub fn cache_settings(&self) -> CacheSettings {
         CacheSettings {
+            max_upstream_calls: self.max_upstream_calls,
             digest_cache_bytes: self.digest_cache_bytes,
             tag_cache_entries: self.tag_cache_entries,
             tag_ttl: *self.tag_ttl,

@@ -346,6 +346,8 @@ impl Error {
                 R::RateBudgetExhausted { .. } => {
                     (Code::Unavailable, Reason::EcrRateBudgetExhausted)
                 }
+                // Nothing was done and a retry is safe: the same answer as a shed request.
+                R::Busy { .. } => (Code::Unavailable, Reason::Overloaded),
                 R::Other(_) => (Code::Internal, Reason::EcrError),
             },
         }
@@ -411,7 +413,10 @@ impl Error {
     fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::Registry(RegistryError::Throttled(_)) => Some(THROTTLED_RETRY_DELAY),
-            Self::Registry(RegistryError::RateBudgetExhausted { retry_after })
+            Self::Registry(
+                RegistryError::RateBudgetExhausted { retry_after }
+                | RegistryError::Busy { retry_after },
+            )
             | Self::Overloaded { retry_after } => Some(*retry_after),
             _ => None,
         }
@@ -635,6 +640,14 @@ mod tests {
                 },
                 Code::ResourceExhausted,
                 "REQUEST_TOO_LARGE",
+            ),
+            (
+                R::Busy {
+                    retry_after: Duration::from_millis(100),
+                }
+                .into(),
+                Code::Unavailable,
+                "OVERLOADED",
             ),
             (
                 Error::Unauthenticated {

@@ -1561,3 +1561,68 @@ fn policy_check_prints_the_allowing_rule_and_exits_per_decision() {
         Some(64)
     );
 }
+
+/// A rollout's herd, on the defaults: 10,000 concurrent GetImage calls for one cold tag, over
+/// 100 HTTP/2 connections, make exactly one BatchGetImage (ECR answering in 300 ms), all 10,000
+/// succeed, and resident memory grows by at most 64 MiB. (With a request-count limit of 512,
+/// 362 of 1,000 such calls used to be shed though all waited on one ECR call.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_herd_of_ten_thousand_on_one_cold_tag_is_one_ecr_call() {
+    use support::recorded::{RecordedEcr, Reply};
+    let repository = support::unique("herd");
+    let image = serde_json::json!({
+        "registryId": "123456789012",
+        "repositoryName": repository,
+        "imageId": {"imageTag": "v1", "imageDigest": SEED_DIGEST},
+        "imageManifest": SEED,
+        "imageManifestMediaType": "application/vnd.docker.distribution.manifest.v2+json",
+    });
+    let ecr = RecordedEcr::start(vec![(
+        "BatchGetImage",
+        Reply::ok(serde_json::json!({"images": [image], "failures": []}))
+            .after(Duration::from_millis(300)),
+    )])
+    .await;
+    let running = serve_on_moto(&["--ecr-endpoint-url", &ecr.endpoint], &repository).await;
+    let pid = running.child.id();
+    let mut channels = Vec::new();
+    for _ in 0..100 {
+        channels.push(
+            tonic::transport::Endpoint::from_shared(format!("http://{}", running.address))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap(),
+        );
+    }
+    let before = resident_bytes(pid);
+    let calls: Vec<_> = (0..10_000)
+        .map(|n| {
+            let mut client = ImageServiceClient::new(channels[n % 100].clone());
+            let request = requests::get(&repository, "v1", "");
+            tokio::spawn(async move { client.get_image(request).await })
+        })
+        .collect();
+    let mut failures = std::collections::BTreeMap::<String, usize>::new();
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(answer) => assert_eq!(answer.into_inner().image.unwrap().image_manifest, SEED),
+            Err(status) => *failures.entry(format!("{:?}", status.code())).or_default() += 1,
+        }
+    }
+    let peak = memory_bytes(pid, "VmHWM");
+    let growth = peak.saturating_sub(before);
+    eprintln!(
+        "herd: 10,000 calls, failures {failures:?}, BatchGetImage calls {}, resident {} MiB before, peak {} MiB (+{} MiB)",
+        ecr.count("BatchGetImage"),
+        before >> 20,
+        peak >> 20,
+        growth >> 20
+    );
+    assert!(failures.is_empty(), "every call succeeds: {failures:?}");
+    assert_eq!(ecr.count("BatchGetImage"), 1);
+    assert!(growth <= 64 << 20, "memory grew by {} MiB", growth >> 20);
+    let mut child = running.child;
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    child.wait().unwrap();
+}

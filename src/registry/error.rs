@@ -95,6 +95,14 @@ pub enum RegistryError {
         /// When the budget will have a slot.
         retry_after: std::time::Duration,
     },
+    /// As many distinct calls to the registry are in flight as the service allows
+    /// (`--max-upstream-calls`); nothing was sent. Callers joining a call in flight are never
+    /// refused this way: only a new distinct call is.
+    #[error("too many distinct registry calls in flight; retry after {retry_after:?}")]
+    Busy {
+        /// When a retry is likely to find room.
+        retry_after: std::time::Duration,
+    },
     /// The registry did not answer within the configured timeouts.
     #[error("registry timed out: {0}")]
     Timeout(Upstream),
@@ -148,7 +156,8 @@ macro_rules! with_upstream {
             | RegistryError::CredentialsInvalid($u)
             | RegistryError::Other($u) => $found,
             RegistryError::DigestVerificationFailed { .. }
-            | RegistryError::RateBudgetExhausted { .. } => $none,
+            | RegistryError::RateBudgetExhausted { .. }
+            | RegistryError::Busy { .. } => $none,
         }
     };
 }

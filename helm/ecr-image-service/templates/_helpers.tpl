@@ -99,6 +99,7 @@ Whole numbers are printed as integers (Helm reads numbers as floats: 1000000 wou
   "batchWindow" "BATCH_WINDOW"
   "defaultDeadline" "DEFAULT_DEADLINE"
   "maxConcurrentRequests" "MAX_CONCURRENT_REQUESTS"
+  "maxUpstreamCalls" "MAX_UPSTREAM_CALLS"
   "requestBodyTimeout" "REQUEST_BODY_TIMEOUT"
   "maxConnections" "MAX_CONNECTIONS"
   "putImageRate" "PUT_IMAGE_RATE"
