@@ -139,7 +139,7 @@ where
 }
 
 /// The service as `serve` runs it, on the defaults, through the production serve path.
-async fn start_service(endpoint: &str) -> (Vec<Channel>, UpstreamCalls) {
+async fn start_service(endpoint: &str) -> (Vec<Channel>, UpstreamCalls, std::net::SocketAddr) {
     let settings = ecr_settings(endpoint);
     let config = client_config(&sdk_config(), &settings);
     let ecr = EcrRegistry::from_config(config, settings.batch_window);
@@ -164,7 +164,7 @@ async fn start_service(endpoint: &str) -> (Vec<Channel>, UpstreamCalls) {
                 .unwrap(),
         );
     }
-    (channels, calls)
+    (channels, calls, address)
 }
 
 /// The bare server: the same response bytes, no logic.
@@ -279,7 +279,7 @@ async fn run() {
         .send()
         .await
         .unwrap();
-    let (service, calls) = start_service(moto).await;
+    let (service, calls, address) = start_service(moto).await;
     let mut client = ImageServiceClient::new(service[0].clone());
     client
         .put_image(PutImageRequest {
@@ -365,7 +365,7 @@ async fn run() {
     println!("upstream BatchGetImage calls during the cached runs: {upstream_during}");
 
     cold_path(moto, &admin, &service).await;
-    herd(&admin, &service, &calls).await;
+    herd(&admin, &service, &calls, address).await;
 }
 
 /// Sequential reads of uncached tags through the service vs the same BatchGetImage made
@@ -442,7 +442,18 @@ async fn cold_path(moto: &str, admin: &aws_sdk_ecr::Client, service: &[Channel])
 }
 
 /// Concurrent cold reads: one tag by 1,000 callers, then 500 distinct tags.
-async fn herd(admin: &aws_sdk_ecr::Client, service: &[Channel], calls: &UpstreamCalls) {
+/// A rollout's herd: this many concurrent GetImage calls of one cold tag, over
+/// [`HERD_CONNECTIONS`] HTTP/2 connections of their own.
+const HERD_CALLS: usize = 10_000;
+/// Connections the herd arrives over: 100 pods' sidecars, say.
+const HERD_CONNECTIONS: usize = 100;
+
+async fn herd(
+    admin: &aws_sdk_ecr::Client,
+    service: &[Channel],
+    calls: &UpstreamCalls,
+    address: std::net::SocketAddr,
+) {
     let manifest = |n: usize| {
         format!(r#"{{"mediaType":"application/vnd.oci.image.manifest.v1+json","herd":{n}}}"#)
     };
@@ -463,10 +474,20 @@ async fn herd(admin: &aws_sdk_ecr::Client, service: &[Channel], calls: &Upstream
             .await
             .unwrap();
     }
+    let mut herd_channels = Vec::new();
+    for _ in 0..HERD_CONNECTIONS {
+        herd_channels.push(
+            Endpoint::from_shared(format!("http://{address}"))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap(),
+        );
+    }
     let before = calls.calls("BatchGetImage");
-    let callers: Vec<_> = (0..1000)
+    let callers: Vec<_> = (0..HERD_CALLS)
         .map(|i| {
-            let mut client = ImageServiceClient::new(service[i % service.len()].clone());
+            let mut client = ImageServiceClient::new(herd_channels[i % HERD_CONNECTIONS].clone());
             tokio::spawn(async move { client.get_image(get("herd-500", "")).await })
         })
         .collect();
@@ -482,11 +503,11 @@ async fn herd(admin: &aws_sdk_ecr::Client, service: &[Channel], calls: &Upstream
     }
     let one_tag = calls.calls("BatchGetImage") - before;
     println!(
-        "herd: 1,000 concurrent GetImage of one uncached tag -> {one_tag} BatchGetImage \
-         (target exactly 1: {}), {correct}/1000 answered correctly (target 1000: {}), {} \
-         refused {:?}",
+        "herd: {HERD_CALLS} concurrent GetImage of one uncached tag over {HERD_CONNECTIONS} \
+         connections -> {one_tag} BatchGetImage (target exactly 1: {}), {correct}/{HERD_CALLS} \
+         answered correctly (target all: {}), {} refused {:?}",
         verdict(one_tag == 1),
-        verdict(correct == 1000),
+        verdict(correct == HERD_CALLS),
         refused.len(),
         refused.first()
     );

@@ -7,6 +7,8 @@
 //! choose which header the service believes. A raw header is never logged.
 
 use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
 
 use clap::ValueEnum;
 use http::HeaderMap;
@@ -21,6 +23,21 @@ const L5D_CLIENT_ID: &str = "l5d-client-id";
 const MAX_SPIFFE_ID_BYTES: usize = 2048;
 /// A trust domain is at most 255 bytes (SPIFFE-ID.md §2.1); so is a DNS name.
 const MAX_DOMAIN_BYTES: usize = 255;
+
+tokio::task_local! {
+    static CALLER: Arc<str>;
+}
+
+/// Runs `work` on behalf of `principal`, so that layers below (the ECR rate budget's fair
+/// shares) can tell callers apart without every signature carrying it.
+pub async fn scope<F: Future>(principal: Arc<str>, work: F) -> F::Output {
+    CALLER.scope(principal, work).await
+}
+
+/// The principal of the request this task is serving, if any.
+pub fn current() -> Option<Arc<str>> {
+    CALLER.try_with(Arc::clone).ok()
+}
 
 /// Where the caller's identity comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -46,11 +63,11 @@ impl IdentitySource {
     /// The principal of a request with `headers`, or why there is none.
     pub fn principal(self, headers: &HeaderMap) -> Result<Principal, NoIdentity> {
         match self {
-            Self::None => Ok(Principal(ANONYMOUS.to_owned())),
+            Self::None => Ok(Principal(Arc::clone(&ANONYMOUS_PRINCIPAL))),
             Self::IstioXfcc => single(headers, XFCC).and_then(xfcc_principal),
             Self::Linkerd => single(headers, L5D_CLIENT_ID).and_then(|value| {
                 if is_spiffe_id(value) || is_dns_identity(value) {
-                    Ok(Principal(value.to_owned()))
+                    Ok(Principal(Arc::from(value)))
                 } else {
                     Err(NoIdentity(
                         "l5d-client-id is not a Linkerd or SPIFFE identity",
@@ -63,7 +80,11 @@ impl IdentitySource {
 
 /// A caller's identity: a SPIFFE ID, a Linkerd identity, or `anonymous`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Principal(String);
+pub struct Principal(Arc<str>);
+
+/// The one `anonymous` principal, shared: no allocation per request without identities.
+static ANONYMOUS_PRINCIPAL: std::sync::LazyLock<Arc<str>> =
+    std::sync::LazyLock::new(|| Arc::from(ANONYMOUS));
 
 impl Principal {
     /// The identity as text.
@@ -73,12 +94,17 @@ impl Principal {
 
     /// Whether this is the caller of an unauthenticated source.
     pub fn is_anonymous(&self) -> bool {
-        self.0 == ANONYMOUS
+        &*self.0 == ANONYMOUS
     }
 
     /// A principal named `text`, for the `policy check` audit command.
     pub fn named(text: &str) -> Self {
-        Self(text.to_owned())
+        Self(Arc::from(text))
+    }
+
+    /// The identity as a shared string, for [`scope`].
+    pub fn shared(&self) -> Arc<str> {
+        Arc::clone(&self.0)
     }
 }
 
@@ -129,7 +155,7 @@ fn xfcc_principal(value: &str) -> Result<Principal, NoIdentity> {
             "the sidecar's x-forwarded-client-cert URI is not a SPIFFE ID",
         ));
     }
-    Ok(Principal(uri.clone()))
+    Ok(Principal(Arc::from(uri.as_str())))
 }
 
 /// One XFCC element: its `key=value` pairs, values unquoted.

@@ -12,7 +12,7 @@ use tracing::{Instrument, Span, debug, debug_span, info, warn};
 use crate::admission::Arrived;
 use crate::authz::{Action, Authorizer};
 use crate::error::{self, Error};
-use crate::identity::{IdentitySource, NoIdentity, Principal};
+use crate::identity::{self, IdentitySource, NoIdentity, Principal};
 use crate::image::{Digest, Tag};
 use crate::pb;
 use crate::registry::{CacheStatus, PutOutcome, SharedRegistry, StoredImage};
@@ -258,7 +258,7 @@ fn loggable(value: &str) -> String {
 struct Call {
     method: &'static str,
     /// The caller, when it has a valid identity (checked: safe to log as it is).
-    principal: Option<String>,
+    principal: Option<Principal>,
     /// As the request gave it: escaped ([`loggable`]) only when a line is written.
     repository: String,
     /// As the request gave it: escaped ([`loggable`]) only when a line is written.
@@ -282,7 +282,7 @@ impl Call {
             .and_then(TraceParent::parse);
         Self {
             method,
-            principal: principal.map(|p| p.as_str().to_owned()),
+            principal: principal.cloned(),
             repository: repository.to_owned(),
             reference,
             trace,
@@ -301,7 +301,7 @@ impl Call {
         let span = debug_span!(
             "rpc",
             method = self.method,
-            principal = self.principal.as_deref(),
+            principal = self.principal.as_ref().map(Principal::as_str),
             repository = %loggable(&self.repository),
             reference = %loggable(&self.reference),
             trace_id = self.trace_id(),
@@ -327,7 +327,7 @@ impl Call {
     /// attempts), never as a raw response.
     fn log_failure(&self, err: &Error, code: tonic::Code, reason: &str, latency_ms: f64) {
         let method = self.method;
-        let principal = self.principal.as_deref();
+        let principal = self.principal.as_ref().map(Principal::as_str);
         let (repository, reference) = (loggable(&self.repository), loggable(&self.reference));
         let trace_id = self.trace_id();
         let upstream = err.upstream();
@@ -361,7 +361,12 @@ async fn observe<T>(
 ) -> Result<Response<T>, Status> {
     let span = call.span();
     let timing = RpcTiming::start(call.method);
-    let result = tokio::time::timeout_at(deadline, deadline::scope(deadline, work))
+    let caller = call
+        .principal
+        .as_ref()
+        .map_or_else(|| Arc::from(""), Principal::shared);
+    let work = identity::scope(caller, deadline::scope(deadline, work));
+    let result = tokio::time::timeout_at(deadline, work)
         .instrument(span.clone())
         .await
         .unwrap_or(Err(Error::DeadlineExceeded));

@@ -5,7 +5,7 @@
 //! through: the SDK's retry loop is above it. A request whose slot would come after its
 //! caller's deadline is refused at once with the time it would have had to wait.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -16,9 +16,10 @@ use aws_smithy_runtime_api::client::http::{
 use aws_smithy_runtime_api::client::orchestrator::HttpRequest;
 use aws_smithy_runtime_api::client::result::ConnectorError;
 use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::{deadline, metrics};
+use crate::{deadline, identity, metrics};
 
 /// Requests are paced this fraction under the configured rate. Sends at exactly the rate can
 /// still arrive closer together: between the budget's release and the wire there is connection
@@ -39,24 +40,33 @@ pub struct BudgetExhausted {
     pub retry_after: Duration,
 }
 
-/// One operation's budget: send slots evenly spaced at the configured rate.
+/// One operation's budget: send slots evenly spaced at the configured rate, shared fairly.
 ///
 /// Strict pacing (no burst) is what makes "never more than the rate in any second" hold for
-/// every one-second window, not just on average. Two clocks keep it: reserved slots decide at
-/// once whether a request can be sent before its deadline; the time of the last actual send
-/// keeps the spacing when a busy runtime wakes several reserved requests late together.
+/// every one-second window, not just on average. When requests compete for slots, each caller
+/// (the principal of the request, [`identity::current`]) with requests waiting gets its turn in
+/// round robin, one slot a turn, so one caller's 500 queued puts cannot starve another's one:
+/// a principal alone gets the whole rate, two get half each. A dispatcher task, alive only
+/// while requests wait, releases them one interval apart.
 #[derive(Debug)]
 pub struct RateBudget {
     interval: Duration,
-    state: Mutex<Pacing>,
+    state: Arc<Mutex<Queues>>,
 }
 
+/// The waiting requests, by caller.
 #[derive(Debug, Default)]
-struct Pacing {
-    /// The next slot not yet reserved.
-    next_slot: Option<Instant>,
+struct Queues {
     /// When the last request was let through.
     last_sent: Option<Instant>,
+    /// Each caller's waiting requests, oldest first.
+    waiting: HashMap<Arc<str>, VecDeque<oneshot::Sender<()>>>,
+    /// The callers with waiting requests, in turn order.
+    turns: VecDeque<Arc<str>>,
+    /// Waiting requests, all callers together.
+    queued: usize,
+    /// Whether a dispatcher task is running.
+    dispatching: bool,
 }
 
 impl RateBudget {
@@ -64,18 +74,32 @@ impl RateBudget {
     pub fn per_second(per_second: f64) -> Self {
         Self {
             interval: Duration::from_secs_f64(1.0 / (per_second * PACING_HEADROOM)),
-            state: Mutex::default(),
+            state: Arc::default(),
         }
     }
 
-    /// Waits for the next send slot, or refuses at once if it falls after `deadline`; says
-    /// whether it had to wait. A slot taken by a request that is then cancelled is not reused:
-    /// the budget errs on the side of sending less.
+    /// Waits for a send slot; says whether it had to wait. Refuses at once when, with every
+    /// waiting caller taking its turn first, the slot would come after `deadline`; a request
+    /// still waiting at its deadline is refused then, its turn passed on unused.
     pub async fn acquire(&self, deadline: Option<Instant>) -> Result<bool, BudgetExhausted> {
-        let slot = {
-            let mut pacing = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let caller = identity::current().unwrap_or_else(|| Arc::from(""));
+        let interval = self.interval;
+        let ready = {
+            let mut queues = self.state.lock().unwrap_or_else(PoisonError::into_inner);
             let now = Instant::now();
-            let slot = pacing.next_slot.map_or(now, |n| n.max(now));
+            let next = queues
+                .last_sent
+                .map_or(now, |last| (last + interval).max(now));
+            if queues.queued == 0 && next <= now {
+                queues.last_sent = Some(now);
+                return Ok(false);
+            }
+            // Slots before this request's at most: its own queue, and one a turn for every
+            // other caller waiting until then.
+            let own = queues.waiting.get(&caller).map_or(0, VecDeque::len);
+            let callers = queues.turns.len() + usize::from(own == 0);
+            let ahead = queues.queued.min((own + 1) * callers - 1);
+            let slot = next + interval * u32::try_from(ahead).unwrap_or(u32::MAX);
             if let Some(deadline) = deadline
                 && slot > deadline
             {
@@ -83,29 +107,67 @@ impl RateBudget {
                     retry_after: slot - now,
                 });
             }
-            pacing.next_slot = Some(slot + self.interval);
-            slot
+            let (ready_tx, ready) = oneshot::channel();
+            if own == 0 {
+                queues.turns.push_back(Arc::clone(&caller));
+            }
+            queues
+                .waiting
+                .entry(caller)
+                .or_default()
+                .push_back(ready_tx);
+            queues.queued += 1;
+            if !queues.dispatching {
+                queues.dispatching = true;
+                tokio::spawn(dispatch(Arc::clone(&self.state), interval));
+            }
+            ready
         };
-        // An elapsed deadline would still wait for the timer wheel's next tick (up to 1 ms).
-        let mut waited = slot > Instant::now();
-        if waited {
-            tokio::time::sleep_until(slot).await;
+        let released = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, ready).await.ok(),
+            None => Some(ready.await),
+        };
+        match released {
+            Some(Ok(())) => Ok(true),
+            _ => Err(BudgetExhausted {
+                retry_after: interval,
+            }),
         }
+    }
+}
+
+/// Releases waiting requests one interval apart, callers in turn, until none waits.
+async fn dispatch(state: Arc<Mutex<Queues>>, interval: Duration) {
+    loop {
+        let next = {
+            let queues = state.lock().unwrap_or_else(PoisonError::into_inner);
+            queues.last_sent.map(|last| last + interval)
+        };
+        if let Some(next) = next {
+            tokio::time::sleep_until(next).await;
+        }
+        let mut queues = state.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
-            let not_before = {
-                let mut pacing = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-                let now = Instant::now();
-                match pacing.last_sent.map(|last| last + self.interval) {
-                    Some(not_before) if not_before > now => not_before,
-                    _ => {
-                        pacing.last_sent = Some(now);
-                        pacing.next_slot = pacing.next_slot.max(Some(now + self.interval));
-                        return Ok(waited);
-                    }
-                }
+            let Some(caller) = queues.turns.pop_front() else {
+                queues.dispatching = false;
+                return;
             };
-            waited = true;
-            tokio::time::sleep_until(not_before).await;
+            let (waiter, more) = match queues.waiting.get_mut(&caller) {
+                Some(waiting) => (waiting.pop_front(), !waiting.is_empty()),
+                None => (None, false),
+            };
+            if more {
+                queues.turns.push_back(Arc::clone(&caller));
+            } else {
+                queues.waiting.remove(&caller);
+            }
+            let Some(waiter) = waiter else { continue };
+            queues.queued -= 1;
+            // A request that gave up (deadline, cancelled caller) takes no slot.
+            if waiter.send(()).is_ok() {
+                queues.last_sent = Some(Instant::now());
+                break;
+            }
         }
     }
 }
@@ -233,5 +295,43 @@ mod tests {
         let refused = budget.acquire(deadline).await.unwrap_err();
         assert_eq!(Instant::now(), asked, "refused at once");
         assert!(refused.retry_after.abs_diff(interval) < Duration::from_millis(5));
+    }
+
+    /// One caller with 40 requests waiting and another asking once: the second is let through
+    /// at the next turn, not after the 40; alone, a caller gets every slot.
+    #[tokio::test(start_paused = true)]
+    async fn callers_take_turns() {
+        let budget = Arc::new(RateBudget::per_second(10.0));
+        let interval = budget.interval;
+        let start = Instant::now();
+        let busy: Vec<_> = (0..40)
+            .map(|_| {
+                let budget = Arc::clone(&budget);
+                tokio::spawn(identity::scope(Arc::from("busy"), async move {
+                    budget.acquire(None).await.unwrap();
+                    Instant::now()
+                }))
+            })
+            .collect();
+        tokio::time::sleep(interval * 3).await;
+        let asked = Instant::now();
+        identity::scope(Arc::from("occasional"), budget.acquire(None))
+            .await
+            .unwrap();
+        let waited = asked.elapsed();
+        assert!(
+            waited <= interval * 2,
+            "the occasional caller waited {waited:?}"
+        );
+        let mut sent: Vec<Instant> = Vec::new();
+        for request in busy {
+            sent.push(request.await.unwrap());
+        }
+        sent.sort();
+        // Alone again, the busy caller's slots are one interval apart, none closer.
+        for pair in sent.windows(2) {
+            assert!(pair[1] - pair[0] >= interval, "{:?}", pair[1] - pair[0]);
+        }
+        assert!(start.elapsed() <= interval * 42 + Duration::from_millis(50));
     }
 }
