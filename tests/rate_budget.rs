@@ -76,15 +76,7 @@ async fn a_burst_of_puts_never_exceeds_the_rate_budget() {
         .map(|s| s.at)
         .collect();
     sent.sort();
-    let busiest = sent
-        .iter()
-        .map(|start| {
-            sent.iter()
-                .filter(|t| **t >= *start && **t < *start + Duration::from_secs(1))
-                .count()
-        })
-        .max()
-        .unwrap_or(0);
+    let busiest = busiest_second(&sent);
     assert!(
         busiest <= 10,
         "{busiest} PutImage requests within one second"
