@@ -32,7 +32,9 @@ impl StartError {
     /// The process exit code for this failure.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Config(_) | Self::Serve(ServeError::Policy(_)) => exit::USAGE,
+            Self::Config(_) | Self::Serve(ServeError::Policy(_) | ServeError::Tls(_)) => {
+                exit::USAGE
+            }
             Self::Store(_) | Self::Serve(_) => exit::OTHER,
         }
     }

@@ -84,6 +84,19 @@ pub struct ServeArgs {
     #[arg(long, env = "ECR_IMAGE_SERVICE_AUTHZ_POLICY")]
     pub authz_policy: Option<std::path::PathBuf>,
 
+    /// The server's certificate chain (PEM), with `--identity-source mtls`; re-read when it
+    /// changes.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_TLS_CERT")]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// The server's private key (PEM), with `--identity-source mtls`.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_TLS_KEY")]
+    pub tls_key: Option<std::path::PathBuf>,
+
+    /// The CA client certificates must chain to (PEM), with `--identity-source mtls`.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<std::path::PathBuf>,
+
     /// AWS region of the registry [default: the SDK's chain: AWS_REGION, profile, IMDS].
     #[arg(long, env = "ECR_IMAGE_SERVICE_REGION")]
     pub region: Option<String>,
@@ -360,6 +373,28 @@ impl ServeArgs {
             .map_err(|e| invalid("--log-filter", e.to_string()))?;
         // Checked here too (the server loads it again), so a bad policy is one line, exit 64,
         // before anything starts.
+        match (
+            self.identity_source,
+            self.tls_settings(),
+            self.tls_cert.is_some() || self.tls_key.is_some() || self.tls_client_ca.is_some(),
+        ) {
+            (IdentitySource::Mtls, Some(files), _) => {
+                crate::tls::TlsFiles::load(files).map_err(|e| invalid("--tls-cert", e))?;
+            }
+            (IdentitySource::Mtls, None, _) => {
+                return Err(invalid(
+                    "--identity-source",
+                    "mtls needs --tls-cert, --tls-key and --tls-client-ca",
+                ));
+            }
+            (_, _, true) => {
+                return Err(invalid(
+                    "--tls-cert",
+                    "the --tls-* files are only used with --identity-source mtls",
+                ));
+            }
+            _ => {}
+        }
         if let Some(path) = &self.authz_policy {
             crate::authz::Authorizer::from_file(path).map_err(|e| invalid("--authz-policy", e))?;
         }
@@ -398,7 +433,17 @@ impl ServeArgs {
             reflection: self.reflection,
             identity_source: self.identity_source,
             authz_policy: self.authz_policy.clone(),
+            tls: self.tls_settings(),
         }
+    }
+
+    /// The three TLS files, when all are given.
+    fn tls_settings(&self) -> Option<crate::tls::TlsSettings> {
+        Some(crate::tls::TlsSettings {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            client_ca: self.tls_client_ca.clone()?,
+        })
     }
 
     /// The cache part of the configuration.

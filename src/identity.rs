@@ -48,7 +48,14 @@ pub enum IdentitySource {
     IstioXfcc,
     /// Linkerd's proxy: `l5d-client-id`.
     Linkerd,
+    /// The service's own mutual TLS (`--tls-*`): the client certificate's one URI SAN.
+    Mtls,
 }
+
+/// The identity of a connection's client certificate, worked out once per connection
+/// ([`crate::tls`]): the principal, or why there is none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity(pub Result<Principal, &'static str>);
 
 impl IdentitySource {
     /// The value as `--identity-source` spells it.
@@ -57,13 +64,24 @@ impl IdentitySource {
             Self::None => "none",
             Self::IstioXfcc => "istio-xfcc",
             Self::Linkerd => "linkerd",
+            Self::Mtls => "mtls",
         }
     }
 
-    /// The principal of a request with `headers`, or why there is none.
-    pub fn principal(self, headers: &HeaderMap) -> Result<Principal, NoIdentity> {
+    /// The principal of a request with `headers` on a connection whose client certificate
+    /// gave `peer` (TLS connections only), or why there is none.
+    pub fn principal(
+        self,
+        headers: &HeaderMap,
+        peer: Option<&PeerIdentity>,
+    ) -> Result<Principal, NoIdentity> {
         match self {
             Self::None => Ok(Principal(Arc::clone(&ANONYMOUS_PRINCIPAL))),
+            Self::Mtls => match peer {
+                Some(PeerIdentity(Ok(principal))) => Ok(principal.clone()),
+                Some(PeerIdentity(Err(why))) => Err(NoIdentity(why)),
+                None => Err(NoIdentity("the connection is not mutual TLS")),
+            },
             Self::IstioXfcc => single(headers, XFCC).and_then(xfcc_principal),
             Self::Linkerd => single(headers, L5D_CLIENT_ID).and_then(|value| {
                 if is_spiffe_id(value) || is_dns_identity(value) {
@@ -273,7 +291,7 @@ mod tests {
         for value in values {
             headers.append(XFCC, HeaderValue::from_str(value).unwrap());
         }
-        IdentitySource::IstioXfcc.principal(&headers)
+        IdentitySource::IstioXfcc.principal(&headers, None)
     }
 
     #[test]
@@ -348,21 +366,21 @@ mod tests {
             L5D_CLIENT_ID,
             HeaderValue::from_static("a.b.serviceaccount.identity.linkerd.cluster.local"),
         );
-        assert!(IdentitySource::IstioXfcc.principal(&headers).is_err());
+        assert!(IdentitySource::IstioXfcc.principal(&headers, None).is_err());
         headers.insert(
             XFCC,
             HeaderValue::from_str(&format!("URI={BUILDER}")).unwrap(),
         );
         assert_eq!(
             IdentitySource::Linkerd
-                .principal(&headers)
+                .principal(&headers, None)
                 .unwrap()
                 .as_str(),
             "a.b.serviceaccount.identity.linkerd.cluster.local"
         );
         assert!(
             IdentitySource::None
-                .principal(&headers)
+                .principal(&headers, None)
                 .unwrap()
                 .is_anonymous()
         );
@@ -402,8 +420,8 @@ mod tests {
                 let mut headers = HeaderMap::new();
                 headers.insert(XFCC, value.clone());
                 headers.insert(L5D_CLIENT_ID, value);
-                let _ = IdentitySource::IstioXfcc.principal(&headers);
-                let _ = IdentitySource::Linkerd.principal(&headers);
+                let _ = IdentitySource::IstioXfcc.principal(&headers, None);
+                let _ = IdentitySource::Linkerd.principal(&headers, None);
             }
         }
 

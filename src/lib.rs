@@ -43,4 +43,5 @@ pub mod server;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 pub mod validate;

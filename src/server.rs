@@ -22,6 +22,7 @@ use crate::image::MAX_MANIFEST_BYTES;
 use crate::pb::image_service_server::ImageServiceServer;
 use crate::registry::SharedRegistry;
 use crate::service::ImageService;
+use crate::tls::{self, TlsFiles, TlsSettings};
 use crate::{admin, metrics};
 
 /// gRPC's conventional port, on every interface: in a pod, the kubelet's probes and the mesh
@@ -120,6 +121,8 @@ pub struct ServerSettings {
     pub identity_source: IdentitySource,
     /// The authorization policy file; none allows every caller everything.
     pub authz_policy: Option<PathBuf>,
+    /// The service's own mutual TLS (with `--identity-source mtls`); none serves plaintext.
+    pub tls: Option<TlsSettings>,
 }
 
 impl Default for ServerSettings {
@@ -137,6 +140,7 @@ impl Default for ServerSettings {
             reflection: true,
             identity_source: IdentitySource::None,
             authz_policy: None,
+            tls: None,
         }
     }
 }
@@ -158,6 +162,9 @@ pub enum ServeError {
     /// The authorization policy cannot be read or is invalid.
     #[error("--authz-policy: {0}")]
     Policy(String),
+    /// The TLS files cannot be read or do not make a configuration.
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// Both listeners, bound: the addresses are known (port 0 picks one) before anything serves.
@@ -166,6 +173,7 @@ pub struct Bound {
     grpc: TcpListener,
     admin: TcpListener,
     authorizer: Arc<Authorizer>,
+    tls: Option<Arc<TlsFiles>>,
     settings: ServerSettings,
 }
 
@@ -174,6 +182,12 @@ pub async fn bind(settings: ServerSettings) -> Result<Bound, ServeError> {
     let authorizer = match &settings.authz_policy {
         Some(path) => Authorizer::from_file(path).map_err(ServeError::Policy)?,
         None => Authorizer::allow_all(),
+    };
+    let tls = match &settings.tls {
+        Some(files) => Some(Arc::new(
+            TlsFiles::load(files.clone()).map_err(ServeError::Tls)?,
+        )),
+        None => None,
     };
     let listen = |address: SocketAddr| async move {
         TcpListener::bind(address)
@@ -184,6 +198,7 @@ pub async fn bind(settings: ServerSettings) -> Result<Bound, ServeError> {
         grpc: listen(settings.listen).await?,
         admin: listen(settings.admin_listen).await?,
         authorizer: Arc::new(authorizer),
+        tls,
         settings,
     })
 }
@@ -223,7 +238,10 @@ impl Bound {
         tokio::spawn(Arc::clone(&self.authorizer).watch());
         let service = ImageService::new(registry, self.settings.default_deadline)
             .with_access(self.settings.identity_source, self.authorizer);
-        serve(self.grpc, service, self.settings, shutdown).await?;
+        if let Some(files) = &self.tls {
+            tokio::spawn(Arc::clone(files).watch());
+        }
+        serve(self.grpc, service, self.settings, self.tls, shutdown).await?;
         Ok(())
     }
 }
@@ -267,6 +285,7 @@ pub async fn serve(
     listener: TcpListener,
     service: ImageService,
     settings: ServerSettings,
+    tls: Option<Arc<TlsFiles>>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -316,7 +335,7 @@ pub async fn serve(
         info!("refusing new connections; waiting for in-flight requests");
         drain_started.notify_one();
     };
-    let server = Server::builder()
+    let router = Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
@@ -325,8 +344,22 @@ pub async fn serve(
         .add_service(health_service)
         .add_optional_service(reflection_v1)
         .add_optional_service(reflection_v1alpha)
-        .add_service(images)
-        .serve_with_incoming_shutdown(incoming.into_stream(), stop_accepting);
+        .add_service(images);
+    let server = async move {
+        match tls {
+            Some(files) => {
+                let incoming = tls::incoming(incoming, files, HANDSHAKE_TIMEOUT);
+                router
+                    .serve_with_incoming_shutdown(incoming, stop_accepting)
+                    .await
+            }
+            None => {
+                router
+                    .serve_with_incoming_shutdown(incoming.into_stream(), stop_accepting)
+                    .await
+            }
+        }
+    };
     tokio::select! {
         served = server => served,
         () = async { draining.notified().await; tokio::time::sleep(grace).await } => {

@@ -51,8 +51,12 @@ impl ImageService {
 
     /// The caller, from the one configured source.
     fn principal<T>(&self, request: &Request<T>) -> Result<Principal, Error> {
+        let peer = request
+            .extensions()
+            .get::<crate::tls::TlsConnectInfo>()
+            .map(|info| &info.peer);
         self.identity
-            .principal(request.metadata().as_ref())
+            .principal(request.metadata().as_ref(), peer)
             .map_err(|NoIdentity(why)| Error::Unauthenticated {
                 source_name: self.identity.name(),
                 why,

@@ -107,6 +107,18 @@ fn invalid_configuration_exits_64_with_one_line() {
             "--authz-policy",
         ),
         (
+            "mtls without its files",
+            vec!["serve", "--identity-source", "mtls"],
+            vec![],
+            "--tls-cert",
+        ),
+        (
+            "TLS files without mtls",
+            vec!["serve", "--tls-cert", "/x.pem"],
+            vec![],
+            "--identity-source mtls",
+        ),
+        (
             "missing policy",
             vec!["serve", "--authz-policy", "/nonexistent/policy.yaml"],
             vec![],

@@ -8,6 +8,7 @@ mod conformance;
 mod ecr_errors;
 mod faults;
 mod hostile;
+mod mtls;
 mod observability;
 mod sidecar;
 #[allow(dead_code)] // shared with tests/rate_budget.rs, which uses other parts
