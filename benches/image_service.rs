@@ -7,7 +7,10 @@
 //!
 //! - limit: RPS and p50/p99 of the bare server vs cached GetImage by tag and by digest;
 //! - cold path: uncached GetImage vs the same BatchGetImage made directly with aws-sdk-ecr;
-//! - herd: upstream calls for 1,000 concurrent reads of one tag, and 500 of distinct tags;
+//! - herd: upstream calls for 10,000 concurrent reads of one tag over 100 connections, and 500
+//!   of distinct tags;
+//! - fair shares: a caller with 40 puts in flight against one putting every 500 ms, on the
+//!   default 10/s PutImage budget, counted at a proxy in front of the emulator;
 //! - memory: resident memory after 100,000 distinct manifests pass through a 64 MiB cache
 //!   (in a child process, so nothing else is in its heap).
 //!
@@ -16,8 +19,18 @@
 //! running the defaults gets. Set-up data is put straight into the emulator, so no budget paces
 //! it. Targets are printed beside the figures; the bench reports, it does not fail.
 
+#[path = "../tests/api/support/fair_shares.rs"]
+mod fair_shares;
+/// The recording proxy of the tests (it reads requests with `recorded`'s parser, as
+/// `super::recorded`: both sit at this crate's root, as in the tests' support module).
+#[allow(dead_code)]
+#[path = "../tests/api/support/fault_proxy.rs"]
+mod fault_proxy;
 #[path = "../tests/api/support/moto.rs"]
 mod moto;
+#[allow(dead_code)]
+#[path = "../tests/api/support/recorded.rs"]
+mod recorded;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -366,6 +379,7 @@ async fn run() {
 
     cold_path(moto, &admin, &service).await;
     herd(&admin, &service, &calls, address).await;
+    fair_shares(moto, &admin).await;
 }
 
 /// Sequential reads of uncached tags through the service vs the same BatchGetImage made
@@ -537,6 +551,62 @@ async fn herd(
          {refused} refused",
         verdict(distinct <= 10),
         verdict(correct == 500)
+    );
+}
+
+/// How long the fair-shares phase drives its two callers.
+const FAIR_SHARES_RUN: Duration = Duration::from_secs(6);
+
+/// The issue-12 scenario on the default PutImage budget (10/s): caller A keeps 40 puts in
+/// flight, caller B puts once every 500 ms; a proxy in front of the emulator records when each
+/// PutImage reaches "ECR".
+async fn fair_shares(moto: &str, admin: &aws_sdk_ecr::Client) {
+    use fault_proxy::{Fault, FaultProxy};
+    let repository = "fair-shares";
+    admin
+        .create_repository()
+        .repository_name(repository)
+        .send()
+        .await
+        .unwrap();
+    let proxy = FaultProxy::start(moto, |_, _| Fault::Forward).await;
+    let settings = ecr_settings(&proxy.endpoint);
+    let ecr = EcrRegistry::from_config(
+        client_config(&sdk_config(), &settings),
+        settings.batch_window,
+    );
+    let registry = CachedRegistry::new(Arc::new(ecr), CacheSettings::default());
+    let bound = server::bind(ServerSettings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_listen: "127.0.0.1:0".parse().unwrap(),
+        identity_source: ecr_image_service::identity::IdentitySource::Linkerd,
+        ..ServerSettings::default()
+    })
+    .await
+    .unwrap();
+    let address = bound.address();
+    tokio::spawn(bound.serve(Arc::new(registry), std::future::pending()));
+    let channel = Endpoint::from_shared(format!("http://{address}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let shares = fair_shares::run(channel, repository, &proxy, FAIR_SHARES_RUN).await;
+    let used = shares.used(10.0);
+    println!(
+        "fair shares (PutImage budget 10/s): caller B {} OK, {} failed, slowest {:.0} ms \
+         (target all OK, <= 1500 ms: {}); ECR saw {} PutImage over {:.1} s = {:.0}% of the \
+         budget (target >= 85%: {}), busiest second {} (target <= 10: {})",
+        shares.ok,
+        shares.failed,
+        shares.slowest.as_secs_f64() * 1e3,
+        verdict(shares.failed == 0 && shares.slowest <= Duration::from_millis(1500)),
+        shares.sent,
+        shares.span,
+        used * 100.0,
+        verdict(used >= 0.85),
+        shares.busiest,
+        verdict(shares.busiest <= 10)
     );
 }
 

@@ -15,11 +15,12 @@ use tokio::time::Instant;
 use tonic::Code;
 use tonic_types::StatusExt;
 
+use support::fair_shares;
 use support::fault_proxy::{Fault, FaultProxy};
 use support::requests::put;
 use support::{
     assert_status, create_repository, error_info, moto, registry, server_settings, settings, start,
-    start_with, unique,
+    start_channel_with, unique,
 };
 
 /// A burst of 200 puts against a PutImage budget of 10/s: ECR never sees more than 10 in any
@@ -69,14 +70,8 @@ async fn a_burst_of_puts_never_exceeds_the_rate_budget() {
         }
     }
     assert!(started.elapsed() < deadline + Duration::from_secs(1));
-    let mut sent: Vec<std::time::Instant> = proxy
-        .seen()
-        .iter()
-        .filter(|s| s.operation == "PutImage")
-        .map(|s| s.at)
-        .collect();
-    sent.sort();
-    let busiest = busiest_second(&sent);
+    let sent = proxy.arrivals("PutImage");
+    let busiest = fair_shares::busiest_second(&sent);
     assert!(
         busiest <= 10,
         "{busiest} PutImage requests within one second"
@@ -103,18 +98,6 @@ async fn a_burst_of_puts_never_exceeds_the_rate_budget() {
     );
 }
 
-/// The busiest one-second window of `sent`.
-fn busiest_second(sent: &[std::time::Instant]) -> usize {
-    sent.iter()
-        .map(|start| {
-            sent.iter()
-                .filter(|t| **t >= *start && **t < *start + Duration::from_secs(1))
-                .count()
-        })
-        .max()
-        .unwrap_or(0)
-}
-
 /// Fair shares of the PutImage budget (default 10/s): a CI job keeps 40 puts in flight, and a
 /// deploy controller puts once every 500 ms. Every one of the controller's puts succeeds, the
 /// slowest within 1.5 s; ECR never sees more than 10 PutImage in any one-second window, and
@@ -132,74 +115,30 @@ async fn callers_share_the_put_budget_fairly() {
         identity_source: IdentitySource::Linkerd,
         ..server_settings()
     };
-    let client = start_with(registry(&proxy.endpoint, defaults), server).await;
-    let as_caller = |name: &'static str, tag: String| {
-        let manifest =
-            format!(r#"{{"mediaType":"application/vnd.oci.image.manifest.v1+json","t":"{tag}"}}"#);
-        let mut request = tonic::Request::new(put(repository, &tag, &manifest));
-        request.metadata_mut().insert(
-            "l5d-client-id",
-            format!("{name}.ci.serviceaccount.identity.linkerd.cluster.local")
-                .parse()
-                .unwrap(),
-        );
-        request
-    };
-    let run = Duration::from_secs(6);
-    let started = Instant::now();
-    // The CI job: 40 puts in flight at all times, until the run ends.
-    let ci: Vec<_> = (0..40)
-        .map(|worker| {
-            let (mut client, as_caller) = (client.clone(), as_caller);
-            tokio::spawn(async move {
-                let mut n = 0;
-                while started.elapsed() < run {
-                    let _ = client
-                        .put_image(as_caller("builder", format!("ci-{worker}-{n}")))
-                        .await;
-                    n += 1;
-                }
-            })
-        })
-        .collect();
-    // The deploy controller: one put every 500 ms.
-    let mut slowest = Duration::ZERO;
-    let mut deployed = 0;
-    while started.elapsed() < run {
-        let asked = Instant::now();
-        client
-            .clone()
-            .put_image(as_caller("deployer", format!("deploy-{deployed}")))
-            .await
-            .expect("every put of the controller succeeds");
-        slowest = slowest.max(asked.elapsed());
-        deployed += 1;
-        tokio::time::sleep_until(asked + Duration::from_millis(500)).await;
-    }
-    for worker in ci {
-        worker.await.unwrap();
-    }
-    let mut sent: Vec<std::time::Instant> = proxy
-        .seen()
-        .iter()
-        .filter(|s| s.operation == "PutImage")
-        .map(|s| s.at)
-        .collect();
-    sent.sort();
-    let busiest = busiest_second(&sent);
-    // Demand exceeded the budget from the first put to the end of the run.
-    let span = sent.last().unwrap().duration_since(sent[0]).as_secs_f64();
-    let used = (sent.len() - 1) as f64 / span / 10.0;
+    let channel = start_channel_with(registry(&proxy.endpoint, defaults), server).await;
+    let shares = fair_shares::run(channel, repository, &proxy, Duration::from_secs(6)).await;
+    let used = shares.used(10.0);
     eprintln!(
-        "fair shares: {deployed} controller puts, slowest {slowest:?}; {} PutImage at ECR over \
-         {span:.1} s ({:.0}% of 10/s), busiest second {busiest}",
-        sent.len(),
-        used * 100.0
+        "fair shares: controller {} OK, {} failed, slowest {:?}; {} PutImage at ECR over \
+         {:.1} s ({:.0}% of 10/s), busiest second {}",
+        shares.ok,
+        shares.failed,
+        shares.slowest,
+        shares.sent,
+        shares.span,
+        used * 100.0,
+        shares.busiest
+    );
+    assert_eq!(shares.failed, 0, "every put of the controller succeeds");
+    assert!(
+        shares.slowest <= Duration::from_millis(1500),
+        "slowest controller put {:?}",
+        shares.slowest
     );
     assert!(
-        slowest <= Duration::from_millis(1500),
-        "slowest controller put {slowest:?}"
+        shares.busiest <= 10,
+        "{} PutImage within one second",
+        shares.busiest
     );
-    assert!(busiest <= 10, "{busiest} PutImage within one second");
     assert!(used >= 0.85, "{:.0}% of the budget used", used * 100.0);
 }

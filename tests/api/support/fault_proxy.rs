@@ -83,7 +83,19 @@ impl FaultProxy {
         self.seen.lock().unwrap().clone()
     }
 
-    /// Requests seen for `operation`.
+    /// When each request for `operation` arrived, in order.
+    pub fn arrivals(&self, operation: &str) -> Vec<Instant> {
+        let mut at: Vec<Instant> = self
+            .seen()
+            .iter()
+            .filter(|s| s.operation == operation)
+            .map(|s| s.at)
+            .collect();
+        at.sort();
+        at
+    }
+
+    /// How many requests for `operation` arrived.
     pub fn count(&self, operation: &str) -> usize {
         self.seen()
             .iter()

@@ -2,6 +2,7 @@
 //! with a real gRPC client, and readers for the rich error details.
 
 pub mod backend;
+pub mod fair_shares;
 pub mod fault_proxy;
 pub mod moto;
 pub mod nginx;
@@ -162,7 +163,8 @@ pub async fn start_with(
     ImageServiceClient::new(start_channel_with(registry, settings).await)
 }
 
-async fn start_channel_with(registry: impl Registry, settings: ServerSettings) -> Channel {
+/// [`start_channel`] with server settings of the test's choosing.
+pub async fn start_channel_with(registry: impl Registry, settings: ServerSettings) -> Channel {
     let address = serve_on_loopback(registry, settings).await;
     // The listener is bound before the server task starts, so the connection cannot race it.
     Endpoint::from_shared(format!("http://{address}"))
