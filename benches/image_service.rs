@@ -213,6 +213,13 @@ impl ImageService for Bare {
     ) -> Result<Response<RetagImageResponse>, Status> {
         Err(Status::unimplemented("bare"))
     }
+
+    async fn batch_delete_image(
+        &self,
+        _: Request<ecr_image_service::pb::BatchDeleteImageRequest>,
+    ) -> Result<Response<ecr_image_service::pb::BatchDeleteImageResponse>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
 }
 
 fn get(tag: &str, digest: &str) -> GetImageRequest {

@@ -38,27 +38,21 @@ use crate::error::{Error, Reason, Violation};
 /// The length of gRPC's message prefix: a compression flag and a 4-byte length.
 const GRPC_PREFIX_BYTES: usize = 5;
 
-/// The one method whose requests may be large (a manifest of up to 4 MiB); every other
-/// ImageService request is bounded by [`AdmissionLimits::max_small_request_bytes`], so an
-/// oversized one is refused on its length prefix, before its body is read.
-const LARGE_REQUEST_PATH: &str = "/imageservice.v1.ImageService/PutImage";
-
 /// When the headers of a request arrived: its deadline counts from there, not from when its
 /// body was complete.
 #[derive(Debug, Clone, Copy)]
 pub struct Arrived(pub Instant);
 
 /// The bounds [`Admission`] enforces.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub struct AdmissionLimits {
     /// Requests worked on at once.
     pub max_concurrent_requests: usize,
     /// Request bytes held at once, received or being received.
     pub max_request_bytes_in_flight: usize,
-    /// The largest PutImage message, without its prefix.
-    pub max_request_bytes: usize,
-    /// The largest message of every other method.
-    pub max_small_request_bytes: usize,
+    /// The largest message of a method, by its path, without its prefix: an oversized one is
+    /// refused on its length prefix, before its body is read.
+    pub request_limit: fn(&str) -> usize,
     /// How long a body may take to arrive after its headers.
     pub body_timeout: Duration,
     /// The deadline of a request that brings no `grpc-timeout`.
@@ -121,11 +115,7 @@ where
         Box::pin(async move {
             let (mut parts, body) = request.into_parts();
             let deadline = deadline::for_request(&parts.headers, arrived, limits.default_deadline);
-            let largest = if parts.uri.path() == LARGE_REQUEST_PATH {
-                limits.max_request_bytes
-            } else {
-                limits.max_small_request_bytes
-            };
+            let largest = (limits.request_limit)(parts.uri.path());
             let deadlines = (arrived + limits.body_timeout, deadline);
             let received = receive(body, &bytes, &limits, largest, deadlines);
             let (body, charged) = match received.await {

@@ -185,6 +185,10 @@ pub struct ServeArgs {
     #[arg(long, env = "ECR_IMAGE_SERVICE_BATCH_GET_IMAGE_RATE", default_value_t = ecr::DEFAULT_BATCH_GET_IMAGE_RATE)]
     pub batch_get_image_rate: f64,
 
+    /// BatchDeleteImage requests per second (ECR publishes no quota; conservative default).
+    #[arg(long, env = "ECR_IMAGE_SERVICE_BATCH_DELETE_IMAGE_RATE", default_value_t = ecr::DEFAULT_BATCH_DELETE_IMAGE_RATE)]
+    pub batch_delete_image_rate: f64,
+
     /// Processes sharing those quotas (e.g. the replica count): each takes rate / share.
     #[arg(long, env = "ECR_IMAGE_SERVICE_RATE_SHARE", default_value_t = 1)]
     pub rate_share: u32,
@@ -328,6 +332,7 @@ impl ServeArgs {
         for (flag, rate) in [
             ("--put-image-rate", self.put_image_rate),
             ("--batch-get-image-rate", self.batch_get_image_rate),
+            ("--batch-delete-image-rate", self.batch_delete_image_rate),
         ] {
             if !(rate.is_finite() && rate > 0.0) {
                 return Err(invalid(
@@ -414,6 +419,7 @@ impl ServeArgs {
             operation_timeout: *self.operation_timeout,
             put_image_rate: self.put_image_rate / f64::from(self.rate_share),
             batch_get_image_rate: self.batch_get_image_rate / f64::from(self.rate_share),
+            batch_delete_image_rate: self.batch_delete_image_rate / f64::from(self.rate_share),
             batch_window: *self.batch_window,
         }
     }

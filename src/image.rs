@@ -252,6 +252,11 @@ pub mod media_types {
     /// OCI image index (multi-platform).
     pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 
+    /// Whether `media_type` names an index of other manifests (OCI index, Docker list).
+    pub fn is_index(media_type: &str) -> bool {
+        media_type == OCI_INDEX || media_type == DOCKER_MANIFEST_LIST_V2
+    }
+
     /// What GetImage accepts unless the caller narrows it: every manifest and index type, so ECR
     /// returns the stored bytes and never converts them (it converts only when the stored type is
     /// not accepted).

@@ -79,6 +79,19 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 /// tonic's default (4 MiB for the whole message) would refuse a legal manifest before our
 /// validation could say which field is too large.
 pub const MAX_REQUEST_BYTES: usize = MAX_MANIFEST_BYTES + 64 * 1024;
+/// The largest BatchDeleteImage: 1,000 ids of a 300-character tag and a digest (~384 KB).
+const MAX_DELETE_REQUEST_BYTES: usize = 512 * 1024;
+
+/// The largest legal message of each method, by its path: PutImage carries a manifest,
+/// BatchDeleteImage up to 1,000 ids; every other request is small.
+fn request_limit(path: &str) -> usize {
+    match path.rsplit('/').next() {
+        Some("PutImage") => MAX_REQUEST_BYTES,
+        Some("BatchDeleteImage") => MAX_DELETE_REQUEST_BYTES,
+        _ => crate::codec::MAX_SMALL_REQUEST_BYTES,
+    }
+}
+
 /// HTTP/2 pings on idle connections: finds a dead peer (a restarted sidecar, a vanished node)
 /// in well under a minute, and keeps connections alive through load balancers' idle timeouts
 /// (60 s for an ALB).
@@ -298,8 +311,7 @@ pub async fn serve(
         AdmissionLimits {
             max_concurrent_requests: settings.max_concurrent_requests,
             max_request_bytes_in_flight: settings.max_request_bytes_in_flight,
-            max_request_bytes: MAX_REQUEST_BYTES,
-            max_small_request_bytes: crate::codec::MAX_SMALL_REQUEST_BYTES,
+            request_limit,
             body_timeout: settings.request_body_timeout,
             default_deadline: settings.default_deadline,
             retry_after: SHED_RETRY_AFTER,

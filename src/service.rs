@@ -215,6 +215,57 @@ impl pb::image_service_server::ImageService for ImageService {
         };
         observe(call, deadline, work).await
     }
+
+    async fn batch_delete_image(
+        &self,
+        request: Request<pb::BatchDeleteImageRequest>,
+    ) -> Result<Response<pb::BatchDeleteImageResponse>, Status> {
+        let deadline = self.deadline_of(&request);
+        let principal = self.principal(&request);
+        let ids = request.get_ref().image_ids.len();
+        let call = Call::new(
+            "BatchDeleteImage",
+            &request,
+            principal.as_ref().ok(),
+            &request.get_ref().repository_name,
+            format!("{ids} ids"),
+        );
+        let request = request.into_inner();
+        let work = async {
+            let principal = principal?;
+            let input = validate::batch_delete_image(request)?;
+            self.authorizer
+                .check(&principal, Action::Delete, &input.repository)?;
+            let outcome = self.registry.delete_images(input).await?;
+            Ok(pb::BatchDeleteImageResponse {
+                image_ids: outcome
+                    .deleted
+                    .into_iter()
+                    .map(|d| pb::ImageIdentifier {
+                        image_digest: d.digest.map(|d| d.to_string()).unwrap_or_default(),
+                        image_tag: d.tag.map(|t| t.to_string()).unwrap_or_default(),
+                    })
+                    .collect(),
+                failures: outcome
+                    .failures
+                    .into_iter()
+                    .map(|f| pb::ImageFailure {
+                        image_id: Some(pb::ImageIdentifier {
+                            image_digest: f
+                                .image
+                                .digest()
+                                .map(ToString::to_string)
+                                .unwrap_or_default(),
+                            image_tag: f.image.tag().map(ToString::to_string).unwrap_or_default(),
+                        }),
+                        failure_code: f.code,
+                        failure_reason: f.reason,
+                    })
+                    .collect(),
+            })
+        };
+        observe(call, deadline, work).await
+    }
 }
 
 /// `tag`, `digest` or `tag@digest`, for the request span.

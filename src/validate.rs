@@ -9,7 +9,7 @@ use crate::image::{
     Digest, ImageRef, Invalid, Manifest, ManifestError, MediaType, RegistryId, RepositoryName, Tag,
 };
 use crate::pb;
-use crate::registry::{GetImageInput, PutImageInput};
+use crate::registry::{DeleteImagesInput, GetImageInput, PutImageInput};
 
 /// Targets of one RetagImage: each is a PutImage, paced at ECR's ~10/s, so 20 fit in the
 /// default deadline with room for throttling.
@@ -70,6 +70,18 @@ impl Checker {
         true
     }
 
+    /// The registry (optional) and the repository (required) a request names.
+    fn place(
+        &mut self,
+        registry_id: &str,
+        repository_name: &str,
+    ) -> (Option<RegistryId>, Option<RepositoryName>) {
+        (
+            self.optional("registry_id", registry_id, RegistryId::parse),
+            self.required("repository_name", repository_name, RepositoryName::parse),
+        )
+    }
+
     /// Records a violation found by other means.
     fn push(&mut self, field: &str, description: impl Into<String>) {
         if self.violations.len() < MAX_VIOLATIONS {
@@ -90,12 +102,7 @@ impl Checker {
 /// digest against the one computed over the exact bytes.
 pub fn put_image(request: pb::PutImageRequest) -> Result<PutImageInput, Error> {
     let mut check = Checker::default();
-    let registry_id = check.optional("registry_id", &request.registry_id, RegistryId::parse);
-    let repository = check.required(
-        "repository_name",
-        &request.repository_name,
-        RepositoryName::parse,
-    );
+    let (registry_id, repository) = check.place(&request.registry_id, &request.repository_name);
     let tag = check.optional("image_tag", &request.image_tag, Tag::parse);
     let expected = check.optional("image_digest", &request.image_digest, Digest::parse);
     let declared = check.optional(
@@ -232,6 +239,51 @@ fn source_error(err: Error, targets: Checker) -> Error {
     }
 }
 
+/// The most ids one BatchDeleteImage takes: ten ECR calls of 100.
+pub const MAX_DELETE_IDS: usize = 1000;
+
+/// Validates a BatchDeleteImage: 1 to [`MAX_DELETE_IDS`] ids, each a tag, a digest or both.
+pub fn batch_delete_image(
+    request: pb::BatchDeleteImageRequest,
+) -> Result<DeleteImagesInput, Error> {
+    let mut check = Checker::default();
+    let (registry_id, repository) = check.place(&request.registry_id, &request.repository_name);
+    if request.image_ids.is_empty() {
+        check.push("image_ids", "needs at least one image id");
+    }
+    let listed = request.image_ids.len();
+    let mut images = Vec::new();
+    if check.at_most("image_ids", listed, MAX_DELETE_IDS, "image ids") {
+        for (i, id) in request.image_ids.iter().enumerate() {
+            let tag = check.optional(
+                &format!("image_ids[{i}].image_tag"),
+                &id.image_tag,
+                Tag::parse,
+            );
+            let digest = check.optional(
+                &format!("image_ids[{i}].image_digest"),
+                &id.image_digest,
+                Digest::parse,
+            );
+            if id.image_tag.is_empty() && id.image_digest.is_empty() {
+                check.push(
+                    &format!("image_ids[{i}]"),
+                    "needs an image_tag, an image_digest, or both",
+                );
+            }
+            images.extend(ImageRef::new(tag, digest));
+        }
+    }
+    match repository {
+        Some(repository) if check.violations.is_empty() => Ok(DeleteImagesInput {
+            registry_id,
+            repository,
+            images,
+        }),
+        _ => Err(check.into_error()),
+    }
+}
+
 /// The fields GetImage and ResolveImage share.
 struct ImageRead<'a> {
     registry_id: &'a str,
@@ -243,12 +295,7 @@ struct ImageRead<'a> {
 
 fn image_read(request: ImageRead<'_>) -> Result<GetImageInput, Error> {
     let mut check = Checker::default();
-    let registry_id = check.optional("registry_id", request.registry_id, RegistryId::parse);
-    let repository = check.required(
-        "repository_name",
-        request.repository_name,
-        RepositoryName::parse,
-    );
+    let (registry_id, repository) = check.place(request.registry_id, request.repository_name);
     let (tag_text, digest_text) = request.image_id.map_or(("", ""), |id| {
         (id.image_tag.as_str(), id.image_digest.as_str())
     });

@@ -1051,6 +1051,18 @@ fn cli_subcommands_print_aws_cli_json_and_exit_per_error_class() {
     );
     assert_ne!(doc_digest, SEED_DIGEST);
 
+    // batch-delete-image with the AWS CLI's shorthand ids: deleted and failed ids, exit 0.
+    let deleted = json(&run(&[
+        &["batch-delete-image"][..],
+        &repo,
+        &["--image-ids", "imageTag=latest", "imageTag=never-there"],
+    ]
+    .concat()));
+    assert_eq!(deleted["imageIds"][0]["imageTag"], "latest");
+    assert_eq!(deleted["imageIds"][0]["imageDigest"], SEED_DIGEST);
+    assert_eq!(deleted["failures"][0]["failureCode"], "ImageNotFound");
+    assert_eq!(deleted["failures"][0]["imageId"]["imageTag"], "never-there");
+
     // Offline digest: no service needed.
     let digest = command(&home)
         .args(["digest", &seed])

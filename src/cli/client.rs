@@ -132,6 +132,40 @@ pub struct RetagImageArgs {
     target_tags: Vec<String>,
 }
 
+/// `batch-delete-image`: `aws ecr batch-delete-image`'s flags, shorthand ids included.
+#[derive(Debug, Clone, Args)]
+pub struct BatchDeleteImageArgs {
+    #[command(flatten)]
+    target: Target,
+    /// The repository.
+    #[arg(long)]
+    repository_name: String,
+    /// The images, in the AWS CLI's shorthand: `imageTag=v1`, `imageDigest=sha256:…`, or both
+    /// separated by a comma.
+    #[arg(long, num_args = 1.., required = true, value_parser = parse_image_id)]
+    image_ids: Vec<pb::ImageIdentifier>,
+    /// The registry (12-digit account ID); the service's own when omitted.
+    #[arg(long)]
+    registry_id: Option<String>,
+}
+
+/// One `--image-ids` entry in the AWS CLI's shorthand syntax.
+fn parse_image_id(text: &str) -> Result<pb::ImageIdentifier, String> {
+    let mut id = pb::ImageIdentifier::default();
+    for pair in text.split(',') {
+        match pair.split_once('=') {
+            Some(("imageTag", tag)) => id.image_tag = tag.to_owned(),
+            Some(("imageDigest", digest)) => id.image_digest = digest.to_owned(),
+            _ => {
+                return Err(format!(
+                    "{pair:?}: expected imageTag=TAG or imageDigest=DIGEST"
+                ));
+            }
+        }
+    }
+    Ok(id)
+}
+
 /// `resolve-image`: a tag's digest, media type and size, without the manifest.
 #[derive(Debug, Clone, Args)]
 pub struct ResolveImageArgs {
@@ -277,6 +311,7 @@ fn print_json(value: &impl Serialize) -> Result<(), CliError> {
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct ImageIdJson {
+    #[serde(skip_serializing_if = "String::is_empty")]
     image_digest: String,
     #[serde(skip_serializing_if = "String::is_empty")]
     image_tag: String,
@@ -500,6 +535,51 @@ pub async fn resolve_image(args: ResolveImageArgs) -> Result<(), CliError> {
         image_id: response.image_id.unwrap_or_default().into(),
         image_manifest_media_type: response.image_manifest_media_type,
         image_manifest_size: response.image_manifest_size,
+    })
+}
+
+/// What `aws ecr batch-delete-image` prints.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DeleteOutput {
+    image_ids: Vec<ImageIdJson>,
+    failures: Vec<ImageFailureJson>,
+}
+
+/// One entry of `failures`, as `aws ecr` prints it.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ImageFailureJson {
+    image_id: ImageIdJson,
+    failure_code: String,
+    failure_reason: String,
+}
+
+/// `batch-delete-image`: prints what was deleted and what was not, as the AWS CLI does; the
+/// exit code is 0 even with per-id failures, as there.
+pub async fn batch_delete_image(args: BatchDeleteImageArgs) -> Result<(), CliError> {
+    let mut client = connect(&args.target).await?;
+    let message = pb::BatchDeleteImageRequest {
+        registry_id: args.registry_id.unwrap_or_default(),
+        repository_name: args.repository_name,
+        image_ids: args.image_ids,
+    };
+    let response = client
+        .batch_delete_image(request(message, &args.target))
+        .await
+        .map_err(CliError::Status)?
+        .into_inner();
+    print_json(&DeleteOutput {
+        image_ids: response.image_ids.into_iter().map(Into::into).collect(),
+        failures: response
+            .failures
+            .into_iter()
+            .map(|f| ImageFailureJson {
+                image_id: f.image_id.unwrap_or_default().into(),
+                failure_code: f.failure_code,
+                failure_reason: f.failure_reason,
+            })
+            .collect(),
     })
 }
 

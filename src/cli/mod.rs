@@ -47,6 +47,8 @@ pub enum Command {
     RetagImage(client::RetagImageArgs),
     /// Resolve a tag to its digest, media type and size.
     ResolveImage(client::ResolveImageArgs),
+    /// Delete images by tag or digest, like `aws ecr batch-delete-image`.
+    BatchDeleteImage(client::BatchDeleteImageArgs),
     /// Print the digest ECR gives a manifest file (offline: SHA-256 of its exact bytes).
     Digest(client::DigestArgs),
     /// Audit an authorization policy offline.
@@ -141,6 +143,7 @@ pub fn run(command: Command) -> ExitCode {
         Command::GetImage(args) => runtime.block_on(client::get_image(args)),
         Command::RetagImage(args) => runtime.block_on(client::retag_image(args)),
         Command::ResolveImage(args) => runtime.block_on(client::resolve_image(args)),
+        Command::BatchDeleteImage(args) => runtime.block_on(client::batch_delete_image(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -29,10 +29,10 @@ use tokio::time::Instant;
 
 use super::flight::Flights;
 use super::{
-    CacheStatus, Fetched, GetImageInput, PutImageInput, PutOutcome, Registry, RegistryError,
-    RepositoryKey, SharedRegistry, StoredImage,
+    CacheStatus, DeleteImagesInput, DeleteOutcome, Fetched, GetImageInput, PutImageInput,
+    PutOutcome, Registry, RegistryError, RepositoryKey, SharedRegistry, StoredImage,
 };
-use crate::image::{Digest, ImageRef, MediaType, Tag};
+use crate::image::{Digest, ImageRef, MediaType, Tag, media_types};
 
 /// What a cached image costs beyond its manifest bytes: moka's entry bookkeeping, the key, the
 /// [`StoredImage`] fields and the allocator's share. Measured by the benchmark's memory phase
@@ -348,6 +348,58 @@ impl CachedRegistry {
                 None => Err(err),
             },
         }
+    }
+}
+
+impl CachedRegistry {
+    /// Deletes, indexes this replica knows of first (so their children are no longer
+    /// referenced when their turn comes), then forgets what was deleted: a digest deleted is
+    /// NOT_FOUND at once, never a cached hit.
+    async fn delete(&self, mut input: DeleteImagesInput) -> Result<DeleteOutcome, RegistryError> {
+        let _slot = self.upstream_slot()?;
+        let repository = input.repository_key();
+        let is_known_index = |reference: &ImageRef| {
+            reference.digest().is_some_and(|digest| {
+                self.digests
+                    .get(&(repository.clone(), digest.clone()))
+                    .is_some_and(|image| media_types::is_index(&image.media_type))
+            })
+        };
+        // A stable sort: the order asked is kept within indexes and within the rest.
+        input
+            .images
+            .sort_by_key(|reference| !is_known_index(reference));
+        let by_digest: Vec<Digest> = input
+            .images
+            .iter()
+            .filter(|r| r.tag().is_none())
+            .filter_map(|r| r.digest().cloned())
+            .collect();
+        let outcome = self.inner.delete_images(input).await?;
+        for deleted in &outcome.deleted {
+            if let Some(tag) = &deleted.tag {
+                self.tags.invalidate(&(repository.clone(), tag.clone()));
+            }
+            if let Some(digest) = &deleted.digest {
+                self.digests
+                    .invalidate(&(repository.clone(), digest.clone()));
+                // Deleted by digest, the image took every tag on it along.
+                if by_digest.contains(digest) {
+                    let stale: Vec<_> = self
+                        .tags
+                        .iter()
+                        .filter(|(key, resolution)| {
+                            key.0 == repository && resolution.digest == *digest
+                        })
+                        .map(|(key, _)| (*key).clone())
+                        .collect();
+                    for key in stale {
+                        self.tags.invalidate(&key);
+                    }
+                }
+            }
+        }
+        Ok(outcome)
     }
 }
 

@@ -18,10 +18,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    CacheStatus, Fetched, GetImageInput, PutImageInput, PutOutcome, Registry, RegistryError,
-    StoredImage, Upstream,
+    CacheStatus, DeleteFailure, DeleteImagesInput, DeleteOutcome, Deleted, Fetched, GetImageInput,
+    PutImageInput, PutOutcome, Registry, RegistryError, StoredImage, Upstream,
 };
-use crate::image::{Digest, ImageRef, RegistryId, RepositoryName};
+use crate::image::{Digest, ImageRef, RegistryId, RepositoryName, media_types};
 
 /// The registry ID the embedded store answers as: a placeholder account, 12 digits like ECR's.
 pub const DEFAULT_REGISTRY_ID: &str = "000000000000";
@@ -314,6 +314,26 @@ fn repository_not_found(repository: &str, registry_id: &str) -> RegistryError {
     ))
 }
 
+/// `RepositoryNotFound` unless the store has `repository`: ECR's answer to reading or deleting
+/// in a repository nobody created.
+fn require_repository(
+    connection: &Connection,
+    repository: &str,
+    registry_id: &str,
+) -> Result<(), Failure> {
+    let known = connection
+        .query_row(
+            "SELECT 1 FROM repositories WHERE name = ?1",
+            [repository],
+            |_| Ok(()),
+        )
+        .optional()?;
+    match known {
+        Some(()) => Ok(()),
+        None => Err(repository_not_found(repository, registry_id).into()),
+    }
+}
+
 fn image_not_found(reference: &ImageRef, repository: &str) -> RegistryError {
     RegistryError::ImageNotFound(answer(
         "ImageNotFound",
@@ -341,14 +361,7 @@ impl LocalRegistry {
                 [repository],
                 |row| row.get(0),
             )?;
-            let image_existed = transaction
-                .query_row(
-                    "SELECT 1 FROM images WHERE repository = ?1 AND digest = ?2",
-                    params![repository, digest],
-                    |_| Ok(()),
-                )
-                .optional()?
-                .is_some();
+            let image_existed = has_image(&transaction, repository, digest)?;
             let tag_target: Option<String> = match &input.tag {
                 Some(tag) => transaction
                     .query_row(
@@ -407,16 +420,7 @@ impl LocalRegistry {
         let image = self
             .with_connection(move |connection| {
                 let repository = input.repository.as_str();
-                let known = connection
-                    .query_row(
-                        "SELECT 1 FROM repositories WHERE name = ?1",
-                        [repository],
-                        |_| Ok(()),
-                    )
-                    .optional()?;
-                if known.is_none() {
-                    return Err(repository_not_found(repository, &registry_id).into());
-                }
+                require_repository(connection, repository, &registry_id)?;
                 let reference = &input.reference;
                 let digest = match (reference.tag(), reference.digest()) {
                     (Some(tag), asked) => {
@@ -481,6 +485,194 @@ impl LocalRegistry {
             cache: CacheStatus::Miss,
         })
     }
+}
+
+impl LocalRegistry {
+    /// ECR's BatchDeleteImage semantics, id by id in one transaction: by digest the image and
+    /// its tags go; by tag the tag goes, and the image with it when it was the last tag and no
+    /// index refers to it; an image an index still refers to is `ImageReferencedByManifestList`.
+    async fn delete(&self, input: DeleteImagesInput) -> Result<DeleteOutcome, RegistryError> {
+        self.check_registry(input.registry_id.as_ref(), &input.repository)?;
+        let registry_id = self.registry_id.clone();
+        self.with_connection(move |connection| {
+            let transaction =
+                connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let repository = input.repository.as_str();
+            require_repository(&transaction, repository, &registry_id)?;
+            let mut outcome = DeleteOutcome::default();
+            for reference in input.images {
+                match delete_one(&transaction, repository, &reference)? {
+                    Ok(deleted) => outcome.deleted.push(deleted),
+                    Err((code, reason)) => outcome.failures.push(DeleteFailure {
+                        image: reference,
+                        code: code.to_owned(),
+                        reason,
+                    }),
+                }
+            }
+            transaction.commit()?;
+            Ok(outcome)
+        })
+        .await
+    }
+}
+
+/// A per-id failure: ECR's code and reason.
+type IdFailure = (&'static str, String);
+
+/// Deletes one id inside `transaction`: what was deleted, or why not.
+fn delete_one(
+    transaction: &rusqlite::Transaction<'_>,
+    repository: &str,
+    reference: &ImageRef,
+) -> Result<Result<Deleted, IdFailure>, rusqlite::Error> {
+    let not_found = || {
+        Err((
+            "ImageNotFound",
+            format!("Requested image {reference} not found in repository '{repository}'"),
+        ))
+    };
+    let tagged: Option<String> = match reference.tag() {
+        Some(tag) => {
+            let found: Option<String> = transaction
+                .query_row(
+                    "SELECT digest FROM tags WHERE repository = ?1 AND tag = ?2",
+                    params![repository, tag.as_str()],
+                    |row| row.get(0),
+                )
+                .optional()?;
+            let Some(found) = found else {
+                return Ok(not_found());
+            };
+            if let Some(asked) = reference.digest()
+                && asked.as_str() != found
+            {
+                return Ok(Err((
+                    "ImageTagDoesNotMatchDigest",
+                    format!("Tag '{tag}' points at {found}, not at {asked}"),
+                )));
+            }
+            Some(found)
+        }
+        None => None,
+    };
+    let digest = match (&tagged, reference.digest()) {
+        (Some(found), _) => found.clone(),
+        (None, Some(digest)) => digest.as_str().to_owned(),
+        (None, None) => return Ok(not_found()),
+    };
+    if !has_image(transaction, repository, &digest)? {
+        return Ok(not_found());
+    }
+    let referenced = referenced_by_index(transaction, repository, &digest)?;
+    let parsed = Digest::parse(&digest).ok();
+    match reference.tag() {
+        Some(tag) => {
+            transaction.execute(
+                "DELETE FROM tags WHERE repository = ?1 AND tag = ?2",
+                params![repository, tag.as_str()],
+            )?;
+            let tags_left: i64 = transaction.query_row(
+                "SELECT COUNT(*) FROM tags WHERE repository = ?1 AND digest = ?2",
+                params![repository, digest],
+                |row| row.get(0),
+            )?;
+            // The last tag takes the image along, unless an index still needs it.
+            if tags_left == 0 && !referenced {
+                delete_image(transaction, repository, &digest)?;
+            }
+            Ok(Ok(Deleted {
+                digest: parsed,
+                tag: Some(tag.clone()),
+            }))
+        }
+        None if referenced => Ok(Err((
+            "ImageReferencedByManifestList",
+            format!(
+                "Requested image {digest} is referenced by an index or manifest list in                  repository '{repository}'; delete the index first"
+            ),
+        ))),
+        None => {
+            delete_image(transaction, repository, &digest)?;
+            Ok(Ok(Deleted {
+                digest: parsed,
+                tag: None,
+            }))
+        }
+    }
+}
+
+/// Whether `repository` holds the image `digest`.
+fn has_image(
+    connection: &Connection,
+    repository: &str,
+    digest: &str,
+) -> Result<bool, rusqlite::Error> {
+    Ok(connection
+        .query_row(
+            "SELECT 1 FROM images WHERE repository = ?1 AND digest = ?2",
+            params![repository, digest],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some())
+}
+
+/// Removes an image and every tag on it.
+fn delete_image(
+    transaction: &rusqlite::Transaction<'_>,
+    repository: &str,
+    digest: &str,
+) -> Result<(), rusqlite::Error> {
+    transaction.execute(
+        "DELETE FROM tags WHERE repository = ?1 AND digest = ?2",
+        params![repository, digest],
+    )?;
+    transaction.execute(
+        "DELETE FROM images WHERE repository = ?1 AND digest = ?2",
+        params![repository, digest],
+    )?;
+    Ok(())
+}
+
+/// Whether an index or manifest list of `repository` lists `digest` among its manifests.
+fn referenced_by_index(
+    transaction: &rusqlite::Transaction<'_>,
+    repository: &str,
+    digest: &str,
+) -> Result<bool, rusqlite::Error> {
+    let mut indexes = transaction
+        .prepare("SELECT manifest FROM images WHERE repository = ?1 AND media_type IN (?2, ?3)")?;
+    let manifests = indexes.query_map(
+        params![
+            repository,
+            media_types::OCI_INDEX,
+            media_types::DOCKER_MANIFEST_LIST_V2
+        ],
+        |row| row.get::<_, String>(0),
+    )?;
+    for manifest in manifests {
+        if children_of(&manifest?).iter().any(|child| child == digest) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// The digests an index lists (`manifests[].digest`); none for anything else.
+fn children_of(manifest: &str) -> Vec<String> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        #[serde(default)]
+        manifests: Vec<Child>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Child {
+        digest: String,
+    }
+    serde_json::from_str::<Index>(manifest)
+        .map(|index| index.manifests.into_iter().map(|c| c.digest).collect())
+        .unwrap_or_default()
 }
 
 impl Registry for LocalRegistry {

@@ -39,6 +39,16 @@ macro_rules! boxed_registry_methods {
         > {
             Box::pin(self.get(input))
         }
+
+        fn delete_images(
+            &self,
+            input: $crate::registry::DeleteImagesInput,
+        ) -> $crate::registry::BoxFuture<
+            '_,
+            Result<$crate::registry::DeleteOutcome, $crate::registry::RegistryError>,
+        > {
+            Box::pin(self.delete(input))
+        }
     };
 }
 
@@ -75,6 +85,13 @@ impl<R: Registry + ?Sized> Registry for Arc<R> {
 
     fn get_image(&self, input: GetImageInput) -> BoxFuture<'_, Result<Fetched, RegistryError>> {
         (**self).get_image(input)
+    }
+
+    fn delete_images(
+        &self,
+        input: DeleteImagesInput,
+    ) -> BoxFuture<'_, Result<DeleteOutcome, RegistryError>> {
+        (**self).delete_images(input)
     }
 
     fn register_metrics(&self, metrics: &mut prometheus_client::registry::Registry) {
@@ -195,6 +212,56 @@ impl PutImageInput {
     }
 }
 
+/// A validated BatchDeleteImage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeleteImagesInput {
+    /// The registry; `None` means the service's own account.
+    pub registry_id: Option<RegistryId>,
+    /// The repository to delete from.
+    pub repository: RepositoryName,
+    /// The images, by tag, digest or both, in the order asked.
+    pub images: Vec<ImageRef>,
+}
+
+impl DeleteImagesInput {
+    /// The repository the delete is scoped to.
+    pub fn repository_key(&self) -> RepositoryKey {
+        RepositoryKey {
+            registry_id: self.registry_id.clone(),
+            repository: self.repository.clone(),
+        }
+    }
+}
+
+/// One deleted image or tag, as ECR reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deleted {
+    /// The image's digest.
+    pub digest: Option<Digest>,
+    /// The tag removed, when the id was a tag.
+    pub tag: Option<Tag>,
+}
+
+/// One id a delete could not act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeleteFailure {
+    /// The id as asked.
+    pub image: ImageRef,
+    /// ECR's failure code (`ImageNotFound`, `ImageReferencedByManifestList`, …).
+    pub code: String,
+    /// Why, for people.
+    pub reason: String,
+}
+
+/// What a delete did, id by id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeleteOutcome {
+    /// What was deleted.
+    pub deleted: Vec<Deleted>,
+    /// What was not, and why.
+    pub failures: Vec<DeleteFailure>,
+}
+
 /// What a put did. Both are success: a put is idempotent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PutOutcome {
@@ -217,6 +284,20 @@ pub trait Registry: Send + Sync + 'static {
 
     /// Fetches one image by tag, digest or both.
     fn get_image(&self, input: GetImageInput) -> BoxFuture<'_, Result<Fetched, RegistryError>>;
+
+    /// Deletes images, each id on its own (ECR's `BatchDeleteImage` semantics). A registry
+    /// that cannot delete (a test double) refuses the whole call.
+    fn delete_images(
+        &self,
+        input: DeleteImagesInput,
+    ) -> BoxFuture<'_, Result<DeleteOutcome, RegistryError>> {
+        let _ = input;
+        Box::pin(async {
+            Err(RegistryError::Other(Upstream::message(
+                "this registry cannot delete",
+            )))
+        })
+    }
 
     /// Adds this layer's metrics, and those of the layers below it, to `metrics`.
     fn register_metrics(&self, metrics: &mut prometheus_client::registry::Registry) {

@@ -104,6 +104,17 @@ async fn the_policy_allows_what_it_lists_and_denies_the_rest_without_revealing_i
         .unwrap_err();
     assert_status(&status, Code::PermissionDenied, "ACCESS_DENIED");
 
+    // Deleting is its own action: read and write do not cover it.
+    let status = client
+        .batch_delete_image(with_headers(
+            crate::support::requests::delete("team-a/app", &[("v1", "")]),
+            &as_builder,
+        ))
+        .await
+        .unwrap_err();
+    assert_status(&status, Code::PermissionDenied, "ACCESS_DENIED");
+    assert_eq!(error_info(&status).metadata["action"], "delete");
+
     // RetagImage needs read on the source and write on the targets.
     let retag = RetagImageRequest {
         repository_name: "team-a/app".into(),

@@ -14,7 +14,7 @@ use tonic::Code;
 
 use crate::on_both_backends;
 use crate::support::backend::{Backend, Kind};
-use crate::support::requests::{fetch, get, put};
+use crate::support::requests::{delete, fetch, get, put};
 use crate::support::{
     SEED, SEED_DIGEST, SEED_DOC_FORM, SEED_DOC_FORM_DIGEST, SEED_EXPECTED_OUTPUT, assert_status,
     unique, violated_fields,
@@ -33,6 +33,8 @@ on_both_backends!(
     retag_image_reports_each_target_on_its_own,
     retag_image_refuses_bad_requests_whole,
     a_second_read_by_digest_is_a_cache_hit,
+    deleting_a_tag_keeps_the_image_until_its_last_tag_goes,
+    a_deleted_digest_is_not_found_at_once_even_when_cached,
 );
 
 /// Both backends sit behind the same cache: an image that reached the registry behind the
@@ -460,4 +462,80 @@ async fn the_local_store_refuses_a_tag_and_digest_that_disagree() {
     assert_status(&status, Code::InvalidArgument, "TAG_DIGEST_MISMATCH");
     let both = fetch(&mut client, get(&repository, "v1", SEED_DIGEST)).await;
     assert_eq!(both.image_manifest, SEED);
+}
+
+/// ECR's BatchDeleteImage by tag: the tag goes and the image stays while another tag holds it;
+/// deleting its last tag deletes the image (and the cache forgets it).
+async fn deleting_a_tag_keeps_the_image_until_its_last_tag_goes(backend: Backend) {
+    let repository = backend.repository("delete-tags", false).await;
+    backend.put(&repository, "v1", SEED).await;
+    backend.put(&repository, "v2", SEED).await;
+    let mut client = backend.client.clone();
+    fetch(&mut client, get(&repository, "", SEED_DIGEST)).await;
+
+    let answer = client
+        .batch_delete_image(delete(&repository, &[("v1", "")]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(answer.failures.is_empty(), "{:?}", answer.failures);
+    assert_eq!(answer.image_ids.len(), 1);
+    assert_eq!(answer.image_ids[0].image_tag, "v1");
+    let status = client
+        .get_image(get(&repository, "v1", ""))
+        .await
+        .unwrap_err();
+    assert_status(&status, Code::NotFound, "IMAGE_NOT_FOUND");
+    let kept = fetch(&mut client, get(&repository, "", SEED_DIGEST)).await;
+    assert_eq!(kept.image_manifest, SEED, "v2 still holds the image");
+
+    client
+        .batch_delete_image(delete(&repository, &[("v2", "")]))
+        .await
+        .unwrap();
+    for (tag, digest) in [("v2", ""), ("", SEED_DIGEST)] {
+        let status = client
+            .get_image(get(&repository, tag, digest))
+            .await
+            .unwrap_err();
+        assert_status(&status, Code::NotFound, "IMAGE_NOT_FOUND");
+    }
+}
+
+/// A digest deleted is NOT_FOUND at once, by digest and by each tag it had, though both were
+/// cached a moment before; deleting it again is a per-id `ImageNotFound` failure, not an error.
+async fn a_deleted_digest_is_not_found_at_once_even_when_cached(backend: Backend) {
+    let repository = backend.repository("delete-digest", false).await;
+    backend.put(&repository, "v1", SEED).await;
+    let mut client = backend.client.clone();
+    for _ in 0..2 {
+        fetch(&mut client, get(&repository, "", SEED_DIGEST)).await;
+        fetch(&mut client, get(&repository, "v1", "")).await;
+    }
+    let answer = client
+        .batch_delete_image(delete(&repository, &[("", SEED_DIGEST)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.image_ids.len(), 1, "{answer:?}");
+    assert_eq!(answer.image_ids[0].image_digest, SEED_DIGEST);
+    for (tag, digest) in [("", SEED_DIGEST), ("v1", "")] {
+        let status = client
+            .get_image(get(&repository, tag, digest))
+            .await
+            .unwrap_err();
+        assert_status(&status, Code::NotFound, "IMAGE_NOT_FOUND");
+    }
+    let again = client
+        .batch_delete_image(delete(&repository, &[("", SEED_DIGEST)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.image_ids.is_empty());
+    assert_eq!(again.failures.len(), 1);
+    assert_eq!(again.failures[0].failure_code, "ImageNotFound");
+    assert_eq!(
+        again.failures[0].image_id.as_ref().unwrap().image_digest,
+        SEED_DIGEST
+    );
 }

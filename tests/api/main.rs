@@ -5,6 +5,7 @@ mod access;
 mod cache;
 mod clients;
 mod conformance;
+mod delete;
 mod ecr_errors;
 mod faults;
 mod hostile;

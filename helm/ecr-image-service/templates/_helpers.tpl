@@ -104,6 +104,7 @@ Whole numbers are printed as integers (Helm reads numbers as floats: 1000000 wou
   "maxConnections" "MAX_CONNECTIONS"
   "putImageRate" "PUT_IMAGE_RATE"
   "batchGetImageRate" "BATCH_GET_IMAGE_RATE"
+  "batchDeleteImageRate" "BATCH_DELETE_IMAGE_RATE"
   "reflection" "REFLECTION"
   "logFormat" "LOG_FORMAT"
   "log" "LOG"

@@ -32,6 +32,9 @@ pub const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(15);
 pub const DEFAULT_PUT_IMAGE_RATE: f64 = 10.0;
 /// ECR's default BatchGetImage quota per account and region (quota L-16E70933).
 pub const DEFAULT_BATCH_GET_IMAGE_RATE: f64 = 2000.0;
+/// ECR publishes no quota for BatchDeleteImage (ecr-facts §3), yet throttles it: 10 calls a
+/// second (up to 1,000 ids) is conservative, and clean-up jobs are not latency-bound.
+pub const DEFAULT_BATCH_DELETE_IMAGE_RATE: f64 = 10.0;
 /// No wait for a lone miss: batching comes from misses arriving while a call is in flight.
 pub const DEFAULT_BATCH_WINDOW: Duration = Duration::ZERO;
 
@@ -59,6 +62,8 @@ pub struct EcrSettings {
     pub put_image_rate: f64,
     /// This process's BatchGetImage budget, requests per second.
     pub batch_get_image_rate: f64,
+    /// This process's BatchDeleteImage budget, requests per second.
+    pub batch_delete_image_rate: f64,
     /// How long the first miss of an idle repository waits for others to batch with.
     pub batch_window: Duration,
 }
@@ -78,6 +83,7 @@ impl Default for EcrSettings {
             operation_timeout: DEFAULT_OPERATION_TIMEOUT,
             put_image_rate: DEFAULT_PUT_IMAGE_RATE,
             batch_get_image_rate: DEFAULT_BATCH_GET_IMAGE_RATE,
+            batch_delete_image_rate: DEFAULT_BATCH_DELETE_IMAGE_RATE,
             batch_window: DEFAULT_BATCH_WINDOW,
         }
     }
@@ -110,6 +116,7 @@ pub fn client_config(sdk: &SdkConfig, settings: &EcrSettings) -> aws_sdk_ecr::co
     let budgets = RateBudgets::new([
         ("PutImage", settings.put_image_rate),
         ("BatchGetImage", settings.batch_get_image_rate),
+        ("BatchDeleteImage", settings.batch_delete_image_rate),
     ]);
     let mut builder = aws_sdk_ecr::config::Builder::from(sdk)
         .retry_config(retry)

@@ -30,10 +30,16 @@ use self::batch::Batcher;
 use self::calls::UpstreamCalls;
 use self::operations::{Operations, PutAnswer};
 use super::{
-    CacheStatus, Fetched, GetImageInput, PutImageInput, PutOutcome, Registry, RegistryError,
-    StoredImage, Upstream,
+    CacheStatus, DeleteFailure, DeleteImagesInput, DeleteOutcome, Fetched, GetImageInput,
+    PutImageInput, PutOutcome, Registry, RegistryError, StoredImage, Upstream,
 };
 use crate::image::ImageRef;
+
+/// ECR takes at most 100 ids per BatchDeleteImage (`ImageIdentifierList`).
+const MAX_IDS_PER_CALL: usize = 100;
+/// The failure code of ids never sent to ECR, because an earlier call of the same request
+/// failed outright.
+const NOT_SENT: &str = "NotAttempted";
 
 /// ImageService's registry, backed by Amazon ECR: reads batched per repository, puts made
 /// idempotent.
@@ -86,6 +92,41 @@ impl EcrRegistry {
             image,
             cache: CacheStatus::Miss,
         })
+    }
+
+    /// BatchDeleteImage in calls of at most [`MAX_IDS_PER_CALL`] ids, one after another. Not
+    /// atomic: when a later call fails outright, the ids it and the calls after it carried are
+    /// reported as failures with the error's reason, and what was deleted before stays listed.
+    async fn delete(&self, input: DeleteImagesInput) -> Result<DeleteOutcome, RegistryError> {
+        let repository = input.repository_key();
+        let mut outcome = DeleteOutcome::default();
+        let mut chunks = input.images.chunks(MAX_IDS_PER_CALL);
+        while let Some(chunk) = chunks.next() {
+            match self.operations.delete_images(&repository, chunk).await {
+                Ok(answer) => {
+                    outcome.deleted.extend(answer.deleted);
+                    outcome.failures.extend(answer.failures);
+                }
+                Err(err) if outcome.deleted.is_empty() && outcome.failures.is_empty() => {
+                    return Err(err);
+                }
+                Err(err) => {
+                    // ECR's own code when it answered, else nothing was sent for these ids.
+                    let code = err
+                        .upstream()
+                        .and_then(|u| u.code.clone())
+                        .unwrap_or_else(|| NOT_SENT.to_owned());
+                    let rest = chunk.iter().chain(chunks.by_ref().flatten());
+                    outcome.failures.extend(rest.map(|image| DeleteFailure {
+                        image: image.clone(),
+                        code: code.clone(),
+                        reason: err.to_string(),
+                    }));
+                    break;
+                }
+            }
+        }
+        Ok(outcome)
     }
 
     /// ECR refused a put because the image is already there, in one of two ways: the same

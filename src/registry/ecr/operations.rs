@@ -19,8 +19,11 @@ use super::batch::{BatchGet, BatchInput};
 use super::calls::UpstreamCalls;
 use super::classify::{classify, failure_error, is_already_exists, upstream_of};
 use crate::deadline;
-use crate::image::{Digest, ImageRef, Manifest, media_types};
-use crate::registry::{PutImageInput, RegistryError, RepositoryKey, StoredImage, Upstream};
+use crate::image::{Digest, ImageRef, Manifest, Tag, media_types};
+use crate::registry::{
+    DeleteFailure, DeleteOutcome, Deleted, PutImageInput, RegistryError, RepositoryKey,
+    StoredImage, Upstream,
+};
 
 /// The ECR client and what every call needs around it.
 #[derive(Debug)]
@@ -136,21 +139,82 @@ impl Operations {
     }
 }
 
+impl Operations {
+    /// One BatchDeleteImage of at most 100 ids. Failures are per id (ECR's `failures[]`),
+    /// never retried here: `ImageReferencedByManifestList` needs the index gone first.
+    pub async fn delete_images(
+        &self,
+        repository: &RepositoryKey,
+        images: &[ImageRef],
+    ) -> Result<DeleteOutcome, RegistryError> {
+        let ids: Vec<ImageIdentifier> = images.iter().map(identifier).collect();
+        let span = ecr_call_span("BatchDeleteImage");
+        let call = self
+            .client
+            .batch_delete_image()
+            .set_registry_id(registry_id_of(repository))
+            .repository_name(repository.repository.as_str())
+            .set_image_ids(Some(ids))
+            .send();
+        let (sent, attempts) = counting_attempts(call).instrument(span.clone()).await;
+        record_answer(&span, &sent);
+        let output = sent.map_err(|err| with_attempts(classify(err), attempts))?;
+        let deleted = output
+            .image_ids()
+            .iter()
+            .map(|id| Deleted {
+                digest: id.image_digest().and_then(|d| Digest::parse(d).ok()),
+                tag: id.image_tag().and_then(|t| Tag::parse(t).ok()),
+            })
+            .collect();
+        let failures = output
+            .failures()
+            .iter()
+            .map(|failure| {
+                let asked = failure.image_id();
+                let image = ImageRef::new(
+                    asked
+                        .and_then(|id| id.image_tag())
+                        .and_then(|t| Tag::parse(t).ok()),
+                    asked
+                        .and_then(|id| id.image_digest())
+                        .and_then(|d| Digest::parse(d).ok()),
+                );
+                DeleteFailure {
+                    image: image.unwrap_or_else(|| images[0].clone()),
+                    code: failure
+                        .failure_code()
+                        .map_or_else(String::new, |c| c.as_str().to_owned()),
+                    reason: failure.failure_reason().unwrap_or_default().to_owned(),
+                }
+            })
+            .collect();
+        Ok(DeleteOutcome { deleted, failures })
+    }
+}
+
+/// The registry id ECR is asked about; `None` for the caller's own account.
+fn registry_id_of(repository: &RepositoryKey) -> Option<String> {
+    repository
+        .registry_id
+        .as_ref()
+        .map(|r| r.as_str().to_owned())
+}
+
+/// ECR's id for a reference.
+fn identifier(reference: &ImageRef) -> ImageIdentifier {
+    ImageIdentifier::builder()
+        .set_image_tag(reference.tag().map(|t| t.as_str().to_owned()))
+        .set_image_digest(reference.digest().map(|d| d.as_str().to_owned()))
+        .build()
+}
+
 impl BatchGet for Operations {
     async fn get_images(
         &self,
         input: BatchInput,
     ) -> Result<Vec<Result<StoredImage, RegistryError>>, RegistryError> {
-        let ids: Vec<ImageIdentifier> = input
-            .references
-            .iter()
-            .map(|reference| {
-                ImageIdentifier::builder()
-                    .set_image_tag(reference.tag().map(|t| t.as_str().to_owned()))
-                    .set_image_digest(reference.digest().map(|d| d.as_str().to_owned()))
-                    .build()
-            })
-            .collect();
+        let ids: Vec<ImageIdentifier> = input.references.iter().map(identifier).collect();
         let accepted: Vec<String> = if input.accepted_media_types.is_empty() {
             media_types::ALL_MANIFESTS.map(str::to_owned).to_vec()
         } else {
@@ -165,12 +229,7 @@ impl BatchGet for Operations {
         let call = self
             .client
             .batch_get_image()
-            .set_registry_id(
-                repository
-                    .registry_id
-                    .as_ref()
-                    .map(|r| r.as_str().to_owned()),
-            )
+            .set_registry_id(registry_id_of(repository))
             .repository_name(repository.repository.as_str())
             .set_image_ids(Some(ids))
             .set_accepted_media_types(Some(accepted))

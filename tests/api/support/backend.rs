@@ -42,12 +42,12 @@ pub struct Backend {
     _policy: ScratchDir,
 }
 
-/// The policy the conformance suite runs under: the anonymous test client may read and write
-/// every repository (denials have tests of their own, in `access.rs`).
+/// The policy the conformance suite runs under: the anonymous test client may read, write and
+/// delete every repository (denials have tests of their own, in `access.rs`).
 const CONFORMANCE_POLICY: &str = "rules:
   - id: conformance
     principals: [anonymous]
-    actions: [read, write]
+    actions: [read, write, delete]
     repositories: ['**']
 ";
 

@@ -1,7 +1,9 @@
 //! Request builders shared by every test: the common shapes of PutImage and GetImage.
 
 use ecr_image_service::pb::image_service_client::ImageServiceClient;
-use ecr_image_service::pb::{GetImageRequest, Image, ImageIdentifier, PutImageRequest};
+use ecr_image_service::pb::{
+    BatchDeleteImageRequest, GetImageRequest, Image, ImageIdentifier, PutImageRequest,
+};
 use tonic::transport::Channel;
 
 /// PutImage of `manifest` as `repository:tag` (an empty tag puts it untagged).
@@ -35,4 +37,19 @@ pub async fn fetch(client: &mut ImageServiceClient<Channel>, request: GetImageRe
         .into_inner()
         .image
         .expect("a GetImage answer carries the image")
+}
+
+/// BatchDeleteImage of `ids`, each `(tag, digest)` (empty strings are "not given").
+pub fn delete(repository: &str, ids: &[(&str, &str)]) -> BatchDeleteImageRequest {
+    BatchDeleteImageRequest {
+        repository_name: repository.into(),
+        image_ids: ids
+            .iter()
+            .map(|(tag, digest)| ImageIdentifier {
+                image_tag: (*tag).into(),
+                image_digest: (*digest).into(),
+            })
+            .collect(),
+        ..Default::default()
+    }
 }
