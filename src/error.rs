@@ -132,6 +132,14 @@ pub enum Error {
         /// The (validated) repository.
         repository: String,
     },
+    /// The image is an index with no entry for the platform asked for.
+    #[error("no image for platform {requested} in the index; it has: {available}")]
+    PlatformNotFound {
+        /// The platform asked for.
+        requested: String,
+        /// The index's platforms, comma-separated (`linux/amd64,linux/arm64/v8`).
+        available: String,
+    },
     /// The registry failed or refused.
     #[error(transparent)]
     Registry(#[from] RegistryError),
@@ -230,11 +238,13 @@ pub enum Reason {
     NoCallerIdentity,
     /// The authorization policy does not allow the request.
     AccessDenied,
+    /// An index has no image for the platform asked for.
+    PlatformNotFound,
 }
 
 impl Reason {
     /// Every reason, in the order of the error tables (README, proto comment).
-    pub const ALL: [Reason; 29] = [
+    pub const ALL: [Reason; 30] = [
         Self::InvalidField,
         Self::DigestMismatch,
         Self::MediaTypeMismatch,
@@ -264,6 +274,7 @@ impl Reason {
         Self::StoreFull,
         Self::NoCallerIdentity,
         Self::AccessDenied,
+        Self::PlatformNotFound,
     ];
 
     /// The UPPER_SNAKE spelling used in `ErrorInfo.reason`.
@@ -298,6 +309,7 @@ impl Reason {
             Self::StoreFull => "STORE_FULL",
             Self::NoCallerIdentity => "NO_CALLER_IDENTITY",
             Self::AccessDenied => "ACCESS_DENIED",
+            Self::PlatformNotFound => "PLATFORM_NOT_FOUND",
         }
     }
 }
@@ -318,6 +330,7 @@ impl Error {
             Self::Overloaded { .. } => (Code::Unavailable, Reason::Overloaded),
             Self::Unauthenticated { .. } => (Code::Unauthenticated, Reason::NoCallerIdentity),
             Self::AccessDenied { .. } => (Code::PermissionDenied, Reason::AccessDenied),
+            Self::PlatformNotFound { .. } => (Code::NotFound, Reason::PlatformNotFound),
             Self::Registry(err) => match err {
                 R::RepositoryNotFound(_) => (Code::NotFound, Reason::RepositoryNotFound),
                 R::ImageNotFound(_) => (Code::NotFound, Reason::ImageNotFound),
@@ -362,7 +375,8 @@ impl Error {
             | Self::DeadlineExceeded
             | Self::Overloaded { .. }
             | Self::Unauthenticated { .. }
-            | Self::AccessDenied { .. } => None,
+            | Self::AccessDenied { .. }
+            | Self::PlatformNotFound { .. } => None,
             Self::Registry(err) => err.upstream(),
         }
     }
@@ -405,7 +419,8 @@ impl Error {
             | Self::DeadlineExceeded
             | Self::Overloaded { .. }
             | Self::Unauthenticated { .. }
-            | Self::AccessDenied { .. } => Vec::new(),
+            | Self::AccessDenied { .. }
+            | Self::PlatformNotFound { .. } => Vec::new(),
         }
     }
 
@@ -428,9 +443,18 @@ impl From<Error> for Status {
     fn from(err: Error) -> Self {
         let (code, reason) = err.code_and_reason();
         let mut metadata = HashMap::new();
-        if let Error::AccessDenied { action, repository } = &err {
-            metadata.insert("action".to_owned(), action.as_str().to_owned());
-            metadata.insert("repository".to_owned(), repository.clone());
+        match &err {
+            Error::AccessDenied { action, repository } => {
+                metadata.insert("action".to_owned(), action.as_str().to_owned());
+                metadata.insert("repository".to_owned(), repository.clone());
+            }
+            Error::PlatformNotFound { available, .. } => {
+                metadata.insert(
+                    "available".to_owned(),
+                    truncated(available, MAX_MESSAGE_BYTES),
+                );
+            }
+            _ => {}
         }
         if let Some(upstream) = err.upstream() {
             if let Some(ecr_code) = &upstream.code {
@@ -648,6 +672,14 @@ mod tests {
                 .into(),
                 Code::Unavailable,
                 "OVERLOADED",
+            ),
+            (
+                Error::PlatformNotFound {
+                    requested: "linux/s390x".into(),
+                    available: "linux/amd64,linux/arm64".into(),
+                },
+                Code::NotFound,
+                "PLATFORM_NOT_FOUND",
             ),
             (
                 Error::Unauthenticated {

@@ -208,6 +208,14 @@ impl ImageRef {
         (tag.is_some() || digest.is_some()).then_some(Self { tag, digest })
     }
 
+    /// A reference by digest alone.
+    pub fn by_digest(digest: Digest) -> Self {
+        Self {
+            tag: None,
+            digest: Some(digest),
+        }
+    }
+
     /// The tag, if the image is named by tag.
     pub fn tag(&self) -> Option<&Tag> {
         self.tag.as_ref()

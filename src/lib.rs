@@ -37,6 +37,7 @@ pub mod identity;
 pub mod image;
 pub mod metrics;
 pub mod pb;
+pub mod platform;
 pub mod registry;
 pub mod retag;
 pub mod server;

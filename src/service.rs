@@ -49,6 +49,28 @@ impl ImageService {
         self
     }
 
+    /// A read, and the platform's child when a platform was asked for and the image is an
+    /// index. The read's input is only copied when a child may have to be fetched.
+    async fn read(
+        &self,
+        input: crate::registry::GetImageInput,
+        platform: Option<crate::platform::Platform>,
+    ) -> Result<crate::platform::Selected, Error> {
+        let Some(platform) = platform else {
+            let fetched = self.registry.get_image(input).await?;
+            Span::current().record("digest", fetched.image.digest.as_str());
+            return Ok(crate::platform::Selected {
+                image: fetched,
+                index: None,
+                platform: None,
+            });
+        };
+        let fetched = self.registry.get_image(input.clone()).await?;
+        let selected = crate::platform::select(&*self.registry, &input, fetched, &platform).await?;
+        Span::current().record("digest", selected.image.image.digest.as_str());
+        Ok(selected)
+    }
+
     /// The caller, from the one configured source.
     fn principal<T>(&self, request: &Request<T>) -> Result<Principal, Error> {
         let peer = request
@@ -95,6 +117,7 @@ impl pb::image_service_server::ImageService for ImageService {
             let input = validate::put_image(request)?;
             self.authorizer
                 .check(&principal, Action::Write, &input.repository)?;
+            crate::platform::check_children(&*self.registry, &input).await?;
             Span::current().record("digest", input.manifest.digest().as_str());
             let (image, outcome) = self.registry.put_image(input).await?;
             Ok(pb::PutImageResponse {
@@ -122,16 +145,21 @@ impl pb::image_service_server::ImageService for ImageService {
         let request = request.into_inner();
         let work = async {
             let principal = principal?;
+            let platform = validate::platform(request.platform.as_ref())?;
             let input = validate::get_image(request)?;
             self.authorizer
                 .check(&principal, Action::Read, &input.repository)?;
-            let fetched = self.registry.get_image(input).await?;
-            Span::current().record("digest", fetched.image.digest.as_str());
+            let selected = self.read(input, platform).await?;
+            let (index_image_id, platform, platform_applied) = index_fields(&selected);
+            let fetched = selected.image;
             let (cache_status, tag_resolution_age) = provenance(fetched.cache);
             Ok(pb::GetImageResponse {
                 image: Some(to_proto(fetched.image)),
                 cache_status: cache_status.into(),
                 tag_resolution_age,
+                index_image_id,
+                platform,
+                platform_applied,
             })
         };
         observe(call, deadline, work).await
@@ -196,14 +224,19 @@ impl pb::image_service_server::ImageService for ImageService {
         let request = request.into_inner();
         let work = async {
             let principal = principal?;
+            let platform = validate::platform(request.platform.as_ref())?;
             let input = validate::resolve_image(request)?;
             self.authorizer
                 .check(&principal, Action::Read, &input.repository)?;
-            let fetched = self.registry.get_image(input).await?;
-            Span::current().record("digest", fetched.image.digest.as_str());
+            let selected = self.read(input, platform).await?;
+            let (index_image_id, platform, platform_applied) = index_fields(&selected);
+            let fetched = selected.image;
             let (cache_status, tag_resolution_age) = provenance(fetched.cache);
             let image = fetched.image;
             Ok(pb::ResolveImageResponse {
+                index_image_id,
+                platform,
+                platform_applied,
                 image_manifest_size: i64::try_from(image.manifest.len()).unwrap_or(i64::MAX),
                 registry_id: image.registry_id,
                 repository_name: image.repository.as_str().to_owned(),
@@ -266,6 +299,29 @@ impl pb::image_service_server::ImageService for ImageService {
         };
         observe(call, deadline, work).await
     }
+}
+
+/// The response fields that say which index a platform's child came from.
+fn index_fields(
+    selected: &crate::platform::Selected,
+) -> (Option<pb::ImageIdentifier>, Option<pb::Platform>, bool) {
+    let index = selected.index.as_ref().map(|index| pb::ImageIdentifier {
+        image_digest: index.digest.to_string(),
+        image_tag: index
+            .tag
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+    });
+    let platform = selected.platform.as_ref().map(|p| pb::Platform {
+        os: p.os.clone(),
+        architecture: p.architecture.clone(),
+        variant: p.variant.clone(),
+        os_version: p.os_version.clone(),
+        os_features: p.os_features.clone(),
+    });
+    let applied = index.is_some();
+    (index, platform, applied)
 }
 
 /// `tag`, `digest` or `tag@digest`, for the request span.

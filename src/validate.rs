@@ -239,6 +239,67 @@ fn source_error(err: Error, targets: Checker) -> Error {
     }
 }
 
+/// The longest OS, architecture, variant or version a platform may name.
+const MAX_PLATFORM_FIELD: usize = 64;
+
+/// Validates the platform a read asks for, if any: OS and architecture required, every field
+/// short and of `[a-zA-Z0-9._-]`, no wildcard.
+pub fn platform(
+    platform: Option<&pb::Platform>,
+) -> Result<Option<crate::platform::Platform>, Error> {
+    let Some(asked) = platform else {
+        return Ok(None);
+    };
+    let mut check = Checker::default();
+    let field_ok = |value: &str| {
+        value.len() <= MAX_PLATFORM_FIELD
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    };
+    let fields = [
+        ("platform.os", &asked.os, true),
+        ("platform.architecture", &asked.architecture, true),
+        ("platform.variant", &asked.variant, false),
+        ("platform.os_version", &asked.os_version, false),
+    ];
+    for (field, value, required) in fields {
+        if required && value.is_empty() {
+            check.push(field, "is required");
+        } else if !field_ok(value) {
+            check.push(
+                field,
+                format!("must be at most {MAX_PLATFORM_FIELD} of [a-zA-Z0-9._-]"),
+            );
+        }
+    }
+    if check.at_most(
+        "platform.os_features",
+        asked.os_features.len(),
+        16,
+        "features",
+    ) {
+        for (i, feature) in asked.os_features.iter().enumerate() {
+            if feature.is_empty() || !field_ok(feature) {
+                check.push(
+                    &format!("platform.os_features[{i}]"),
+                    "must be 1 to 64 of [a-zA-Z0-9._-]",
+                );
+            }
+        }
+    }
+    if !check.violations.is_empty() {
+        return Err(check.into_error());
+    }
+    Ok(Some(crate::platform::Platform {
+        os: asked.os.clone(),
+        architecture: asked.architecture.clone(),
+        variant: asked.variant.clone(),
+        os_version: asked.os_version.clone(),
+        os_features: asked.os_features.clone(),
+    }))
+}
+
 /// The most ids one BatchDeleteImage takes: ten ECR calls of 100.
 pub const MAX_DELETE_IDS: usize = 1000;
 
@@ -533,6 +594,7 @@ mod properties {
                 image_id: Some(pb::ImageIdentifier { image_digest, image_tag }),
                 accepted_media_types: accepted,
                 max_staleness: Some(prost_types::Duration { seconds: staleness_seconds, nanos: 0 }),
+                platform: None,
             };
             if let Err(err) = get_image(request) {
                 let status = tonic::Status::from(err);

@@ -117,6 +117,20 @@ pub struct GetImageArgs {
     /// What to print.
     #[arg(long, value_enum, default_value_t = GetOutput::Json)]
     output: GetOutput,
+    /// From an index, the image for this platform (`os/arch[/variant]`, e.g. linux/arm64/v8).
+    #[arg(long, value_parser = parse_platform)]
+    platform: Option<pb::Platform>,
+}
+
+/// `--platform os/arch[/variant]`, as Docker takes it.
+fn parse_platform(text: &str) -> Result<pb::Platform, String> {
+    let platform = crate::platform::Platform::parse(text)?;
+    Ok(pb::Platform {
+        os: platform.os,
+        architecture: platform.architecture,
+        variant: platform.variant,
+        ..pb::Platform::default()
+    })
 }
 
 /// `retag-image`: point tags at an existing image, server-side.
@@ -173,6 +187,9 @@ pub struct ResolveImageArgs {
     target: Target,
     #[command(flatten)]
     image: ImageArgs,
+    /// From an index, the image for this platform (`os/arch[/variant]`).
+    #[arg(long, value_parser = parse_platform)]
+    platform: Option<pb::Platform>,
 }
 
 /// `digest`: the digest ECR gives a manifest file, computed here without any service.
@@ -389,6 +406,7 @@ pub async fn get_image(args: GetImageArgs) -> Result<(), CliError> {
         repository_name: args.image.repository_name,
         accepted_media_types: args.accepted_media_types,
         max_staleness: None,
+        platform: args.platform,
     };
     let image = client
         .get_image(request(message, &args.target))
@@ -523,6 +541,7 @@ pub async fn resolve_image(args: ResolveImageArgs) -> Result<(), CliError> {
         image_id: Some(args.image.identifier()),
         repository_name: args.image.repository_name,
         max_staleness: None,
+        platform: args.platform,
     };
     let response = client
         .resolve_image(request(message, &args.target))

@@ -649,30 +649,18 @@ fn referenced_by_index(
             media_types::OCI_INDEX,
             media_types::DOCKER_MANIFEST_LIST_V2
         ],
-        |row| row.get::<_, String>(0),
+        |row| Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?)),
     )?;
-    for manifest in manifests {
-        if children_of(&manifest?).iter().any(|child| child == digest) {
+    for row in manifests {
+        let (manifest, media_type) = row?;
+        if crate::platform::children(&media_type, &manifest)
+            .iter()
+            .any(|child| child == digest)
+        {
             return Ok(true);
         }
     }
     Ok(false)
-}
-
-/// The digests an index lists (`manifests[].digest`); none for anything else.
-fn children_of(manifest: &str) -> Vec<String> {
-    #[derive(serde::Deserialize)]
-    struct Index {
-        #[serde(default)]
-        manifests: Vec<Child>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Child {
-        digest: String,
-    }
-    serde_json::from_str::<Index>(manifest)
-        .map(|index| index.manifests.into_iter().map(|c| c.digest).collect())
-        .unwrap_or_default()
 }
 
 impl Registry for LocalRegistry {

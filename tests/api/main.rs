@@ -11,6 +11,7 @@ mod faults;
 mod hostile;
 mod mtls;
 mod observability;
+mod platforms;
 mod sidecar;
 #[allow(dead_code)] // shared with tests/rate_budget.rs, which uses other parts
 mod support;
