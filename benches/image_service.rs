@@ -220,6 +220,20 @@ impl ImageService for Bare {
     ) -> Result<Response<ecr_image_service::pb::BatchDeleteImageResponse>, Status> {
         Err(Status::unimplemented("bare"))
     }
+
+    async fn list_images(
+        &self,
+        _: Request<ecr_image_service::pb::ListImagesRequest>,
+    ) -> Result<Response<ecr_image_service::pb::ListImagesResponse>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
+
+    async fn describe_images(
+        &self,
+        _: Request<ecr_image_service::pb::DescribeImagesRequest>,
+    ) -> Result<Response<ecr_image_service::pb::DescribeImagesResponse>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
 }
 
 fn get(tag: &str, digest: &str) -> GetImageRequest {

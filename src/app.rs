@@ -32,7 +32,8 @@ impl StartError {
     /// The process exit code for this failure.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Config(_) | Self::Serve(ServeError::Policy(_) | ServeError::Tls(_)) => {
+            Self::Config(_)
+            | Self::Serve(ServeError::Policy(_) | ServeError::Tls(_) | ServeError::PageTokens(_)) => {
                 exit::USAGE
             }
             Self::Store(_) | Self::Serve(_) => exit::OTHER,

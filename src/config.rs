@@ -97,6 +97,12 @@ pub struct ServeArgs {
     #[arg(long, env = "ECR_IMAGE_SERVICE_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<std::path::PathBuf>,
 
+    /// A file of at least 32 bytes that signs ListImages/DescribeImages page tokens, shared by
+    /// every replica (a Kubernetes Secret) so a page from one continues on another. Without it
+    /// each process draws a random key, and a token only works on the replica that issued it.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_PAGE_TOKEN_KEY_FILE")]
+    pub page_token_key_file: Option<std::path::PathBuf>,
+
     /// AWS region of the registry [default: the SDK's chain: AWS_REGION, profile, IMDS].
     #[arg(long, env = "ECR_IMAGE_SERVICE_REGION")]
     pub region: Option<String>,
@@ -188,6 +194,10 @@ pub struct ServeArgs {
     /// BatchDeleteImage requests per second (ECR publishes no quota; conservative default).
     #[arg(long, env = "ECR_IMAGE_SERVICE_BATCH_DELETE_IMAGE_RATE", default_value_t = ecr::DEFAULT_BATCH_DELETE_IMAGE_RATE)]
     pub batch_delete_image_rate: f64,
+
+    /// ListImages and DescribeImages requests per second, each (no published quota).
+    #[arg(long, env = "ECR_IMAGE_SERVICE_LISTING_RATE", default_value_t = ecr::DEFAULT_LISTING_RATE)]
+    pub listing_rate: f64,
 
     /// Processes sharing those quotas (e.g. the replica count): each takes rate / share.
     #[arg(long, env = "ECR_IMAGE_SERVICE_RATE_SHARE", default_value_t = 1)]
@@ -333,6 +343,7 @@ impl ServeArgs {
             ("--put-image-rate", self.put_image_rate),
             ("--batch-get-image-rate", self.batch_get_image_rate),
             ("--batch-delete-image-rate", self.batch_delete_image_rate),
+            ("--listing-rate", self.listing_rate),
         ] {
             if !(rate.is_finite() && rate > 0.0) {
                 return Err(invalid(
@@ -400,6 +411,10 @@ impl ServeArgs {
             }
             _ => {}
         }
+        if let Some(path) = &self.page_token_key_file {
+            crate::paging::PageTokens::from_file(path)
+                .map_err(|e| invalid("--page-token-key-file", e))?;
+        }
         if let Some(path) = &self.authz_policy {
             crate::authz::Authorizer::from_file(path).map_err(|e| invalid("--authz-policy", e))?;
         }
@@ -420,6 +435,7 @@ impl ServeArgs {
             put_image_rate: self.put_image_rate / f64::from(self.rate_share),
             batch_get_image_rate: self.batch_get_image_rate / f64::from(self.rate_share),
             batch_delete_image_rate: self.batch_delete_image_rate / f64::from(self.rate_share),
+            listing_rate: self.listing_rate / f64::from(self.rate_share),
             batch_window: *self.batch_window,
         }
     }
@@ -440,6 +456,7 @@ impl ServeArgs {
             identity_source: self.identity_source,
             authz_policy: self.authz_policy.clone(),
             tls: self.tls_settings(),
+            page_token_key: self.page_token_key_file.clone(),
         }
     }
 

@@ -36,6 +36,7 @@ pub mod health_check;
 pub mod identity;
 pub mod image;
 pub mod metrics;
+pub mod paging;
 pub mod pb;
 pub mod platform;
 pub mod registry;

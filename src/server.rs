@@ -19,6 +19,7 @@ use crate::authz::Authorizer;
 use crate::connection::{ConnectionLimits, Listener};
 use crate::identity::IdentitySource;
 use crate::image::MAX_MANIFEST_BYTES;
+use crate::paging::PageTokens;
 use crate::pb::image_service_server::ImageServiceServer;
 use crate::registry::SharedRegistry;
 use crate::service::ImageService;
@@ -136,6 +137,8 @@ pub struct ServerSettings {
     pub authz_policy: Option<PathBuf>,
     /// The service's own mutual TLS (with `--identity-source mtls`); none serves plaintext.
     pub tls: Option<TlsSettings>,
+    /// The key that signs page tokens, shared by replicas; none draws a random one per process.
+    pub page_token_key: Option<PathBuf>,
 }
 
 impl Default for ServerSettings {
@@ -154,6 +157,7 @@ impl Default for ServerSettings {
             identity_source: IdentitySource::None,
             authz_policy: None,
             tls: None,
+            page_token_key: None,
         }
     }
 }
@@ -178,6 +182,9 @@ pub enum ServeError {
     /// The TLS files cannot be read or do not make a configuration.
     #[error("TLS: {0}")]
     Tls(String),
+    /// The page-token key cannot be read or is too short.
+    #[error("--page-token-key-file: {0}")]
+    PageTokens(String),
 }
 
 /// Both listeners, bound: the addresses are known (port 0 picks one) before anything serves.
@@ -187,6 +194,7 @@ pub struct Bound {
     admin: TcpListener,
     authorizer: Arc<Authorizer>,
     tls: Option<Arc<TlsFiles>>,
+    pages: PageTokens,
     settings: ServerSettings,
 }
 
@@ -196,6 +204,11 @@ pub async fn bind(settings: ServerSettings) -> Result<Bound, ServeError> {
         Some(path) => Authorizer::from_file(path).map_err(ServeError::Policy)?,
         None => Authorizer::allow_all(),
     };
+    let pages = match &settings.page_token_key {
+        Some(path) => PageTokens::from_file(path),
+        None => PageTokens::random(),
+    }
+    .map_err(ServeError::PageTokens)?;
     let tls = match &settings.tls {
         Some(files) => Some(Arc::new(
             TlsFiles::load(files.clone()).map_err(ServeError::Tls)?,
@@ -212,6 +225,7 @@ pub async fn bind(settings: ServerSettings) -> Result<Bound, ServeError> {
         admin: listen(settings.admin_listen).await?,
         authorizer: Arc::new(authorizer),
         tls,
+        pages,
         settings,
     })
 }
@@ -249,7 +263,7 @@ impl Bound {
         tokio::spawn(admin::serve(admin, metrics));
         self.authorizer.announce();
         tokio::spawn(Arc::clone(&self.authorizer).watch());
-        let service = ImageService::new(registry, self.settings.default_deadline)
+        let service = ImageService::new(registry, self.settings.default_deadline, self.pages)
             .with_access(self.settings.identity_source, self.authorizer);
         if let Some(files) = &self.tls {
             tokio::spawn(Arc::clone(files).watch());

@@ -14,6 +14,7 @@ use crate::authz::{Action, Authorizer};
 use crate::error::{self, Error};
 use crate::identity::{self, IdentitySource, NoIdentity, Principal};
 use crate::image::{Digest, Tag};
+use crate::paging::PageTokens;
 use crate::pb;
 use crate::registry::{CacheStatus, PutOutcome, SharedRegistry, StoredImage};
 use crate::telemetry::TraceParent;
@@ -28,17 +29,47 @@ pub struct ImageService {
     identity: IdentitySource,
     /// What each caller may do.
     authorizer: Arc<Authorizer>,
+    /// Signs and checks ListImages and DescribeImages page tokens.
+    pages: PageTokens,
 }
 
 impl ImageService {
-    /// A service answering from `registry` to every caller, as `anonymous`.
-    pub fn new(registry: SharedRegistry, default_deadline: Duration) -> Self {
+    /// A service answering from `registry` to every caller, as `anonymous`, its page tokens
+    /// signed by `pages`.
+    pub fn new(registry: SharedRegistry, default_deadline: Duration, pages: PageTokens) -> Self {
         Self {
             registry,
             default_deadline,
             identity: IdentitySource::None,
             authorizer: Arc::new(Authorizer::allow_all()),
+            pages,
         }
+    }
+
+    /// The registry's continuation token inside the caller's `page_token`, checked against the
+    /// request's `fingerprint`; `None` for the first page.
+    fn continue_at(
+        &self,
+        page_token: &str,
+        fingerprint: &[u8; 32],
+    ) -> Result<Option<String>, Error> {
+        if page_token.is_empty() {
+            return Ok(None);
+        }
+        self.pages
+            .redeem(page_token, fingerprint)
+            .map(Some)
+            .map_err(|bad| {
+                Error::invalid(
+                    error::Reason::InvalidField,
+                    vec![error::Violation::new("page_token", bad.to_string())],
+                )
+            })
+    }
+
+    /// The caller's token for the registry's next page, empty at the end.
+    fn next_page(&self, next_token: Option<String>, fingerprint: &[u8; 32]) -> String {
+        next_token.map_or_else(String::new, |token| self.pages.issue(fingerprint, &token))
     }
 
     /// The same service, reading callers' identities from `identity` and checking each request
@@ -69,6 +100,33 @@ impl ImageService {
         let selected = crate::platform::select(&*self.registry, &input, fetched, &platform).await?;
         Span::current().record("digest", selected.image.image.digest.as_str());
         Ok(selected)
+    }
+
+    /// What every RPC does first: its deadline (from the headers' arrival), its caller, the
+    /// context of its span and failure line (`describe` gives the repository and reference
+    /// as the request names them), and the message.
+    fn begin<T>(
+        &self,
+        method: &'static str,
+        request: Request<T>,
+        describe: impl FnOnce(&T) -> (String, String),
+    ) -> Begun<T> {
+        let deadline = self.deadline_of(&request);
+        let principal = self.principal(&request);
+        let (repository, reference) = describe(request.get_ref());
+        let call = Call::new(
+            method,
+            &request,
+            principal.as_ref().ok(),
+            repository,
+            reference,
+        );
+        Begun {
+            deadline,
+            principal,
+            call,
+            message: request.into_inner(),
+        }
     }
 
     /// The caller, from the one configured source.
@@ -102,16 +160,14 @@ impl pb::image_service_server::ImageService for ImageService {
         &self,
         request: Request<pb::PutImageRequest>,
     ) -> Result<Response<pb::PutImageResponse>, Status> {
-        let deadline = self.deadline_of(&request);
-        let principal = self.principal(&request);
-        let call = Call::new(
-            "PutImage",
-            &request,
-            principal.as_ref().ok(),
-            &request.get_ref().repository_name,
-            request.get_ref().image_tag.clone(),
-        );
-        let request = request.into_inner();
+        let Begun {
+            deadline,
+            principal,
+            call,
+            message: request,
+        } = self.begin("PutImage", request, |r| {
+            (r.repository_name.clone(), r.image_tag.clone())
+        });
         let work = async {
             let principal = principal?;
             let input = validate::put_image(request)?;
@@ -132,17 +188,14 @@ impl pb::image_service_server::ImageService for ImageService {
         &self,
         request: Request<pb::GetImageRequest>,
     ) -> Result<Response<pb::GetImageResponse>, Status> {
-        let deadline = self.deadline_of(&request);
-        let reference = describe(request.get_ref().image_id.as_ref());
-        let principal = self.principal(&request);
-        let call = Call::new(
-            "GetImage",
-            &request,
-            principal.as_ref().ok(),
-            &request.get_ref().repository_name,
-            reference,
-        );
-        let request = request.into_inner();
+        let Begun {
+            deadline,
+            principal,
+            call,
+            message: request,
+        } = self.begin("GetImage", request, |r| {
+            (r.repository_name.clone(), describe(r.image_id.as_ref()))
+        });
         let work = async {
             let principal = principal?;
             let platform = validate::platform(request.platform.as_ref())?;
@@ -169,17 +222,17 @@ impl pb::image_service_server::ImageService for ImageService {
         &self,
         request: Request<pb::RetagImageRequest>,
     ) -> Result<Response<pb::RetagImageResponse>, Status> {
-        let deadline = self.deadline_of(&request);
-        let reference = describe(request.get_ref().source_image_id.as_ref());
-        let principal = self.principal(&request);
-        let call = Call::new(
-            "RetagImage",
-            &request,
-            principal.as_ref().ok(),
-            &request.get_ref().repository_name,
-            reference,
-        );
-        let request = request.into_inner();
+        let Begun {
+            deadline,
+            principal,
+            call,
+            message: request,
+        } = self.begin("RetagImage", request, |r| {
+            (
+                r.repository_name.clone(),
+                describe(r.source_image_id.as_ref()),
+            )
+        });
         let work = async {
             let principal = principal?;
             let input = validate::retag_image(request)?;
@@ -211,17 +264,14 @@ impl pb::image_service_server::ImageService for ImageService {
         &self,
         request: Request<pb::ResolveImageRequest>,
     ) -> Result<Response<pb::ResolveImageResponse>, Status> {
-        let deadline = self.deadline_of(&request);
-        let reference = describe(request.get_ref().image_id.as_ref());
-        let principal = self.principal(&request);
-        let call = Call::new(
-            "ResolveImage",
-            &request,
-            principal.as_ref().ok(),
-            &request.get_ref().repository_name,
-            reference,
-        );
-        let request = request.into_inner();
+        let Begun {
+            deadline,
+            principal,
+            call,
+            message: request,
+        } = self.begin("ResolveImage", request, |r| {
+            (r.repository_name.clone(), describe(r.image_id.as_ref()))
+        });
         let work = async {
             let principal = principal?;
             let platform = validate::platform(request.platform.as_ref())?;
@@ -253,17 +303,17 @@ impl pb::image_service_server::ImageService for ImageService {
         &self,
         request: Request<pb::BatchDeleteImageRequest>,
     ) -> Result<Response<pb::BatchDeleteImageResponse>, Status> {
-        let deadline = self.deadline_of(&request);
-        let principal = self.principal(&request);
-        let ids = request.get_ref().image_ids.len();
-        let call = Call::new(
-            "BatchDeleteImage",
-            &request,
-            principal.as_ref().ok(),
-            &request.get_ref().repository_name,
-            format!("{ids} ids"),
-        );
-        let request = request.into_inner();
+        let Begun {
+            deadline,
+            principal,
+            call,
+            message: request,
+        } = self.begin("BatchDeleteImage", request, |r| {
+            (
+                r.repository_name.clone(),
+                format!("{} ids", r.image_ids.len()),
+            )
+        });
         let work = async {
             let principal = principal?;
             let input = validate::batch_delete_image(request)?;
@@ -271,14 +321,7 @@ impl pb::image_service_server::ImageService for ImageService {
                 .check(&principal, Action::Delete, &input.repository)?;
             let outcome = self.registry.delete_images(input).await?;
             Ok(pb::BatchDeleteImageResponse {
-                image_ids: outcome
-                    .deleted
-                    .into_iter()
-                    .map(|d| pb::ImageIdentifier {
-                        image_digest: d.digest.map(|d| d.to_string()).unwrap_or_default(),
-                        image_tag: d.tag.map(|t| t.to_string()).unwrap_or_default(),
-                    })
-                    .collect(),
+                image_ids: outcome.deleted.into_iter().map(id_of).collect(),
                 failures: outcome
                     .failures
                     .into_iter()
@@ -298,6 +341,102 @@ impl pb::image_service_server::ImageService for ImageService {
             })
         };
         observe(call, deadline, work).await
+    }
+
+    async fn list_images(
+        &self,
+        request: Request<pb::ListImagesRequest>,
+    ) -> Result<Response<pb::ListImagesResponse>, Status> {
+        let Begun {
+            deadline,
+            principal,
+            call,
+            message: request,
+        } = self.begin("ListImages", request, |r| {
+            (r.repository_name.clone(), String::new())
+        });
+        let work = async {
+            let principal = principal?;
+            let (mut input, page_token) = validate::list_images(request)?;
+            // Checked on every page: a token never carries authority (AIP-158).
+            self.authorizer
+                .check(&principal, Action::Read, &input.repository)?;
+            let fingerprint = listing_fingerprint("ListImages", &input, &[]);
+            input.next_token = self.continue_at(&page_token, &fingerprint)?;
+            let page = self.registry.list_images(input).await?;
+            Ok(pb::ListImagesResponse {
+                image_ids: page.ids.into_iter().map(id_of).collect(),
+                next_page_token: self.next_page(page.next_token, &fingerprint),
+            })
+        };
+        observe(call, deadline, work).await
+    }
+
+    async fn describe_images(
+        &self,
+        request: Request<pb::DescribeImagesRequest>,
+    ) -> Result<Response<pb::DescribeImagesResponse>, Status> {
+        let Begun {
+            deadline,
+            principal,
+            call,
+            message: request,
+        } = self.begin("DescribeImages", request, |r| {
+            (r.repository_name.clone(), String::new())
+        });
+        let work = async {
+            let principal = principal?;
+            let (mut input, page_token) = validate::describe_images(request)?;
+            self.authorizer
+                .check(&principal, Action::Read, &input.listing.repository)?;
+            let fingerprint = listing_fingerprint("DescribeImages", &input.listing, &input.images);
+            input.listing.next_token = self.continue_at(&page_token, &fingerprint)?;
+            let page = self.registry.describe_images(input).await?;
+            Ok(pb::DescribeImagesResponse {
+                image_details: page
+                    .details
+                    .into_iter()
+                    .map(|d| pb::ImageDetail {
+                        image_digest: d.digest.to_string(),
+                        image_tags: d.tags.iter().map(ToString::to_string).collect(),
+                        image_size_in_bytes: d.size_in_bytes,
+                        image_pushed_at: d
+                            .pushed_at
+                            .map(|seconds| prost_types::Timestamp { seconds, nanos: 0 }),
+                        image_manifest_media_type: d.media_type,
+                        artifact_media_type: d.artifact_media_type,
+                    })
+                    .collect(),
+                next_page_token: self.next_page(page.next_token, &fingerprint),
+            })
+        };
+        observe(call, deadline, work).await
+    }
+}
+
+/// What a page token is bound to: the operation, the registry, the repository, the filter, the
+/// page size and (DescribeImages) the ids.
+fn listing_fingerprint(
+    operation: &str,
+    listing: &crate::registry::ListInput,
+    ids: &[crate::image::ImageRef],
+) -> [u8; 32] {
+    let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
+    PageTokens::fingerprint(&[
+        operation,
+        listing.registry_id.as_ref().map_or("", |r| r.as_str()),
+        listing.repository.as_str(),
+        &format!("{:?}", listing.tag_status),
+        &listing.max_results.to_string(),
+        &ids.join(","),
+    ])
+}
+
+/// An id as the API returns it.
+fn id_of(id: crate::registry::Deleted) -> pb::ImageIdentifier {
+    pb::ImageIdentifier {
+        image_digest: id.digest.map(|d| d.to_string()).unwrap_or_default(),
+        image_tag: id.tag.map(|t| t.to_string()).unwrap_or_default(),
     }
 }
 
@@ -365,6 +504,14 @@ fn loggable(value: &str) -> String {
     logged
 }
 
+/// An RPC's start: see [`ImageService::begin`].
+struct Begun<T> {
+    deadline: Instant,
+    principal: Result<Principal, Error>,
+    call: Call,
+    message: T,
+}
+
 /// What a request is, for its span and for the line logged if it fails.
 struct Call {
     method: &'static str,
@@ -383,7 +530,7 @@ impl Call {
         method: &'static str,
         request: &Request<T>,
         principal: Option<&Principal>,
-        repository: &str,
+        repository: String,
         reference: String,
     ) -> Self {
         let trace = request
@@ -394,7 +541,7 @@ impl Call {
         Self {
             method,
             principal: principal.cloned(),
-            repository: repository.to_owned(),
+            repository,
             reference,
             trace,
         }

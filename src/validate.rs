@@ -9,7 +9,9 @@ use crate::image::{
     Digest, ImageRef, Invalid, Manifest, ManifestError, MediaType, RegistryId, RepositoryName, Tag,
 };
 use crate::pb;
-use crate::registry::{DeleteImagesInput, GetImageInput, PutImageInput};
+use crate::registry::{
+    DeleteImagesInput, DescribeInput, GetImageInput, ListInput, PutImageInput, TagStatus,
+};
 
 /// Targets of one RetagImage: each is a PutImage, paced at ECR's ~10/s, so 20 fit in the
 /// default deadline with room for throttling.
@@ -300,6 +302,107 @@ pub fn platform(
     }))
 }
 
+/// A page holds this many entries when the request does not say (AIP-158's default, ECR's).
+pub const DEFAULT_PAGE_SIZE: u32 = 100;
+/// The most a page holds; larger sizes are taken as this (AIP-158: coerce, do not refuse).
+pub const MAX_PAGE_SIZE: u32 = 1000;
+/// The most ids one DescribeImages takes (ECR's `ImageIdentifierList`).
+pub const MAX_DESCRIBE_IDS: usize = 100;
+
+/// The listing a ListImages asks for (its registry token still unset), and its page token.
+pub fn list_images(request: pb::ListImagesRequest) -> Result<(ListInput, String), Error> {
+    let mut check = Checker::default();
+    let listing = listing(
+        &mut check,
+        &request.registry_id,
+        &request.repository_name,
+        request.filter.as_ref(),
+        request.page_size,
+    );
+    match listing {
+        Some(listing) if check.violations.is_empty() => Ok((listing, request.page_token)),
+        _ => Err(check.into_error()),
+    }
+}
+
+/// The DescribeImages asked for (by ids, or a listing), and its page token.
+pub fn describe_images(
+    request: pb::DescribeImagesRequest,
+) -> Result<(DescribeInput, String), Error> {
+    let mut check = Checker::default();
+    let listing = listing(
+        &mut check,
+        &request.registry_id,
+        &request.repository_name,
+        request.filter.as_ref(),
+        request.page_size,
+    );
+    let mut images = Vec::new();
+    let listed = request.image_ids.len();
+    if check.at_most("image_ids", listed, MAX_DESCRIBE_IDS, "image ids") {
+        for (i, id) in request.image_ids.iter().enumerate() {
+            images.extend(image_id_entry(&mut check, &format!("image_ids[{i}]"), id));
+        }
+    }
+    if listed > 0 && (request.page_size != 0 || !request.page_token.is_empty()) {
+        check.push(
+            "page_token",
+            "paging applies to a listing, not to image_ids",
+        );
+    }
+    match listing {
+        Some(listing) if check.violations.is_empty() => {
+            Ok((DescribeInput { listing, images }, request.page_token))
+        }
+        _ => Err(check.into_error()),
+    }
+}
+
+/// The registry, repository, filter and page size of a listing.
+fn listing(
+    check: &mut Checker,
+    registry_id: &str,
+    repository_name: &str,
+    filter: Option<&pb::ListImagesFilter>,
+    page_size: i32,
+) -> Option<ListInput> {
+    let (registry_id, repository) = check.place(registry_id, repository_name);
+    let max_results = match u32::try_from(page_size) {
+        Err(_) => {
+            check.push("page_size", "must not be negative");
+            DEFAULT_PAGE_SIZE
+        }
+        Ok(0) => DEFAULT_PAGE_SIZE,
+        Ok(size) => size.min(MAX_PAGE_SIZE),
+    };
+    let tag_status = match filter.map(pb::ListImagesFilter::tag_status) {
+        Some(pb::TagStatus::Tagged) => TagStatus::Tagged,
+        Some(pb::TagStatus::Untagged) => TagStatus::Untagged,
+        _ => TagStatus::Any,
+    };
+    Some(ListInput {
+        registry_id,
+        repository: repository?,
+        tag_status,
+        max_results,
+        next_token: None,
+    })
+}
+
+/// One `image_ids[i]` entry: a tag, a digest or both.
+fn image_id_entry(check: &mut Checker, field: &str, id: &pb::ImageIdentifier) -> Option<ImageRef> {
+    let tag = check.optional(&format!("{field}.image_tag"), &id.image_tag, Tag::parse);
+    let digest = check.optional(
+        &format!("{field}.image_digest"),
+        &id.image_digest,
+        Digest::parse,
+    );
+    if id.image_tag.is_empty() && id.image_digest.is_empty() {
+        check.push(field, "needs an image_tag, an image_digest, or both");
+    }
+    ImageRef::new(tag, digest)
+}
+
 /// The most ids one BatchDeleteImage takes: ten ECR calls of 100.
 pub const MAX_DELETE_IDS: usize = 1000;
 
@@ -316,23 +419,7 @@ pub fn batch_delete_image(
     let mut images = Vec::new();
     if check.at_most("image_ids", listed, MAX_DELETE_IDS, "image ids") {
         for (i, id) in request.image_ids.iter().enumerate() {
-            let tag = check.optional(
-                &format!("image_ids[{i}].image_tag"),
-                &id.image_tag,
-                Tag::parse,
-            );
-            let digest = check.optional(
-                &format!("image_ids[{i}].image_digest"),
-                &id.image_digest,
-                Digest::parse,
-            );
-            if id.image_tag.is_empty() && id.image_digest.is_empty() {
-                check.push(
-                    &format!("image_ids[{i}]"),
-                    "needs an image_tag, an image_digest, or both",
-                );
-            }
-            images.extend(ImageRef::new(tag, digest));
+            images.extend(image_id_entry(&mut check, &format!("image_ids[{i}]"), id));
         }
     }
     match repository {

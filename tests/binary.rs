@@ -1051,6 +1051,35 @@ fn cli_subcommands_print_aws_cli_json_and_exit_per_error_class() {
     );
     assert_ne!(doc_digest, SEED_DIGEST);
 
+    // list-images pages for itself; --max-items cuts it with a NextToken that continues it.
+    let listed = json(&run(&[&["list-images"][..], &repo].concat()));
+    let all = listed["imageIds"].as_array().unwrap().len();
+    assert!(all >= 3, "{listed}");
+    assert!(listed.get("NextToken").is_none());
+    let first = json(&run(&[
+        &["list-images"][..],
+        &repo,
+        &["--max-items", "1", "--page-size", "2"],
+    ]
+    .concat()));
+    assert_eq!(first["imageIds"].as_array().unwrap().len(), 1);
+    let next = first["NextToken"].as_str().expect("a NextToken").to_owned();
+    let rest = json(&run(&[
+        &["list-images"][..],
+        &repo,
+        &["--starting-token", &next, "--page-size", "2"],
+    ]
+    .concat()));
+    assert_eq!(rest["imageIds"].as_array().unwrap().len(), all - 1);
+    let described = json(&run(&[
+        &["describe-images"][..],
+        &repo,
+        &["--image-ids", "imageTag=v1"],
+    ]
+    .concat()));
+    assert_eq!(described["imageDetails"][0]["imageDigest"], SEED_DIGEST);
+    assert!(described["imageDetails"][0]["imagePushedAt"].is_string());
+
     // batch-delete-image with the AWS CLI's shorthand ids: deleted and failed ids, exit 0.
     let deleted = json(&run(&[
         &["batch-delete-image"][..],

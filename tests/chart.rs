@@ -373,6 +373,13 @@ fn every_setting_of_the_binary_is_reachable_from_values_and_accepted_by_it() {
         "ECR_IMAGE_SERVICE_AUTHZ_POLICY".into(),
         policy_file.to_str().unwrap().into(),
     );
+    let key_file = home.join("page-token-key");
+    std::fs::write(&key_file, [7u8; 32]).unwrap();
+    assert!(settings.contains_key("ECR_IMAGE_SERVICE_PAGE_TOKEN_KEY_FILE"));
+    settings.insert(
+        "ECR_IMAGE_SERVICE_PAGE_TOKEN_KEY_FILE".into(),
+        key_file.to_str().unwrap().into(),
+    );
     settings.insert("ECR_IMAGE_SERVICE_LISTEN".into(), "127.0.0.1:0".into());
     settings.insert(
         "ECR_IMAGE_SERVICE_ADMIN_LISTEN".into(),

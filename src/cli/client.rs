@@ -180,6 +180,224 @@ fn parse_image_id(text: &str) -> Result<pb::ImageIdentifier, String> {
     Ok(id)
 }
 
+/// The paging flags of `aws ecr list-images` and `describe-images`.
+#[derive(Debug, Clone, Args)]
+pub struct PagingArgs {
+    /// The most items to print; with more left, a `NextToken` is printed to continue.
+    #[arg(long)]
+    max_items: Option<usize>,
+    /// A `NextToken` printed by an earlier call.
+    #[arg(long)]
+    starting_token: Option<String>,
+    /// Items per call to the service (it pages ECR the same way); 100 when omitted.
+    #[arg(long)]
+    page_size: Option<i32>,
+    /// `tagStatus=TAGGED|UNTAGGED|ANY`, as the AWS CLI takes it.
+    #[arg(long, value_parser = parse_filter)]
+    filter: Option<pb::ListImagesFilter>,
+}
+
+fn parse_filter(text: &str) -> Result<pb::ListImagesFilter, String> {
+    let status = match text.strip_prefix("tagStatus=") {
+        Some("TAGGED") => pb::TagStatus::Tagged,
+        Some("UNTAGGED") => pb::TagStatus::Untagged,
+        Some("ANY") => pb::TagStatus::Any,
+        _ => {
+            return Err(format!(
+                "{text:?}: expected tagStatus=TAGGED, UNTAGGED or ANY"
+            ));
+        }
+    };
+    Ok(pb::ListImagesFilter {
+        tag_status: status.into(),
+    })
+}
+
+/// `list-images`: every image id of a repository, paging automatically as the AWS CLI does.
+#[derive(Debug, Clone, Args)]
+pub struct ListImagesArgs {
+    #[command(flatten)]
+    target: Target,
+    /// The repository.
+    #[arg(long)]
+    repository_name: String,
+    /// The registry (12-digit account ID); the service's own when omitted.
+    #[arg(long)]
+    registry_id: Option<String>,
+    #[command(flatten)]
+    paging: PagingArgs,
+}
+
+/// `describe-images`: details of the images named, or of every image, paging automatically.
+#[derive(Debug, Clone, Args)]
+pub struct DescribeImagesArgs {
+    #[command(flatten)]
+    target: Target,
+    /// The repository.
+    #[arg(long)]
+    repository_name: String,
+    /// The images (`imageTag=v1`, `imageDigest=sha256:…`); every image when omitted.
+    #[arg(long, num_args = 1.., value_parser = parse_image_id)]
+    image_ids: Vec<pb::ImageIdentifier>,
+    /// The registry (12-digit account ID); the service's own when omitted.
+    #[arg(long)]
+    registry_id: Option<String>,
+    #[command(flatten)]
+    paging: PagingArgs,
+}
+
+/// Calls `fetch` (one page at a service page token) until the listing ends or `max_items`
+/// are collected; the items, and the AWS-CLI-style `NextToken` when `max_items` cut it
+/// short: the page's token and how many of its items were printed, `TOKEN:SKIP`.
+async fn paginate<T, F, Fut>(
+    paging: &PagingArgs,
+    mut fetch: F,
+) -> Result<(Vec<T>, Option<String>), CliError>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<T>, String), CliError>>,
+{
+    let (mut token, mut skip) = match paging.starting_token.as_deref() {
+        None => (String::new(), 0),
+        Some(text) => match text.rsplit_once(':') {
+            Some((token, skip)) => (token.to_owned(), skip.parse().unwrap_or(0)),
+            None => (text.to_owned(), 0),
+        },
+    };
+    let mut items = Vec::new();
+    loop {
+        let (page, next) = fetch(token.clone()).await?;
+        for (position, item) in page.into_iter().enumerate().skip(skip) {
+            if paging.max_items.is_some_and(|max| items.len() >= max) {
+                return Ok((items, Some(format!("{token}:{position}"))));
+            }
+            items.push(item);
+        }
+        skip = 0;
+        if next.is_empty() {
+            return Ok((items, None));
+        }
+        if paging.max_items.is_some_and(|max| items.len() >= max) {
+            return Ok((items, Some(format!("{next}:0"))));
+        }
+        token = next;
+    }
+}
+
+/// What `aws ecr list-images` prints.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ListOutput {
+    image_ids: Vec<ImageIdJson>,
+    #[serde(rename = "NextToken", skip_serializing_if = "Option::is_none")]
+    next_token: Option<String>,
+}
+
+/// `list-images`.
+pub async fn list_images(args: ListImagesArgs) -> Result<(), CliError> {
+    let client = connect(&args.target).await?;
+    let (ids, next_token) = paginate(&args.paging, |token| {
+        let mut client = client.clone();
+        let message = pb::ListImagesRequest {
+            registry_id: args.registry_id.clone().unwrap_or_default(),
+            repository_name: args.repository_name.clone(),
+            filter: args.paging.filter,
+            page_size: args.paging.page_size.unwrap_or_default(),
+            page_token: token,
+        };
+        let message = request(message, &args.target);
+        async move {
+            let page = client
+                .list_images(message)
+                .await
+                .map_err(CliError::Status)?
+                .into_inner();
+            Ok((page.image_ids, page.next_page_token))
+        }
+    })
+    .await?;
+    print_json(&ListOutput {
+        image_ids: ids.into_iter().map(Into::into).collect(),
+        next_token,
+    })
+}
+
+/// One image as `aws ecr describe-images` prints it.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DetailJson {
+    repository_name: String,
+    image_digest: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    image_tags: Vec<String>,
+    image_size_in_bytes: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    image_pushed_at: Option<String>,
+    image_manifest_media_type: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    artifact_media_type: String,
+}
+
+/// What `aws ecr describe-images` prints.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DescribeOutput {
+    image_details: Vec<DetailJson>,
+    #[serde(rename = "NextToken", skip_serializing_if = "Option::is_none")]
+    next_token: Option<String>,
+}
+
+/// `describe-images`.
+pub async fn describe_images(args: DescribeImagesArgs) -> Result<(), CliError> {
+    let client = connect(&args.target).await?;
+    let by_ids = !args.image_ids.is_empty();
+    let (details, next_token) = paginate(&args.paging, |token| {
+        let mut client = client.clone();
+        let message = pb::DescribeImagesRequest {
+            registry_id: args.registry_id.clone().unwrap_or_default(),
+            repository_name: args.repository_name.clone(),
+            image_ids: args.image_ids.clone(),
+            filter: args.paging.filter,
+            page_size: if by_ids {
+                0
+            } else {
+                args.paging.page_size.unwrap_or_default()
+            },
+            page_token: token,
+        };
+        let message = request(message, &args.target);
+        async move {
+            let page = client
+                .describe_images(message)
+                .await
+                .map_err(CliError::Status)?
+                .into_inner();
+            Ok((page.image_details, page.next_page_token))
+        }
+    })
+    .await?;
+    let repository_name = args.repository_name;
+    print_json(&DescribeOutput {
+        image_details: details
+            .into_iter()
+            .map(|d| DetailJson {
+                repository_name: repository_name.clone(),
+                image_digest: d.image_digest,
+                image_tags: d.image_tags,
+                image_size_in_bytes: d.image_size_in_bytes,
+                image_pushed_at: d.image_pushed_at.and_then(|t| {
+                    let seconds = u64::try_from(t.seconds).ok()?;
+                    let at = std::time::UNIX_EPOCH + Duration::from_secs(seconds);
+                    Some(humantime::format_rfc3339_seconds(at).to_string())
+                }),
+                image_manifest_media_type: d.image_manifest_media_type,
+                artifact_media_type: d.artifact_media_type,
+            })
+            .collect(),
+        next_token,
+    })
+}
+
 /// `resolve-image`: a tag's digest, media type and size, without the manifest.
 #[derive(Debug, Clone, Args)]
 pub struct ResolveImageArgs {

@@ -49,6 +49,10 @@ pub enum Command {
     ResolveImage(client::ResolveImageArgs),
     /// Delete images by tag or digest, like `aws ecr batch-delete-image`.
     BatchDeleteImage(client::BatchDeleteImageArgs),
+    /// List a repository's image ids, like `aws ecr list-images` (pages automatically).
+    ListImages(client::ListImagesArgs),
+    /// Describe images, like `aws ecr describe-images` (pages automatically).
+    DescribeImages(client::DescribeImagesArgs),
     /// Print the digest ECR gives a manifest file (offline: SHA-256 of its exact bytes).
     Digest(client::DigestArgs),
     /// Audit an authorization policy offline.
@@ -144,6 +148,8 @@ pub fn run(command: Command) -> ExitCode {
         Command::RetagImage(args) => runtime.block_on(client::retag_image(args)),
         Command::ResolveImage(args) => runtime.block_on(client::resolve_image(args)),
         Command::BatchDeleteImage(args) => runtime.block_on(client::batch_delete_image(args)),
+        Command::ListImages(args) => runtime.block_on(client::list_images(args)),
+        Command::DescribeImages(args) => runtime.block_on(client::describe_images(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

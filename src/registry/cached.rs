@@ -29,8 +29,9 @@ use tokio::time::Instant;
 
 use super::flight::Flights;
 use super::{
-    CacheStatus, DeleteImagesInput, DeleteOutcome, Fetched, GetImageInput, PutImageInput,
-    PutOutcome, Registry, RegistryError, RepositoryKey, SharedRegistry, StoredImage,
+    CacheStatus, DeleteImagesInput, DeleteOutcome, DescribeInput, DescribePage, Fetched,
+    GetImageInput, ListInput, ListPage, PutImageInput, PutOutcome, Registry, RegistryError,
+    RepositoryKey, SharedRegistry, StoredImage,
 };
 use crate::image::{Digest, ImageRef, MediaType, Tag, media_types};
 
@@ -400,6 +401,19 @@ impl CachedRegistry {
             }
         }
         Ok(outcome)
+    }
+}
+
+impl CachedRegistry {
+    /// Listings are never cached (they are what changes); each is a distinct upstream call.
+    async fn list(&self, input: ListInput) -> Result<ListPage, RegistryError> {
+        let _slot = self.upstream_slot()?;
+        self.inner.list_images(input).await
+    }
+
+    async fn describe(&self, input: DescribeInput) -> Result<DescribePage, RegistryError> {
+        let _slot = self.upstream_slot()?;
+        self.inner.describe_images(input).await
     }
 }
 

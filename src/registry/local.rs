@@ -18,10 +18,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    CacheStatus, DeleteFailure, DeleteImagesInput, DeleteOutcome, Deleted, Fetched, GetImageInput,
-    PutImageInput, PutOutcome, Registry, RegistryError, StoredImage, Upstream,
+    CacheStatus, DeleteFailure, DeleteImagesInput, DeleteOutcome, Deleted, DescribeInput,
+    DescribePage, Fetched, GetImageInput, ImageDetail, ListInput, ListPage, PutImageInput,
+    PutOutcome, Registry, RegistryError, StoredImage, TagStatus, Upstream,
 };
-use crate::image::{Digest, ImageRef, RegistryId, RepositoryName, media_types};
+use crate::image::{Digest, ImageRef, RegistryId, RepositoryName, Tag, media_types};
 
 /// The registry ID the embedded store answers as: a placeholder account, 12 digits like ECR's.
 pub const DEFAULT_REGISTRY_ID: &str = "000000000000";
@@ -47,6 +48,7 @@ const SCHEMA: &str = "
         digest TEXT NOT NULL,
         manifest TEXT NOT NULL,
         media_type TEXT NOT NULL,
+        pushed_at INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (repository, digest)
     ) STRICT;
     CREATE TABLE IF NOT EXISTS tags (
@@ -253,6 +255,14 @@ fn open_database(path: &Path) -> rusqlite::Result<Connection> {
     connection.pragma_update(None, "synchronous", "FULL")?;
     connection.pragma_update(None, "foreign_keys", true)?;
     connection.execute_batch(SCHEMA)?;
+    // Stores made before DescribeImages have no push times: theirs read as the epoch.
+    let has_pushed_at = connection
+        .prepare("SELECT 1 FROM pragma_table_info('images') WHERE name = 'pushed_at'")?
+        .exists([])?;
+    if !has_pushed_at {
+        connection
+            .execute_batch("ALTER TABLE images ADD COLUMN pushed_at INTEGER NOT NULL DEFAULT 0")?;
+    }
     Ok(connection)
 }
 
@@ -391,8 +401,8 @@ impl LocalRegistry {
             };
             if outcome == PutOutcome::Created {
                 transaction.execute(
-                    "INSERT INTO images (repository, digest, manifest, media_type)
-                     VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
+                    "INSERT INTO images (repository, digest, manifest, media_type, pushed_at)
+                     VALUES (?1, ?2, ?3, ?4, unixepoch()) ON CONFLICT DO NOTHING",
                     params![
                         repository,
                         digest,
@@ -515,6 +525,188 @@ impl LocalRegistry {
         })
         .await
     }
+}
+
+impl LocalRegistry {
+    /// ListImages over the store: one id per tag and the digest alone for an untagged image,
+    /// in digest then tag order; the store's token is the offset of the next page.
+    async fn list(&self, input: ListInput) -> Result<ListPage, RegistryError> {
+        self.check_registry(input.registry_id.as_ref(), &input.repository)?;
+        let registry_id = self.registry_id.clone();
+        self.with_connection(move |connection| {
+            let repository = input.repository.as_str();
+            require_repository(connection, repository, &registry_id)?;
+            let offset = page_offset(input.next_token.as_deref())?;
+            let filter = match input.tag_status {
+                TagStatus::Any => "",
+                TagStatus::Tagged => "AND t.tag IS NOT NULL",
+                TagStatus::Untagged => "AND t.tag IS NULL",
+            };
+            let mut rows = connection.prepare(&format!(
+                "SELECT i.digest, t.tag FROM images i
+                 LEFT JOIN tags t ON t.repository = i.repository AND t.digest = i.digest
+                 WHERE i.repository = ?1 {filter}
+                 ORDER BY i.digest, t.tag LIMIT ?2 OFFSET ?3"
+            ))?;
+            // One more than asked: whether a next page exists.
+            let limit = i64::from(input.max_results) + 1;
+            let mut ids: Vec<Deleted> = rows
+                .query_map(params![repository, limit, offset], |row| {
+                    let digest: String = row.get(0)?;
+                    let tag: Option<String> = row.get(1)?;
+                    Ok(Deleted {
+                        digest: Digest::parse(&digest).ok(),
+                        tag: tag.and_then(|t| Tag::parse(&t).ok()),
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            let next_token = next_offset(&mut ids, input.max_results, offset);
+            Ok(ListPage { ids, next_token })
+        })
+        .await
+    }
+
+    /// DescribeImages over the store: by ids (each must exist, or the call is ImageNotFound,
+    /// as ECR answers), or a page of the listing by digest. The size is the layers' total as
+    /// the manifest declares it (ECR's measure), else the manifest's own length.
+    async fn describe(&self, input: DescribeInput) -> Result<DescribePage, RegistryError> {
+        let listing = input.listing;
+        self.check_registry(listing.registry_id.as_ref(), &listing.repository)?;
+        let registry_id = self.registry_id.clone();
+        let images = input.images;
+        self.with_connection(move |connection| {
+            let repository = listing.repository.as_str();
+            require_repository(connection, repository, &registry_id)?;
+            let (digests, next_token) = if images.is_empty() {
+                let offset = page_offset(listing.next_token.as_deref())?;
+                let filter = match listing.tag_status {
+                    TagStatus::Any => "",
+                    TagStatus::Tagged => {
+                        "AND EXISTS (SELECT 1 FROM tags t WHERE t.repository = i.repository AND t.digest = i.digest)"
+                    }
+                    TagStatus::Untagged => {
+                        "AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.repository = i.repository AND t.digest = i.digest)"
+                    }
+                };
+                let mut rows = connection.prepare(&format!(
+                    "SELECT i.digest FROM images i WHERE i.repository = ?1 {filter}
+                     ORDER BY i.digest LIMIT ?2 OFFSET ?3"
+                ))?;
+                let limit = i64::from(listing.max_results) + 1;
+                let mut digests: Vec<String> = rows
+                    .query_map(params![repository, limit, offset], |row| row.get(0))?
+                    .collect::<Result<_, _>>()?;
+                let more = digests.len() > listing.max_results as usize;
+                digests.truncate(listing.max_results as usize);
+                let next = more.then(|| (offset + i64::from(listing.max_results)).to_string());
+                (digests, next)
+            } else {
+                let mut digests = Vec::new();
+                for reference in &images {
+                    let digest = match (reference.tag(), reference.digest()) {
+                        (Some(tag), _) => connection
+                            .query_row(
+                                "SELECT digest FROM tags WHERE repository = ?1 AND tag = ?2",
+                                params![repository, tag.as_str()],
+                                |row| row.get::<_, String>(0),
+                            )
+                            .optional()?,
+                        (None, Some(digest)) => has_image(connection, repository, digest.as_str())?
+                            .then(|| digest.as_str().to_owned()),
+                        (None, None) => None,
+                    };
+                    let digest =
+                        digest.ok_or_else(|| image_not_found(reference, repository))?;
+                    if !digests.contains(&digest) {
+                        digests.push(digest);
+                    }
+                }
+                (digests, None)
+            };
+            let mut details = Vec::with_capacity(digests.len());
+            for digest in digests {
+                details.push(detail_of(connection, repository, &digest)?);
+            }
+            Ok(DescribePage {
+                details,
+                next_token,
+            })
+        })
+        .await
+    }
+}
+
+/// The offset a store token names; none is the first page.
+fn page_offset(token: Option<&str>) -> Result<i64, Failure> {
+    match token {
+        None => Ok(0),
+        Some(text) => text.parse::<i64>().map_err(|_| {
+            RegistryError::InvalidParameter {
+                field: "page_token",
+                upstream: Upstream::message("the store's page token is not an offset"),
+            }
+            .into()
+        }),
+    }
+}
+
+/// Cuts `ids` to `max` and says where the next page starts, if there is one.
+fn next_offset<T>(ids: &mut Vec<T>, max: u32, offset: i64) -> Option<String> {
+    let more = ids.len() > max as usize;
+    ids.truncate(max as usize);
+    more.then(|| (offset + i64::from(max)).to_string())
+}
+
+/// One image's details.
+fn detail_of(
+    connection: &Connection,
+    repository: &str,
+    digest: &str,
+) -> Result<ImageDetail, Failure> {
+    let (manifest, media_type, pushed_at): (String, String, i64) = connection.query_row(
+        "SELECT manifest, media_type, pushed_at FROM images WHERE repository = ?1 AND digest = ?2",
+        params![repository, digest],
+        |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+    )?;
+    let mut tags_query = connection
+        .prepare("SELECT tag FROM tags WHERE repository = ?1 AND digest = ?2 ORDER BY tag")?;
+    let tags: Vec<Tag> = tags_query
+        .query_map(params![repository, digest], |row| row.get::<_, String>(0))?
+        .filter_map(|tag| tag.ok().and_then(|t| Tag::parse(&t).ok()))
+        .collect();
+    #[derive(serde::Deserialize)]
+    struct Sizes {
+        #[serde(default)]
+        layers: Vec<Sized>,
+        config: Option<Config>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Sized {
+        #[serde(default)]
+        size: i64,
+    }
+    #[derive(serde::Deserialize)]
+    struct Config {
+        #[serde(default, rename = "mediaType")]
+        media_type: String,
+    }
+    let sizes = serde_json::from_str::<Sizes>(&manifest).ok();
+    let layers: i64 = sizes
+        .as_ref()
+        .map_or(0, |s| s.layers.iter().map(|l| l.size).sum());
+    let manifest_bytes = i64::try_from(manifest.len()).unwrap_or(i64::MAX);
+    Ok(ImageDetail {
+        digest: Digest::parse(digest)
+            .map_err(|e| Failure::Registry(RegistryError::Other(Upstream::message(e.0))))?,
+        tags,
+        size_in_bytes: if layers > 0 { layers } else { manifest_bytes },
+        pushed_at: Some(pushed_at),
+        media_type,
+        artifact_media_type: sizes
+            .and_then(|s| s.config)
+            .map(|c| c.media_type)
+            .unwrap_or_default(),
+    })
 }
 
 /// A per-id failure: ECR's code and reason.
@@ -641,8 +833,10 @@ fn referenced_by_index(
     repository: &str,
     digest: &str,
 ) -> Result<bool, rusqlite::Error> {
-    let mut indexes = transaction
-        .prepare("SELECT manifest FROM images WHERE repository = ?1 AND media_type IN (?2, ?3)")?;
+    let mut indexes = transaction.prepare(
+        "SELECT manifest, media_type FROM images
+             WHERE repository = ?1 AND media_type IN (?2, ?3)",
+    )?;
     let manifests = indexes.query_map(
         params![
             repository,

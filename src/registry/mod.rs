@@ -49,6 +49,26 @@ macro_rules! boxed_registry_methods {
         > {
             Box::pin(self.delete(input))
         }
+
+        fn list_images(
+            &self,
+            input: $crate::registry::ListInput,
+        ) -> $crate::registry::BoxFuture<
+            '_,
+            Result<$crate::registry::ListPage, $crate::registry::RegistryError>,
+        > {
+            Box::pin(self.list(input))
+        }
+
+        fn describe_images(
+            &self,
+            input: $crate::registry::DescribeInput,
+        ) -> $crate::registry::BoxFuture<
+            '_,
+            Result<$crate::registry::DescribePage, $crate::registry::RegistryError>,
+        > {
+            Box::pin(self.describe(input))
+        }
     };
 }
 
@@ -92,6 +112,17 @@ impl<R: Registry + ?Sized> Registry for Arc<R> {
         input: DeleteImagesInput,
     ) -> BoxFuture<'_, Result<DeleteOutcome, RegistryError>> {
         (**self).delete_images(input)
+    }
+
+    fn list_images(&self, input: ListInput) -> BoxFuture<'_, Result<ListPage, RegistryError>> {
+        (**self).list_images(input)
+    }
+
+    fn describe_images(
+        &self,
+        input: DescribeInput,
+    ) -> BoxFuture<'_, Result<DescribePage, RegistryError>> {
+        (**self).describe_images(input)
     }
 
     fn register_metrics(&self, metrics: &mut prometheus_client::registry::Registry) {
@@ -233,6 +264,77 @@ impl DeleteImagesInput {
     }
 }
 
+/// Which images a listing takes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum TagStatus {
+    /// Every image.
+    #[default]
+    Any,
+    /// Tagged images only.
+    Tagged,
+    /// Untagged images only.
+    Untagged,
+}
+
+/// One page of a listing, asked of a registry: its own continuation token, never the caller's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListInput {
+    /// The registry; `None` means the service's own account.
+    pub registry_id: Option<RegistryId>,
+    /// The repository.
+    pub repository: RepositoryName,
+    /// Which images.
+    pub tag_status: TagStatus,
+    /// The most entries in the page (1 to 1,000).
+    pub max_results: u32,
+    /// The registry's token of the page to read; `None` for the first.
+    pub next_token: Option<String>,
+}
+
+/// Image ids, one page.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListPage {
+    /// One per tag, and the digest alone for an untagged image.
+    pub ids: Vec<Deleted>,
+    /// The registry's token of the next page; `None` at the end.
+    pub next_token: Option<String>,
+}
+
+/// One page of DescribeImages: by ids (at most 100, one page), or a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DescribeInput {
+    /// The listing (its `max_results` and `next_token` unused with ids).
+    pub listing: ListInput,
+    /// The images to describe; empty for the listing.
+    pub images: Vec<ImageRef>,
+}
+
+/// What a registry says of one image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageDetail {
+    /// The digest.
+    pub digest: Digest,
+    /// Its tags.
+    pub tags: Vec<Tag>,
+    /// The registry's size for it.
+    pub size_in_bytes: i64,
+    /// When it was pushed, in seconds since the epoch.
+    pub pushed_at: Option<i64>,
+    /// The manifest's media type.
+    pub media_type: String,
+    /// The artifact's media type, when reported.
+    pub artifact_media_type: String,
+}
+
+/// Image details, one page.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DescribePage {
+    /// The details.
+    pub details: Vec<ImageDetail>,
+    /// The registry's token of the next page; `None` at the end.
+    pub next_token: Option<String>,
+}
+
 /// One deleted image or tag, as ECR reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Deleted {
@@ -271,6 +373,11 @@ pub enum PutOutcome {
     AlreadyExisted,
 }
 
+/// The refusal of a registry (a test double) that does not implement an operation.
+fn cannot(what: &str) -> RegistryError {
+    RegistryError::Other(Upstream::message(format!("this registry cannot {what}")))
+}
+
 /// A store of image manifests with ECR's semantics.
 ///
 /// Implementations verify what they return: a [`StoredImage`]'s bytes hash to its digest.
@@ -292,11 +399,22 @@ pub trait Registry: Send + Sync + 'static {
         input: DeleteImagesInput,
     ) -> BoxFuture<'_, Result<DeleteOutcome, RegistryError>> {
         let _ = input;
-        Box::pin(async {
-            Err(RegistryError::Other(Upstream::message(
-                "this registry cannot delete",
-            )))
-        })
+        Box::pin(async { Err(cannot("delete")) })
+    }
+
+    /// One page of a repository's image ids (ECR's `ListImages`): at most one registry call.
+    fn list_images(&self, input: ListInput) -> BoxFuture<'_, Result<ListPage, RegistryError>> {
+        let _ = input;
+        Box::pin(async { Err(cannot("list")) })
+    }
+
+    /// One page of image details (ECR's `DescribeImages`): at most one registry call.
+    fn describe_images(
+        &self,
+        input: DescribeInput,
+    ) -> BoxFuture<'_, Result<DescribePage, RegistryError>> {
+        let _ = input;
+        Box::pin(async { Err(cannot("describe")) })
     }
 
     /// Adds this layer's metrics, and those of the layers below it, to `metrics`.

@@ -9,6 +9,7 @@ mod delete;
 mod ecr_errors;
 mod faults;
 mod hostile;
+mod listing;
 mod mtls;
 mod observability;
 mod platforms;

@@ -105,6 +105,8 @@ Whole numbers are printed as integers (Helm reads numbers as floats: 1000000 wou
   "putImageRate" "PUT_IMAGE_RATE"
   "batchGetImageRate" "BATCH_GET_IMAGE_RATE"
   "batchDeleteImageRate" "BATCH_DELETE_IMAGE_RATE"
+  "listingRate" "LISTING_RATE"
+  "pageTokenKeyFile" "PAGE_TOKEN_KEY_FILE"
   "reflection" "REFLECTION"
   "logFormat" "LOG_FORMAT"
   "log" "LOG"

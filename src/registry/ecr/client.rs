@@ -35,6 +35,9 @@ pub const DEFAULT_BATCH_GET_IMAGE_RATE: f64 = 2000.0;
 /// ECR publishes no quota for BatchDeleteImage (ecr-facts §3), yet throttles it: 10 calls a
 /// second (up to 1,000 ids) is conservative, and clean-up jobs are not latency-bound.
 pub const DEFAULT_BATCH_DELETE_IMAGE_RATE: f64 = 10.0;
+/// ListImages and DescribeImages have no published quota either: 20 pages a second each keeps
+/// a clean-up job's walk quick without taking ECR's unpublished share from deploys.
+pub const DEFAULT_LISTING_RATE: f64 = 20.0;
 /// No wait for a lone miss: batching comes from misses arriving while a call is in flight.
 pub const DEFAULT_BATCH_WINDOW: Duration = Duration::ZERO;
 
@@ -64,6 +67,8 @@ pub struct EcrSettings {
     pub batch_get_image_rate: f64,
     /// This process's BatchDeleteImage budget, requests per second.
     pub batch_delete_image_rate: f64,
+    /// This process's ListImages and DescribeImages budgets, each, requests per second.
+    pub listing_rate: f64,
     /// How long the first miss of an idle repository waits for others to batch with.
     pub batch_window: Duration,
 }
@@ -84,6 +89,7 @@ impl Default for EcrSettings {
             put_image_rate: DEFAULT_PUT_IMAGE_RATE,
             batch_get_image_rate: DEFAULT_BATCH_GET_IMAGE_RATE,
             batch_delete_image_rate: DEFAULT_BATCH_DELETE_IMAGE_RATE,
+            listing_rate: DEFAULT_LISTING_RATE,
             batch_window: DEFAULT_BATCH_WINDOW,
         }
     }
@@ -117,6 +123,8 @@ pub fn client_config(sdk: &SdkConfig, settings: &EcrSettings) -> aws_sdk_ecr::co
         ("PutImage", settings.put_image_rate),
         ("BatchGetImage", settings.batch_get_image_rate),
         ("BatchDeleteImage", settings.batch_delete_image_rate),
+        ("ListImages", settings.listing_rate),
+        ("DescribeImages", settings.listing_rate),
     ]);
     let mut builder = aws_sdk_ecr::config::Builder::from(sdk)
         .retry_config(retry)

@@ -30,8 +30,9 @@ use self::batch::Batcher;
 use self::calls::UpstreamCalls;
 use self::operations::{Operations, PutAnswer};
 use super::{
-    CacheStatus, DeleteFailure, DeleteImagesInput, DeleteOutcome, Fetched, GetImageInput,
-    PutImageInput, PutOutcome, Registry, RegistryError, StoredImage, Upstream,
+    CacheStatus, DeleteFailure, DeleteImagesInput, DeleteOutcome, DescribeInput, DescribePage,
+    Fetched, GetImageInput, ListInput, ListPage, PutImageInput, PutOutcome, Registry,
+    RegistryError, StoredImage, Upstream,
 };
 use crate::image::ImageRef;
 
@@ -127,6 +128,14 @@ impl EcrRegistry {
             }
         }
         Ok(outcome)
+    }
+
+    async fn list(&self, input: ListInput) -> Result<ListPage, RegistryError> {
+        self.operations.list_images(&input).await
+    }
+
+    async fn describe(&self, input: DescribeInput) -> Result<DescribePage, RegistryError> {
+        self.operations.describe_images(&input).await
     }
 
     /// ECR refused a put because the image is already there, in one of two ways: the same

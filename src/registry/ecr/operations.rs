@@ -10,7 +10,10 @@ use aws_sdk_ecr::config::timeout::TimeoutConfig;
 use aws_sdk_ecr::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_ecr::error::{BoxError, ProvideErrorMetadata};
 use aws_sdk_ecr::operation::RequestId;
-use aws_sdk_ecr::types::{Image, ImageFailure, ImageIdentifier};
+use aws_sdk_ecr::types::{
+    DescribeImagesFilter, Image, ImageFailure, ImageIdentifier, ListImagesFilter,
+    TagStatus as EcrTagStatus,
+};
 use tokio::time::Instant;
 use tracing::field::Empty;
 use tracing::{Instrument, Span, debug_span};
@@ -21,8 +24,9 @@ use super::classify::{classify, failure_error, is_already_exists, upstream_of};
 use crate::deadline;
 use crate::image::{Digest, ImageRef, Manifest, Tag, media_types};
 use crate::registry::{
-    DeleteFailure, DeleteOutcome, Deleted, PutImageInput, RegistryError, RepositoryKey,
-    StoredImage, Upstream,
+    DeleteFailure, DeleteOutcome, Deleted, DescribeInput, DescribePage, ImageDetail, ListInput,
+    ListPage, PutImageInput, RegistryError, RepositoryKey, StoredImage,
+    TagStatus as RegistryTagStatus, Upstream,
 };
 
 /// The ECR client and what every call needs around it.
@@ -159,14 +163,7 @@ impl Operations {
         let (sent, attempts) = counting_attempts(call).instrument(span.clone()).await;
         record_answer(&span, &sent);
         let output = sent.map_err(|err| with_attempts(classify(err), attempts))?;
-        let deleted = output
-            .image_ids()
-            .iter()
-            .map(|id| Deleted {
-                digest: id.image_digest().and_then(|d| Digest::parse(d).ok()),
-                tag: id.image_tag().and_then(|t| Tag::parse(t).ok()),
-            })
-            .collect();
+        let deleted = output.image_ids().iter().map(deleted_of).collect();
         let failures = output
             .failures()
             .iter()
@@ -190,6 +187,104 @@ impl Operations {
             })
             .collect();
         Ok(DeleteOutcome { deleted, failures })
+    }
+}
+
+impl Operations {
+    /// One ListImages call: one page.
+    pub async fn list_images(&self, input: &ListInput) -> Result<ListPage, RegistryError> {
+        let filter = tag_filter(input.tag_status)
+            .map(|status| ListImagesFilter::builder().tag_status(status).build());
+        let span = ecr_call_span("ListImages");
+        let call = self
+            .client
+            .list_images()
+            .set_registry_id(input.registry_id.as_ref().map(|r| r.as_str().to_owned()))
+            .repository_name(input.repository.as_str())
+            .max_results(i32::try_from(input.max_results).unwrap_or(i32::MAX))
+            .set_next_token(input.next_token.clone())
+            .set_filter(filter)
+            .send();
+        let (sent, attempts) = counting_attempts(call).instrument(span.clone()).await;
+        record_answer(&span, &sent);
+        let output = sent.map_err(|err| with_attempts(classify(err), attempts))?;
+        Ok(ListPage {
+            ids: output.image_ids().iter().map(deleted_of).collect(),
+            next_token: output.next_token().map(str::to_owned),
+        })
+    }
+
+    /// One DescribeImages call: by ids (one page), or one page of the listing.
+    pub async fn describe_images(
+        &self,
+        input: &DescribeInput,
+    ) -> Result<DescribePage, RegistryError> {
+        let listing = &input.listing;
+        let span = ecr_call_span("DescribeImages");
+        let mut call = self
+            .client
+            .describe_images()
+            .set_registry_id(listing.registry_id.as_ref().map(|r| r.as_str().to_owned()))
+            .repository_name(listing.repository.as_str());
+        call = if input.images.is_empty() {
+            let filter = tag_filter(listing.tag_status)
+                .map(|status| DescribeImagesFilter::builder().tag_status(status).build());
+            call.max_results(i32::try_from(listing.max_results).unwrap_or(i32::MAX))
+                .set_next_token(listing.next_token.clone())
+                .set_filter(filter)
+        } else {
+            call.set_image_ids(Some(input.images.iter().map(identifier).collect()))
+        };
+        let (sent, attempts) = counting_attempts(call.send())
+            .instrument(span.clone())
+            .await;
+        record_answer(&span, &sent);
+        let output = sent.map_err(|err| with_attempts(classify(err), attempts))?;
+        let details = output
+            .image_details()
+            .iter()
+            .filter_map(|detail| {
+                Some(ImageDetail {
+                    digest: Digest::parse(detail.image_digest()?).ok()?,
+                    tags: detail
+                        .image_tags()
+                        .iter()
+                        .filter_map(|t| Tag::parse(t).ok())
+                        .collect(),
+                    size_in_bytes: detail.image_size_in_bytes().unwrap_or_default(),
+                    pushed_at: detail.image_pushed_at().map(|t| t.secs()),
+                    media_type: detail
+                        .image_manifest_media_type()
+                        .unwrap_or_default()
+                        .to_owned(),
+                    artifact_media_type: detail
+                        .artifact_media_type()
+                        .unwrap_or_default()
+                        .to_owned(),
+                })
+            })
+            .collect();
+        Ok(DescribePage {
+            details,
+            next_token: output.next_token().map(str::to_owned),
+        })
+    }
+}
+
+/// ECR's filter value for a tag status; none for every image.
+fn tag_filter(status: RegistryTagStatus) -> Option<EcrTagStatus> {
+    match status {
+        RegistryTagStatus::Any => None,
+        RegistryTagStatus::Tagged => Some(EcrTagStatus::Tagged),
+        RegistryTagStatus::Untagged => Some(EcrTagStatus::Untagged),
+    }
+}
+
+/// An id as ECR reports it.
+fn deleted_of(id: &ImageIdentifier) -> Deleted {
+    Deleted {
+        digest: id.image_digest().and_then(|d| Digest::parse(d).ok()),
+        tag: id.image_tag().and_then(|t| Tag::parse(t).ok()),
     }
 }
 
