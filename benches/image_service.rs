@@ -234,6 +234,17 @@ impl ImageService for Bare {
     ) -> Result<Response<ecr_image_service::pb::DescribeImagesResponse>, Status> {
         Err(Status::unimplemented("bare"))
     }
+
+    type WatchTagStream = tokio_stream::wrappers::ReceiverStream<
+        Result<ecr_image_service::pb::WatchTagResponse, Status>,
+    >;
+
+    async fn watch_tag(
+        &self,
+        _: Request<ecr_image_service::pb::WatchTagRequest>,
+    ) -> Result<Response<Self::WatchTagStream>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
 }
 
 fn get(tag: &str, digest: &str) -> GetImageRequest {

@@ -57,15 +57,40 @@ where
 {
     type Encode = T;
     type Decode = U;
-    type Encoder = ProstEncoder<T>;
+    type Encoder = Encoder<T>;
     type Decoder = Decoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        self.0.encoder()
+        Encoder(self.0.encoder())
     }
 
     fn decoder(&mut self) -> Self::Decoder {
         Decoder(self.0.decoder())
+    }
+}
+
+/// The first size of a response's encode buffer. tonic starts every response body with an
+/// 8 KiB buffer and keeps it for the body's life: on a long WatchTag stream of small messages
+/// that is most of what a watcher costs (10,000 watchers: +125 MiB). 1 KiB holds every message
+/// but GetImage's, whose buffer grows to its manifest once.
+const ENCODE_BUFFER_BYTES: usize = 1024;
+/// tonic's own: a stream yields to the runtime after this much encoded data.
+const ENCODE_YIELD_THRESHOLD: usize = 32 * 1024;
+
+/// [`ProstEncoder`] with a small first buffer ([`ENCODE_BUFFER_BYTES`]).
+#[derive(Debug)]
+pub struct Encoder<T>(ProstEncoder<T>);
+
+impl<T: Message> tonic::codec::Encoder for Encoder<T> {
+    type Item = T;
+    type Error = Status;
+
+    fn encode(&mut self, item: T, buf: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), Status> {
+        self.0.encode(item, buf)
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::new(ENCODE_BUFFER_BYTES, ENCODE_YIELD_THRESHOLD)
     }
 }
 

@@ -103,6 +103,18 @@ pub struct ServeArgs {
     #[arg(long, env = "ECR_IMAGE_SERVICE_PAGE_TOKEN_KEY_FILE")]
     pub page_token_key_file: Option<std::path::PathBuf>,
 
+    /// How often each watched repository is polled (one BatchGetImage per 100 watched tags).
+    #[arg(long, env = "ECR_IMAGE_SERVICE_WATCH_POLL_INTERVAL", default_value_t = Human::from(crate::watch::DEFAULT_POLL_INTERVAL))]
+    pub watch_poll_interval: Human,
+
+    /// How often a quiet WatchTag stream gets a heartbeat.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_WATCH_HEARTBEAT_INTERVAL", default_value_t = Human::from(crate::watch::DEFAULT_HEARTBEAT_INTERVAL))]
+    pub watch_heartbeat_interval: Human,
+
+    /// WatchTag streams one replica holds; more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_MAX_WATCHES", default_value_t = crate::watch::DEFAULT_MAX_WATCHES)]
+    pub max_watches: usize,
+
     /// AWS region of the registry [default: the SDK's chain: AWS_REGION, profile, IMDS].
     #[arg(long, env = "ECR_IMAGE_SERVICE_REGION")]
     pub region: Option<String>,
@@ -373,6 +385,12 @@ impl ServeArgs {
                 "must be greater than zero",
             ));
         }
+        if self.watch_poll_interval.is_zero() || self.watch_heartbeat_interval.is_zero() {
+            return Err(invalid(
+                "--watch-poll-interval",
+                "the watch intervals must be greater than zero",
+            ));
+        }
         if self.max_upstream_calls == 0 {
             return Err(invalid("--max-upstream-calls", "must be at least 1"));
         }
@@ -457,6 +475,11 @@ impl ServeArgs {
             authz_policy: self.authz_policy.clone(),
             tls: self.tls_settings(),
             page_token_key: self.page_token_key_file.clone(),
+            watch: crate::watch::WatchSettings {
+                poll_interval: *self.watch_poll_interval,
+                heartbeat_interval: *self.watch_heartbeat_interval,
+                max_watches: self.max_watches,
+            },
         }
     }
 

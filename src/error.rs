@@ -21,6 +21,10 @@ pub const ERROR_DOMAIN: &str = "ecr-image-service";
 /// second is the shortest wait after which a retry has a fresh budget to land in.
 pub const THROTTLED_RETRY_DELAY: Duration = Duration::from_secs(1);
 
+/// How long a watcher whose stream ended waits before reconnecting: long enough to spread a
+/// replica's watchers out, short next to a poll interval.
+pub const WATCH_RETRY_DELAY: Duration = Duration::from_secs(1);
+
 /// `ErrorInfo.metadata` key for ECR's error or failure code.
 pub const METADATA_ECR_ERROR_CODE: &str = "ecrErrorCode";
 /// `ErrorInfo.metadata` key for ECR's request ID.
@@ -132,6 +136,15 @@ pub enum Error {
         /// The (validated) repository.
         repository: String,
     },
+    /// A WatchTag stream ends; the watcher reconnects (to any replica).
+    #[error("the watch ended: {why}; reconnect")]
+    WatchEnded {
+        /// Why.
+        why: &'static str,
+    },
+    /// This replica holds as many watches as it may.
+    #[error("this replica holds as many watches as it may; retry, another replica may have room")]
+    TooManyWatches,
     /// The image is an index with no entry for the platform asked for.
     #[error("no image for platform {requested} in the index; it has: {available}")]
     PlatformNotFound {
@@ -240,11 +253,15 @@ pub enum Reason {
     AccessDenied,
     /// An index has no image for the platform asked for.
     PlatformNotFound,
+    /// A watch stream ended (age limit, shutdown); reconnect.
+    WatchEnded,
+    /// The replica's watch cap is reached.
+    TooManyWatches,
 }
 
 impl Reason {
     /// Every reason, in the order of the error tables (README, proto comment).
-    pub const ALL: [Reason; 30] = [
+    pub const ALL: [Reason; 32] = [
         Self::InvalidField,
         Self::DigestMismatch,
         Self::MediaTypeMismatch,
@@ -275,6 +292,8 @@ impl Reason {
         Self::NoCallerIdentity,
         Self::AccessDenied,
         Self::PlatformNotFound,
+        Self::WatchEnded,
+        Self::TooManyWatches,
     ];
 
     /// The UPPER_SNAKE spelling used in `ErrorInfo.reason`.
@@ -310,6 +329,8 @@ impl Reason {
             Self::NoCallerIdentity => "NO_CALLER_IDENTITY",
             Self::AccessDenied => "ACCESS_DENIED",
             Self::PlatformNotFound => "PLATFORM_NOT_FOUND",
+            Self::WatchEnded => "WATCH_ENDED",
+            Self::TooManyWatches => "TOO_MANY_WATCHES",
         }
     }
 }
@@ -331,6 +352,9 @@ impl Error {
             Self::Unauthenticated { .. } => (Code::Unauthenticated, Reason::NoCallerIdentity),
             Self::AccessDenied { .. } => (Code::PermissionDenied, Reason::AccessDenied),
             Self::PlatformNotFound { .. } => (Code::NotFound, Reason::PlatformNotFound),
+            // UNAVAILABLE: the one code clients and meshes retry; nothing is lost by it.
+            Self::WatchEnded { .. } => (Code::Unavailable, Reason::WatchEnded),
+            Self::TooManyWatches => (Code::ResourceExhausted, Reason::TooManyWatches),
             Self::Registry(err) => match err {
                 R::RepositoryNotFound(_) => (Code::NotFound, Reason::RepositoryNotFound),
                 R::ImageNotFound(_) => (Code::NotFound, Reason::ImageNotFound),
@@ -376,7 +400,9 @@ impl Error {
             | Self::Overloaded { .. }
             | Self::Unauthenticated { .. }
             | Self::AccessDenied { .. }
-            | Self::PlatformNotFound { .. } => None,
+            | Self::PlatformNotFound { .. }
+            | Self::WatchEnded { .. }
+            | Self::TooManyWatches => None,
             Self::Registry(err) => err.upstream(),
         }
     }
@@ -420,7 +446,9 @@ impl Error {
             | Self::Overloaded { .. }
             | Self::Unauthenticated { .. }
             | Self::AccessDenied { .. }
-            | Self::PlatformNotFound { .. } => Vec::new(),
+            | Self::PlatformNotFound { .. }
+            | Self::WatchEnded { .. }
+            | Self::TooManyWatches => Vec::new(),
         }
     }
 
@@ -433,6 +461,7 @@ impl Error {
                 | RegistryError::Busy { retry_after },
             )
             | Self::Overloaded { retry_after } => Some(*retry_after),
+            Self::WatchEnded { .. } | Self::TooManyWatches => Some(WATCH_RETRY_DELAY),
             _ => None,
         }
     }
@@ -672,6 +701,18 @@ mod tests {
                 .into(),
                 Code::Unavailable,
                 "OVERLOADED",
+            ),
+            (
+                Error::WatchEnded {
+                    why: "the server is shutting down",
+                },
+                Code::Unavailable,
+                "WATCH_ENDED",
+            ),
+            (
+                Error::TooManyWatches,
+                Code::ResourceExhausted,
+                "TOO_MANY_WATCHES",
             ),
             (
                 Error::PlatformNotFound {

@@ -47,3 +47,4 @@ pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
 pub mod validate;
+pub mod watch;

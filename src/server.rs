@@ -24,6 +24,7 @@ use crate::pb::image_service_server::ImageServiceServer;
 use crate::registry::SharedRegistry;
 use crate::service::ImageService;
 use crate::tls::{self, TlsFiles, TlsSettings};
+use crate::watch::{WatchHub, WatchSettings};
 use crate::{admin, metrics};
 
 /// gRPC's conventional port, on every interface: in a pod, the kubelet's probes and the mesh
@@ -139,6 +140,8 @@ pub struct ServerSettings {
     pub tls: Option<TlsSettings>,
     /// The key that signs page tokens, shared by replicas; none draws a random one per process.
     pub page_token_key: Option<PathBuf>,
+    /// WatchTag's poll and heartbeat intervals and its cap.
+    pub watch: WatchSettings,
 }
 
 impl Default for ServerSettings {
@@ -158,6 +161,7 @@ impl Default for ServerSettings {
             authz_policy: None,
             tls: None,
             page_token_key: None,
+            watch: WatchSettings::default(),
         }
     }
 }
@@ -263,7 +267,14 @@ impl Bound {
         tokio::spawn(admin::serve(admin, metrics));
         self.authorizer.announce();
         tokio::spawn(Arc::clone(&self.authorizer).watch());
-        let service = ImageService::new(registry, self.settings.default_deadline, self.pages)
+        let hub = WatchHub::new(Arc::clone(&registry), self.settings.watch);
+        let closing = Arc::clone(&hub);
+        // Watches end first, so that their streams do not hold the drain open.
+        let shutdown = async move {
+            shutdown.await;
+            closing.close();
+        };
+        let service = ImageService::new(registry, self.settings.default_deadline, self.pages, hub)
             .with_access(self.settings.identity_source, self.authorizer);
         if let Some(files) = &self.tls {
             tokio::spawn(Arc::clone(files).watch());

@@ -18,6 +18,7 @@ use crate::paging::PageTokens;
 use crate::pb;
 use crate::registry::{CacheStatus, PutOutcome, SharedRegistry, StoredImage};
 use crate::telemetry::TraceParent;
+use crate::watch::WatchHub;
 use crate::{deadline, metrics, retag, validate};
 
 /// The gRPC service over a registry stack.
@@ -31,18 +32,26 @@ pub struct ImageService {
     authorizer: Arc<Authorizer>,
     /// Signs and checks ListImages and DescribeImages page tokens.
     pages: PageTokens,
+    /// WatchTag's pollers and watchers.
+    hub: Arc<WatchHub>,
 }
 
 impl ImageService {
     /// A service answering from `registry` to every caller, as `anonymous`, its page tokens
     /// signed by `pages`.
-    pub fn new(registry: SharedRegistry, default_deadline: Duration, pages: PageTokens) -> Self {
+    pub fn new(
+        registry: SharedRegistry,
+        default_deadline: Duration,
+        pages: PageTokens,
+        hub: Arc<WatchHub>,
+    ) -> Self {
         Self {
             registry,
             default_deadline,
             identity: IdentitySource::None,
             authorizer: Arc::new(Authorizer::allow_all()),
             pages,
+            hub,
         }
     }
 
@@ -174,8 +183,13 @@ impl pb::image_service_server::ImageService for ImageService {
             self.authorizer
                 .check(&principal, Action::Write, &input.repository)?;
             crate::platform::check_children(&*self.registry, &input).await?;
+            let repository = input.repository_key();
             Span::current().record("digest", input.manifest.digest().as_str());
             let (image, outcome) = self.registry.put_image(input).await?;
+            if let Some(tag) = &image.tag {
+                let digest = Some(image.digest.clone());
+                self.hub.wrote(&repository, tag, digest, &image.media_type);
+            }
             Ok(pb::PutImageResponse {
                 image: Some(to_proto(image)),
                 outcome: put_outcome(outcome).into(),
@@ -242,8 +256,16 @@ impl pb::image_service_server::ImageService for ImageService {
                 .check(&principal, Action::Read, repository)?;
             self.authorizer
                 .check(&principal, Action::Write, repository)?;
+            let repository = input.source.repository_key();
             let retagged = retag::retag(&*self.registry, input).await?;
             Span::current().record("digest", retagged.source.digest.as_str());
+            let source = &retagged.source;
+            for (tag, result) in &retagged.results {
+                if result.is_ok() {
+                    let digest = Some(source.digest.clone());
+                    self.hub.wrote(&repository, tag, digest, &source.media_type);
+                }
+            }
             let results = retagged
                 .results
                 .into_iter()
@@ -319,7 +341,11 @@ impl pb::image_service_server::ImageService for ImageService {
             let input = validate::batch_delete_image(request)?;
             self.authorizer
                 .check(&principal, Action::Delete, &input.repository)?;
+            let repository = input.repository_key();
             let outcome = self.registry.delete_images(input).await?;
+            for tag in outcome.deleted.iter().filter_map(|d| d.tag.as_ref()) {
+                self.hub.wrote(&repository, tag, None, "");
+            }
             Ok(pb::BatchDeleteImageResponse {
                 image_ids: outcome.deleted.into_iter().map(id_of).collect(),
                 failures: outcome
@@ -409,6 +435,36 @@ impl pb::image_service_server::ImageService for ImageService {
                     .collect(),
                 next_page_token: self.next_page(page.next_token, &fingerprint),
             })
+        };
+        observe(call, deadline, work).await
+    }
+
+    type WatchTagStream = crate::watch::WatchStream;
+
+    async fn watch_tag(
+        &self,
+        request: Request<pb::WatchTagRequest>,
+    ) -> Result<Response<Self::WatchTagStream>, Status> {
+        let Begun {
+            deadline,
+            principal,
+            call,
+            message: request,
+        } = self.begin("WatchTag", request, |r| {
+            (r.repository_name.clone(), r.image_tag.clone())
+        });
+        let work = async {
+            let principal = principal?;
+            let (repository, tag, last_known) = validate::watch_tag(request)?;
+            self.authorizer
+                .check(&principal, Action::Read, &repository.repository)?;
+            let watch = self
+                .hub
+                .watch(repository, tag.clone())
+                .await
+                .ok_or(Error::TooManyWatches)?;
+            let heartbeat = self.hub.settings().heartbeat_interval;
+            Ok(crate::watch::stream(watch, tag, last_known, heartbeat))
         };
         observe(call, deadline, work).await
     }

@@ -403,6 +403,31 @@ fn image_id_entry(check: &mut Checker, field: &str, id: &pb::ImageIdentifier) ->
     ImageRef::new(tag, digest)
 }
 
+/// Validates a WatchTag: the repository, the tag, and the digest the watcher knows, if any.
+pub fn watch_tag(
+    request: pb::WatchTagRequest,
+) -> Result<(crate::registry::RepositoryKey, Tag, Option<Digest>), Error> {
+    let mut check = Checker::default();
+    let (registry_id, repository) = check.place(&request.registry_id, &request.repository_name);
+    let tag = check.required("image_tag", &request.image_tag, Tag::parse);
+    let last_known = check.optional(
+        "last_known_digest",
+        &request.last_known_digest,
+        Digest::parse,
+    );
+    match (repository, tag) {
+        (Some(repository), Some(tag)) if check.violations.is_empty() => Ok((
+            crate::registry::RepositoryKey {
+                registry_id,
+                repository,
+            },
+            tag,
+            last_known,
+        )),
+        _ => Err(check.into_error()),
+    }
+}
+
 /// The most ids one BatchDeleteImage takes: ten ECR calls of 100.
 pub const MAX_DELETE_IDS: usize = 1000;
 

@@ -1679,3 +1679,125 @@ async fn a_herd_of_ten_thousand_on_one_cold_tag_is_one_ecr_call() {
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
     child.wait().unwrap();
 }
+
+/// Opens a WatchTag stream and reads its first message.
+async fn open_watch(
+    client: &mut ImageServiceClient<tonic::transport::Channel>,
+    repository: &str,
+    tag: &str,
+) -> tonic::Streaming<ecr_image_service::pb::WatchTagResponse> {
+    let mut stream = client
+        .watch_tag(ecr_image_service::pb::WatchTagRequest {
+            repository_name: repository.into(),
+            image_tag: tag.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().expect("a first message");
+    assert!(first.event.is_some());
+    stream
+}
+
+/// SIGTERM with 20 open watches: every watch ends with UNAVAILABLE (WATCH_ENDED, with
+/// RetryInfo) at once, and the process exits 0 within the drain (here with the harness's
+/// `--shutdown-delay 0s`; the watches end before the delay either way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_every_watch_and_the_process_exits_in_time() {
+    let data_dir = scratch_home().join(format!("watch-sigterm-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data_dir);
+    let (mut child, address) = serve_local(&data_dir, &[]);
+    let mut client = ImageServiceClient::connect(format!("http://{address}"))
+        .await
+        .unwrap();
+    client
+        .put_image(requests::put("team/app", "live", SEED))
+        .await
+        .unwrap();
+    let mut streams = Vec::new();
+    for _ in 0..20 {
+        streams.push(open_watch(&mut client, "team/app", "live").await);
+    }
+    let signalled = Instant::now();
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    for stream in &mut streams {
+        let ended = tokio::time::timeout(Duration::from_secs(5), stream.message())
+            .await
+            .expect("the watch ends at once");
+        let status = ended.expect_err("it ends with a status");
+        support::assert_status(&status, tonic::Code::Unavailable, "WATCH_ENDED");
+        assert!(tonic_types::StatusExt::get_details_retry_info(&status).is_some());
+    }
+    let grace = ecr_image_service::server::DEFAULT_SHUTDOWN_GRACE;
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(signalled.elapsed() < grace, "still running after the grace");
+        std::thread::park_timeout(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "{exit:?}");
+    eprintln!(
+        "20 watches ended and the process exited 0 in {:?}",
+        signalled.elapsed()
+    );
+    let _ = std::fs::remove_dir_all(&data_dir);
+}
+
+/// 10,000 watchers over 100 tags of one repository (100 HTTP/2 connections) keep resident
+/// memory within 64 MiB of the idle service, and one poller serves them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_watchers_stay_within_64_mib() {
+    let data_dir = scratch_home().join(format!("watch-memory-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data_dir);
+    let (mut child, address) = serve_local(&data_dir, &[]);
+    let mut client = ImageServiceClient::connect(format!("http://{address}"))
+        .await
+        .unwrap();
+    for n in 0..100 {
+        client
+            .put_image(requests::put("team/app", &format!("t{n}"), SEED))
+            .await
+            .unwrap();
+    }
+    let before = resident_bytes(child.id());
+    let openers: Vec<_> = (0..100)
+        .map(|connection| {
+            let address = address.clone();
+            tokio::spawn(async move {
+                let mut client = ImageServiceClient::connect(format!("http://{address}"))
+                    .await
+                    .unwrap();
+                let mut streams = Vec::new();
+                for n in 0..100 {
+                    let tag = format!("t{}", (connection + n) % 100);
+                    streams.push(open_watch(&mut client, "team/app", &tag).await);
+                }
+                streams
+            })
+        })
+        .collect();
+    let mut streams = Vec::new();
+    for opener in openers {
+        streams.extend(opener.await.unwrap());
+    }
+    assert_eq!(streams.len(), 10_000);
+    let after = resident_bytes(child.id());
+    let growth = after.saturating_sub(before);
+    eprintln!(
+        "10,000 watches: resident {} MiB idle, {} MiB with them (+{} MiB)",
+        before >> 20,
+        after >> 20,
+        growth >> 20
+    );
+    assert!(
+        growth <= 64 << 20,
+        "watches grew memory by {} MiB",
+        growth >> 20
+    );
+    drop(streams);
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    child.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&data_dir);
+}

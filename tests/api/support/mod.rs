@@ -234,3 +234,9 @@ pub fn assert_status(status: &Status, code: Code, reason: &str) {
     assert_eq!(status.code(), code, "{status:?}");
     assert_eq!(error_info(status).reason, reason, "{status:?}");
 }
+
+/// `sha256:` + the SHA-256 of `text`, as ECR computes a manifest's digest.
+pub fn digest_of(text: &str) -> String {
+    use sha2::Digest as _;
+    format!("sha256:{:x}", sha2::Sha256::digest(text.as_bytes()))
+}

@@ -1,0 +1,469 @@
+//! WatchTag's hub: one poller per repository, one latest-value channel per watched tag, however
+//! many watch.
+//!
+//! - A watched tag has a `tokio::sync::watch` channel holding its latest state: a slow watcher
+//!   skips intermediate states rather than queueing them, so no watcher can grow memory.
+//! - A repository with watched tags has one poller task: every poll interval (jittered ±10%,
+//!   so replicas drift apart) it reads each watched tag fresh, at once, so the ECR backend's
+//!   batcher makes them one BatchGetImage per 100 tags, under the rate budget. A poller stops
+//!   [`IDLE_GRACE`] after its last watcher left.
+//! - This replica's writes ([`WatchHub::wrote`]) reach watchers at once, `source: WRITE`.
+//! - While reads fail, the state stays and the heartbeats say since when (`stale_since`).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::image::{Digest, ImageRef, Tag};
+use crate::registry::{GetImageInput, RegistryError, RepositoryKey, SharedRegistry};
+
+/// How often a repository's watched tags are polled: ECR is asked once per repository per
+/// interval whatever the number of watchers; a tag moved outside this replica is seen within it.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(10);
+/// A heartbeat this often keeps a quiet stream inside Envoy's 5-minute stream idle timeout
+/// and load balancers' 60 s, and tells the watcher the service is still checking.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30);
+/// Watches one replica holds at once: each costs a few KB; 20,000 stay within tens of MiB.
+pub const DEFAULT_MAX_WATCHES: usize = 20_000;
+/// Streams end after this long (UNAVAILABLE + RetryInfo), so that watchers re-spread over
+/// replicas added since, as max_connection_age does for connections.
+pub const MAX_STREAM_AGE: Duration = Duration::from_secs(30 * 60);
+/// A poller outlives its last watcher this long: a reconnecting watcher finds it warm.
+const IDLE_GRACE: Duration = Duration::from_secs(30);
+
+/// Where a state was learnt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A poll or the first read.
+    Poll,
+    /// A write through this replica.
+    Write,
+}
+
+/// A tag's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagState {
+    /// The digest the tag points at; `None` when it does not exist.
+    pub digest: Option<Digest>,
+    /// The image's media type.
+    pub media_type: String,
+    /// When it was observed.
+    pub observed_at: SystemTime,
+    /// Where it was learnt.
+    pub source: Source,
+    /// When the tag was last checked.
+    pub checked_at: SystemTime,
+    /// Since when checking fails.
+    pub stale_since: Option<SystemTime>,
+}
+
+impl TagState {
+    /// Whether `other` says something new: another digest, or existence changed.
+    pub fn differs(&self, other: &TagState) -> bool {
+        self.digest != other.digest
+    }
+}
+
+/// The settings of the hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WatchSettings {
+    /// How often each repository is polled.
+    pub poll_interval: Duration,
+    /// How often a quiet stream gets a heartbeat.
+    pub heartbeat_interval: Duration,
+    /// Watches at once.
+    pub max_watches: usize,
+}
+
+impl Default for WatchSettings {
+    fn default() -> Self {
+        Self {
+            poll_interval: DEFAULT_POLL_INTERVAL,
+            heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
+            max_watches: DEFAULT_MAX_WATCHES,
+        }
+    }
+}
+
+type Tags = HashMap<Tag, watch::Sender<Option<TagState>>>;
+
+/// The watched tags of one replica.
+pub struct WatchHub {
+    registry: SharedRegistry,
+    settings: WatchSettings,
+    repositories: Mutex<HashMap<RepositoryKey, Tags>>,
+    watches: AtomicUsize,
+    closing: watch::Sender<bool>,
+}
+
+/// One watcher's place: counted while it lives.
+pub struct Watch {
+    /// The tag's states, latest only.
+    pub states: watch::Receiver<Option<TagState>>,
+    /// Turns true when the server shuts down.
+    pub closing: watch::Receiver<bool>,
+    hub: Arc<WatchHub>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.hub.watches.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl WatchHub {
+    /// A hub reading from `registry`.
+    pub fn new(registry: SharedRegistry, settings: WatchSettings) -> Arc<Self> {
+        Arc::new(Self {
+            registry,
+            settings,
+            repositories: Mutex::default(),
+            watches: AtomicUsize::new(0),
+            closing: watch::channel(false).0,
+        })
+    }
+
+    /// The hub's settings.
+    pub fn settings(&self) -> WatchSettings {
+        self.settings
+    }
+
+    /// Watches held now.
+    pub fn watches(&self) -> usize {
+        self.watches.load(Ordering::Relaxed)
+    }
+
+    /// Ends every watch (the server is shutting down).
+    pub fn close(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// A watch of `tag`, or `None` past the cap. The tag's first state is read at once when no
+    /// other watcher has it yet; the repository's poller starts with the first watch.
+    pub async fn watch(self: &Arc<Self>, repository: RepositoryKey, tag: Tag) -> Option<Watch> {
+        if self.watches.fetch_add(1, Ordering::Relaxed) >= self.settings.max_watches {
+            self.watches.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        let (states, fresh, start_poller) = {
+            let mut repositories = self
+                .repositories
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let start_poller = !repositories.contains_key(&repository);
+            let tags = repositories.entry(repository.clone()).or_default();
+            let fresh = !tags.contains_key(&tag);
+            let sender = tags
+                .entry(tag.clone())
+                .or_insert_with(|| watch::channel(None).0);
+            (sender.subscribe(), fresh, start_poller)
+        };
+        if start_poller {
+            tokio::spawn(Arc::clone(self).poll(repository.clone()));
+        }
+        if fresh {
+            let state = self.read(&repository, &tag, None).await;
+            self.publish(&repository, &tag, state);
+        }
+        Some(Watch {
+            states,
+            closing: self.closing.subscribe(),
+            hub: Arc::clone(self),
+        })
+    }
+
+    /// This replica wrote `tag`: it now points at `digest` (`None`: deleted).
+    pub fn wrote(
+        &self,
+        repository: &RepositoryKey,
+        tag: &Tag,
+        digest: Option<Digest>,
+        media_type: &str,
+    ) {
+        let now = SystemTime::now();
+        let state = TagState {
+            digest,
+            media_type: media_type.to_owned(),
+            observed_at: now,
+            source: Source::Write,
+            checked_at: now,
+            stale_since: None,
+        };
+        self.publish(repository, tag, Some(state));
+    }
+
+    /// Sets `tag`'s state if it is watched: watchers wake only when it says something new,
+    /// else the check time and staleness are updated quietly.
+    fn publish(&self, repository: &RepositoryKey, tag: &Tag, state: Option<TagState>) {
+        let Some(state) = state else { return };
+        let repositories = self
+            .repositories
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(sender) = repositories.get(repository).and_then(|tags| tags.get(tag)) else {
+            return;
+        };
+        sender.send_if_modified(|current| match current {
+            Some(old) if !old.differs(&state) => {
+                old.checked_at = state.checked_at;
+                old.stale_since = state.stale_since;
+                false
+            }
+            _ => {
+                *current = Some(state);
+                true
+            }
+        });
+    }
+
+    /// A fresh read of `tag`: its state, or (on a failure other than not-found) the previous
+    /// state marked stale; `None` when there is nothing to say yet.
+    async fn read(
+        &self,
+        repository: &RepositoryKey,
+        tag: &Tag,
+        previous: Option<TagState>,
+    ) -> Option<TagState> {
+        let now = SystemTime::now();
+        let read = self
+            .registry
+            .get_image(GetImageInput {
+                registry_id: repository.registry_id.clone(),
+                repository: repository.repository.clone(),
+                reference: ImageRef::new(Some(tag.clone()), None)?,
+                accepted_media_types: Vec::new(),
+                max_staleness: Some(Duration::ZERO),
+            })
+            .await;
+        let found = match read {
+            Ok(fetched) => Some((Some(fetched.image.digest), fetched.image.media_type)),
+            Err(RegistryError::ImageNotFound(_) | RegistryError::RepositoryNotFound(_)) => {
+                Some((None, String::new()))
+            }
+            Err(_) => None,
+        };
+        match (found, previous) {
+            (Some((digest, media_type)), _) => Some(TagState {
+                digest,
+                media_type,
+                observed_at: now,
+                source: Source::Poll,
+                checked_at: now,
+                stale_since: None,
+            }),
+            (None, Some(previous)) => Some(TagState {
+                stale_since: previous.stale_since.or(Some(now)),
+                ..previous
+            }),
+            (None, None) => Some(TagState {
+                digest: None,
+                media_type: String::new(),
+                observed_at: now,
+                source: Source::Poll,
+                checked_at: now,
+                stale_since: Some(now),
+            }),
+        }
+    }
+
+    /// Polls `repository`'s watched tags until none has had a watcher for [`IDLE_GRACE`].
+    async fn poll(self: Arc<Self>, repository: RepositoryKey) {
+        let mut idle_since: Option<Instant> = None;
+        loop {
+            tokio::time::sleep(jittered(self.settings.poll_interval)).await;
+            let watched: Vec<(Tag, Option<TagState>)> = {
+                let mut repositories = self
+                    .repositories
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                let Some(tags) = repositories.get_mut(&repository) else {
+                    return;
+                };
+                tags.retain(|_, sender| sender.receiver_count() > 0);
+                if tags.is_empty() {
+                    let since = *idle_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= IDLE_GRACE {
+                        repositories.remove(&repository);
+                        return;
+                    }
+                    continue;
+                }
+                idle_since = None;
+                tags.iter()
+                    .map(|(tag, sender)| (tag.clone(), sender.borrow().clone()))
+                    .collect()
+            };
+            // All at once: the batcher makes them one BatchGetImage per 100 tags.
+            let reads = watched.into_iter().map(|(tag, previous)| {
+                let hub = Arc::clone(&self);
+                let repository = repository.clone();
+                async move {
+                    let state = hub.read(&repository, &tag, previous).await;
+                    hub.publish(&repository, &tag, state);
+                }
+            });
+            futures_util::future::join_all(reads).await;
+        }
+    }
+}
+
+/// `interval` ±10%, so that replicas started together do not poll in step.
+fn jittered(interval: Duration) -> Duration {
+    let mut byte = [0u8; 1];
+    let spread = if getrandom::fill(&mut byte).is_ok() {
+        f64::from(byte[0]) / 255.0 * 0.2 - 0.1
+    } else {
+        0.0
+    };
+    interval.mul_f64(1.0 + spread)
+}
+
+/// What a WatchTag stream yields.
+pub type WatchStream = std::pin::Pin<
+    Box<dyn futures_util::Stream<Item = Result<crate::pb::WatchTagResponse, tonic::Status>> + Send>,
+>;
+
+/// A watcher's position in its stream.
+struct Watching {
+    watch: Watch,
+    tag: Tag,
+    /// The digest last sent (`Some(None)`: "does not exist" was sent).
+    sent: Option<Option<Digest>>,
+    /// The digest the watcher said it knew, until the first message is sent.
+    last_known: Option<Digest>,
+    beats: tokio::time::Interval,
+    ends_at: Instant,
+    first: bool,
+    ended: bool,
+}
+
+/// The stream a watcher reads: the first state (or a heartbeat when it is the digest the
+/// watcher already knows), then changes, heartbeats, and an end with UNAVAILABLE at
+/// [`MAX_STREAM_AGE`] or shutdown. No task and no queue per watcher: the stream is polled by
+/// the connection as it can send, and a slow watcher reads the latest state when it is ready,
+/// skipping those in between.
+pub fn stream(
+    watch: Watch,
+    tag: Tag,
+    last_known: Option<Digest>,
+    heartbeat: Duration,
+) -> WatchStream {
+    let now = Instant::now();
+    let watching = Watching {
+        watch,
+        tag,
+        sent: None,
+        last_known,
+        beats: tokio::time::interval_at(now + heartbeat, heartbeat),
+        ends_at: now + MAX_STREAM_AGE,
+        first: true,
+        ended: false,
+    };
+    Box::pin(futures_util::stream::unfold(watching, |mut w| async move {
+        if w.ended {
+            return None;
+        }
+        let message = w.next().await;
+        w.ended = message.is_err();
+        Some((message.map_err(tonic::Status::from), w))
+    }))
+}
+
+impl Watching {
+    /// The next message to send.
+    async fn next(&mut self) -> Result<crate::pb::WatchTagResponse, crate::error::Error> {
+        if self.first {
+            self.first = false;
+            let state = self.watch.states.borrow_and_update().clone();
+            if let Some(state) = state {
+                self.sent = Some(state.digest.clone());
+                let known = self.last_known.take();
+                return Ok(if known.is_some() && state.digest == known {
+                    beat(&state)
+                } else {
+                    state_message(&self.tag, &state)
+                });
+            }
+        }
+        loop {
+            tokio::select! {
+                changed = self.watch.states.changed() => {
+                    if changed.is_err() {
+                        return Err(crate::error::Error::WatchEnded { why: "the watch was dropped" });
+                    }
+                    let state = self.watch.states.borrow_and_update().clone();
+                    if let Some(state) = state
+                        && self.sent.as_ref() != Some(&state.digest)
+                    {
+                        self.sent = Some(state.digest.clone());
+                        return Ok(state_message(&self.tag, &state));
+                    }
+                }
+                _ = self.beats.tick() => {
+                    let state = self.watch.states.borrow().clone();
+                    if let Some(state) = state {
+                        return Ok(beat(&state));
+                    }
+                }
+                () = tokio::time::sleep_until(self.ends_at) => {
+                    return Err(crate::error::Error::WatchEnded {
+                        why: "the stream reached its age limit",
+                    });
+                }
+                _ = self.watch.closing.wait_for(|closing| *closing) => {
+                    return Err(crate::error::Error::WatchEnded {
+                        why: "the server is shutting down",
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn timestamp(at: SystemTime) -> prost_types::Timestamp {
+    let since = at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    prost_types::Timestamp {
+        seconds: i64::try_from(since.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(since.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+fn state_message(tag: &Tag, state: &TagState) -> crate::pb::WatchTagResponse {
+    use crate::pb;
+    pb::WatchTagResponse {
+        event: Some(pb::watch_tag_response::Event::State(pb::TagState {
+            image_id: Some(pb::ImageIdentifier {
+                image_tag: tag.to_string(),
+                image_digest: state
+                    .digest
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
+            }),
+            image_manifest_media_type: state.media_type.clone(),
+            exists: state.digest.is_some(),
+            observed_at: Some(timestamp(state.observed_at)),
+            source: match state.source {
+                Source::Poll => pb::TagStateSource::Poll,
+                Source::Write => pb::TagStateSource::Write,
+            }
+            .into(),
+        })),
+    }
+}
+
+fn beat(state: &TagState) -> crate::pb::WatchTagResponse {
+    use crate::pb;
+    pb::WatchTagResponse {
+        event: Some(pb::watch_tag_response::Event::Heartbeat(pb::Heartbeat {
+            checked_at: Some(timestamp(state.checked_at)),
+            stale_since: state.stale_since.map(timestamp),
+        })),
+    }
+}
