@@ -1801,3 +1801,50 @@ async fn ten_thousand_watchers_stay_within_64_mib() {
     child.wait().unwrap();
     let _ = std::fs::remove_dir_all(&data_dir);
 }
+
+/// `watch-tag` prints the tag's state as one JSON line, then waits for more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_tag_prints_one_json_line_per_event() {
+    let data_dir = scratch_home().join(format!("watch-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data_dir);
+    let (mut server, address) = serve_local(&data_dir, &[]);
+    let mut client = ImageServiceClient::connect(format!("http://{address}"))
+        .await
+        .unwrap();
+    client
+        .put_image(requests::put("team/app", "live", SEED))
+        .await
+        .unwrap();
+    let home = scratch_home();
+    let mut watcher = command(&home)
+        .args([
+            "watch-tag",
+            "--repository-name",
+            "team/app",
+            "--image-tag",
+            "live",
+        ])
+        .env("ECR_IMAGE_SERVICE_ENDPOINT", format!("http://{address}"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = watcher.stdout.take().unwrap();
+    let (line_tx, line_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let line = line_rx.recv_timeout(DEADLINE).expect("a first event");
+    let event: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(event["event"], "state");
+    assert_eq!(event["imageId"]["imageDigest"], SEED_DIGEST);
+    assert_eq!(event["exists"], true);
+    let _ = watcher.kill();
+    let _ = watcher.wait();
+    assert_eq!(unsafe { libc::kill(server.id() as i32, libc::SIGTERM) }, 0);
+    server.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&data_dir);
+}

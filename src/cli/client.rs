@@ -398,6 +398,87 @@ pub async fn describe_images(args: DescribeImagesArgs) -> Result<(), CliError> {
     })
 }
 
+/// `watch-tag`: one JSON line per event, until interrupted (or the server ends the stream).
+#[derive(Debug, Clone, Args)]
+pub struct WatchTagArgs {
+    /// The service, as an `http://HOST:PORT` URL (no call timeout: a watch lasts).
+    #[arg(long, env = "ECR_IMAGE_SERVICE_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
+    endpoint: String,
+    /// The repository.
+    #[arg(long)]
+    repository_name: String,
+    /// The tag to watch.
+    #[arg(long)]
+    image_tag: String,
+    /// The digest already known: the stream then starts with a heartbeat if it is current.
+    #[arg(long)]
+    last_known_digest: Option<String>,
+    /// The registry (12-digit account ID); the service's own when omitted.
+    #[arg(long)]
+    registry_id: Option<String>,
+}
+
+/// One event as `watch-tag` prints it.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct WatchEventJson {
+    event: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    image_id: Option<ImageIdJson>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exists: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stale_since: Option<i64>,
+}
+
+/// `watch-tag`.
+pub async fn watch_tag(args: WatchTagArgs) -> Result<(), CliError> {
+    // The connection attempt is bounded as for any call; the stream itself is not.
+    let target = Target {
+        endpoint: args.endpoint,
+        timeout: Duration::from_secs(10),
+    };
+    let mut client = connect(&target).await?;
+    let message = pb::WatchTagRequest {
+        registry_id: args.registry_id.unwrap_or_default(),
+        repository_name: args.repository_name,
+        image_tag: args.image_tag,
+        last_known_digest: args.last_known_digest.unwrap_or_default(),
+    };
+    let mut stream = client
+        .watch_tag(tonic::Request::new(message))
+        .await
+        .map_err(CliError::Status)?
+        .into_inner();
+    while let Some(response) = stream.message().await.map_err(CliError::Status)? {
+        let line = match response.event {
+            Some(pb::watch_tag_response::Event::State(state)) => WatchEventJson {
+                event: "state",
+                exists: Some(state.exists),
+                source: Some(match state.source() {
+                    pb::TagStateSource::Write => "WRITE",
+                    _ => "POLL",
+                }),
+                image_id: state.image_id.map(Into::into),
+                stale_since: None,
+            },
+            Some(pb::watch_tag_response::Event::Heartbeat(beat)) => WatchEventJson {
+                event: "heartbeat",
+                image_id: None,
+                exists: None,
+                source: None,
+                stale_since: beat.stale_since.map(|t| t.seconds),
+            },
+            None => continue,
+        };
+        let text = serde_json::to_string(&line).map_err(|e| CliError::Output(e.into()))?;
+        writeln!(std::io::stdout(), "{text}").map_err(CliError::Output)?;
+    }
+    Ok(())
+}
+
 /// `resolve-image`: a tag's digest, media type and size, without the manifest.
 #[derive(Debug, Clone, Args)]
 pub struct ResolveImageArgs {

@@ -53,6 +53,8 @@ pub enum Command {
     ListImages(client::ListImagesArgs),
     /// Describe images, like `aws ecr describe-images` (pages automatically).
     DescribeImages(client::DescribeImagesArgs),
+    /// Watch a tag: one JSON line per change and heartbeat, until interrupted.
+    WatchTag(client::WatchTagArgs),
     /// Print the digest ECR gives a manifest file (offline: SHA-256 of its exact bytes).
     Digest(client::DigestArgs),
     /// Audit an authorization policy offline.
@@ -150,6 +152,7 @@ pub fn run(command: Command) -> ExitCode {
         Command::BatchDeleteImage(args) => runtime.block_on(client::batch_delete_image(args)),
         Command::ListImages(args) => runtime.block_on(client::list_images(args)),
         Command::DescribeImages(args) => runtime.block_on(client::describe_images(args)),
+        Command::WatchTag(args) => runtime.block_on(client::watch_tag(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
