@@ -855,7 +855,13 @@ mod tests {
             let retry = details
                 .iter()
                 .any(|d| matches!(d, ErrorDetail::RetryInfo(_)));
-            let retryable = ["ECR_THROTTLED", "OVERLOADED", "ECR_RATE_BUDGET_EXHAUSTED"];
+            let retryable = [
+                "ECR_THROTTLED",
+                "OVERLOADED",
+                "ECR_RATE_BUDGET_EXHAUSTED",
+                "WATCH_ENDED",
+                "TOO_MANY_WATCHES",
+            ];
             assert_eq!(retry, retryable.contains(&reason), "{reason}: RetryInfo");
         }
     }

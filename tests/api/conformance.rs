@@ -35,6 +35,7 @@ on_both_backends!(
     a_second_read_by_digest_is_a_cache_hit,
     deleting_a_tag_keeps_the_image_until_its_last_tag_goes,
     a_deleted_digest_is_not_found_at_once_even_when_cached,
+    a_watcher_sees_the_current_state_then_this_replicas_writes,
 );
 
 /// Both backends sit behind the same cache: an image that reached the registry behind the
@@ -538,4 +539,45 @@ async fn a_deleted_digest_is_not_found_at_once_even_when_cached(backend: Backend
         again.failures[0].image_id.as_ref().unwrap().image_digest,
         SEED_DIGEST
     );
+}
+
+/// WatchTag on either backend: the current state first, then a put through the service at
+/// once (`source: WRITE`), without waiting for a poll.
+async fn a_watcher_sees_the_current_state_then_this_replicas_writes(backend: Backend) {
+    let repository = backend.repository("watch", false).await;
+    backend.put(&repository, "live", SEED).await;
+    let mut client = backend.client.clone();
+    let mut stream = client
+        .watch_tag(ecr_image_service::pb::WatchTagRequest {
+            repository_name: repository.clone(),
+            image_tag: "live".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next_state(&mut stream).await;
+    assert_eq!(first.image_id.unwrap().image_digest, SEED_DIGEST);
+    let moved = r#"{"mediaType":"application/vnd.oci.image.manifest.v1+json","moved":true}"#;
+    backend.put(&repository, "live", moved).await;
+    let state = next_state(&mut stream).await;
+    assert_eq!(state.source(), ecr_image_service::pb::TagStateSource::Write);
+    assert_eq!(state.image_id.unwrap().image_digest, digest_of(moved));
+}
+
+/// The next state of a watch stream, heartbeats skipped, within 5 s.
+async fn next_state(
+    stream: &mut tonic::Streaming<ecr_image_service::pb::WatchTagResponse>,
+) -> ecr_image_service::pb::TagState {
+    use ecr_image_service::pb::watch_tag_response::Event;
+    loop {
+        let message = tokio::time::timeout(std::time::Duration::from_secs(5), stream.message())
+            .await
+            .expect("a message within 5 s")
+            .unwrap()
+            .unwrap();
+        if let Some(Event::State(state)) = message.event {
+            return state;
+        }
+    }
 }

@@ -18,6 +18,7 @@ on_both_backends!(
     a_single_platform_manifest_is_returned_as_it_is,
     an_index_whose_children_are_missing_is_refused,
     a_nested_index_is_followed_one_level,
+    a_child_whose_size_differs_from_its_descriptor_is_data_loss,
 );
 
 fn digest_of(text: &str) -> String {
@@ -274,4 +275,24 @@ async fn a_nested_index_is_followed_one_level(backend: Backend) {
         answer.index_image_id.unwrap().image_digest,
         digest_of(&outer)
     );
+}
+
+/// The chosen child is checked against its descriptor: a size that differs is DATA_LOSS, never
+/// passed on.
+async fn a_child_whose_size_differs_from_its_descriptor_is_data_loss(backend: Backend) {
+    let repository = backend.repository("bad-size", false).await;
+    let child = image_manifest(OCI_MANIFEST, "sized");
+    let index = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{{"mediaType":"{OCI_MANIFEST}","digest":"{}","size":{},"platform":{{"os":"linux","architecture":"amd64"}}}}]}}"#,
+        digest_of(&child),
+        child.len() + 1
+    );
+    put_index(&backend, &repository, "1.0", &[&child], &index).await;
+    let status = backend
+        .client
+        .clone()
+        .get_image(get_for(&repository, "1.0", platform("linux", "amd64", "")))
+        .await
+        .unwrap_err();
+    assert_status(&status, Code::DataLoss, "DIGEST_VERIFICATION_FAILED");
 }
