@@ -3,6 +3,7 @@
 #   moto   the ECR emulator (tests/requirements.txt) into $ECR_TEST_VENV, default target/test-venv
 #   helm   Helm v4.1.4, the official static binary, into target/test-tools/
 #   nginx  Debian's nginx-light (the HTTP/2 grpc_pass proxy standing in for a mesh sidecar)
+#   redis  Debian's redis-server (the shared tier of several replicas; started per test)
 #   python the Python client test's grpcio packages (tests/clients/python) into target/test-python
 #   node   the Node client test's packages and buf (tests/clients/node, npm ci) into target/test-node
 # No argument installs them all. Idempotent, safe to run concurrently (one lock), and quick
@@ -24,6 +25,8 @@ HELM_DIR="$root/target/test-tools/helm-v4.1.4"
 # exact revision (that stops installing the day a security update lands). nginx: 1.22 is
 # bookworm's line, with HTTP/2 grpc_pass; any 1.22.x revision will do.
 NGINX_RANGE=("1.22" "1.23")
+# Bookworm's Redis line: the revision moves with security updates, the 7.0 line does not.
+REDIS_RANGE=("7.0" "7.1")
 
 install_moto() {
   install_venv "${ECR_TEST_VENV:-$root/target/test-venv}" "$root/tests/requirements.txt" moto_server
@@ -84,6 +87,10 @@ install_nginx() {
   install_debian nginx-light /usr/sbin/nginx "${NGINX_RANGE[@]}"
 }
 
+install_redis() {
+  install_debian redis-server /usr/bin/redis-server "${REDIS_RANGE[@]}"
+}
+
 # install_debian PACKAGE BINARY MIN MAX: installs Debian's PACKAGE if BINARY is missing, then
 # requires its upstream version to be >= MIN and < MAX, and prints the version installed.
 install_debian() {
@@ -108,15 +115,16 @@ install_debian() {
   echo "test-deps: $package $version" >&2
 }
 
-for what in "${@:-moto helm nginx python node}"; do
+for what in "${@:-moto helm nginx redis python node}"; do
   for one in $what; do
     case "$one" in
       moto) install_moto ;;
       helm) install_helm ;;
       nginx) install_nginx ;;
+      redis) install_redis ;;
       python) install_venv "$root/target/test-python" "$root/tests/clients/python/requirements.txt" python ;;
       node) install_node ;;
-      *) echo "test-deps: unknown dependency '$one' (moto, helm, nginx, python, node)" >&2; exit 64 ;;
+      *) echo "test-deps: unknown dependency '$one' (moto, helm, nginx, redis, python, node)" >&2; exit 64 ;;
     esac
   done
 done

@@ -78,10 +78,18 @@ pub async fn registry(args: &ServeArgs) -> Result<SharedRegistry, StartError> {
             Arc::new(store)
         }
     };
-    Ok(Arc::new(CachedRegistry::new(
-        backend,
-        args.cache_settings(),
-    )))
+    let cache = CachedRegistry::new(backend, args.cache_settings());
+    let Some(url) = &args.redis_url else {
+        info!(
+            rate_share = args.rate_share,
+            "no --redis-url: this replica is on its own; its ECR budgets are the quotas divided by \
+             --rate-share, and a tag moved through another replica is seen here within --tag-ttl"
+        );
+        return Ok(Arc::new(cache));
+    };
+    let fleet = crate::fleet::Fleet::new(url).map_err(StartError::Config)?;
+    fleet.listen(cache.tag_invalidator());
+    Ok(Arc::new(cache.with_bus(fleet)))
 }
 
 /// Builds the stack, binds both listeners, says where it listens, and serves until `shutdown`.

@@ -115,6 +115,11 @@ pub struct ServeArgs {
     #[arg(long, env = "ECR_IMAGE_SERVICE_MAX_WATCHES", default_value_t = crate::watch::DEFAULT_MAX_WATCHES)]
     pub max_watches: usize,
 
+    /// Redis shared by the replicas (`redis://HOST:PORT`, `unix:///path`): tag moves reach
+    /// every replica at once. Optional: without it each replica is on its own.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_REDIS_URL")]
+    pub redis_url: Option<String>,
+
     /// AWS region of the registry [default: the SDK's chain: AWS_REGION, profile, IMDS].
     #[arg(long, env = "ECR_IMAGE_SERVICE_REGION")]
     pub region: Option<String>,
@@ -428,6 +433,9 @@ impl ServeArgs {
                 ));
             }
             _ => {}
+        }
+        if let Some(url) = &self.redis_url {
+            redis::Client::open(url.as_str()).map_err(|e| invalid("--redis-url", e.to_string()))?;
         }
         if let Some(path) = &self.page_token_key_file {
             crate::paging::PageTokens::from_file(path)

@@ -32,6 +32,7 @@ pub mod config;
 pub mod connection;
 pub mod deadline;
 pub mod error;
+pub mod fleet;
 pub mod health_check;
 pub mod identity;
 pub mod image;

@@ -131,6 +131,8 @@ pub struct CachedRegistry {
     flights: Flights<FlightKey, Result<StoredImage, RegistryError>>,
     /// Slots for distinct registry calls in flight.
     upstream: Arc<Semaphore>,
+    /// Where this replica's tag moves are told to the other replicas, if anywhere.
+    bus: Option<Arc<dyn TagBus>>,
     settings: CacheSettings,
     stats: Arc<CacheStats>,
 }
@@ -169,8 +171,31 @@ impl CachedRegistry {
             tags,
             flights: Flights::default(),
             upstream: Arc::new(Semaphore::new(settings.max_upstream_calls)),
+            bus: None,
             settings,
             stats,
+        }
+    }
+
+    /// The same cache, telling `bus` of every tag a put or delete through it moves, so that
+    /// other replicas drop their resolution at once instead of at its TTL.
+    pub fn with_bus(mut self, bus: Arc<dyn TagBus>) -> Self {
+        self.bus = Some(bus);
+        self
+    }
+
+    /// A handle that drops tag resolutions, for what other replicas say they moved.
+    pub fn tag_invalidator(&self) -> TagInvalidator {
+        TagInvalidator {
+            tags: self.tags.clone(),
+        }
+    }
+
+    /// Drops `repository`'s resolution of `tag` here, and tells the other replicas.
+    fn moved(&self, repository: &RepositoryKey, tag: &Tag) {
+        self.tags.invalidate(&(repository.clone(), tag.clone()));
+        if let Some(bus) = &self.bus {
+            bus.moved(repository, tag);
         }
     }
 
@@ -303,6 +328,9 @@ impl CachedRegistry {
         let started = Instant::now();
         let (image, outcome) = self.inner.put_image(input).await?;
         // Write-through: the bytes were hashed on the way in, and the tag now points at them.
+        if let (Some(tag), Some(bus)) = (&image.tag, &self.bus) {
+            bus.moved(&repository, tag);
+        }
         self.remember(&repository, image.tag.as_ref(), &image, started);
         Ok((image, outcome))
     }
@@ -379,7 +407,7 @@ impl CachedRegistry {
         let outcome = self.inner.delete_images(input).await?;
         for deleted in &outcome.deleted {
             if let Some(tag) = &deleted.tag {
-                self.tags.invalidate(&(repository.clone(), tag.clone()));
+                self.moved(&repository, tag);
             }
             if let Some(digest) = &deleted.digest {
                 self.digests
@@ -395,7 +423,7 @@ impl CachedRegistry {
                         .map(|(key, _)| (*key).clone())
                         .collect();
                     for key in stale {
-                        self.tags.invalidate(&key);
+                        self.moved(&repository, &key.1);
                     }
                 }
             }
@@ -414,6 +442,30 @@ impl CachedRegistry {
     async fn describe(&self, input: DescribeInput) -> Result<DescribePage, RegistryError> {
         let _slot = self.upstream_slot()?;
         self.inner.describe_images(input).await
+    }
+}
+
+/// Where a replica tells the others that a tag moved (a put, retag or delete through it).
+pub trait TagBus: Send + Sync {
+    /// `tag` of `repository` moved or was deleted: other replicas must drop their resolution.
+    fn moved(&self, repository: &RepositoryKey, tag: &Tag);
+}
+
+/// Drops tag resolutions of one cache, for the tag moves other replicas report.
+#[derive(Clone)]
+pub struct TagInvalidator {
+    tags: Cache<(RepositoryKey, Tag), Resolution>,
+}
+
+impl TagInvalidator {
+    /// Another replica moved `tag`: the next read of it asks the registry.
+    pub fn forget(&self, repository: RepositoryKey, tag: Tag) {
+        self.tags.invalidate(&(repository, tag));
+    }
+
+    /// Tag moves may have been missed (the channel dropped): every resolution is suspect.
+    pub fn forget_all(&self) {
+        self.tags.invalidate_all();
     }
 }
 

@@ -8,6 +8,7 @@ mod conformance;
 mod delete;
 mod ecr_errors;
 mod faults;
+mod fleet;
 mod hostile;
 mod listing;
 mod mtls;

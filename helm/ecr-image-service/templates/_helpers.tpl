@@ -141,6 +141,16 @@ Whole numbers are printed as integers (Helm reads numbers as floats: 1000000 wou
 - name: ECR_IMAGE_SERVICE_MAX_REQUEST_BYTES_IN_FLIGHT
   value: {{ . | quote }}
 {{- end }}
+{{- if .Values.redis.existingSecret }}
+- name: ECR_IMAGE_SERVICE_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.redis.existingSecret }}
+      key: {{ .Values.redis.existingSecretKey }}
+{{- else if .Values.redis.url }}
+- name: ECR_IMAGE_SERVICE_REDIS_URL
+  value: {{ .Values.redis.url | quote }}
+{{- end }}
 - name: ECR_IMAGE_SERVICE_IDENTITY_SOURCE
   value: {{ include "ecr-image-service.identitySource" . | quote }}
 {{- if .Values.authz.rules }}

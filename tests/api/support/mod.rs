@@ -7,6 +7,7 @@ pub mod fault_proxy;
 pub mod moto;
 pub mod nginx;
 pub mod recorded;
+pub mod redis;
 pub mod requests;
 
 use std::net::SocketAddr;
