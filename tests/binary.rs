@@ -1680,6 +1680,25 @@ async fn a_herd_of_ten_thousand_on_one_cold_tag_is_one_ecr_call() {
     child.wait().unwrap();
 }
 
+/// The binary on a fresh embedded store of its own: the process, its address, a client, and
+/// the store's directory (for the test to remove).
+async fn local_service(
+    name: &str,
+) -> (
+    Child,
+    String,
+    ImageServiceClient<tonic::transport::Channel>,
+    std::path::PathBuf,
+) {
+    let data_dir = scratch_home().join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data_dir);
+    let (child, address) = serve_local(&data_dir, &[]);
+    let client = ImageServiceClient::connect(format!("http://{address}"))
+        .await
+        .unwrap();
+    (child, address, client, data_dir)
+}
+
 /// Opens a WatchTag stream and reads its first message.
 async fn open_watch(
     client: &mut ImageServiceClient<tonic::transport::Channel>,
@@ -1705,12 +1724,7 @@ async fn open_watch(
 /// `--shutdown-delay 0s`; the watches end before the delay either way).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_ends_every_watch_and_the_process_exits_in_time() {
-    let data_dir = scratch_home().join(format!("watch-sigterm-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&data_dir);
-    let (mut child, address) = serve_local(&data_dir, &[]);
-    let mut client = ImageServiceClient::connect(format!("http://{address}"))
-        .await
-        .unwrap();
+    let (mut child, _, mut client, data_dir) = local_service("watch-sigterm").await;
     client
         .put_image(requests::put("team/app", "live", SEED))
         .await
@@ -1749,12 +1763,7 @@ async fn sigterm_ends_every_watch_and_the_process_exits_in_time() {
 /// memory within 64 MiB of the idle service, and one poller serves them all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_watchers_stay_within_64_mib() {
-    let data_dir = scratch_home().join(format!("watch-memory-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&data_dir);
-    let (mut child, address) = serve_local(&data_dir, &[]);
-    let mut client = ImageServiceClient::connect(format!("http://{address}"))
-        .await
-        .unwrap();
+    let (mut child, address, mut client, data_dir) = local_service("watch-memory").await;
     for n in 0..100 {
         client
             .put_image(requests::put("team/app", &format!("t{n}"), SEED))
@@ -1805,12 +1814,7 @@ async fn ten_thousand_watchers_stay_within_64_mib() {
 /// `watch-tag` prints the tag's state as one JSON line, then waits for more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_tag_prints_one_json_line_per_event() {
-    let data_dir = scratch_home().join(format!("watch-cli-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&data_dir);
-    let (mut server, address) = serve_local(&data_dir, &[]);
-    let mut client = ImageServiceClient::connect(format!("http://{address}"))
-        .await
-        .unwrap();
+    let (mut server, address, mut client, data_dir) = local_service("watch-cli").await;
     client
         .put_image(requests::put("team/app", "live", SEED))
         .await
