@@ -38,10 +38,10 @@ use crate::error::{Error, Reason, Violation};
 /// The length of gRPC's message prefix: a compression flag and a 4-byte length.
 const GRPC_PREFIX_BYTES: usize = 5;
 
-/// When the headers of a request arrived: its deadline counts from there, not from when its
-/// body was complete.
+/// The deadline of an admitted request, worked out once from its `grpc-timeout` and the time
+/// its headers arrived (not when its body was complete): the service reads it from here.
 #[derive(Debug, Clone, Copy)]
-pub struct Arrived(pub Instant);
+pub struct Deadline(pub Instant);
 
 /// The bounds [`Admission`] enforces.
 #[derive(Debug, Clone, Copy)]
@@ -126,7 +126,7 @@ where
                 tracing::debug!("request shed: concurrency limit reached");
                 return Ok(answer(overloaded(&limits)));
             };
-            parts.extensions.insert(Arrived(arrived));
+            parts.extensions.insert(Deadline(deadline));
             let request = http::Request::from_parts(parts, Body::new(Full::new(body)));
             let response = inner.call(request).await;
             drop((slot, charged));

@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 use tracing::field::{Empty, debug as debug_value};
 use tracing::{Instrument, Span, debug, debug_span, info, warn};
 
-use crate::admission::Arrived;
+use crate::admission::Deadline;
 use crate::authz::{Action, Authorizer};
 use crate::error::{self, Error};
 use crate::identity::{self, IdentitySource, NoIdentity, Principal};
@@ -152,14 +152,20 @@ impl ImageService {
             })
     }
 
-    /// When the work must be done ([`deadline::for_request`]), counted from the arrival of the
-    /// request's headers, so that the time its body took to arrive is part of it.
+    /// When the work must be done: as admission worked it out (from the arrival of the
+    /// request's headers, so that the time its body took is part of it), else
+    /// [`deadline::for_request`] from now.
     fn deadline_of<T>(&self, request: &Request<T>) -> Instant {
-        let arrived = request
-            .extensions()
-            .get::<Arrived>()
-            .map_or_else(Instant::now, |a| a.0);
-        deadline::for_request(request.metadata().as_ref(), arrived, self.default_deadline)
+        request.extensions().get::<Deadline>().map_or_else(
+            || {
+                deadline::for_request(
+                    request.metadata().as_ref(),
+                    Instant::now(),
+                    self.default_deadline,
+                )
+            },
+            |admitted| admitted.0,
+        )
     }
 }
 

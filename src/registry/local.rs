@@ -596,9 +596,7 @@ impl LocalRegistry {
                 let mut digests: Vec<String> = rows
                     .query_map(params![repository, limit, offset], |row| row.get(0))?
                     .collect::<Result<_, _>>()?;
-                let more = digests.len() > listing.max_results as usize;
-                digests.truncate(listing.max_results as usize);
-                let next = more.then(|| (offset + i64::from(listing.max_results)).to_string());
+                let next = next_offset(&mut digests, listing.max_results, offset);
                 (digests, next)
             } else {
                 let mut digests = Vec::new();
