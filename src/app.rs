@@ -8,8 +8,10 @@ use tracing::info;
 
 use crate::cli::exit;
 use crate::config::{Backend, ServeArgs};
+use crate::fleet::Fleet;
 use crate::registry::SharedRegistry;
 use crate::registry::cached::CachedRegistry;
+use crate::registry::ecr::budget::SharedSlots;
 use crate::registry::ecr::{self, EcrRegistry};
 use crate::registry::local::{LocalRegistry, OpenError};
 use crate::server::{self, ServeError};
@@ -41,9 +43,18 @@ impl StartError {
     }
 }
 
-/// The stack `args` asks for: the cache over the chosen backend.
-pub async fn registry(args: &ServeArgs) -> Result<SharedRegistry, StartError> {
-    let backend: SharedRegistry = match args.backend {
+/// The stack `args` asks for: the cache over the chosen backend; with `--redis-url`, linked to
+/// the fleet's other replicas through the returned [`Fleet`].
+pub async fn registry(
+    args: &ServeArgs,
+) -> Result<(SharedRegistry, Option<Arc<Fleet>>), StartError> {
+    let fleet = |scope: &str| {
+        args.redis_url
+            .as_deref()
+            .map(|url| Fleet::new(url, scope, args.rate_share).map_err(StartError::Config))
+            .transpose()
+    };
+    let (backend, fleet): (SharedRegistry, _) = match args.backend {
         Backend::Ecr => {
             let settings = args.ecr_settings();
             let sdk = ecr::load_sdk_config(&settings).await;
@@ -54,6 +65,10 @@ pub async fn registry(args: &ServeArgs) -> Result<SharedRegistry, StartError> {
                         .to_owned(),
                 ));
             };
+            let fleet = match &args.redis_url {
+                Some(_) => fleet(&format!("{}:{region}", ecr::account_of(&sdk).await))?,
+                None => None,
+            };
             info!(
                 backend = "ecr",
                 %region,
@@ -63,8 +78,12 @@ pub async fn registry(args: &ServeArgs) -> Result<SharedRegistry, StartError> {
                 batch_get_image_rate = settings.batch_get_image_rate,
                 "backend ready"
             );
-            let config = ecr::client_config(&sdk, &settings);
-            Arc::new(EcrRegistry::from_config(config, settings.batch_window))
+            let slots = fleet.clone().map(|f| f as Arc<dyn SharedSlots>);
+            let config = ecr::client_config_with(&sdk, &settings, slots);
+            (
+                Arc::new(EcrRegistry::from_config(config, settings.batch_window)),
+                fleet,
+            )
         }
         Backend::Local => {
             let settings = args.local_settings();
@@ -75,21 +94,30 @@ pub async fn registry(args: &ServeArgs) -> Result<SharedRegistry, StartError> {
                 registry_id = settings.registry_id,
                 "backend ready"
             );
-            Arc::new(store)
+            (
+                Arc::new(store),
+                fleet(&format!("local:{}", settings.registry_id))?,
+            )
         }
     };
     let cache = CachedRegistry::new(backend, args.cache_settings());
-    let Some(url) = &args.redis_url else {
+    let Some(fleet) = fleet else {
         info!(
             rate_share = args.rate_share,
+            put_image_rate = args.put_image_rate / f64::from(args.rate_share),
+            batch_get_image_rate = args.batch_get_image_rate / f64::from(args.rate_share),
             "no --redis-url: this replica is on its own; its ECR budgets are the quotas divided by \
-             --rate-share, and a tag moved through another replica is seen here within --tag-ttl"
+             --rate-share (PutImage {} / {} = {:.2}/s), and a tag moved through another replica is \
+             seen here within --tag-ttl",
+            args.put_image_rate,
+            args.rate_share,
+            args.put_image_rate / f64::from(args.rate_share),
         );
-        return Ok(Arc::new(cache));
+        return Ok((Arc::new(cache), None));
     };
-    let fleet = crate::fleet::Fleet::new(url).map_err(StartError::Config)?;
     fleet.listen(cache.tag_invalidator());
-    Ok(Arc::new(cache.with_bus(fleet)))
+    let bus = Arc::clone(&fleet);
+    Ok((Arc::new(cache.with_bus(bus)), Some(fleet)))
 }
 
 /// Builds the stack, binds both listeners, says where it listens, and serves until `shutdown`.
@@ -97,8 +125,11 @@ pub async fn serve(
     args: ServeArgs,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), StartError> {
-    let registry = registry(&args).await?;
-    let bound = server::bind(args.server_settings()).await?;
+    let (registry, fleet) = registry(&args).await?;
+    let mut bound = server::bind(args.server_settings()).await?;
+    if let Some(fleet) = fleet {
+        bound = bound.with_shared_polls(fleet);
+    }
     info!(
         address = %bound.address(),
         admin_address = %bound.admin_address(),

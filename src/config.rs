@@ -115,8 +115,10 @@ pub struct ServeArgs {
     #[arg(long, env = "ECR_IMAGE_SERVICE_MAX_WATCHES", default_value_t = crate::watch::DEFAULT_MAX_WATCHES)]
     pub max_watches: usize,
 
-    /// Redis shared by the replicas (`redis://HOST:PORT`, `unix:///path`): tag moves reach
-    /// every replica at once. Optional: without it each replica is on its own.
+    /// Redis shared by the replicas (`redis://HOST:PORT`, `rediss://` for TLS, `unix:///path`):
+    /// the ECR budgets are the whole quotas shared by the fleet, tag moves reach every replica
+    /// at once, and one replica polls each watched repository. Optional: without it each
+    /// replica is on its own, with quota / --rate-share.
     #[arg(long, env = "ECR_IMAGE_SERVICE_REDIS_URL")]
     pub redis_url: Option<String>,
 
@@ -216,7 +218,9 @@ pub struct ServeArgs {
     #[arg(long, env = "ECR_IMAGE_SERVICE_LISTING_RATE", default_value_t = ecr::DEFAULT_LISTING_RATE)]
     pub listing_rate: f64,
 
-    /// Processes sharing those quotas (e.g. the replica count): each takes rate / share.
+    /// Processes sharing those quotas (the HPA's maximum replicas): without --redis-url each
+    /// paces itself at rate / share; with it, the share used while Redis cannot answer and the
+    /// live replica count is unknown.
     #[arg(long, env = "ECR_IMAGE_SERVICE_RATE_SHARE", default_value_t = 1)]
     pub rate_share: u32,
 
@@ -458,10 +462,11 @@ impl ServeArgs {
             connect_timeout: *self.connect_timeout,
             attempt_timeout: *self.attempt_timeout,
             operation_timeout: *self.operation_timeout,
-            put_image_rate: self.put_image_rate / f64::from(self.rate_share),
-            batch_get_image_rate: self.batch_get_image_rate / f64::from(self.rate_share),
-            batch_delete_image_rate: self.batch_delete_image_rate / f64::from(self.rate_share),
-            listing_rate: self.listing_rate / f64::from(self.rate_share),
+            put_image_rate: self.put_image_rate,
+            batch_get_image_rate: self.batch_get_image_rate,
+            batch_delete_image_rate: self.batch_delete_image_rate,
+            listing_rate: self.listing_rate,
+            rate_share: self.rate_share,
             batch_window: *self.batch_window,
         }
     }
@@ -575,12 +580,13 @@ mod tests {
         assert_eq!(args.server_settings(), ServerSettings::default());
     }
 
-    /// A deployment of N replicas gives each its share of the account's quotas.
+    /// The rates are the account's quotas; the share divides them when no Redis does better.
     #[test]
     fn rates_are_shared_between_replicas() {
         let settings = parse(&["--rate-share", "4"]).ecr_settings();
-        assert_eq!(settings.put_image_rate, 2.5);
-        assert_eq!(settings.batch_get_image_rate, 500.0);
+        assert_eq!(settings.put_image_rate, 10.0);
+        assert_eq!(settings.batch_get_image_rate, 2000.0);
+        assert_eq!(settings.rate_share, 4);
     }
 
     #[test]

@@ -1,71 +1,237 @@
-//! Several replicas through Redis (`--redis-url`): what one replica learns, the others hear.
+//! Several replicas through Redis (`--redis-url`): ECR's quotas, tag freshness and WatchTag
+//! polling shared by the fleet instead of divided or repeated.
 //!
-//! Today: **shared tag freshness.** A put, retag or delete through any replica publishes the
-//! tag it moved on one pub/sub channel; every replica drops its resolution of that tag at once,
-//! so a tag moved through replica A reads as moved through replica B within milliseconds, not
-//! `--tag-ttl`. When the subscription drops, the replica forgets every tag resolution (it may
-//! have missed a move) and resubscribes. digest → manifest stays local: it is immutable.
+//! - **Budgets.** Every ECR call's slot is taken from a GCRA in Redis, one key per operation
+//!   under the account's hash tag (`ecr-image-service:{<account>:<region>}:budget:PutImage`),
+//!   on Redis's clock. A replica alone with all the load can use the whole quota. When Redis
+//!   errors or takes longer than [`BUDGET_CHECK_TIMEOUT`], the replica paces itself at
+//!   quota ÷ N (N the live replicas, from heartbeats; `--rate-share` when unknown) until Redis
+//!   answers a heartbeat again. Degraded, never unlimited.
+//! - **Tag freshness.** A put, retag or delete through any replica publishes the tag it moved;
+//!   every replica drops its resolution of that tag at once. When the subscription drops, a
+//!   replica forgets every tag resolution (it may have missed a move). digest → manifest stays
+//!   local: it is immutable.
+//! - **Polling.** One replica, holding a lease, polls each watched repository for the tags the
+//!   whole fleet watches, and publishes what it finds to the others' watchers.
 //!
-//! Redis is optional and never in the read path: publishing is fire-and-forget with a short
-//! timeout, and a replica whose Redis is down serves as a single replica does.
+//! Redis is never waited on longer than [`BUDGET_CHECK_TIMEOUT`] and never needed: publishing is
+//! fire-and-forget, and a replica whose Redis is down serves as a single replica does.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock, PoisonError, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
-use tokio::sync::OnceCell;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::time::Instant;
 
-use crate::image::{RegistryId, RepositoryName, Tag};
+use crate::image::{Digest, RegistryId, RepositoryName, Tag};
+use crate::metrics;
 use crate::registry::RepositoryKey;
 use crate::registry::cached::{TagBus, TagInvalidator};
+use crate::registry::ecr::budget::{SharedSlots, Slot};
+use crate::watch::{SharedPolls, Source, TagState, WatchHub};
 
 /// The pub/sub channel of tag moves.
 pub const TAG_CHANNEL: &str = "ecr-image-service:tag-moved";
-/// A publish that takes longer is dropped: a move is also bounded by the tag TTL, and a write
-/// must never wait on Redis.
-const PUBLISH_TIMEOUT: Duration = Duration::from_millis(50);
-/// How long to wait before connecting or subscribing again after a failure.
+/// The pub/sub channel of WatchTag poll results.
+pub const POLL_CHANNEL: &str = "ecr-image-service:tag-polled";
+/// How long a budget check, a heartbeat or a publish may take: a slot must come quickly or
+/// not from Redis at all, and a write never waits on Redis. A regional Redis answers in about a
+/// millisecond; 50 ms means it is hung, overloaded or far away.
+pub const BUDGET_CHECK_TIMEOUT: Duration = Duration::from_millis(50);
+/// How often a replica says it is alive.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a degraded replica asks whether Redis answers again. Until every replica has
+/// switched back, those still on their local share send beside the shared quota: a tenth of
+/// a second of that stays inside the budgets' pacing headroom.
+const DEGRADED_PROBE_INTERVAL: Duration = Duration::from_millis(100);
+/// A replica not heard from for this long is no longer counted: five missed heartbeats.
+const HEARTBEAT_TTL: Duration = Duration::from_secs(5);
+/// While Redis is down, the live replica count it last gave is trusted this long; after that
+/// the fleet may have grown, and the share is `--rate-share` (the HPA's maximum) or more.
+const REPLICAS_FRESH_FOR: Duration = Duration::from_secs(60);
+/// How long to wait before subscribing again after a failure.
 const RECONNECT_DELAY: Duration = Duration::from_secs(1);
+/// The command connection's own bounds, behind [`BUDGET_CHECK_TIMEOUT`]: a connection attempt
+/// to a live Redis takes milliseconds, even with TLS.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// GCRA without burst: `KEYS[1]` holds the theoretical arrival time (TAT), microseconds of
+/// Redis's clock; `ARGV[1]` is the slot interval in microseconds. A slot is granted when the
+/// TAT has passed, and the TAT moves one interval past now: grants are at least an interval
+/// apart fleet-wide, whatever the replicas' clocks. Returns `{1, 0}`, or `{0, µs to wait}`.
+static TAKE_SLOT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local t = redis.call("TIME")
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tat = tonumber(redis.call("GET", KEYS[1]) or "0")
+if tat > now then
+  return {0, tat - now}
+end
+redis.call("SET", KEYS[1], string.format("%.0f", now + interval), "PX", math.ceil(interval / 1000) + 1000)
+return {1, 0}
+"#,
+    )
+});
+
+/// Hands a granted slot back: the TAT moves one interval earlier, so the next request (of
+/// any replica) can have it.
+static GIVE_BACK: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local t = redis.call("TIME")
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local tat = tonumber(redis.call("GET", KEYS[1]) or "0") - tonumber(ARGV[1])
+if tat > now then
+  redis.call("SET", KEYS[1], string.format("%.0f", tat), "PX", math.ceil((tat - now) / 1000) + 1000)
+else
+  redis.call("DEL", KEYS[1])
+end
+return 1
+"#,
+    )
+});
+
+/// Local sends the limiter did not see, counted as made now: `ARGV[1]` sends of `ARGV[2]`
+/// microseconds each push the TAT on from now (or from itself, when later).
+static OWE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local t = redis.call("TIME")
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local tat = math.max(tonumber(redis.call("GET", KEYS[1]) or "0"), now) + tonumber(ARGV[1]) * tonumber(ARGV[2])
+redis.call("SET", KEYS[1], string.format("%.0f", tat), "PX", math.ceil((tat - now) / 1000) + 1000)
+return 1
+"#,
+    )
+});
+
+/// A heartbeat: `KEYS[1]` is a sorted set of replicas by last beat (ms of Redis's clock);
+/// `ARGV[1]` this replica, `ARGV[2]` how long a beat counts. Returns the live replicas.
+static HEARTBEAT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local t = redis.call("TIME")
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+redis.call("ZADD", KEYS[1], now, ARGV[1])
+redis.call("ZREMRANGEBYSCORE", KEYS[1], "-inf", now - ttl)
+redis.call("PEXPIRE", KEYS[1], ttl * 2)
+return redis.call("ZCARD", KEYS[1])
+"#,
+    )
+});
+
+/// A poller's turn: `KEYS[1]` is a repository's poll lease, `KEYS[2]` the tags the fleet
+/// watches in it (a sorted set by expiry, ms of Redis's clock); `ARGV[1]` this replica,
+/// `ARGV[2]` the lease's time to live, `ARGV[3..]` the tags this replica watches. Registers
+/// them; takes or renews the lease when free or held; a replica with no tag left lets it go.
+/// Returns `{1, every watched tag}` to the holder, `{0}` to the others.
+static POLL_TURN: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local t = redis.call("TIME")
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+for i = 3, #ARGV do
+  redis.call("ZADD", KEYS[2], now + ttl, ARGV[i])
+end
+redis.call("ZREMRANGEBYSCORE", KEYS[2], "-inf", now)
+redis.call("PEXPIRE", KEYS[2], ttl)
+local holder = redis.call("GET", KEYS[1])
+if #ARGV < 3 then
+  if holder == ARGV[1] then redis.call("DEL", KEYS[1]) end
+  return {0}
+end
+if holder and holder ~= ARGV[1] then
+  return {0}
+end
+redis.call("SET", KEYS[1], ARGV[1], "PX", ttl)
+local tags = redis.call("ZRANGE", KEYS[2], 0, -1)
+table.insert(tags, 1, 1)
+return tags
+"#,
+    )
+});
 
 /// One replica's link to the others.
 pub struct Fleet {
     client: redis::Client,
-    /// This process, so that it ignores its own messages.
+    /// Commands: budget checks, heartbeats, leases, publishes. Reconnects by itself.
+    commands: ConnectionManager,
+    /// This process, so that it ignores its own messages and counts once.
     origin: String,
-    publisher: Arc<OnceCell<ConnectionManager>>,
+    /// `<account>:<region>`: the hash tag of every key, so that one account's keys share a
+    /// Redis Cluster slot and a script can touch several.
+    scope: String,
+    state: Arc<Mode>,
+    hub: OnceLock<Weak<WatchHub>>,
+}
+
+/// Whether budgets are shared now, and the live replica count for when they are not.
+struct Mode {
+    shared: AtomicBool,
+    replicas: AtomicU32,
+    heard_at: Mutex<Option<Instant>>,
+    rate_share: u32,
 }
 
 impl Fleet {
-    /// A link through the Redis at `url` (`redis://`, or `unix://` for a socket). Only the URL
-    /// is checked here; connections are made in the background and retried.
-    pub fn new(url: &str) -> Result<Arc<Self>, String> {
+    /// A link through the Redis at `url` (`redis://`, `rediss://`, or `unix://` for a
+    /// socket) for the ECR account and region in `scope` (`<account>:<region>`). Budgets run
+    /// at quota ÷ `rate_share` until Redis first answers. Connections are made in the
+    /// background and retried.
+    pub fn new(url: &str, scope: &str, rate_share: u32) -> Result<Arc<Self>, String> {
         let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+        // Few, short reconnection attempts: the heartbeat starts another soon, and one left
+        // in a long backoff would delay the switch back after Redis returns.
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(CONNECT_TIMEOUT))
+            .set_number_of_retries(2)
+            .set_max_delay(CONNECT_TIMEOUT);
+        let commands = ConnectionManager::new_lazy_with_config(client.clone(), config)
+            .map_err(|e| e.to_string())?;
         let mut origin = [0u8; 8];
         getrandom::fill(&mut origin).map_err(|e| e.to_string())?;
+        metrics::budget_mode(false);
         Ok(Arc::new(Self {
             client,
+            commands,
             origin: origin.iter().map(|b| format!("{b:02x}")).collect(),
-            publisher: Arc::default(),
+            scope: scope.to_owned(),
+            state: Arc::new(Mode {
+                shared: AtomicBool::new(false),
+                replicas: AtomicU32::new(0),
+                heard_at: Mutex::new(None),
+                rate_share: rate_share.max(1),
+            }),
+            hub: OnceLock::new(),
         }))
     }
 
-    /// Starts listening for other replicas' tag moves, dropping them from `tags`.
+    /// `ecr-image-service:{<account>:<region>}:<what>`.
+    fn key(&self, what: &str) -> String {
+        format!("ecr-image-service:{{{}}}:{what}", self.scope)
+    }
+
+    /// Starts the heartbeats, and listening for other replicas' tag moves (dropped from
+    /// `tags`) and poll results.
     pub fn listen(self: &Arc<Self>, tags: TagInvalidator) {
+        tokio::spawn(Arc::clone(self).heartbeats());
         let fleet = Arc::clone(self);
         tokio::spawn(async move {
-            // Connected ahead of the first move, so that it is not the one that waits for it.
-            let _ = fleet
-                .publisher
-                .get_or_try_init(|| fleet.client.get_connection_manager())
-                .await;
             let mut reported = false;
             loop {
                 match fleet.subscribe(&tags).await {
                     Ok(()) => reported = false,
                     Err(err) if !reported => {
-                        tracing::warn!(error = %err, "Redis: tag moves are not shared until it answers");
+                        tracing::warn!(error = %err, "Redis: tag moves and poll results are not shared until it answers");
                         reported = true;
                     }
                     Err(_) => {}
@@ -75,71 +241,381 @@ impl Fleet {
         });
     }
 
+    /// Says this replica is alive every [`HEARTBEAT_INTERVAL`], learning how many are; the
+    /// beat is also what turns shared budgets back on after Redis failed, probed every
+    /// [`DEGRADED_PROBE_INTERVAL`] until then.
+    async fn heartbeats(self: Arc<Self>) {
+        let key = self.key("replicas");
+        let ttl = u64::try_from(HEARTBEAT_TTL.as_millis()).unwrap_or(u64::MAX);
+        loop {
+            let mut commands = self.commands.clone();
+            let mut beat = HEARTBEAT.key(&key);
+            beat.arg(&self.origin).arg(ttl);
+            match tokio::time::timeout(
+                BUDGET_CHECK_TIMEOUT,
+                beat.invoke_async::<u32>(&mut commands),
+            )
+            .await
+            {
+                Ok(Ok(replicas)) => self.state.heard(replicas),
+                Ok(Err(err)) => self.state.degrade(&err.to_string()),
+                Err(_) => self.state.degrade("no answer within 50 ms"),
+            }
+            tokio::time::sleep(if self.state.shared.load(Ordering::Relaxed) {
+                HEARTBEAT_INTERVAL
+            } else {
+                DEGRADED_PROBE_INTERVAL
+            })
+            .await;
+        }
+    }
+
     /// One subscription, until it drops; every tag resolution is forgotten then.
     async fn subscribe(&self, tags: &TagInvalidator) -> Result<(), redis::RedisError> {
         let mut pubsub = self.client.get_async_pubsub().await?;
-        pubsub.subscribe(TAG_CHANNEL).await?;
-        tracing::info!("Redis: sharing tag moves with the other replicas");
+        pubsub.subscribe(&[TAG_CHANNEL, POLL_CHANNEL]).await?;
+        tracing::info!("Redis: sharing tag moves and poll results with the other replicas");
         let mut messages = pubsub.into_on_message();
         while let Some(message) = messages.next().await {
             let Ok(text) = message.get_payload::<String>() else {
                 continue;
             };
-            if let Some((origin, repository, tag)) = decode(&text)
+            if message.get_channel_name() == POLL_CHANNEL {
+                if let Some((origin, repository, tag, state)) = decode_poll(&text)
+                    && origin != self.origin
+                    && let Some(hub) = self.hub.get().and_then(Weak::upgrade)
+                {
+                    hub.heard(&repository, &tag, state);
+                }
+            } else if let Some((origin, repository, tag)) = decode_move(&text)
                 && origin != self.origin
             {
                 tags.forget(repository, tag);
             }
         }
         tags.forget_all();
-        tracing::warn!("Redis: the tag-move subscription dropped; every tag resolution forgotten");
+        tracing::warn!("Redis: the subscription dropped; every tag resolution forgotten");
         Ok(())
     }
-}
 
-impl TagBus for Fleet {
-    fn moved(&self, repository: &RepositoryKey, tag: &Tag) {
-        let message = encode(&self.origin, repository, tag);
-        let (client, publisher) = (self.client.clone(), Arc::clone(&self.publisher));
-        // On a task of its own: a write never waits on Redis.
+    /// Publishes `message` on `channel`, on a task of its own, within [`BUDGET_CHECK_TIMEOUT`].
+    fn publish(&self, channel: &'static str, message: String) {
+        let mut commands = self.commands.clone();
         tokio::spawn(async move {
-            let sent = tokio::time::timeout(PUBLISH_TIMEOUT, async {
-                let mut connection = publisher
-                    .get_or_try_init(|| client.get_connection_manager())
-                    .await?
-                    .clone();
-                connection.publish::<_, _, ()>(TAG_CHANNEL, message).await
-            })
+            let sent = tokio::time::timeout(
+                BUDGET_CHECK_TIMEOUT,
+                commands.publish::<_, _, ()>(channel, message),
+            )
             .await;
             if !matches!(sent, Ok(Ok(()))) {
-                tracing::debug!("Redis: a tag move was not published");
+                tracing::debug!(channel, "Redis: a message was not published");
             }
         });
     }
 }
 
+impl Mode {
+    /// Redis answered a heartbeat: `replicas` are alive, and budgets are shared (again).
+    fn heard(&self, replicas: u32) {
+        self.replicas.store(replicas, Ordering::Relaxed);
+        *self.heard_at.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+        if !self.shared.swap(true, Ordering::Relaxed) {
+            metrics::budget_mode(true);
+            tracing::info!(
+                replicas,
+                "Redis answers: ECR budgets are shared by the fleet, whole quotas"
+            );
+        }
+    }
+
+    /// Redis failed a check: budgets fall back to quota ÷ N until it answers a heartbeat.
+    fn degrade(&self, why: &str) {
+        if self.shared.swap(false, Ordering::Relaxed) {
+            metrics::budget_mode(false);
+            tracing::warn!(
+                why,
+                share = self.replicas(),
+                "Redis failed: ECR budgets fall back to the quotas divided by `share` per replica"
+            );
+        }
+    }
+
+    /// N in quota ÷ N: the live replicas Redis last counted, while recent, else the
+    /// configured share.
+    fn replicas(&self) -> u32 {
+        let heard = *self.heard_at.lock().unwrap_or_else(PoisonError::into_inner);
+        match heard {
+            Some(at) if at.elapsed() < REPLICAS_FRESH_FOR => {
+                self.replicas.load(Ordering::Relaxed).max(1)
+            }
+            _ => self.rate_share,
+        }
+    }
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet")
+            .field("scope", &self.scope)
+            .field("shared", &self.state.shared.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl SharedSlots for Fleet {
+    fn is_shared(&self) -> bool {
+        self.state.shared.load(Ordering::Relaxed)
+    }
+
+    fn take(&self, operation: &'static str, interval: Duration) -> BoxFuture<'static, Slot> {
+        let key = self.key(&format!("budget:{operation}"));
+        let micros = u64::try_from(interval.as_micros()).unwrap_or(u64::MAX);
+        let mut commands = self.commands.clone();
+        let state = Arc::clone(&self.state);
+        Box::pin(async move {
+            let mut take = TAKE_SLOT.key(&key);
+            take.arg(micros);
+            let answer = tokio::time::timeout(
+                BUDGET_CHECK_TIMEOUT,
+                take.invoke_async::<(u8, u64)>(&mut commands),
+            )
+            .await;
+            match answer {
+                Ok(Ok((1, _))) => Slot::Granted,
+                Ok(Ok((_, wait))) => Slot::NotBefore(Duration::from_micros(wait)),
+                Ok(Err(err)) => {
+                    state.degrade(&err.to_string());
+                    Slot::Unavailable
+                }
+                Err(_) => {
+                    state.degrade("no answer within 50 ms");
+                    Slot::Unavailable
+                }
+            }
+        })
+    }
+
+    fn give_back(&self, operation: &'static str, interval: Duration) {
+        let key = self.key(&format!("budget:{operation}"));
+        let micros = u64::try_from(interval.as_micros()).unwrap_or(u64::MAX);
+        let mut commands = self.commands.clone();
+        tokio::spawn(async move {
+            let mut give = GIVE_BACK.key(&key);
+            give.arg(micros);
+            let _ =
+                tokio::time::timeout(BUDGET_CHECK_TIMEOUT, give.invoke_async::<u8>(&mut commands))
+                    .await;
+        });
+    }
+
+    fn owe(
+        &self,
+        operation: &'static str,
+        interval: Duration,
+        sends: usize,
+    ) -> BoxFuture<'static, ()> {
+        let key = self.key(&format!("budget:{operation}"));
+        let micros = u64::try_from(interval.as_micros()).unwrap_or(u64::MAX);
+        let mut commands = self.commands.clone();
+        Box::pin(async move {
+            let mut owe = OWE.key(&key);
+            owe.arg(sends).arg(micros);
+            let _ =
+                tokio::time::timeout(BUDGET_CHECK_TIMEOUT, owe.invoke_async::<u8>(&mut commands))
+                    .await;
+        })
+    }
+
+    fn replicas(&self) -> u32 {
+        self.state.replicas()
+    }
+}
+
+impl TagBus for Fleet {
+    fn moved(&self, repository: &RepositoryKey, tag: &Tag) {
+        self.publish(TAG_CHANNEL, encode_move(&self.origin, repository, tag));
+    }
+}
+
+impl SharedPolls for Fleet {
+    fn attach(&self, hub: Weak<WatchHub>) {
+        let _ = self.hub.set(hub);
+    }
+
+    fn poll_turn(
+        &self,
+        repository: &RepositoryKey,
+        tags: Vec<Tag>,
+        interval: Duration,
+    ) -> BoxFuture<'static, Option<Option<Vec<Tag>>>> {
+        let name = repository_name(repository);
+        let lease = self.key(&format!("poller:{name}"));
+        let watched = self.key(&format!("watched:{name}"));
+        // Two intervals (each ±10%): the holder renews before it lapses; a holder gone is
+        // replaced within two.
+        let ttl = u64::try_from(interval.as_millis().saturating_mul(2)).unwrap_or(u64::MAX);
+        let origin = self.origin.clone();
+        let mut commands = self.commands.clone();
+        Box::pin(async move {
+            let mut turn = POLL_TURN.key(&lease);
+            turn.key(&watched).arg(&origin).arg(ttl);
+            for tag in &tags {
+                turn.arg(tag.as_str());
+            }
+            let answer = tokio::time::timeout(
+                BUDGET_CHECK_TIMEOUT,
+                turn.invoke_async::<Vec<redis::Value>>(&mut commands),
+            )
+            .await
+            .ok()?
+            .ok()?;
+            let mut answer = answer.into_iter();
+            let holder = matches!(answer.next(), Some(redis::Value::Int(1)));
+            Some(holder.then(|| {
+                answer
+                    .filter_map(|value| redis::from_redis_value::<String>(value).ok())
+                    .filter_map(|tag| Tag::parse(&tag).ok())
+                    .collect()
+            }))
+        })
+    }
+
+    fn polled(&self, repository: &RepositoryKey, tag: &Tag, state: &TagState) {
+        self.publish(
+            POLL_CHANNEL,
+            encode_poll(&self.origin, repository, tag, state),
+        );
+    }
+}
+
+/// `registry/repository`, or `repository` for the default registry.
+fn repository_name(repository: &RepositoryKey) -> String {
+    match &repository.registry_id {
+        Some(registry) => format!("{}/{}", registry.as_str(), repository.repository),
+        None => repository.repository.to_string(),
+    }
+}
+
 /// `origin \n registry \n repository \n tag`: validated names hold no newline.
-fn encode(origin: &str, repository: &RepositoryKey, tag: &Tag) -> String {
+fn encode_move(origin: &str, repository: &RepositoryKey, tag: &Tag) -> String {
     let registry = repository.registry_id.as_ref().map_or("", |r| r.as_str());
     format!("{origin}\n{registry}\n{}\n{tag}", repository.repository)
 }
 
-fn decode(text: &str) -> Option<(&str, RepositoryKey, Tag)> {
-    let mut parts = text.split('\n');
+fn decode_move(text: &str) -> Option<(&str, RepositoryKey, Tag)> {
+    let mut parts = text.splitn(4, '\n');
     let origin = parts.next()?;
-    let registry = parts.next()?;
-    let repository = RepositoryName::parse(parts.next()?).ok()?;
+    let repository = decode_repository(parts.next()?, parts.next()?)?;
     let tag = Tag::parse(parts.next()?).ok()?;
-    let registry_id = match registry {
-        "" => None,
-        id => Some(RegistryId::parse(id).ok()?),
+    Some((origin, repository, tag))
+}
+
+fn decode_repository(registry: &str, repository: &str) -> Option<RepositoryKey> {
+    Some(RepositoryKey {
+        registry_id: match registry {
+            "" => None,
+            id => Some(RegistryId::parse(id).ok()?),
+        },
+        repository: RepositoryName::parse(repository).ok()?,
+    })
+}
+
+/// A move's fields, then digest (empty: the tag does not exist), observed, checked and stale
+/// since (milliseconds since the epoch; empty: not stale), and the media type last, which the
+/// registry chose and may hold anything.
+fn encode_poll(origin: &str, repository: &RepositoryKey, tag: &Tag, state: &TagState) -> String {
+    let millis = |at: SystemTime| {
+        at.duration_since(UNIX_EPOCH)
+            .map_or(0, |since| since.as_millis())
     };
+    format!(
+        "{}\n{}\n{}\n{}\n{}\n{}",
+        encode_move(origin, repository, tag),
+        state
+            .digest
+            .as_ref()
+            .map(Digest::as_str)
+            .unwrap_or_default(),
+        millis(state.observed_at),
+        millis(state.checked_at),
+        state
+            .stale_since
+            .map(|at| millis(at).to_string())
+            .unwrap_or_default(),
+        state.media_type,
+    )
+}
+
+fn decode_poll(text: &str) -> Option<(&str, RepositoryKey, Tag, TagState)> {
+    let mut parts = text.splitn(9, '\n');
+    let origin = parts.next()?;
+    let repository = decode_repository(parts.next()?, parts.next()?)?;
+    let tag = Tag::parse(parts.next()?).ok()?;
+    let digest = match parts.next()? {
+        "" => None,
+        digest => Some(Digest::parse(digest).ok()?),
+    };
+    let at = |text: &str| -> Option<SystemTime> {
+        Some(UNIX_EPOCH + Duration::from_millis(text.parse().ok()?))
+    };
+    let observed_at = at(parts.next()?)?;
+    let checked_at = at(parts.next()?)?;
+    let stale_since = match parts.next()? {
+        "" => None,
+        since => Some(at(since)?),
+    };
+    let media_type = parts.next()?.to_owned();
     Some((
         origin,
-        RepositoryKey {
-            registry_id,
-            repository,
-        },
+        repository,
         tag,
+        TagState {
+            digest,
+            media_type,
+            observed_at,
+            source: Source::Poll,
+            checked_at,
+            stale_since,
+        },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A poll result crosses the channel whole, a media type with a newline included.
+    #[test]
+    fn poll_results_round_trip() {
+        let repository = RepositoryKey {
+            registry_id: Some(RegistryId::parse("123456789012").unwrap()),
+            repository: RepositoryName::parse("team/app").unwrap(),
+        };
+        let tag = Tag::parse("live").unwrap();
+        let at = UNIX_EPOCH + Duration::from_millis(1_764_000_000_123);
+        let state = TagState {
+            digest: Some(Digest::parse(&format!("sha256:{}", "a".repeat(64))).unwrap()),
+            media_type: "odd\ntype".to_owned(),
+            observed_at: at,
+            source: Source::Poll,
+            checked_at: at,
+            stale_since: Some(at),
+        };
+        let text = encode_poll("me", &repository, &tag, &state);
+        assert_eq!(
+            decode_poll(&text),
+            Some(("me", repository.clone(), tag.clone(), state.clone()))
+        );
+        let gone = TagState {
+            digest: None,
+            stale_since: None,
+            ..state
+        };
+        let text = encode_poll("me", &repository, &tag, &gone);
+        assert_eq!(decode_poll(&text).map(|d| d.3), Some(gone));
+        assert_eq!(
+            decode_move(&encode_move("me", &repository, &tag)),
+            Some(("me", repository, tag))
+        );
+    }
 }

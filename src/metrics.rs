@@ -37,6 +37,11 @@ pub struct ProcessMetrics {
     pub budget_waits: Family<Label, Counter>,
     /// ECR requests refused for want of a slot before their deadline, by operation.
     pub budget_rejections: Family<Label, Counter>,
+    /// Where the ECR budgets' slots come from: `mode="redis"` (shared by the fleet) or
+    /// `mode="local"` (this replica's share), 1 for the current one.
+    pub budget_mode: Family<Label, Gauge>,
+    /// Switches between the two, by the mode switched to.
+    pub budget_mode_switches: Family<Label, Counter>,
 }
 
 /// RPC latency buckets: 100 µs (a cache hit) doubling to ~13 s (past the default deadline).
@@ -50,7 +55,27 @@ static PROCESS: LazyLock<ProcessMetrics> = LazyLock::new(|| ProcessMetrics {
     rpc_in_flight: Gauge::default(),
     budget_waits: Family::default(),
     budget_rejections: Family::default(),
+    budget_mode: Family::default(),
+    budget_mode_switches: Family::default(),
 });
+
+/// The ECR budgets' slots come from Redis (`shared`) or from this replica's share now; a
+/// change is counted as a switch.
+pub fn budget_mode(shared: bool) {
+    let process = process();
+    let (now, other) = if shared {
+        ("redis", "local")
+    } else {
+        ("local", "redis")
+    };
+    process.budget_mode.get_or_create(&[("mode", now)]).set(1);
+    if process.budget_mode.get_or_create(&[("mode", other)]).set(0) == 1 {
+        process
+            .budget_mode_switches
+            .get_or_create(&[("to", now)])
+            .inc();
+    }
+}
 
 /// The process's metrics.
 pub fn process() -> &'static ProcessMetrics {
@@ -87,6 +112,16 @@ pub fn registry(stack: &dyn RegistryStack) -> Registry {
         "ecr_budget_rejections",
         "ECR requests refused: no rate-budget slot before their deadline",
         process.budget_rejections.clone(),
+    );
+    registry.register(
+        "ecr_budget_mode",
+        "Where ECR budget slots come from: redis (shared by the fleet) or local (this replica's share)",
+        process.budget_mode.clone(),
+    );
+    registry.register(
+        "ecr_budget_mode_switches",
+        "Switches of the ECR budgets between redis and local, by the mode switched to",
+        process.budget_mode_switches.clone(),
     );
     stack.register_metrics(&mut registry);
     registry

@@ -24,7 +24,7 @@ use crate::pb::image_service_server::ImageServiceServer;
 use crate::registry::SharedRegistry;
 use crate::service::ImageService;
 use crate::tls::{self, TlsFiles, TlsSettings};
-use crate::watch::{WatchHub, WatchSettings};
+use crate::watch::{SharedPolls, WatchHub, WatchSettings};
 use crate::{admin, metrics};
 
 /// gRPC's conventional port, on every interface: in a pod, the kubelet's probes and the mesh
@@ -200,6 +200,7 @@ pub struct Bound {
     tls: Option<Arc<TlsFiles>>,
     pages: PageTokens,
     settings: ServerSettings,
+    polls: Option<Arc<dyn SharedPolls>>,
 }
 
 /// Loads the policy and binds the gRPC and admin listeners of `settings`.
@@ -231,10 +232,17 @@ pub async fn bind(settings: ServerSettings) -> Result<Bound, ServeError> {
         tls,
         pages,
         settings,
+        polls: None,
     })
 }
 
 impl Bound {
+    /// WatchTag polling in turn with the fleet's other replicas, through `polls`.
+    pub fn with_shared_polls(mut self, polls: Arc<dyn SharedPolls>) -> Self {
+        self.polls = Some(polls);
+        self
+    }
+
     /// Where gRPC is served.
     pub fn address(&self) -> SocketAddr {
         self.grpc.local_addr().unwrap_or(self.settings.listen)
@@ -267,7 +275,7 @@ impl Bound {
         tokio::spawn(admin::serve(admin, metrics));
         self.authorizer.announce();
         tokio::spawn(Arc::clone(&self.authorizer).watch());
-        let hub = WatchHub::new(Arc::clone(&registry), self.settings.watch);
+        let hub = WatchHub::shared(Arc::clone(&registry), self.settings.watch, self.polls);
         let closing = Arc::clone(&hub);
         // Watches end first, so that their streams do not hold the drain open.
         let shutdown = async move {

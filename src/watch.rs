@@ -7,14 +7,18 @@
 //!   so replicas drift apart) it reads each watched tag fresh, at once, so the ECR backend's
 //!   batcher makes them one BatchGetImage per 100 tags, under the rate budget. A poller stops
 //!   [`IDLE_GRACE`] after its last watcher left.
+//! - With Redis (`--redis-url`, [`SharedPolls`]), one replica at a time polls a repository,
+//!   for the tags the whole fleet watches there, and the others' watchers hear its results:
+//!   ECR is asked once per repository per interval for the fleet, not per replica.
 //! - This replica's writes ([`WatchHub::wrote`]) reach watchers at once, `source: WRITE`.
 //! - While reads fail, the state stays and the heartbeats say since when (`stale_since`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, SystemTime};
 
+use futures_util::future::BoxFuture;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -91,10 +95,29 @@ impl Default for WatchSettings {
 
 type Tags = HashMap<Tag, watch::Sender<Option<TagState>>>;
 
+/// Polling shared by the replicas of a fleet: one polls each repository, all hear.
+pub trait SharedPolls: Send + Sync + std::fmt::Debug {
+    /// Where other replicas' poll results are to be delivered ([`WatchHub::heard`]).
+    fn attach(&self, hub: Weak<WatchHub>);
+    /// Registers the `tags` this replica watches in `repository` and says whose turn it is
+    /// to poll: `Some(Some(every tag the fleet watches there))` when this replica holds the
+    /// repository's lease, `Some(None)` when another does, `None` when unknown (poll alone).
+    /// With no tags, a held lease is let go.
+    fn poll_turn(
+        &self,
+        repository: &RepositoryKey,
+        tags: Vec<Tag>,
+        interval: Duration,
+    ) -> BoxFuture<'static, Option<Option<Vec<Tag>>>>;
+    /// Tells the other replicas what a poll found.
+    fn polled(&self, repository: &RepositoryKey, tag: &Tag, state: &TagState);
+}
+
 /// The watched tags of one replica.
 pub struct WatchHub {
     registry: SharedRegistry,
     settings: WatchSettings,
+    polls: Option<Arc<dyn SharedPolls>>,
     repositories: Mutex<HashMap<RepositoryKey, Tags>>,
     watches: AtomicUsize,
     closing: watch::Sender<bool>,
@@ -118,13 +141,33 @@ impl Drop for Watch {
 impl WatchHub {
     /// A hub reading from `registry`.
     pub fn new(registry: SharedRegistry, settings: WatchSettings) -> Arc<Self> {
-        Arc::new(Self {
+        Self::shared(registry, settings, None)
+    }
+
+    /// A hub reading from `registry`, polling in turn with the fleet's other replicas through
+    /// `polls` when given.
+    pub fn shared(
+        registry: SharedRegistry,
+        settings: WatchSettings,
+        polls: Option<Arc<dyn SharedPolls>>,
+    ) -> Arc<Self> {
+        let hub = Arc::new(Self {
             registry,
             settings,
+            polls,
             repositories: Mutex::default(),
             watches: AtomicUsize::new(0),
             closing: watch::channel(false).0,
-        })
+        });
+        if let Some(polls) = &hub.polls {
+            polls.attach(Arc::downgrade(&hub));
+        }
+        hub
+    }
+
+    /// Another replica polled `tag`: its watchers here hear the result.
+    pub fn heard(&self, repository: &RepositoryKey, tag: &Tag, state: TagState) {
+        self.publish(repository, tag, Some(state));
     }
 
     /// The hub's settings.
@@ -270,12 +313,13 @@ impl WatchHub {
         }
     }
 
-    /// Polls `repository`'s watched tags until none has had a watcher for [`IDLE_GRACE`].
+    /// Polls `repository`'s watched tags until none has had a watcher for [`IDLE_GRACE`]; in a
+    /// fleet, only in the turns this replica holds the lease, for the fleet's watched tags.
     async fn poll(self: Arc<Self>, repository: RepositoryKey) {
         let mut idle_since: Option<Instant> = None;
         loop {
             tokio::time::sleep(jittered(self.settings.poll_interval)).await;
-            let watched: Vec<(Tag, Option<TagState>)> = {
+            let watched = {
                 let mut repositories = self
                     .repositories
                     .lock()
@@ -286,16 +330,42 @@ impl WatchHub {
                 tags.retain(|_, sender| sender.receiver_count() > 0);
                 if tags.is_empty() {
                     let since = *idle_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() >= IDLE_GRACE {
+                    let gone = since.elapsed() >= IDLE_GRACE;
+                    if gone {
                         repositories.remove(&repository);
+                    }
+                    Err(gone)
+                } else {
+                    idle_since = None;
+                    Ok(tags
+                        .iter()
+                        .map(|(tag, sender)| (tag.clone(), sender.borrow().clone()))
+                        .collect::<Vec<_>>())
+                }
+            };
+            let mut watched = match watched {
+                Ok(watched) => watched,
+                Err(gone) => {
+                    // Nothing watched here: another replica may poll for its own watchers.
+                    self.poll_turn(&repository, &[]).await;
+                    if gone {
                         return;
                     }
                     continue;
                 }
-                idle_since = None;
-                tags.iter()
-                    .map(|(tag, sender)| (tag.clone(), sender.borrow().clone()))
-                    .collect()
+            };
+            let leader = match self.poll_turn(&repository, &watched).await {
+                // Another replica polls this turn; its results arrive through `heard`.
+                Some(None) => continue,
+                Some(Some(fleet)) => {
+                    for tag in fleet {
+                        if !watched.iter().any(|(own, _)| *own == tag) {
+                            watched.push((tag, None));
+                        }
+                    }
+                    true
+                }
+                None => false,
             };
             // All at once: the batcher makes them one BatchGetImage per 100 tags.
             let reads = watched.into_iter().map(|(tag, previous)| {
@@ -303,11 +373,30 @@ impl WatchHub {
                 let repository = repository.clone();
                 async move {
                     let state = hub.read(&repository, &tag, previous).await;
+                    if let (true, Some(polls), Some(state)) = (leader, &hub.polls, &state) {
+                        polls.polled(&repository, &tag, state);
+                    }
                     hub.publish(&repository, &tag, state);
                 }
             });
             futures_util::future::join_all(reads).await;
         }
+    }
+
+    /// Whose turn it is to poll `repository` (see [`SharedPolls::poll_turn`]); alone, always
+    /// this replica's, for its own tags.
+    async fn poll_turn(
+        &self,
+        repository: &RepositoryKey,
+        watched: &[(Tag, Option<TagState>)],
+    ) -> Option<Option<Vec<Tag>>> {
+        let Some(polls) = &self.polls else {
+            return Some(Some(Vec::new()));
+        };
+        let tags = watched.iter().map(|(tag, _)| tag.clone()).collect();
+        polls
+            .poll_turn(repository, tags, self.settings.poll_interval)
+            .await
     }
 }
 

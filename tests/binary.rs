@@ -6,6 +6,7 @@
 #[path = "api/support/mod.rs"]
 mod support;
 
+use support::process::{BINARY, DEADLINE, command, listening_line, sample, scrape, stderr_lines};
 use support::{create_repository, moto, requests};
 
 use std::io::{BufRead, BufReader};
@@ -17,29 +18,10 @@ use ecr_image_service::pb::PutImageOutcome;
 use ecr_image_service::pb::image_service_client::ImageServiceClient;
 use serde_json::Value;
 
-const BINARY: &str = env!("CARGO_BIN_EXE_ecr-image-service");
 const SEED: &str = include_str!("fixtures/hello-world.manifest.json");
 const SEED_DIGEST: &str = "sha256:8ece96b74f87652876199d83bd107d0435a196133af383ac54cb82b6cc5283ae";
 /// A secret access key that must never appear in any log line.
 const SECRET: &str = "e2eSecretKeyThatMustNeverBeLogged0000000";
-/// Start-up includes loading the AWS configuration; generous for a loaded CI machine.
-const DEADLINE: Duration = Duration::from_secs(30);
-
-/// A command with a clean environment and an empty `HOME` (so no AWS profile): nothing from the
-/// host's AWS set-up leaks in, and the SDK never reaches for the instance metadata service (a
-/// non-loopback address).
-fn command(home: &std::path::Path) -> Command {
-    let mut command = Command::new(BINARY);
-    command
-        .env_clear()
-        .env("HOME", home)
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("NO_PROXY", "127.0.0.1,localhost")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    command
-}
 
 fn scratch_home() -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("ecr-image-service-home-{}", std::process::id()));
@@ -135,37 +117,6 @@ fn invalid_configuration_exits_64_with_one_line() {
             "{what}: one line, got {stderr:?}"
         );
         assert!(stderr.contains(expected), "{what}: {stderr:?}");
-    }
-}
-
-/// Collects the child's stderr lines as they come.
-fn stderr_lines(child: &mut Child) -> mpsc::Receiver<String> {
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-/// Waits for the `listening` line.
-fn listening_line(lines: &mpsc::Receiver<String>, seen: &mut Vec<String>) -> Value {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = lines
-            .recv_timeout(left)
-            .unwrap_or_else(|_| panic!("no 'listening' line within {DEADLINE:?}: {seen:#?}"));
-        seen.push(line.clone());
-        if let Ok(json) = serde_json::from_str::<Value>(&line)
-            && json["message"] == "listening"
-        {
-            return json;
-        }
     }
 }
 
@@ -453,39 +404,6 @@ async fn a_closed_log_pipe_does_not_crash_the_service() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(status.success(), "exit with a closed log pipe: {status}");
-}
-
-/// `GET /metrics` from the admin port, parsed by a Prometheus text-format parser.
-async fn scrape(admin: &str) -> prometheus_parse::Scrape {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(admin).await.unwrap();
-    let request = format!("GET /metrics HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(
-        head.to_ascii_lowercase()
-            .contains("content-type: application/openmetrics-text")
-    );
-    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).unwrap()
-}
-
-/// The value of the sample `name` whose labels include all of `labels` (0 when absent).
-fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
-    scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == name)
-        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .map(|s| match s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            _ => 0.0,
-        })
-        .sum()
 }
 
 /// `/metrics` moves as requests are served: RPCs by method and code with latencies, ECR calls

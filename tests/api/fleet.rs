@@ -21,7 +21,7 @@ async fn replica(store: &LocalRegistry, redis: Option<&str>) -> ImageServiceClie
     let cache = CachedRegistry::new(Arc::new(store.clone()), CacheSettings::default());
     let cache = match redis {
         Some(url) => {
-            let fleet = Fleet::new(url).unwrap();
+            let fleet = Fleet::new(url, "test:local", 1).unwrap();
             fleet.listen(cache.tag_invalidator());
             cache.with_bus(fleet)
         }

@@ -1,12 +1,18 @@
 //! ECR rate budgets: every request to ECR, retries included, waits for a send slot of its
-//! operation's budget, so ECR never sees more than the configured rate from this process.
+//! operation's budget, so ECR never sees more than the configured rate.
 //!
 //! The budget sits in the HTTP connector because that is the one place every attempt passes
 //! through: the SDK's retry loop is above it. A request whose slot would come after its
 //! caller's deadline is refused at once with the time it would have had to wait.
+//!
+//! Slots come from one of two places. A replica alone paces itself at its share of the quota
+//! (quota ÷ `--rate-share`). Replicas sharing a Redis take every slot from one limiter of the
+//! whole quota ([`SharedSlots`]), so a burst through one replica can use all of it; while
+//! Redis cannot answer, each paces itself at quota ÷ N, N the live replicas: degraded, never
+//! unlimited, because a throttled account slows every user of it.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use aws_smithy_runtime_api::client::http::{
@@ -16,6 +22,7 @@ use aws_smithy_runtime_api::client::http::{
 use aws_smithy_runtime_api::client::orchestrator::HttpRequest;
 use aws_smithy_runtime_api::client::result::ConnectorError;
 use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
+use futures_util::future::BoxFuture;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
@@ -40,6 +47,46 @@ pub struct BudgetExhausted {
     pub retry_after: Duration,
 }
 
+/// The answer of a shared limiter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slot {
+    /// One slot, taken: use it or [give it back](SharedSlots::give_back).
+    Granted,
+    /// None before this long.
+    NotBefore(Duration),
+    /// The limiter cannot answer: pace locally at the fallback share.
+    Unavailable,
+}
+
+/// Send slots shared by every replica of a fleet (a GCRA in Redis).
+pub trait SharedSlots: Send + Sync + std::fmt::Debug {
+    /// Whether slots come from the shared limiter now; false while it is degraded, when each
+    /// replica paces itself at quota ÷ [`replicas`](Self::replicas).
+    fn is_shared(&self) -> bool;
+    /// Takes one slot of `operation`, whose slots are `interval` apart fleet-wide.
+    fn take(&self, operation: &'static str, interval: Duration) -> BoxFuture<'static, Slot>;
+    /// Hands back a slot that was granted and not used, so that another request can have it.
+    fn give_back(&self, operation: &'static str, interval: Duration);
+    /// Counts `sends` this replica made on its local share in the last second, unknown to the
+    /// shared limiter, as if made now: on the way back from a failure, the slots that follow
+    /// leave room for them, so no one-second window holds both in full.
+    fn owe(
+        &self,
+        operation: &'static str,
+        interval: Duration,
+        sends: usize,
+    ) -> BoxFuture<'static, ()>;
+    /// N in quota ÷ N while degraded: the live replicas, or the configured share.
+    fn replicas(&self) -> u32;
+}
+
+/// Where a released request's slot came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Local,
+    Shared,
+}
+
 /// One operation's budget: send slots evenly spaced at the configured rate, shared fairly.
 ///
 /// Strict pacing (no burst) is what makes "never more than the rate in any second" hold for
@@ -47,11 +94,22 @@ pub struct BudgetExhausted {
 /// (the principal of the request, [`identity::current`]) with requests waiting gets its turn in
 /// round robin, one slot a turn, so one caller's 500 queued puts cannot starve another's one:
 /// a principal alone gets the whole rate, two get half each. A dispatcher task, alive only
-/// while requests wait, releases them one interval apart.
+/// while requests wait, hands out the slots: paced locally, or taken one at a time from the
+/// fleet's shared limiter, so the fair shares apply within the slots this replica is granted.
 #[derive(Debug)]
 pub struct RateBudget {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    operation: &'static str,
+    /// Slots at the whole rate: the fleet's in shared mode, else this process's before its share.
     interval: Duration,
-    state: Arc<Mutex<Queues>>,
+    /// N in rate ÷ N without a shared limiter (`--rate-share`).
+    rate_share: u32,
+    shared: Option<Arc<dyn SharedSlots>>,
+    queues: Mutex<Queues>,
 }
 
 /// The waiting requests, by caller.
@@ -59,8 +117,13 @@ pub struct RateBudget {
 struct Queues {
     /// When the last request was let through.
     last_sent: Option<Instant>,
+    /// Whether slots were last paced locally.
+    local: bool,
+    /// With a shared limiter, the sends of the last second paced locally: it does not know
+    /// them.
+    unshared: VecDeque<Instant>,
     /// Each caller's waiting requests, oldest first.
-    waiting: HashMap<Arc<str>, VecDeque<oneshot::Sender<()>>>,
+    waiting: HashMap<Arc<str>, VecDeque<oneshot::Sender<Origin>>>,
     /// The callers with waiting requests, in turn order.
     turns: VecDeque<Arc<str>>,
     /// Waiting requests, all callers together.
@@ -70,28 +133,68 @@ struct Queues {
 }
 
 impl RateBudget {
-    /// A budget of `per_second` requests per second.
+    /// A budget of `per_second` requests per second for this process alone.
     pub fn per_second(per_second: f64) -> Self {
+        Self::new("", per_second, 1, None)
+    }
+
+    /// `operation`'s budget of `per_second` requests per second: from `shared` when given
+    /// (falling back to its share), else this process's `1 / rate_share` of it.
+    fn new(
+        operation: &'static str,
+        per_second: f64,
+        rate_share: u32,
+        shared: Option<Arc<dyn SharedSlots>>,
+    ) -> Self {
+        let local = shared.is_none();
         Self {
-            interval: Duration::from_secs_f64(1.0 / (per_second * PACING_HEADROOM)),
-            state: Arc::default(),
+            inner: Arc::new(Inner {
+                operation,
+                interval: Duration::from_secs_f64(1.0 / (per_second * PACING_HEADROOM)),
+                rate_share: rate_share.max(1),
+                shared,
+                queues: Mutex::new(Queues {
+                    local,
+                    ..Queues::default()
+                }),
+            }),
         }
     }
 
     /// Waits for a send slot; says whether it had to wait. Refuses at once when, with every
     /// waiting caller taking its turn first, the slot would come after `deadline`; a request
-    /// still waiting at its deadline is refused then, its turn passed on unused.
+    /// still waiting at its deadline is refused then, its turn passed on unused. A slot that
+    /// reached a request which is gone by then is handed back.
     pub async fn acquire(&self, deadline: Option<Instant>) -> Result<bool, BudgetExhausted> {
+        let inner = &self.inner;
         let caller = identity::current().unwrap_or_else(|| Arc::from(""));
-        let interval = self.interval;
+        // Nobody waiting: straight to the shared limiter, many requests at once.
+        let mut hint = Duration::ZERO;
+        let idle = inner.lock().queued == 0;
+        if let Some(shared) = inner.shared_now()
+            && idle
+        {
+            inner.rejoin(shared).await;
+            match shared.take(inner.operation, inner.interval).await {
+                Slot::Granted => {
+                    inner.lock().last_sent = Some(Instant::now());
+                    return Ok(false);
+                }
+                Slot::NotBefore(wait) => hint = wait,
+                Slot::Unavailable => {}
+            }
+        }
         let ready = {
-            let mut queues = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut queues = inner.lock();
             let now = Instant::now();
-            let next = queues
-                .last_sent
-                .map_or(now, |last| (last + interval).max(now));
-            if queues.queued == 0 && next <= now {
-                queues.last_sent = Some(now);
+            let (next, interval) = if inner.shared_now().is_some() {
+                (now + hint, inner.interval)
+            } else {
+                let interval = inner.local_interval();
+                (inner.next_local(&mut queues, now, interval), interval)
+            };
+            if queues.local && queues.queued == 0 && next <= now {
+                inner.sent_locally(&mut queues, now);
                 return Ok(false);
             }
             // Slots before this request's at most: its own queue, and one a turn for every
@@ -119,38 +222,95 @@ impl RateBudget {
             queues.queued += 1;
             if !queues.dispatching {
                 queues.dispatching = true;
-                tokio::spawn(dispatch(Arc::clone(&self.state), interval));
+                tokio::spawn(dispatch(Arc::clone(inner)));
             }
-            ready
+            Waiter {
+                ready,
+                inner: Arc::clone(inner),
+            }
         };
-        let released = match deadline {
-            Some(deadline) => tokio::time::timeout_at(deadline, ready).await.ok(),
-            None => Some(ready.await),
-        };
-        match released {
-            Some(Ok(())) => Ok(true),
-            _ => Err(BudgetExhausted {
-                retry_after: interval,
-            }),
-        }
+        ready.released(deadline).await.ok_or(BudgetExhausted {
+            retry_after: inner.interval,
+        })
     }
 }
 
-/// Releases waiting requests one interval apart, callers in turn, until none waits.
-async fn dispatch(state: Arc<Mutex<Queues>>, interval: Duration) {
-    loop {
-        let next = {
-            let queues = state.lock().unwrap_or_else(PoisonError::into_inner);
-            queues.last_sent.map(|last| last + interval)
-        };
-        if let Some(next) = next {
-            tokio::time::sleep_until(next).await;
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, Queues> {
+        self.queues.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The shared limiter, while it answers.
+    fn shared_now(&self) -> Option<&Arc<dyn SharedSlots>> {
+        self.shared.as_ref().filter(|shared| shared.is_shared())
+    }
+
+    /// Slot spacing when paced locally: the rate ÷ N.
+    fn local_interval(&self) -> Duration {
+        let share = self
+            .shared
+            .as_ref()
+            .map_or(self.rate_share, |s| s.replicas());
+        self.interval * share.max(1)
+    }
+
+    /// The next locally paced slot. On a switch from shared slots it is one to two local
+    /// intervals away: the fleet may have sent at the whole rate just now, and the local shares
+    /// only add up to the quota from here on; the random part keeps replicas that switched
+    /// together from sending together.
+    fn next_local(&self, queues: &mut Queues, now: Instant, interval: Duration) -> Instant {
+        if !queues.local {
+            queues.local = true;
+            let last = queues.last_sent.map_or(now, |last| last.max(now));
+            queues.last_sent = Some(last + interval.mul_f64(random_fraction()));
         }
-        let mut queues = state.lock().unwrap_or_else(PoisonError::into_inner);
+        queues
+            .last_sent
+            .map_or(now, |last| (last + interval).max(now))
+    }
+
+    /// A request was let through on the local share at `now`.
+    fn sent_locally(&self, queues: &mut Queues, now: Instant) {
+        queues.last_sent = Some(now);
+        if self.shared.is_some() {
+            queues.unshared.push_back(now);
+            while queues
+                .unshared
+                .front()
+                .is_some_and(|at| now.duration_since(*at) >= Duration::from_secs(1))
+            {
+                queues.unshared.pop_front();
+            }
+        }
+    }
+
+    /// Back to the shared limiter after pacing locally: it learns of the last second's local
+    /// sends first.
+    async fn rejoin(&self, shared: &Arc<dyn SharedSlots>) {
+        let owed = {
+            let mut queues = self.lock();
+            if !queues.local {
+                return;
+            }
+            queues.local = false;
+            let now = Instant::now();
+            queues
+                .unshared
+                .drain(..)
+                .filter(|at| now.duration_since(*at) < Duration::from_secs(1))
+                .count()
+        };
+        if owed > 0 {
+            shared.owe(self.operation, self.interval, owed).await;
+        }
+    }
+
+    /// Lets the next caller's oldest waiting request through; false when none is waiting.
+    fn release(&self, origin: Origin) -> bool {
+        let mut queues = self.lock();
         loop {
             let Some(caller) = queues.turns.pop_front() else {
-                queues.dispatching = false;
-                return;
+                return false;
             };
             let (waiter, more) = match queues.waiting.get_mut(&caller) {
                 Some(waiting) => (waiting.pop_front(), !waiting.is_empty()),
@@ -164,10 +324,107 @@ async fn dispatch(state: Arc<Mutex<Queues>>, interval: Duration) {
             let Some(waiter) = waiter else { continue };
             queues.queued -= 1;
             // A request that gave up (deadline, cancelled caller) takes no slot.
-            if waiter.send(()).is_ok() {
-                queues.last_sent = Some(Instant::now());
-                break;
+            if waiter.send(origin).is_ok() {
+                let now = Instant::now();
+                match origin {
+                    Origin::Local => self.sent_locally(&mut queues, now),
+                    Origin::Shared => queues.last_sent = Some(now),
+                }
+                return true;
             }
+        }
+    }
+
+    /// A slot that reached a request which no longer wants it.
+    fn unused(&self, origin: Origin) {
+        if let (Origin::Shared, Some(shared)) = (origin, &self.shared) {
+            shared.give_back(self.operation, self.interval);
+        }
+    }
+}
+
+/// A number in [0, 1), at random.
+fn random_fraction() -> f64 {
+    let mut bytes = [0u8; 2];
+    match getrandom::fill(&mut bytes) {
+        Ok(()) => f64::from(u16::from_le_bytes(bytes)) / 65_536.0,
+        Err(_) => 0.5,
+    }
+}
+
+/// A request waiting for its slot.
+struct Waiter {
+    ready: oneshot::Receiver<Origin>,
+    inner: Arc<Inner>,
+}
+
+impl Waiter {
+    /// Whether the slot came before `deadline`; `None` when it did not. A slot released just
+    /// as the deadline came is used, not thrown away: the deadline keeps an allowance for
+    /// the call.
+    async fn released(mut self, deadline: Option<Instant>) -> Option<bool> {
+        let released = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, &mut self.ready).await,
+            None => Ok((&mut self.ready).await),
+        };
+        match released {
+            Ok(Ok(_)) => Some(true),
+            Ok(Err(_)) => None,
+            Err(_) => {
+                self.ready.close();
+                self.ready.try_recv().ok().map(|_| true)
+            }
+        }
+    }
+}
+
+impl Drop for Waiter {
+    /// A caller cancelled after its slot was released, before it could use it: the slot goes
+    /// back (closing first, so that no slot can arrive after this look).
+    fn drop(&mut self) {
+        self.ready.close();
+        if let Ok(origin) = self.ready.try_recv() {
+            self.inner.unused(origin);
+        }
+    }
+}
+
+/// Hands out slots to waiting requests, callers in turn, until none waits: taken from the
+/// shared limiter when it answers, else paced locally.
+async fn dispatch(inner: Arc<Inner>) {
+    loop {
+        {
+            let mut queues = inner.lock();
+            if queues.queued == 0 {
+                queues.dispatching = false;
+                return;
+            }
+        }
+        if let Some(shared) = inner.shared_now() {
+            inner.rejoin(shared).await;
+            match shared.take(inner.operation, inner.interval).await {
+                Slot::Granted => {
+                    if !inner.release(Origin::Shared) {
+                        shared.give_back(inner.operation, inner.interval);
+                    }
+                }
+                Slot::NotBefore(wait) => {
+                    tokio::time::sleep(wait.max(Duration::from_millis(1))).await;
+                }
+                // Degraded now: the next turn paces locally.
+                Slot::Unavailable => {}
+            }
+            continue;
+        }
+        let next = {
+            let mut queues = inner.lock();
+            let interval = inner.local_interval();
+            inner.next_local(&mut queues, Instant::now(), interval)
+        };
+        tokio::time::sleep_until(next).await;
+        // Redis may have come back meanwhile: then the slot is the shared limiter's to give.
+        if inner.shared_now().is_none() {
+            inner.release(Origin::Local);
         }
     }
 }
@@ -179,11 +436,21 @@ pub struct RateBudgets {
 }
 
 impl RateBudgets {
-    /// Budgets from (operation, requests per second) pairs.
+    /// Budgets from (operation, requests per second) pairs, for this process alone.
     pub fn new(rates: impl IntoIterator<Item = (&'static str, f64)>) -> Self {
+        Self::shared(rates, 1, None)
+    }
+
+    /// Budgets of the whole `rates`: slots from `shared` when given, else this process's
+    /// `1 / rate_share` of each rate.
+    pub fn shared(
+        rates: impl IntoIterator<Item = (&'static str, f64)>,
+        rate_share: u32,
+        shared: Option<Arc<dyn SharedSlots>>,
+    ) -> Self {
         let budgets = rates
             .into_iter()
-            .map(|(op, rate)| (op, RateBudget::per_second(rate)))
+            .map(|(op, rate)| (op, RateBudget::new(op, rate, rate_share, shared.clone())))
             .collect();
         Self {
             budgets: Arc::new(budgets),
@@ -198,17 +465,23 @@ impl RateBudgets {
     }
 }
 
-/// The SDK's HTTP client with the budgets in front of every request.
+/// The SDK's HTTP client with the budgets in front of every request, and the attempt timeout
+/// behind them.
 #[derive(Debug, Clone)]
 pub struct BudgetedHttpClient {
     inner: SharedHttpClient,
     budgets: RateBudgets,
+    attempt_timeout: Duration,
 }
 
 impl BudgetedHttpClient {
-    /// Wraps `inner`.
-    pub fn new(inner: SharedHttpClient, budgets: RateBudgets) -> Self {
-        Self { inner, budgets }
+    /// Wraps `inner`; each attempt may take `attempt_timeout` once its slot is granted.
+    pub fn new(inner: SharedHttpClient, budgets: RateBudgets, attempt_timeout: Duration) -> Self {
+        Self {
+            inner,
+            budgets,
+            attempt_timeout,
+        }
     }
 }
 
@@ -221,6 +494,7 @@ impl HttpClient for BudgetedHttpClient {
         SharedHttpConnector::new(BudgetedConnector {
             inner: self.inner.http_connector(settings, components),
             budgets: self.budgets.clone(),
+            attempt_timeout: self.attempt_timeout,
         })
     }
 }
@@ -229,7 +503,13 @@ impl HttpClient for BudgetedHttpClient {
 struct BudgetedConnector {
     inner: SharedHttpConnector,
     budgets: RateBudgets,
+    attempt_timeout: Duration,
 }
+
+/// An attempt that outlived `--attempt-timeout` after its slot was granted.
+#[derive(Debug, thiserror::Error)]
+#[error("the ECR attempt took longer than {0:?}")]
+struct AttemptTimedOut(Duration);
 
 impl HttpConnector for BudgetedConnector {
     fn call(&self, request: HttpRequest) -> HttpConnectorFuture {
@@ -241,6 +521,7 @@ impl HttpConnector for BudgetedConnector {
             .map(|(_, operation)| operation.to_owned());
         let budgets = self.budgets.clone();
         let inner = self.inner.clone();
+        let attempt_timeout = self.attempt_timeout;
         // A slot is only useful if the call it admits can finish before the deadline.
         let deadline = deadline::current().map(|d| d.checked_sub(ECR_CALL_ALLOWANCE).unwrap_or(d));
         HttpConnectorFuture::new(async move {
@@ -261,7 +542,15 @@ impl HttpConnector for BudgetedConnector {
                     }
                 };
             }
-            inner.call(request).await
+            // The attempt timeout starts here, not before the wait for a slot: a queued call
+            // that timed out in the queue would throw its place away and be retried at the
+            // back, and the caller's deadline already bounds the wait.
+            match tokio::time::timeout(attempt_timeout, inner.call(request)).await {
+                Ok(answer) => answer,
+                Err(_) => Err(ConnectorError::timeout(Box::new(AttemptTimedOut(
+                    attempt_timeout,
+                )))),
+            }
         })
     }
 }
@@ -302,7 +591,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn callers_take_turns() {
         let budget = Arc::new(RateBudget::per_second(10.0));
-        let interval = budget.interval;
+        let interval = budget.inner.interval;
         let start = Instant::now();
         let busy: Vec<_> = (0..40)
             .map(|_| {

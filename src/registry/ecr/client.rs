@@ -1,6 +1,7 @@
 //! The ECR client: the SDK's shared configuration, our retries, timeouts and endpoint, and the
 //! rate budgets in front of its HTTP client. Built once; clones share its connection pool.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
@@ -10,7 +11,7 @@ use aws_smithy_http_client::proxy::ProxyConfig;
 use aws_smithy_http_client::{ConnectorBuilder, tls};
 use aws_smithy_runtime_api::client::http::SharedHttpClient;
 
-use super::budget::{BudgetedHttpClient, RateBudgets};
+use super::budget::{BudgetedHttpClient, RateBudgets, SharedSlots};
 use super::retry::QuotaIsNotThrottling;
 
 /// The SDK's standard: two retries ride out a throttling blip or a dropped connection, and a
@@ -57,18 +58,22 @@ pub struct EcrSettings {
     pub max_backoff: Duration,
     /// How long to wait for a TCP/TLS connection to ECR.
     pub connect_timeout: Duration,
-    /// How long one attempt may take before it is abandoned (and retried).
+    /// How long one attempt may take, from its rate-budget slot, before it is abandoned (and
+    /// retried).
     pub attempt_timeout: Duration,
     /// How long one call may take, all attempts and backoffs included.
     pub operation_timeout: Duration,
-    /// This process's PutImage budget, requests per second (its share of the account quota).
+    /// The PutImage budget of all replicas together, requests per second (the account quota).
     pub put_image_rate: f64,
-    /// This process's BatchGetImage budget, requests per second.
+    /// The BatchGetImage budget of all replicas together, requests per second.
     pub batch_get_image_rate: f64,
-    /// This process's BatchDeleteImage budget, requests per second.
+    /// The BatchDeleteImage budget of all replicas together, requests per second.
     pub batch_delete_image_rate: f64,
-    /// This process's ListImages and DescribeImages budgets, each, requests per second.
+    /// The ListImages and DescribeImages budgets of all replicas together, each, per second.
     pub listing_rate: f64,
+    /// Processes sharing those budgets without a shared limiter: each paces itself at
+    /// budget ÷ `rate_share`.
+    pub rate_share: u32,
     /// How long the first miss of an idle repository waits for others to batch with.
     pub batch_window: Duration,
 }
@@ -90,6 +95,7 @@ impl Default for EcrSettings {
             batch_get_image_rate: DEFAULT_BATCH_GET_IMAGE_RATE,
             batch_delete_image_rate: DEFAULT_BATCH_DELETE_IMAGE_RATE,
             listing_rate: DEFAULT_LISTING_RATE,
+            rate_share: 1,
             batch_window: DEFAULT_BATCH_WINDOW,
         }
     }
@@ -105,32 +111,77 @@ pub async fn load_sdk_config(settings: &EcrSettings) -> SdkConfig {
     loader.load().await
 }
 
+/// Names the account when the credentials do not: replicas sharing a Redis then share one
+/// budget, which can only be too cautious, never over a quota.
+pub const UNKNOWN_ACCOUNT: &str = "default";
+/// Resolving credentials at start-up (IRSA asks STS) takes well under this.
+const ACCOUNT_LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The account the credentials belong to, which names the fleet's shared budgets (ECR's quotas
+/// are per account and region): the provider chain knows it for web identity (IRSA), SSO and
+/// `AWS_ACCOUNT_ID`; otherwise [`UNKNOWN_ACCOUNT`].
+pub async fn account_of(sdk: &SdkConfig) -> String {
+    use aws_credential_types::provider::ProvideCredentials;
+    let Some(provider) = sdk.credentials_provider() else {
+        return UNKNOWN_ACCOUNT.to_owned();
+    };
+    let account =
+        match tokio::time::timeout(ACCOUNT_LOOKUP_TIMEOUT, provider.provide_credentials()).await {
+            Ok(Ok(credentials)) => credentials.account_id().map(|id| id.as_str().to_owned()),
+            _ => None,
+        };
+    account.unwrap_or_else(|| {
+        tracing::info!(
+            account = UNKNOWN_ACCOUNT,
+            "the credentials name no account: the shared ECR budgets are keyed by region alone"
+        );
+        UNKNOWN_ACCOUNT.to_owned()
+    })
+}
+
 /// The ECR client configuration: the shared SDK configuration plus our retries, timeouts and
 /// endpoint. Returned as a builder so tests can add what production never needs.
 pub fn client_config(sdk: &SdkConfig, settings: &EcrSettings) -> aws_sdk_ecr::config::Builder {
+    client_config_with(sdk, settings, None)
+}
+
+/// [`client_config`] with the budgets' slots taken from `shared`, the fleet's limiter.
+pub fn client_config_with(
+    sdk: &SdkConfig,
+    settings: &EcrSettings,
+    shared: Option<Arc<dyn SharedSlots>>,
+) -> aws_sdk_ecr::config::Builder {
     let retry = RetryConfig::standard()
         .with_max_attempts(settings.max_attempts)
         .with_initial_backoff(settings.initial_backoff)
         .with_max_backoff(settings.max_backoff);
+    // The attempt timeout is kept by the budgeted client, from the slot on (see there).
     let timeouts = TimeoutConfig::builder()
         .connect_timeout(settings.connect_timeout)
-        .operation_attempt_timeout(settings.attempt_timeout)
         .operation_timeout(settings.operation_timeout)
         .build();
     // The SDK's own HTTPS client, or its default, with the rate budgets in front.
     let http = sdk.http_client().unwrap_or_else(default_https_client);
-    let budgets = RateBudgets::new([
-        ("PutImage", settings.put_image_rate),
-        ("BatchGetImage", settings.batch_get_image_rate),
-        ("BatchDeleteImage", settings.batch_delete_image_rate),
-        ("ListImages", settings.listing_rate),
-        ("DescribeImages", settings.listing_rate),
-    ]);
+    let budgets = RateBudgets::shared(
+        [
+            ("PutImage", settings.put_image_rate),
+            ("BatchGetImage", settings.batch_get_image_rate),
+            ("BatchDeleteImage", settings.batch_delete_image_rate),
+            ("ListImages", settings.listing_rate),
+            ("DescribeImages", settings.listing_rate),
+        ],
+        settings.rate_share,
+        shared,
+    );
     let mut builder = aws_sdk_ecr::config::Builder::from(sdk)
         .retry_config(retry)
         .retry_classifier(QuotaIsNotThrottling)
         .timeout_config(timeouts)
-        .http_client(BudgetedHttpClient::new(http, budgets));
+        .http_client(BudgetedHttpClient::new(
+            http,
+            budgets,
+            settings.attempt_timeout,
+        ));
     if let Some(url) = &settings.endpoint_url {
         builder = builder.endpoint_url(url);
     }

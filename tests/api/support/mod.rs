@@ -6,8 +6,10 @@ pub mod fair_shares;
 pub mod fault_proxy;
 pub mod moto;
 pub mod nginx;
+pub mod process;
 pub mod recorded;
 pub mod redis;
+pub mod replicas;
 pub mod requests;
 
 use std::net::SocketAddr;

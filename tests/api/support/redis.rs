@@ -28,27 +28,37 @@ impl Redis {
             .local_addr()
             .unwrap()
             .port();
-        let child = Command::new("/usr/bin/redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start redis-server");
         let redis = Self {
-            child,
+            child: spawn(port),
             url: format!("redis://127.0.0.1:{port}"),
             port,
         };
+        redis.until_it_answers();
+        redis
+    }
+
+    fn until_it_answers(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !redis.answers() {
+        while !self.answers() {
             assert!(
                 Instant::now() < deadline,
                 "redis-server did not answer PING"
             );
             std::thread::park_timeout(Duration::from_millis(20));
         }
-        redis
+    }
+
+    /// Stops it (`kill -STOP`): it hangs, connections stay open and nothing answers.
+    pub fn stop(&self) {
+        let pid = i32::try_from(self.child.id()).unwrap();
+        // SAFETY: kill(2) on our own child's pid, which is not yet reaped.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    }
+
+    /// Starts a fresh one (empty) on the same port, after [`kill`](Self::kill).
+    pub fn restart(&mut self) {
+        self.child = spawn(self.port);
+        self.until_it_answers();
     }
 
     /// Whether it answers PING now.
@@ -68,6 +78,17 @@ impl Redis {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// redis-server on loopback `port`, persistence off.
+fn spawn(port: u16) -> Child {
+    Command::new("/usr/bin/redis-server")
+        .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start redis-server")
 }
 
 impl Drop for Redis {

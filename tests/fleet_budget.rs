@@ -1,0 +1,126 @@
+//! Three service processes sharing ECR's quotas through a real Redis, in a test binary of its
+//! own: cargo runs test binaries one after another, so no other test competes for the 2 cores
+//! while arrival times at the proxies are measured. Figures are printed by `cargo bench --bench
+//! fleet`; these tests hold the bounds.
+
+#[allow(dead_code)]
+#[path = "api/support/mod.rs"]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::redis::Redis;
+use support::replicas::{self, arrivals, between, put_load, rate, until_mode};
+use support::{create_repository, moto, unique};
+
+/// A caller's deadline in these scenarios.
+const DEADLINE: Duration = Duration::from_secs(10);
+/// PutImage's quota (ECR's default, the service's default).
+const QUOTA: f64 = 10.0;
+
+/// All the load through one of three replicas (`--rate-share 3`, as the chart sets it): with
+/// Redis the replica uses the fleet's whole PutImage quota, where alone it would have a third;
+/// ECR never sees more than 10 in any one-second window. Then the same load spread over all
+/// three: the same bound, the same rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_the_whole_quota_through_redis() {
+    let redis = Redis::start();
+    let repository = unique("fleet");
+    create_repository(moto::endpoint(), &repository, false).await;
+    let fleet = replicas::start(3, Some(&redis.url), &[]).await;
+    until_mode(&fleet, "redis", Duration::from_secs(10)).await;
+
+    for (scenario, targets) in [
+        ("one replica", vec![fleet[0].client.clone()]),
+        (
+            "three replicas",
+            fleet.iter().map(|r| r.client.clone()).collect(),
+        ),
+    ] {
+        let started = Instant::now();
+        let outcomes = put_load(&targets, &repository, 30, Duration::from_secs(6), DEADLINE).await;
+        let ended = Instant::now();
+        let sent = between(&arrivals(&fleet), started, ended);
+        // The first second fills the queue; from then on demand exceeds the quota.
+        let (per_second, busiest) = rate(&sent, started + Duration::from_secs(1), ended);
+        eprintln!(
+            "{scenario}: {per_second:.2} PutImage/s at ECR, busiest second {busiest}; {outcomes:?}"
+        );
+        assert!(
+            fair(&sent) <= 10,
+            "{scenario}: {} PutImage within one second",
+            fair(&sent)
+        );
+        assert!(
+            per_second >= 0.75 * QUOTA,
+            "{scenario}: only {per_second:.2} PutImage/s; alone a replica has {:.2}",
+            QUOTA / 3.0
+        );
+        assert_eq!(
+            outcomes.overdue, 0,
+            "{scenario}: calls outlived their deadline"
+        );
+        assert_eq!(outcomes.failed, 0, "{scenario}: {outcomes:?}");
+    }
+}
+
+fn fair(sent: &[Instant]) -> usize {
+    support::fair_shares::busiest_second(sent)
+}
+
+/// Chaos on a bounded loop, under load spread over three replicas: Redis hangs (`kill -STOP`),
+/// then is gone (`kill -9`), then restarts empty. Every call completes or is refused within its
+/// deadline; ECR never sees more than 10 PutImage in any second; while Redis is out each
+/// replica sends at most its third of the quota; shared mode comes back after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budgets_degrade_to_a_share_and_come_back_when_redis_fails() {
+    let mut redis = Redis::start();
+    let repository = unique("chaos");
+    create_repository(moto::endpoint(), &repository, false).await;
+    let fleet = replicas::start(3, Some(&redis.url), &[]).await;
+    until_mode(&fleet, "redis", Duration::from_secs(10)).await;
+    let targets: Vec<_> = fleet.iter().map(|r| r.client.clone()).collect();
+    let load = {
+        let repository = repository.clone();
+        tokio::spawn(async move {
+            put_load(&targets, &repository, 30, Duration::from_secs(16), DEADLINE).await
+        })
+    };
+    // The phases are the scenario's clock, not waits for readiness.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    redis.stop();
+    let hung = Instant::now();
+    let noticed = until_mode(&fleet, "local", Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(noticed)).await;
+    redis.kill();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    redis.restart();
+    let restarted = Instant::now();
+    let back = until_mode(&fleet, "redis", Duration::from_secs(10)).await;
+    let outcomes = load.await.unwrap();
+    eprintln!(
+        "chaos: every replica local {noticed:?} after the hang, shared again {back:?} after the \
+         restart; {outcomes:?}"
+    );
+    assert_eq!(outcomes.overdue, 0, "calls outlived their deadline");
+    let sent = arrivals(&fleet);
+    eprintln!("chaos: busiest second at ECR {}", fair(&sent));
+    assert!(
+        fair(&sent) <= 10,
+        "{} PutImage within one second",
+        fair(&sent)
+    );
+    // Degraded from the moment every replica noticed until Redis was back.
+    let (from, to) = (hung + noticed, restarted);
+    for (n, replica) in fleet.iter().enumerate() {
+        let own = replica.proxy.arrivals("PutImage");
+        let (per_second, busiest) = rate(&own, from, to);
+        eprintln!(
+            "replica {n} without Redis: {per_second:.2} PutImage/s, busiest second {busiest}"
+        );
+        assert!(
+            per_second <= QUOTA / 3.0 && busiest <= 4,
+            "replica {n} sent {per_second:.2}/s (busiest second {busiest}) without Redis"
+        );
+    }
+}
