@@ -48,10 +48,15 @@ impl StartError {
 pub async fn registry(
     args: &ServeArgs,
 ) -> Result<(SharedRegistry, Option<Arc<Fleet>>), StartError> {
+    let redis = args
+        .redis_client()
+        .map_err(|e| StartError::Config(e.to_string()))?;
     let fleet = |scope: &str| {
-        args.redis_url
-            .as_deref()
-            .map(|url| Fleet::new(url, scope, args.rate_share).map_err(StartError::Config))
+        redis
+            .clone()
+            .map(|client| {
+                Fleet::with_client(client, scope, args.rate_share).map_err(StartError::Config)
+            })
             .transpose()
     };
     let (backend, fleet): (SharedRegistry, _) = match args.backend {
@@ -65,7 +70,7 @@ pub async fn registry(
                         .to_owned(),
                 ));
             };
-            let fleet = match &args.redis_url {
+            let fleet = match &redis {
                 Some(_) => fleet(&format!("{}:{region}", ecr::account_of(&sdk).await))?,
                 None => None,
             };

@@ -122,6 +122,11 @@ pub struct ServeArgs {
     #[arg(long, env = "ECR_IMAGE_SERVICE_REDIS_URL")]
     pub redis_url: Option<String>,
 
+    /// PEM CA certificates trusted for a `rediss://` --redis-url instead of the system's
+    /// roots (a private CA; ElastiCache needs none).
+    #[arg(long, env = "ECR_IMAGE_SERVICE_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<std::path::PathBuf>,
+
     /// AWS region of the registry [default: the SDK's chain: AWS_REGION, profile, IMDS].
     #[arg(long, env = "ECR_IMAGE_SERVICE_REGION")]
     pub region: Option<String>,
@@ -438,9 +443,7 @@ impl ServeArgs {
             }
             _ => {}
         }
-        if let Some(url) = &self.redis_url {
-            redis::Client::open(url.as_str()).map_err(|e| invalid("--redis-url", e.to_string()))?;
-        }
+        self.redis_client()?;
         if let Some(path) = &self.page_token_key_file {
             crate::paging::PageTokens::from_file(path)
                 .map_err(|e| invalid("--page-token-key-file", e))?;
@@ -497,6 +500,29 @@ impl ServeArgs {
     }
 
     /// The three TLS files, when all are given.
+    /// The Redis client of `--redis-url` and `--redis-ca-file`, if any.
+    pub fn redis_client(&self) -> Result<Option<redis::Client>, ConfigError> {
+        let Some(url) = &self.redis_url else {
+            if self.redis_ca_file.is_some() {
+                return Err(invalid("--redis-ca-file", "needs a rediss:// --redis-url"));
+            }
+            return Ok(None);
+        };
+        let ca = match &self.redis_ca_file {
+            Some(_) if !url.starts_with("rediss://") => {
+                return Err(invalid("--redis-ca-file", "needs a rediss:// --redis-url"));
+            }
+            Some(path) => Some(
+                std::fs::read(path)
+                    .map_err(|e| invalid("--redis-ca-file", format!("{}: {e}", path.display())))?,
+            ),
+            None => None,
+        };
+        crate::fleet::client(url, ca.as_deref())
+            .map(Some)
+            .map_err(|e| invalid("--redis-url", e))
+    }
+
     fn tls_settings(&self) -> Option<crate::tls::TlsSettings> {
         Some(crate::tls::TlsSettings {
             cert: self.tls_cert.clone()?,
@@ -578,6 +604,34 @@ mod tests {
         assert_eq!(args.ecr_settings(), EcrSettings::default());
         assert_eq!(args.cache_settings(), CacheSettings::default());
         assert_eq!(args.server_settings(), ServerSettings::default());
+    }
+
+    /// A CA file is for a rediss:// URL only, and must be readable.
+    #[test]
+    fn a_redis_ca_file_needs_a_tls_url() {
+        let flag = |args: &[&str]| match parse(args).validate() {
+            Err(ConfigError::Invalid { flag, .. }) => Some(flag),
+            _ => None,
+        };
+        assert_eq!(
+            flag(&["--redis-ca-file", "ca.pem"]),
+            Some("--redis-ca-file")
+        );
+        assert_eq!(
+            flag(&["--redis-url", "redis://r:6379", "--redis-ca-file", "ca.pem"]),
+            Some("--redis-ca-file")
+        );
+        assert_eq!(
+            flag(&[
+                "--redis-url",
+                "rediss://r:6379",
+                "--redis-ca-file",
+                "/nonexistent/ca.pem"
+            ]),
+            Some("--redis-ca-file")
+        );
+        assert_eq!(flag(&["--redis-url", "rediss://r:6379"]), None);
+        assert_eq!(flag(&["--redis-url", "http://r"]), Some("--redis-url"));
     }
 
     /// The rates are the account's quotas; the share divides them when no Redis does better.

@@ -181,13 +181,38 @@ struct Mode {
     rate_share: u32,
 }
 
+/// A client of the Redis at `url` (`redis://`, `rediss://`, or `unix://` for a socket); for
+/// `rediss://`, trusting the PEM certificates `ca` instead of the system's roots when given
+/// (a private CA; ElastiCache's certificates chain to the public roots).
+pub fn client(url: &str, ca: Option<&[u8]>) -> Result<redis::Client, String> {
+    match ca {
+        None => redis::Client::open(url),
+        Some(ca) => redis::Client::build_with_tls(
+            url,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca.to_vec()),
+            },
+        ),
+    }
+    .map_err(|e| e.to_string())
+}
+
 impl Fleet {
-    /// A link through the Redis at `url` (`redis://`, `rediss://`, or `unix://` for a
-    /// socket) for the ECR account and region in `scope` (`<account>:<region>`). Budgets run
-    /// at quota ÷ `rate_share` until Redis first answers. Connections are made in the
-    /// background and retried.
+    /// A link through the Redis at `url` (see [`client`]) for the ECR account and region in
+    /// `scope` (`<account>:<region>`).
     pub fn new(url: &str, scope: &str, rate_share: u32) -> Result<Arc<Self>, String> {
-        let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+        Self::with_client(client(url, None)?, scope, rate_share)
+    }
+
+    /// A link through `client` for the ECR account and region in `scope`. Budgets run at
+    /// quota ÷ `rate_share` until Redis first answers. Connections are made in the background
+    /// and retried.
+    pub fn with_client(
+        client: redis::Client,
+        scope: &str,
+        rate_share: u32,
+    ) -> Result<Arc<Self>, String> {
         // Few, short reconnection attempts: the heartbeat starts another soon, and one left
         // in a long backoff would delay the switch back after Redis returns.
         let config = ConnectionManagerConfig::new()

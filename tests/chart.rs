@@ -341,6 +341,34 @@ fn every_setting_of_the_binary_is_reachable_from_values_and_accepted_by_it() {
     // The embedded store's directory is set only with that backend.
     let local = render(&["--values", EVERYTHING_ON, "--set", "config.backend=local"]);
     let local_settings = env(service_container(&local));
+    // A private CA for a rediss:// Redis, mounted from a Secret, and the URL it needs.
+    let redis_tls = render(&[
+        "--values",
+        EVERYTHING_ON,
+        "--set",
+        "redis.url=rediss://redis:6379,redis.tls.enabled=true,redis.tls.caSecret=redis-ca",
+    ]);
+    let redis_tls_settings = env(service_container(&redis_tls));
+    assert_eq!(
+        redis_tls_settings["ECR_IMAGE_SERVICE_REDIS_CA_FILE"],
+        "/etc/ecr-image-service/redis-ca/ca.crt"
+    );
+    let mounted = service_container(&redis_tls)["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["mountPath"] == "/etc/ecr-image-service/redis-ca");
+    assert!(mounted, "the Redis CA Secret is mounted");
+    assert!(
+        try_render(&[
+            "--values",
+            EVERYTHING_ON,
+            "--set",
+            "redis.url=redis://redis:6379,redis.tls.enabled=true"
+        ])
+        .unwrap_err()
+        .contains("redis.tls.enabled needs a rediss:// redis.url")
+    );
     // The service's own mTLS is for deployments without a mesh: the kubelet's gRPC probes
     // cannot present a client certificate, so the chart (probes on, sidecars for identity)
     // does not offer it.
@@ -353,6 +381,7 @@ fn every_setting_of_the_binary_is_reachable_from_values_and_accepted_by_it() {
         assert!(
             settings.contains_key(&twin)
                 || local_settings.contains_key(&twin)
+                || redis_tls_settings.contains_key(&twin)
                 || not_in_chart.contains(&twin.as_str()),
             "{twin} cannot be set from values"
         );

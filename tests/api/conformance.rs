@@ -546,16 +546,8 @@ async fn a_deleted_digest_is_not_found_at_once_even_when_cached(backend: Backend
 async fn a_watcher_sees_the_current_state_then_this_replicas_writes(backend: Backend) {
     let repository = backend.repository("watch", false).await;
     backend.put(&repository, "live", SEED).await;
-    let mut client = backend.client.clone();
-    let mut stream = client
-        .watch_tag(ecr_image_service::pb::WatchTagRequest {
-            repository_name: repository.clone(),
-            image_tag: "live".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream =
+        crate::support::requests::open_watch(&backend.client, &repository, "live").await;
     let first = next_state(&mut stream).await;
     assert_eq!(first.image_id.unwrap().image_digest, SEED_DIGEST);
     let moved = r#"{"mediaType":"application/vnd.oci.image.manifest.v1+json","moved":true}"#;

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ecr_image_service::fleet::Fleet;
+use ecr_image_service::fleet::{self, Fleet};
 use ecr_image_service::pb::CacheStatus;
 use ecr_image_service::pb::image_service_client::ImageServiceClient;
 use ecr_image_service::registry::cached::{CacheSettings, CachedRegistry};
@@ -12,16 +12,25 @@ use ecr_image_service::registry::local::LocalRegistry;
 use tonic::transport::Channel;
 
 use crate::support::backend::{ScratchDir, local_settings};
+use crate::support::certs::Ca;
 use crate::support::redis::Redis;
 use crate::support::requests::{get, put};
 use crate::support::{SEED, SEED_DIGEST, digest_of, serve_on_loopback, server_settings};
 
 /// A replica over the shared `store`, linked through `redis` when given.
 async fn replica(store: &LocalRegistry, redis: Option<&str>) -> ImageServiceClient<Channel> {
+    replica_of(store, redis.map(|url| fleet::client(url, None).unwrap())).await
+}
+
+/// A replica over the shared `store`, linked through the Redis `client` when given.
+async fn replica_of(
+    store: &LocalRegistry,
+    redis: Option<redis::Client>,
+) -> ImageServiceClient<Channel> {
     let cache = CachedRegistry::new(Arc::new(store.clone()), CacheSettings::default());
     let cache = match redis {
-        Some(url) => {
-            let fleet = Fleet::new(url, "test:local", 1).unwrap();
+        Some(client) => {
+            let fleet = Fleet::with_client(client, "test:local", 1).unwrap();
             fleet.listen(cache.tag_invalidator());
             cache.with_bus(fleet)
         }
@@ -137,4 +146,74 @@ async fn a_lost_subscription_forgets_every_tag_resolution() {
     }
     // Reads work without Redis, as on a single replica.
     assert_eq!(digest(&mut b, "live").await.0, SEED_DIGEST);
+}
+
+/// `rediss://` with a private CA (`--redis-ca-file`): the replicas link over TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_link_through_redis_over_tls() {
+    let dir = ScratchDir::new("fleet-tls");
+    let ca = Ca::new();
+    let (cert, key) = ca.leaf(&["localhost"], &[]);
+    let (cert_file, key_file) = (dir.0.join("redis.pem"), dir.0.join("redis.key"));
+    std::fs::write(&cert_file, cert).unwrap();
+    std::fs::write(&key_file, key).unwrap();
+    let redis = Redis::start_tls(&cert_file, &key_file);
+    assert!(redis.url.starts_with("rediss://"));
+    let store = LocalRegistry::open(&local_settings(&dir.0)).unwrap();
+    let client = || fleet::client(&redis.url, Some(ca.pem.as_bytes())).unwrap();
+    let mut a = replica_of(&store, Some(client())).await;
+    let mut b = replica_of(&store, Some(client())).await;
+    until_linked(&mut a, &mut b).await;
+}
+
+/// Every key of an account shares one Redis Cluster slot (`{<account>:<region>}`): on a
+/// cluster, where a script's keys must share a slot, the budget and poll-lease scripts work,
+/// and the same two keys without the hash tag are refused with CROSSSLOT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_keys_of_an_account_share_one_cluster_slot() {
+    use ecr_image_service::image::{RepositoryName, Tag};
+    use ecr_image_service::registry::RepositoryKey;
+    use ecr_image_service::registry::ecr::budget::{SharedSlots, Slot};
+    use ecr_image_service::watch::SharedPolls;
+
+    let dir = ScratchDir::new("fleet-cluster");
+    let redis = Redis::start_cluster(&dir.0);
+    let fleet = Fleet::new(&redis.url, "123456789012:eu-west-1", 3).unwrap();
+    let store = LocalRegistry::open(&local_settings(&dir.0)).unwrap();
+    let cache = CachedRegistry::new(Arc::new(store), CacheSettings::default());
+    fleet.listen(cache.tag_invalidator());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !fleet.is_shared() {
+        assert!(Instant::now() < deadline, "the heartbeat never answered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let interval = Duration::from_secs(1);
+    assert_eq!(fleet.take("PutImage", interval).await, Slot::Granted);
+    assert!(matches!(
+        fleet.take("PutImage", interval).await,
+        Slot::NotBefore(wait) if wait > Duration::from_millis(900)
+    ));
+    let repository = RepositoryKey {
+        registry_id: None,
+        repository: RepositoryName::parse("team/app").unwrap(),
+    };
+    let tag = Tag::parse("live").unwrap();
+    assert_eq!(
+        fleet
+            .poll_turn(&repository, vec![tag.clone()], interval)
+            .await,
+        Some(Some(vec![tag]))
+    );
+
+    let client = redis::Client::open(redis.url.as_str()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let untagged: Result<(), _> = redis::cmd("EVAL")
+        .arg("return redis.call('GET', KEYS[1])")
+        .arg(2)
+        .arg("ecr-image-service:poller:team/app")
+        .arg("ecr-image-service:watched:team/app")
+        .query_async(&mut connection)
+        .await;
+    let refused = untagged.unwrap_err().to_string();
+    assert!(refused.to_lowercase().contains("crossslot"), "{refused}");
 }

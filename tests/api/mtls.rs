@@ -12,50 +12,15 @@ use ecr_image_service::registry::cached::{CacheSettings, CachedRegistry};
 use ecr_image_service::registry::local::LocalRegistry;
 use ecr_image_service::server::ServerSettings;
 use ecr_image_service::tls::TlsSettings;
-use rcgen::string::Ia5String;
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Request};
 
 use crate::support::backend::{ScratchDir, local_settings};
+use crate::support::certs::Ca;
 use crate::support::requests::put;
 use crate::support::{SEED, assert_status, serve_on_loopback, server_settings};
 
 const BUILDER: &str = "spiffe://test/ns/ci/sa/builder";
-
-/// A certificate authority that signs leaves.
-struct Ca {
-    pem: String,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-impl Ca {
-    fn new() -> Self {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let key = KeyPair::generate().unwrap();
-        let pem = params.self_signed(&key).unwrap().pem();
-        Self {
-            pem,
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    /// A leaf for `dns` names and `uris`: (certificate PEM, key PEM).
-    fn leaf(&self, dns: &[&str], uris: &[&str]) -> (String, String) {
-        let mut params =
-            CertificateParams::new(dns.iter().map(|d| (*d).to_owned()).collect::<Vec<_>>())
-                .unwrap();
-        for uri in uris {
-            params
-                .subject_alt_names
-                .push(SanType::URI(Ia5String::try_from(*uri).unwrap()));
-        }
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-}
 
 /// The service with mTLS from `ca`, the policy letting [`BUILDER`] write `team-a/**`.
 struct MtlsService {

@@ -148,8 +148,15 @@ Whole numbers are printed as integers (Helm reads numbers as floats: 1000000 wou
       name: {{ .Values.redis.existingSecret }}
       key: {{ .Values.redis.existingSecretKey }}
 {{- else if .Values.redis.url }}
+{{- if and .Values.redis.tls.enabled (not (hasPrefix "rediss://" .Values.redis.url)) }}
+{{- fail "redis.tls.enabled needs a rediss:// redis.url" }}
+{{- end }}
 - name: ECR_IMAGE_SERVICE_REDIS_URL
   value: {{ .Values.redis.url | quote }}
+{{- end }}
+{{- if .Values.redis.tls.caSecret }}
+- name: ECR_IMAGE_SERVICE_REDIS_CA_FILE
+  value: {{ printf "%s/%s" (include "ecr-image-service.redisCaDir" .) .Values.redis.tls.caSecretKey | quote }}
 {{- end }}
 - name: ECR_IMAGE_SERVICE_IDENTITY_SOURCE
   value: {{ include "ecr-image-service.identitySource" . | quote }}
@@ -232,4 +239,9 @@ the limit or the cache size is spelt in a way not parsed here: the binary's defa
 {{- if and (or .Values.mesh.istio.enabled .Values.mesh.linkerd.enabled) (not .Values.authz.rules) (not .Values.authz.allowAll) }}
 {{- fail "a mesh is enabled but authz.rules is empty: every meshed workload could write every repository. List authz.rules, or set authz.allowAll: true to mean it" }}
 {{- end }}
+{{- end }}
+
+{{/* Where the Redis CA bundle (redis.tls.caSecret) is mounted. */}}
+{{- define "ecr-image-service.redisCaDir" -}}
+/etc/ecr-image-service/redis-ca
 {{- end }}

@@ -2,6 +2,7 @@
 //! with a real gRPC client, and readers for the rich error details.
 
 pub mod backend;
+pub mod certs;
 pub mod fair_shares;
 pub mod fault_proxy;
 pub mod moto;

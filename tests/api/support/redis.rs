@@ -9,29 +9,91 @@ use std::time::{Duration, Instant};
 /// A running redis-server.
 pub struct Redis {
     child: Child,
-    /// `redis://127.0.0.1:PORT`.
+    /// `redis://127.0.0.1:PORT` (`rediss://localhost:PORT` with TLS).
     pub url: String,
     port: u16,
+    /// Arguments beyond the port and persistence.
+    extra: Vec<String>,
 }
 
 impl Redis {
     /// Starts one and waits (polling PING, with a deadline) until it answers.
     pub fn start() -> Self {
+        Self::start_with(|_| Vec::new(), |port| format!("redis://127.0.0.1:{port}"))
+    }
+
+    /// One that also serves TLS with `cert` and `key` (PEM files), on a second port the URL
+    /// (`rediss://localhost:PORT`) names; PING is still polled in plain text.
+    pub fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> Self {
+        let tls_port = free_port();
+        let (cert, key) = (cert.display().to_string(), key.display().to_string());
+        Self::start_with(
+            move |_| {
+                vec![
+                    "--tls-port".into(),
+                    tls_port.to_string(),
+                    "--tls-cert-file".into(),
+                    cert.clone(),
+                    "--tls-key-file".into(),
+                    key.clone(),
+                    "--tls-auth-clients".into(),
+                    "no".into(),
+                ]
+            },
+            move |_| format!("rediss://localhost:{tls_port}"),
+        )
+    }
+
+    /// A one-node Redis Cluster holding every slot, its node file in `dir`: a plain client
+    /// works against it, and Cluster's rules (CROSSSLOT) apply.
+    pub fn start_cluster(dir: &std::path::Path) -> Self {
+        let dir = dir.to_owned();
+        let redis = Self::start_with(
+            move |port| {
+                vec![
+                    "--cluster-enabled".into(),
+                    "yes".into(),
+                    "--cluster-config-file".into(),
+                    dir.join(format!("nodes-{port}.conf")).display().to_string(),
+                ]
+            },
+            |port| format!("redis://127.0.0.1:{port}"),
+        );
+        redis.command("CLUSTER ADDSLOTSRANGE 0 16383", "+OK");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !redis.command("CLUSTER INFO", "cluster_state:ok") {
+            assert!(Instant::now() < deadline, "the cluster never became ok");
+            std::thread::park_timeout(Duration::from_millis(20));
+        }
+        redis
+    }
+
+    /// Sends the inline `command`; whether the reply holds `expected`.
+    fn command(&self, command: &str, expected: &str) -> bool {
+        let Ok(mut tcp) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = tcp.set_read_timeout(Some(Duration::from_millis(500)));
+        let mut reply = [0u8; 4096];
+        tcp.write_all(format!("{command}\r\n").as_bytes()).is_ok()
+            && tcp
+                .read(&mut reply)
+                .is_ok_and(|n| String::from_utf8_lossy(&reply[..n]).contains(expected))
+    }
+
+    fn start_with(extra: impl Fn(u16) -> Vec<String>, url: impl Fn(u16) -> String) -> Self {
         let status = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/test-deps.sh"))
             .arg("redis")
             .status()
             .expect("run scripts/test-deps.sh redis");
         assert!(status.success(), "scripts/test-deps.sh redis: {status}");
-        // A port the OS just handed out is very likely still free a moment later.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
+        let extra = extra(port);
         let redis = Self {
-            child: spawn(port),
-            url: format!("redis://127.0.0.1:{port}"),
+            child: spawn(port, &extra),
+            url: url(port),
             port,
+            extra,
         };
         redis.until_it_answers();
         redis
@@ -57,7 +119,7 @@ impl Redis {
 
     /// Starts a fresh one (empty) on the same port, after [`kill`](Self::kill).
     pub fn restart(&mut self) {
-        self.child = spawn(self.port);
+        self.child = spawn(self.port, &self.extra);
         self.until_it_answers();
     }
 
@@ -80,11 +142,21 @@ impl Redis {
     }
 }
 
+/// A port the OS just handed out: very likely still free a moment later.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// redis-server on loopback `port`, persistence off.
-fn spawn(port: u16) -> Child {
+fn spawn(port: u16, extra: &[String]) -> Child {
     Command::new("/usr/bin/redis-server")
         .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
         .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -1,4 +1,4 @@
-//! The fleet scenario of issue 14, shared by `tests/fleet_budget.rs` (which asserts its bounds)
+//! The fleet scenario of issue 14, shared by `tests/fleet.rs` (which asserts its bounds)
 //! and the fleet benchmark (which prints its figures): three service processes, as the chart
 //! runs them (defaults plus `--rate-share 3`, and `--redis-url` when given), in front of one
 //! emulator, each through a fault proxy of its own, so that ECR's arrivals are known per

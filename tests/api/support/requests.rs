@@ -53,3 +53,21 @@ pub fn delete(repository: &str, ids: &[(&str, &str)]) -> BatchDeleteImageRequest
         ..Default::default()
     }
 }
+
+/// A WatchTag stream of `repository:tag`, opened (nothing read yet).
+pub async fn open_watch(
+    client: &ImageServiceClient<Channel>,
+    repository: &str,
+    tag: &str,
+) -> tonic::Streaming<ecr_image_service::pb::WatchTagResponse> {
+    client
+        .clone()
+        .watch_tag(ecr_image_service::pb::WatchTagRequest {
+            repository_name: repository.into(),
+            image_tag: tag.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|status| panic!("watch failed: {status:?}"))
+        .into_inner()
+}

@@ -1,7 +1,7 @@
-//! Three service processes sharing ECR's quotas through a real Redis, in a test binary of its
-//! own: cargo runs test binaries one after another, so no other test competes for the 2 cores
-//! while arrival times at the proxies are measured. Figures are printed by `cargo bench --bench
-//! fleet`; these tests hold the bounds.
+//! Service processes sharing ECR's quotas and WatchTag polling through a real Redis, in a test
+//! binary of its own: cargo runs test binaries one after another, so no other test competes for
+//! the 2 cores while arrival times at the proxies are measured. Figures are printed by `cargo
+//! bench --bench fleet`; these tests hold the bounds.
 
 #[allow(dead_code)]
 #[path = "api/support/mod.rs"]
@@ -9,9 +9,13 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use ecr_image_service::pb::WatchTagResponse;
+use ecr_image_service::pb::watch_tag_response::Event;
 use support::redis::Redis;
 use support::replicas::{self, arrivals, between, put_load, rate, until_mode};
-use support::{create_repository, moto, unique};
+use support::requests::open_watch;
+use support::{admin, create_repository, digest_of, moto, unique};
+use tonic::Streaming;
 
 /// A caller's deadline in these scenarios.
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -122,5 +126,78 @@ async fn budgets_degrade_to_a_share_and_come_back_when_redis_fails() {
             per_second <= QUOTA / 3.0 && busiest <= 4,
             "replica {n} sent {per_second:.2}/s (busiest second {busiest}) without Redis"
         );
+    }
+}
+
+/// Puts `manifest` as `repository:tag` straight into the emulator, behind the service.
+async fn put_in_ecr(repository: &str, tag: &str, manifest: &str) {
+    admin(moto::endpoint())
+        .put_image()
+        .repository_name(repository)
+        .image_tag(tag)
+        .image_manifest(manifest)
+        .image_manifest_media_type("application/vnd.oci.image.manifest.v1+json")
+        .image_digest(digest_of(manifest))
+        .send()
+        .await
+        .expect("put into the emulator");
+}
+
+/// The digest of the next state a WatchTag stream sends (heartbeats skipped), within `within`.
+async fn next_digest(stream: &mut Streaming<WatchTagResponse>, within: Duration) -> Option<String> {
+    let until = tokio::time::Instant::now() + within;
+    loop {
+        let message = tokio::time::timeout_at(until, stream.message())
+            .await
+            .ok()?
+            .ok()??;
+        if let Some(Event::State(state)) = message.event {
+            return Some(state.image_id.unwrap_or_default().image_digest);
+        }
+    }
+}
+
+/// Two replicas, a watcher on each, one repository: one replica polls for the fleet, so ECR
+/// sees one BatchGetImage per poll interval, not one per replica; a tag moved behind the
+/// service reaches both watchers, the one on the replica that did not poll through Redis.
+/// (`--watch-poll-interval 1s` here, for a short test; the default is 10 s.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_polls_a_watched_repository_for_the_fleet() {
+    let redis = Redis::start();
+    let repository = unique("watched");
+    create_repository(moto::endpoint(), &repository, false).await;
+    let first = r#"{"mediaType":"application/vnd.oci.image.manifest.v1+json","watched":1}"#;
+    put_in_ecr(&repository, "live", first).await;
+    let fleet = replicas::start(2, Some(&redis.url), &["--watch-poll-interval", "1s"]).await;
+    until_mode(&fleet, "redis", Duration::from_secs(10)).await;
+    let mut streams = Vec::new();
+    for replica in &fleet {
+        let mut stream = open_watch(&replica.client, &repository, "live").await;
+        let digest = next_digest(&mut stream, Duration::from_secs(5)).await;
+        assert_eq!(digest.as_deref(), Some(digest_of(first).as_str()));
+        streams.push(stream);
+    }
+    let polls = || -> usize {
+        fleet
+            .iter()
+            .map(|r| r.proxy.arrivals("BatchGetImage").len())
+            .sum()
+    };
+    // Two intervals for the lease to settle, then five intervals counted.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = polls();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let counted = polls() - before;
+    eprintln!("2 replicas watching 1 repository: {counted} BatchGetImage in 5 poll intervals");
+    assert!(
+        (4..=6).contains(&counted),
+        "{counted} BatchGetImage in 5 intervals of 2 replicas watching one repository"
+    );
+
+    let moved = r#"{"mediaType":"application/vnd.oci.image.manifest.v1+json","watched":2}"#;
+    put_in_ecr(&repository, "live", moved).await;
+    for stream in &mut streams {
+        let digest = next_digest(stream, Duration::from_secs(3)).await;
+        assert_eq!(digest.as_deref(), Some(digest_of(moved).as_str()));
     }
 }
