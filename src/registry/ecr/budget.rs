@@ -171,7 +171,9 @@ impl RateBudget {
         // Nobody waiting: straight to the shared limiter, many requests at once.
         let mut hint = Duration::ZERO;
         let idle = inner.lock().queued == 0;
-        if let Some(shared) = inner.shared_now()
+        // One look at the mode: it may change while this request decides.
+        let shared = inner.shared_now().cloned();
+        if let Some(shared) = &shared
             && idle
         {
             inner.rejoin(shared).await;
@@ -187,13 +189,13 @@ impl RateBudget {
         let ready = {
             let mut queues = inner.lock();
             let now = Instant::now();
-            let (next, interval) = if inner.shared_now().is_some() {
+            let (next, interval) = if shared.is_some() {
                 (now + hint, inner.interval)
             } else {
                 let interval = inner.local_interval();
                 (inner.next_local(&mut queues, now, interval), interval)
             };
-            if queues.local && queues.queued == 0 && next <= now {
+            if shared.is_none() && queues.queued == 0 && next <= now {
                 inner.sent_locally(&mut queues, now);
                 return Ok(false);
             }

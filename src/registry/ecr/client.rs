@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_sdk_ecr::config::StalledStreamProtectionConfig;
 use aws_sdk_ecr::config::retry::RetryConfig;
 use aws_sdk_ecr::config::timeout::TimeoutConfig;
 use aws_smithy_http_client::proxy::ProxyConfig;
@@ -173,7 +174,15 @@ pub fn client_config_with(
         settings.rate_share,
         shared,
     );
+    // Uploads are not watched for stalls: the SDK's clock for a stalled request body starts
+    // before the rate budget, so a call queued past the grace period failed unsent, was retried
+    // at the back of the queue, and ran out of time (113 of 127 queued puts refused). The
+    // attempt timeout, which starts at the slot, bounds a stuck upload instead.
+    let stalls = StalledStreamProtectionConfig::enabled()
+        .upload_enabled(false)
+        .build();
     let mut builder = aws_sdk_ecr::config::Builder::from(sdk)
+        .stalled_stream_protection(stalls)
         .retry_config(retry)
         .retry_classifier(QuotaIsNotThrottling)
         .timeout_config(timeouts)
