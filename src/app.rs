@@ -107,6 +107,7 @@ pub async fn registry(
     };
     let cache = CachedRegistry::new(backend, args.cache_settings());
     let Some(fleet) = fleet else {
+        crate::metrics::budget_mode(false);
         info!(
             rate_share = args.rate_share,
             put_image_rate = args.put_image_rate / f64::from(args.rate_share),

@@ -44,6 +44,16 @@ impl Redis {
         )
     }
 
+    /// One that also listens on the unix socket `socket`, which the URL (`unix://PATH`) names.
+    pub fn start_unix(socket: &std::path::Path) -> Self {
+        let path = socket.display().to_string();
+        let url = format!("unix://{path}");
+        Self::start_with(
+            move |_| vec!["--unixsocket".into(), path.clone()],
+            move |_| url.clone(),
+        )
+    }
+
     /// A one-node Redis Cluster holding every slot, its node file in `dir`: a plain client
     /// works against it, and Cluster's rules (CROSSSLOT) apply.
     pub fn start_cluster(dir: &std::path::Path) -> Self {
