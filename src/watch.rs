@@ -240,7 +240,7 @@ impl WatchHub {
     }
 
     /// Sets `tag`'s state if it is watched: watchers wake only when it says something new,
-    /// else the check time and staleness are updated quietly.
+    /// else (or when the check failed) the check time and staleness are updated quietly.
     fn publish(&self, repository: &RepositoryKey, tag: &Tag, state: Option<TagState>) {
         let Some(state) = state else { return };
         let repositories = self
@@ -251,7 +251,9 @@ impl WatchHub {
             return;
         };
         sender.send_if_modified(|current| match current {
-            Some(old) if !old.differs(&state) => {
+            // A failed check never replaces what is known: a poller elsewhere that could not
+            // read a tag it had no state for reports it as absent, and stale.
+            Some(old) if state.stale_since.is_some() || !old.differs(&state) => {
                 old.checked_at = state.checked_at;
                 old.stale_since = state.stale_since;
                 false
