@@ -323,6 +323,30 @@ impl Fleet {
         Ok(())
     }
 
+    /// Runs `script` on `operation`'s budget key with `args`, within
+    /// [`BUDGET_CHECK_TIMEOUT`]; the error says why it did not answer.
+    fn on_budget<T: redis::FromRedisValue + Send + 'static>(
+        &self,
+        script: &'static redis::Script,
+        operation: &str,
+        args: Vec<u64>,
+    ) -> impl Future<Output = Result<T, String>> + Send + 'static {
+        let key = self.key(&format!("budget:{operation}"));
+        let mut commands = self.commands.clone();
+        async move {
+            let mut call = script.key(&key);
+            for arg in args {
+                call.arg(arg);
+            }
+            match tokio::time::timeout(BUDGET_CHECK_TIMEOUT, call.invoke_async::<T>(&mut commands))
+                .await
+            {
+                Ok(answer) => answer.map_err(|err| err.to_string()),
+                Err(_) => Err("no answer within 50 ms".to_owned()),
+            }
+        }
+    }
+
     /// Publishes `message` on `channel`, on a task of its own, within [`BUDGET_CHECK_TIMEOUT`].
     fn publish(&self, channel: &'static str, message: String) {
         let mut commands = self.commands.clone();
@@ -393,27 +417,14 @@ impl SharedSlots for Fleet {
     }
 
     fn take(&self, operation: &'static str, interval: Duration) -> BoxFuture<'static, Slot> {
-        let key = self.key(&format!("budget:{operation}"));
-        let micros = u64::try_from(interval.as_micros()).unwrap_or(u64::MAX);
-        let mut commands = self.commands.clone();
+        let answer = self.on_budget::<(u8, u64)>(&TAKE_SLOT, operation, vec![micros(interval)]);
         let state = Arc::clone(&self.state);
         Box::pin(async move {
-            let mut take = TAKE_SLOT.key(&key);
-            take.arg(micros);
-            let answer = tokio::time::timeout(
-                BUDGET_CHECK_TIMEOUT,
-                take.invoke_async::<(u8, u64)>(&mut commands),
-            )
-            .await;
-            match answer {
-                Ok(Ok((1, _))) => Slot::Granted,
-                Ok(Ok((_, wait))) => Slot::NotBefore(Duration::from_micros(wait)),
-                Ok(Err(err)) => {
-                    state.degrade(&err.to_string());
-                    Slot::Unavailable
-                }
-                Err(_) => {
-                    state.degrade("no answer within 50 ms");
+            match answer.await {
+                Ok((1, _)) => Slot::Granted,
+                Ok((_, wait)) => Slot::NotBefore(Duration::from_micros(wait)),
+                Err(why) => {
+                    state.degrade(&why);
                     Slot::Unavailable
                 }
             }
@@ -421,16 +432,8 @@ impl SharedSlots for Fleet {
     }
 
     fn give_back(&self, operation: &'static str, interval: Duration) {
-        let key = self.key(&format!("budget:{operation}"));
-        let micros = u64::try_from(interval.as_micros()).unwrap_or(u64::MAX);
-        let mut commands = self.commands.clone();
-        tokio::spawn(async move {
-            let mut give = GIVE_BACK.key(&key);
-            give.arg(micros);
-            let _ =
-                tokio::time::timeout(BUDGET_CHECK_TIMEOUT, give.invoke_async::<u8>(&mut commands))
-                    .await;
-        });
+        let given = self.on_budget::<u8>(&GIVE_BACK, operation, vec![micros(interval)]);
+        tokio::spawn(given);
     }
 
     fn owe(
@@ -439,15 +442,10 @@ impl SharedSlots for Fleet {
         interval: Duration,
         sends: usize,
     ) -> BoxFuture<'static, ()> {
-        let key = self.key(&format!("budget:{operation}"));
-        let micros = u64::try_from(interval.as_micros()).unwrap_or(u64::MAX);
-        let mut commands = self.commands.clone();
+        let sends = u64::try_from(sends).unwrap_or(u64::MAX);
+        let owed = self.on_budget::<u8>(&OWE, operation, vec![sends, micros(interval)]);
         Box::pin(async move {
-            let mut owe = OWE.key(&key);
-            owe.arg(sends).arg(micros);
-            let _ =
-                tokio::time::timeout(BUDGET_CHECK_TIMEOUT, owe.invoke_async::<u8>(&mut commands))
-                    .await;
+            let _ = owed.await;
         })
     }
 
@@ -511,6 +509,11 @@ impl SharedPolls for Fleet {
             encode_poll(&self.origin, repository, tag, state),
         );
     }
+}
+
+/// `interval` in whole microseconds, the scripts' unit.
+fn micros(interval: Duration) -> u64 {
+    u64::try_from(interval.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// `registry/repository`, or `repository` for the default registry.
