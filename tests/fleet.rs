@@ -231,17 +231,24 @@ async fn one_replica_polls_a_watched_repository_for_the_fleet() {
             .map(|r| r.proxy.arrivals("BatchGetImage").len())
             .sum()
     };
-    // Two intervals for the lease to settle, then five intervals counted.
+    // Two intervals for the lease to settle, then five intervals counted. The window is
+    // measured, not assumed: on a loaded machine it may run long, and polls come late, never
+    // early, so the bound is on polls per interval that actually passed.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let before = polls();
+    let (before, counting) = (polls(), std::time::Instant::now());
     tokio::time::sleep(Duration::from_secs(5)).await;
     let counted = polls() - before;
-    eprintln!("2 replicas watching 1 repository: {counted} BatchGetImage in 5 poll intervals");
-    // One poll per interval and a poll's own time between them: 4 or 5, never the 2 a
-    // replica each would make.
+    let intervals = counting.elapsed().as_secs_f64();
+    eprintln!(
+        "2 replicas watching 1 repository: {counted} BatchGetImage in {intervals:.1} poll intervals"
+    );
+    // One poller for both: at most one poll per interval (and one more at the window's edge),
+    // where a replica each would make two per interval.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let most = intervals.ceil() as usize + 1;
     assert!(
-        (3..=6).contains(&counted),
-        "{counted} BatchGetImage in 5 intervals of 2 replicas watching one repository"
+        (1..=most).contains(&counted),
+        "{counted} BatchGetImage in {intervals:.1} intervals of 2 replicas watching one repository"
     );
 
     let moved = r#"{"mediaType":"application/vnd.oci.image.manifest.v1+json","watched":2}"#;

@@ -280,9 +280,10 @@ async fn a_changed_policy_applies_and_an_invalid_one_keeps_the_old() {
         match read(&mut service.client).await {
             // The image does not exist: the request got past the policy.
             Err(status) if status.code() == Code::NotFound => break,
+            // An outcome with a deadline, not a timing bound: the reload polls every second.
             _ => assert!(
-                started.elapsed() < Duration::from_secs(2) + Duration::from_millis(500),
-                "the valid policy did not apply within 2 s"
+                started.elapsed() < Duration::from_secs(10),
+                "the valid policy never applied"
             ),
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
