@@ -1,0 +1,438 @@
+//! The hot path, measured from outside: h2load (Debian's `nghttp2-client`) against the release
+//! binary and against a bare tonic server that answers GetImage with the same response bytes
+//! and no logic, in alternating pairs within one run.
+//!
+//! The server under test is pinned to core 0 and h2load to core 1 (`taskset`), so the load
+//! generator never competes with the server it measures. The service runs on its defaults,
+//! in front of the moto emulator (only the endpoint and region are set). Each round measures
+//! the bare server, then the service by tag, then by digest, for [`RUN`] after [`WARM_UP`].
+//! h2load counts a gRPC failure (HTTP 200, error in the trailers) as a success, so the
+//! service's own OK count (its `/metrics`) is checked against h2load's count each run.
+//!
+//! `cargo bench --bench h2load` (needs `h2load` and `taskset` on PATH, and the moto venv that
+//! `scripts/test-deps.sh` installs). `H2LOAD_ROUNDS` changes the number of rounds (default 3);
+//! `H2LOAD_SERVICE_BIN` measures another build of the binary (the "before" of a change).
+
+#[allow(dead_code)]
+#[path = "../tests/api/support/moto.rs"]
+mod moto;
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ecr_image_service::pb::image_service_client::ImageServiceClient;
+use ecr_image_service::pb::image_service_server::{ImageService, ImageServiceServer};
+use ecr_image_service::pb::{self, GetImageRequest, GetImageResponse, ImageIdentifier};
+use prost::Message;
+use tonic::{Request, Response, Status};
+
+/// Measured time of one run.
+const RUN: Duration = Duration::from_secs(4);
+/// Unmeasured time before it: connections open, caches and allocator warm.
+const WARM_UP: Duration = Duration::from_secs(1);
+/// Connections × streams per connection.
+const SHAPES: [(u32, u32); 2] = [(4, 8), (16, 8)];
+const SERVER_CORE: &str = "0";
+const LOAD_CORE: &str = "1";
+const REPOSITORY: &str = "hot-path";
+const TAG: &str = "v1";
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    if args.next().as_deref() == Some("--bare") {
+        let (address, response) = (args.next().unwrap(), args.next().unwrap());
+        bare_server(address.parse().unwrap(), &std::fs::read(response).unwrap());
+        return;
+    }
+    let rounds: usize = std::env::var("H2LOAD_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3);
+    let work = std::env::temp_dir().join(format!("h2load-{}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap();
+
+    let (service, grpc, admin) = start_service();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let answer = runtime.block_on(seed(grpc));
+    let digest = answer
+        .image
+        .as_ref()
+        .and_then(|i| i.image_id.as_ref())
+        .map(|id| id.image_digest.clone())
+        .unwrap();
+    let response = work.join("response.bin");
+    std::fs::write(&response, answer.encode_to_vec()).unwrap();
+    let bare_address = free_address();
+    let bare = pinned(
+        Command::new(std::env::current_exe().unwrap())
+            .arg("--bare")
+            .arg(bare_address.to_string())
+            .arg(&response),
+    );
+    wait_listening(bare_address);
+
+    let by_tag = request_file(&work, "tag", TAG, "");
+    let by_digest = request_file(&work, "digest", "", &digest);
+    println!(
+        "h2load pairs: server on core {SERVER_CORE}, h2load on core {LOAD_CORE}, \
+         {rounds} alternating rounds of {RUN:?} after {WARM_UP:?}; response {} bytes",
+        answer.encoded_len()
+    );
+    for (connections, streams) in SHAPES {
+        let mut rows: Vec<[Run; 3]> = Vec::new();
+        for round in 0..rounds {
+            let bare_run = h2load(bare_address, &by_tag, connections, streams, &work);
+            let ok_before = ok_count(admin);
+            let tag_run = h2load(grpc, &by_tag, connections, streams, &work);
+            let digest_run = h2load(grpc, &by_digest, connections, streams, &work);
+            let served = ok_count(admin) - ok_before;
+            let sent = tag_run.succeeded + digest_run.succeeded;
+            assert!(
+                served >= sent,
+                "the service answered {served} GetImage OK, h2load counted {sent}"
+            );
+            println!(
+                "  {connections}x{streams} round {round}: bare {:.0}/s p99 {:.2} ms | by tag {:.0}/s \
+                 ({:.3}x) p99 {:.2} ms ({:.2}x) | by digest {:.0}/s ({:.3}x) p99 {:.2} ms ({:.2}x)",
+                bare_run.rps,
+                bare_run.p99_ms,
+                tag_run.rps,
+                tag_run.rps / bare_run.rps,
+                tag_run.p99_ms,
+                tag_run.p99_ms / bare_run.p99_ms,
+                digest_run.rps,
+                digest_run.rps / bare_run.rps,
+                digest_run.p99_ms,
+                digest_run.p99_ms / bare_run.p99_ms,
+            );
+            rows.push([bare_run, tag_run, digest_run]);
+        }
+        let ratios = |i: usize, f: fn(&Run) -> f64| -> Vec<f64> {
+            rows.iter().map(|r| f(&r[i]) / f(&r[0])).collect()
+        };
+        for (i, lookup) in [(1, "by tag"), (2, "by digest")] {
+            let rps = ratios(i, |r| r.rps);
+            let p99 = ratios(i, |r| r.p99_ms);
+            println!(
+                "{connections}x{streams} {lookup}: throughput {:.3}x (median; spread {:.3}-{:.3}), \
+                 p99 {:.2}x (median; spread {:.2}-{:.2})",
+                median(&rps),
+                min(&rps),
+                max(&rps),
+                median(&p99),
+                min(&p99),
+                max(&p99)
+            );
+        }
+    }
+    drop(service);
+    drop(bare);
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// One h2load run's figures.
+struct Run {
+    rps: f64,
+    p99_ms: f64,
+    succeeded: u64,
+}
+
+fn h2load(target: SocketAddr, data: &Path, connections: u32, streams: u32, work: &Path) -> Run {
+    let log = work.join("requests.log");
+    let output = Command::new("taskset")
+        .args(["-c", LOAD_CORE, "h2load"])
+        .args(["-D", &RUN.as_secs().to_string()])
+        .args(["--warm-up-time", &WARM_UP.as_secs().to_string()])
+        .args(["-c", &connections.to_string(), "-m", &streams.to_string()])
+        .arg("--data")
+        .arg(data)
+        .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+        .arg("--log-file")
+        .arg(&log)
+        .arg(format!(
+            "http://{target}/imageservice.v1.ImageService/GetImage"
+        ))
+        .output()
+        .expect("h2load (Debian's nghttp2-client) and taskset on PATH");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("finished in "))
+        .and_then(|l| l.split(", ").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("no throughput in h2load's output:\n{text}"));
+    let succeeded = text
+        .lines()
+        .find_map(|l| l.strip_prefix("requests: "))
+        .and_then(|l| l.split(", ").find_map(|p| p.strip_suffix(" succeeded")))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    // The log: one line a request, `start \t status \t microseconds`.
+    let mut micros: Vec<u64> = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split('\t').nth(2)?.trim().parse().ok())
+        .collect();
+    micros.sort_unstable();
+    let p99 = micros
+        .get(micros.len().saturating_mul(99) / 100)
+        .copied()
+        .unwrap_or(0);
+    Run {
+        rps,
+        #[allow(clippy::cast_precision_loss)]
+        p99_ms: p99 as f64 / 1000.0,
+        succeeded,
+    }
+}
+
+/// A gRPC request body for h2load: the 5-byte prefix and the encoded GetImageRequest.
+fn request_file(work: &Path, name: &str, tag: &str, digest: &str) -> PathBuf {
+    let message = GetImageRequest {
+        repository_name: REPOSITORY.into(),
+        image_id: Some(ImageIdentifier {
+            image_tag: tag.into(),
+            image_digest: digest.into(),
+        }),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    framed.extend_from_slice(&message);
+    let path = work.join(format!("{name}.bin"));
+    std::fs::write(&path, framed).unwrap();
+    path
+}
+
+/// The release binary on its defaults, pinned to the server core, in front of moto: the
+/// process, its gRPC address and its admin address.
+fn start_service() -> (Guard, SocketAddr, SocketAddr) {
+    let (grpc, admin) = (free_address(), free_address());
+    let child = pinned(
+        Command::new(service_binary())
+            .arg("serve")
+            .args(["--region", "us-east-1"])
+            .args(["--ecr-endpoint-url", moto::endpoint()])
+            .args(["--listen", &grpc.to_string()])
+            .args(["--admin-listen", &admin.to_string()])
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("NO_PROXY", "127.0.0.1,localhost"),
+    );
+    wait_listening(grpc);
+    (child, grpc, admin)
+}
+
+/// The binary under test: `H2LOAD_SERVICE_BIN` (an earlier build, for a before/after pair),
+/// else this build's.
+fn service_binary() -> PathBuf {
+    std::env::var_os("H2LOAD_SERVICE_BIN").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_ecr-image-service")),
+        PathBuf::from,
+    )
+}
+
+/// Creates the repository, puts the seed manifest through the service, and reads it once
+/// by tag and once by digest, so both are cached: the cached answer by tag.
+async fn seed(grpc: SocketAddr) -> GetImageResponse {
+    let mut client = ImageServiceClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    let manifest = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hello-world.manifest.json"),
+    )
+    .unwrap();
+    let config = aws_sdk_ecr::Config::builder()
+        .behavior_version(aws_sdk_ecr::config::BehaviorVersion::latest())
+        .region(aws_sdk_ecr::config::Region::new("us-east-1"))
+        .endpoint_url(moto::endpoint())
+        .credentials_provider(aws_sdk_ecr::config::Credentials::new(
+            "testing", "testing", None, None, "bench",
+        ))
+        .build();
+    let _ = aws_sdk_ecr::Client::from_conf(config)
+        .create_repository()
+        .repository_name(REPOSITORY)
+        .send()
+        .await;
+    let put = client
+        .put_image(pb::PutImageRequest {
+            repository_name: REPOSITORY.into(),
+            image_tag: TAG.into(),
+            image_manifest: manifest,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let digest = put.image.unwrap().image_id.unwrap().image_digest;
+    let get = |tag: &str, digest: &str| GetImageRequest {
+        repository_name: REPOSITORY.into(),
+        image_id: Some(ImageIdentifier {
+            image_tag: tag.into(),
+            image_digest: digest.into(),
+        }),
+        ..Default::default()
+    };
+    client.get_image(get("", &digest)).await.unwrap();
+    client.get_image(get(TAG, "")).await.unwrap();
+    client.get_image(get(TAG, "")).await.unwrap().into_inner()
+}
+
+/// GetImage answered OK so far, from the service's own counter.
+fn ok_count(admin: SocketAddr) -> u64 {
+    let mut stream = TcpStream::connect(admin).unwrap();
+    use std::io::{Read, Write};
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    text.lines()
+        .filter(|l| {
+            l.starts_with("imageservice_rpc_requests_total")
+                && l.contains("method=\"GetImage\"")
+                && l.contains("code=\"OK\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|n| n as u64)
+        .sum()
+}
+
+/// The bare server: the same response bytes, decoded once; a clone per call, no logic.
+fn bare_server(address: SocketAddr, response: &[u8]) {
+    let template = GetImageResponse::decode(response).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async move {
+        tonic::transport::Server::builder()
+            .add_service(ImageServiceServer::new(Bare(Arc::new(template))))
+            .serve(address)
+            .await
+            .unwrap();
+    });
+}
+
+struct Bare(Arc<GetImageResponse>);
+
+#[tonic::async_trait]
+impl ImageService for Bare {
+    async fn get_image(
+        &self,
+        _: Request<GetImageRequest>,
+    ) -> Result<Response<GetImageResponse>, Status> {
+        Ok(Response::new((*self.0).clone()))
+    }
+    async fn put_image(
+        &self,
+        _: Request<pb::PutImageRequest>,
+    ) -> Result<Response<pb::PutImageResponse>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
+    async fn resolve_image(
+        &self,
+        _: Request<pb::ResolveImageRequest>,
+    ) -> Result<Response<pb::ResolveImageResponse>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
+    async fn retag_image(
+        &self,
+        _: Request<pb::RetagImageRequest>,
+    ) -> Result<Response<pb::RetagImageResponse>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
+    async fn batch_delete_image(
+        &self,
+        _: Request<pb::BatchDeleteImageRequest>,
+    ) -> Result<Response<pb::BatchDeleteImageResponse>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
+    async fn list_images(
+        &self,
+        _: Request<pb::ListImagesRequest>,
+    ) -> Result<Response<pb::ListImagesResponse>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
+    async fn describe_images(
+        &self,
+        _: Request<pb::DescribeImagesRequest>,
+    ) -> Result<Response<pb::DescribeImagesResponse>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
+    type WatchTagStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::WatchTagResponse, Status>> + Send>,
+    >;
+    async fn watch_tag(
+        &self,
+        _: Request<pb::WatchTagRequest>,
+    ) -> Result<Response<Self::WatchTagStream>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
+}
+
+/// A child process that is killed when dropped.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `command` pinned to the server core.
+fn pinned(command: &mut Command) -> Guard {
+    let program = command.get_program().to_owned();
+    let args: Vec<_> = command.get_args().map(ToOwned::to_owned).collect();
+    let envs: Vec<_> = command
+        .get_envs()
+        .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned())))
+        .collect();
+    let child = Command::new("taskset")
+        .args(["-c", SERVER_CORE])
+        .arg(program)
+        .args(args)
+        .envs(envs)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("taskset on PATH");
+    Guard(child)
+}
+
+fn free_address() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Polls until something listens on `address`, for at most 60 s.
+fn wait_listening(address: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while TcpStream::connect(address).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {address}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
+}
+
+fn min(values: &[f64]) -> f64 {
+    values.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
+fn max(values: &[f64]) -> f64 {
+    values.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+}
