@@ -32,16 +32,12 @@ use tonic::Status;
 use tonic::body::Body;
 use tonic::server::NamedService;
 
-use crate::deadline;
+use crate::call::{CallContext, RESPONSE_MARGIN};
 use crate::error::{Error, Reason, Violation};
+use crate::identity::IdentitySource;
 
 /// The length of gRPC's message prefix: a compression flag and a 4-byte length.
 const GRPC_PREFIX_BYTES: usize = 5;
-
-/// The deadline of an admitted request, worked out once from its `grpc-timeout` and the time
-/// its headers arrived (not when its body was complete): the service reads it from here.
-#[derive(Debug, Clone, Copy)]
-pub struct Deadline(pub Instant);
 
 /// The bounds [`Admission`] enforces.
 #[derive(Debug, Clone, Copy)]
@@ -50,15 +46,14 @@ pub struct AdmissionLimits {
     pub max_concurrent_requests: usize,
     /// Request bytes held at once, received or being received.
     pub max_request_bytes_in_flight: usize,
-    /// The largest message of a method, by its path, without its prefix: an oversized one is
-    /// refused on its length prefix, before its body is read.
-    pub request_limit: fn(&str) -> usize,
     /// How long a body may take to arrive after its headers.
     pub body_timeout: Duration,
     /// The deadline of a request that brings no `grpc-timeout`.
     pub default_deadline: Duration,
     /// What a shed caller is told to wait.
     pub retry_after: Duration,
+    /// Where callers' identities come from.
+    pub identity_source: IdentitySource,
 }
 
 /// A service that works only on admitted requests; the rest are answered at once.
@@ -114,8 +109,9 @@ where
         );
         Box::pin(async move {
             let (mut parts, body) = request.into_parts();
-            let deadline = deadline::for_request(&parts.headers, arrived, limits.default_deadline);
-            let largest = (limits.request_limit)(parts.uri.path());
+            let deadline = deadline_of(&parts.headers, arrived, limits.default_deadline);
+            // The method table's limit: an oversized message is refused on its length prefix.
+            let largest = crate::methods::request_limit(parts.uri.path());
             let deadlines = (arrived + limits.body_timeout, deadline);
             let received = receive(body, &bytes, &limits, largest, deadlines);
             let (body, charged) = match received.await {
@@ -126,7 +122,13 @@ where
                 tracing::debug!("request shed: concurrency limit reached");
                 return Ok(answer(overloaded(&limits)));
             };
-            parts.extensions.insert(Deadline(deadline));
+            // The call's context, made once: the service and every layer below read this.
+            let peer = parts
+                .extensions
+                .get::<crate::tls::TlsConnectInfo>()
+                .map(|info| &info.peer);
+            let caller = limits.identity_source.principal(&parts.headers, peer);
+            parts.extensions.insert(CallContext::new(deadline, caller));
             let request = http::Request::from_parts(parts, Body::new(Full::new(body)));
             let response = inner.call(request).await;
             drop((slot, charged));
@@ -137,6 +139,37 @@ where
 
 impl<S: NamedService> NamedService for Admission<S> {
     const NAME: &'static str = S::NAME;
+}
+
+/// When the work on a request whose headers arrived at `arrived` must be done: its
+/// `grpc-timeout` (else `default`), less [`RESPONSE_MARGIN`]. Counted from the headers, not
+/// from the body's arrival, so that the time a body took is part of it.
+fn deadline_of(headers: &http::HeaderMap, arrived: Instant, default: Duration) -> Instant {
+    let asked = headers
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout);
+    arrived + asked.unwrap_or(default).saturating_sub(RESPONSE_MARGIN)
+}
+
+/// Parses a `grpc-timeout` header value: 1-8 ASCII digits and a unit, `H`, `M`, `S`, `m`
+/// (milli), `u` (micro) or `n` (nano), per the gRPC HTTP/2 protocol.
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let unit_at = value.len().checked_sub(1)?;
+    let (digits, unit) = value.split_at(unit_at);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount * 3600),
+        "M" => Duration::from_secs(amount * 60),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
 }
 
 /// The error as a trailers-only gRPC answer.
@@ -292,6 +325,21 @@ mod tests {
             &received.into_bytes()[..],
             &[0, 0, 0, 0, 3, b'a', b'b', b'c']
         );
+    }
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        assert_eq!(parse_grpc_timeout("10S"), Some(Duration::from_secs(10)));
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(
+            parse_grpc_timeout("99999999n"),
+            Some(Duration::from_nanos(99_999_999))
+        );
+        for bad in ["", "S", "10", "123456789S", "10s", "-1S", "1.5S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

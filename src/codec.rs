@@ -13,31 +13,15 @@ use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
 use crate::error::{Error, Reason, Violation};
 
-/// The largest GetImage, ResolveImage or RetagImage request accepted, encoded. The largest legal
-/// one is under 32 KiB (100 accepted media types of 255 bytes, or 20 target tags of 300, plus
-/// the identifiers); twice that leaves room for fields added later. PutImage carries a manifest
-/// of up to 4 MiB and is bounded by the server's message limit instead.
-pub const MAX_SMALL_REQUEST_BYTES: usize = 64 * 1024;
-
-/// The request types bounded by [`MAX_SMALL_REQUEST_BYTES`], by the last segment of their Rust
-/// type name.
-const SMALL_REQUESTS: [&str; 3] = [
-    "GetImageRequest",
-    "ResolveImageRequest",
-    "RetagImageRequest",
-];
-
 /// The message type's own name (`GetImageRequest`), without its module path.
 fn message_name<U>() -> &'static str {
     let name = std::any::type_name::<U>();
     name.rsplit("::").next().unwrap_or(name)
 }
 
-/// The size limit of message type `U`, when it is tighter than the server's.
+/// The size limit of request type `U`, from the method table; `None` for a response.
 fn size_limit<U>() -> Option<usize> {
-    SMALL_REQUESTS
-        .contains(&message_name::<U>())
-        .then_some(MAX_SMALL_REQUEST_BYTES)
+    crate::methods::by_request(message_name::<U>()).map(|m| m.request_limit)
 }
 
 /// [`ProstCodec`] with request decode errors mapped to field violations.

@@ -384,12 +384,12 @@ impl ServeArgs {
         if self.max_concurrent_requests == 0 {
             return Err(invalid("--max-concurrent-requests", "must be at least 1"));
         }
-        if self.max_request_bytes_in_flight < server::MAX_REQUEST_BYTES + 5 {
+        if self.max_request_bytes_in_flight < crate::methods::MAX_REQUEST_BYTES + 5 {
             return Err(invalid(
                 "--max-request-bytes-in-flight",
                 format!(
                     "must hold at least one largest request ({} bytes)",
-                    server::MAX_REQUEST_BYTES + 5
+                    crate::methods::MAX_REQUEST_BYTES + 5
                 ),
             ));
         }

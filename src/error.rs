@@ -84,6 +84,15 @@ impl Violation {
     }
 }
 
+impl From<crate::authz::Denied> for Error {
+    fn from(denied: crate::authz::Denied) -> Self {
+        Self::AccessDenied {
+            action: denied.action,
+            repository: denied.repository,
+        }
+    }
+}
+
 /// Why a request failed: the service's own checks, or the registry.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -6,15 +6,10 @@
 //! the configured source is read; every other identity header is ignored, so a client cannot
 //! choose which header the service believes. A raw header is never logged.
 
-use std::fmt;
-use std::future::Future;
-use std::sync::Arc;
-
 use clap::ValueEnum;
 use http::HeaderMap;
 
-/// The principal of a caller when no identity source is configured.
-pub const ANONYMOUS: &str = "anonymous";
+pub use crate::call::{ANONYMOUS, NoIdentity, Principal};
 /// Istio's (Envoy's) header: one element per proxy, the last one written by our own sidecar.
 const XFCC: &str = "x-forwarded-client-cert";
 /// Linkerd's header: the meshed client's identity, set (or stripped) by the inbound proxy.
@@ -23,21 +18,6 @@ const L5D_CLIENT_ID: &str = "l5d-client-id";
 const MAX_SPIFFE_ID_BYTES: usize = 2048;
 /// A trust domain is at most 255 bytes (SPIFFE-ID.md §2.1); so is a DNS name.
 const MAX_DOMAIN_BYTES: usize = 255;
-
-tokio::task_local! {
-    static CALLER: Arc<str>;
-}
-
-/// Runs `work` on behalf of `principal`, so that layers below (the ECR rate budget's fair
-/// shares) can tell callers apart without every signature carrying it.
-pub async fn scope<F: Future>(principal: Arc<str>, work: F) -> F::Output {
-    CALLER.scope(principal, work).await
-}
-
-/// The principal of the request this task is serving, if any.
-pub fn current() -> Option<Arc<str>> {
-    CALLER.try_with(Arc::clone).ok()
-}
 
 /// Where the caller's identity comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -76,7 +56,7 @@ impl IdentitySource {
         peer: Option<&PeerIdentity>,
     ) -> Result<Principal, NoIdentity> {
         match self {
-            Self::None => Ok(Principal(Arc::clone(&ANONYMOUS_PRINCIPAL))),
+            Self::None => Ok(Principal::anonymous()),
             Self::Mtls => match peer {
                 Some(PeerIdentity(Ok(principal))) => Ok(principal.clone()),
                 Some(PeerIdentity(Err(why))) => Err(NoIdentity(why)),
@@ -85,7 +65,7 @@ impl IdentitySource {
             Self::IstioXfcc => single(headers, XFCC).and_then(xfcc_principal),
             Self::Linkerd => single(headers, L5D_CLIENT_ID).and_then(|value| {
                 if is_spiffe_id(value) || is_dns_identity(value) {
-                    Ok(Principal(Arc::from(value)))
+                    Ok(Principal::named(value))
                 } else {
                     Err(NoIdentity(
                         "l5d-client-id is not a Linkerd or SPIFFE identity",
@@ -95,46 +75,6 @@ impl IdentitySource {
         }
     }
 }
-
-/// A caller's identity: a SPIFFE ID, a Linkerd identity, or `anonymous`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Principal(Arc<str>);
-
-/// The one `anonymous` principal, shared: no allocation per request without identities.
-static ANONYMOUS_PRINCIPAL: std::sync::LazyLock<Arc<str>> =
-    std::sync::LazyLock::new(|| Arc::from(ANONYMOUS));
-
-impl Principal {
-    /// The identity as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// Whether this is the caller of an unauthenticated source.
-    pub fn is_anonymous(&self) -> bool {
-        &*self.0 == ANONYMOUS
-    }
-
-    /// A principal named `text`, for the `policy check` audit command.
-    pub fn named(text: &str) -> Self {
-        Self(Arc::from(text))
-    }
-
-    /// The identity as a shared string, for [`scope`].
-    pub fn shared(&self) -> Arc<str> {
-        Arc::clone(&self.0)
-    }
-}
-
-impl fmt::Display for Principal {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// Why a request carries no usable identity: a fixed description, never the header's value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NoIdentity(pub &'static str);
 
 /// The one instance of header `name`, as text.
 fn single<'h>(headers: &'h HeaderMap, name: &'static str) -> Result<&'h str, NoIdentity> {
@@ -173,7 +113,7 @@ fn xfcc_principal(value: &str) -> Result<Principal, NoIdentity> {
             "the sidecar's x-forwarded-client-cert URI is not a SPIFFE ID",
         ));
     }
-    Ok(Principal(Arc::from(uri.as_str())))
+    Ok(Principal::named(uri.as_str()))
 }
 
 /// One XFCC element: its `key=value` pairs, values unquoted.

@@ -15,8 +15,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::registry::Registry as RegistryStack;
-
 /// One label.
 pub type Label = [(&'static str, &'static str); 1];
 /// Two labels.
@@ -82,9 +80,10 @@ pub fn process() -> &'static ProcessMetrics {
     &PROCESS
 }
 
-/// The registry the admin endpoint serves: the process's metrics and those of every layer of
-/// `stack`, all prefixed `imageservice_`.
-pub fn registry(stack: &dyn RegistryStack) -> Registry {
+/// The registry the admin endpoint serves: the process's metrics and what `components`
+/// registers (each layer of the registry stack its own), all prefixed `imageservice_`. The
+/// components are passed in, so that this module knows no layer above it.
+pub fn registry(components: impl FnOnce(&mut Registry)) -> Registry {
     let mut registry = Registry::with_prefix("imageservice");
     let process = process();
     registry.register(
@@ -123,6 +122,6 @@ pub fn registry(stack: &dyn RegistryStack) -> Registry {
         "Switches of the ECR budgets between redis and local, by the mode switched to",
         process.budget_mode_switches.clone(),
     );
-    stack.register_metrics(&mut registry);
+    components(&mut registry);
     registry
 }

@@ -18,7 +18,7 @@ use crate::admission::{Admission, AdmissionLimits};
 use crate::authz::Authorizer;
 use crate::connection::{ConnectionLimits, Listener};
 use crate::identity::IdentitySource;
-use crate::image::MAX_MANIFEST_BYTES;
+use crate::methods::MAX_REQUEST_BYTES;
 use crate::paging::PageTokens;
 use crate::pb::image_service_server::ImageServiceServer;
 use crate::registry::SharedRegistry;
@@ -76,23 +76,6 @@ pub const DEFAULT_SHUTDOWN_DELAY: Duration = Duration::from_secs(5);
 /// In-flight requests get this long to finish; with the delay it fits Kubernetes' default
 /// 30 s termination grace period.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
-
-/// The largest request accepted: a manifest at ECR's 4 MiB limit plus room for the other fields.
-/// tonic's default (4 MiB for the whole message) would refuse a legal manifest before our
-/// validation could say which field is too large.
-pub const MAX_REQUEST_BYTES: usize = MAX_MANIFEST_BYTES + 64 * 1024;
-/// The largest BatchDeleteImage: 1,000 ids of a 300-character tag and a digest (~384 KB).
-const MAX_DELETE_REQUEST_BYTES: usize = 512 * 1024;
-
-/// The largest legal message of each method, by its path: PutImage carries a manifest,
-/// BatchDeleteImage up to 1,000 ids; every other request is small.
-fn request_limit(path: &str) -> usize {
-    match path.rsplit('/').next() {
-        Some("PutImage") => MAX_REQUEST_BYTES,
-        Some("BatchDeleteImage") => MAX_DELETE_REQUEST_BYTES,
-        _ => crate::codec::MAX_SMALL_REQUEST_BYTES,
-    }
-}
 
 /// HTTP/2 pings on idle connections: finds a dead peer (a restarted sidecar, a vanished node)
 /// in well under a minute, and keeps connections alive through load balancers' idle timeouts
@@ -262,7 +245,7 @@ impl Bound {
         registry: SharedRegistry,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ServeError> {
-        let mut metrics = metrics::registry(&*registry);
+        let mut metrics = metrics::registry(|metrics| registry.register_metrics(metrics));
         self.authorizer.register_metrics(&mut metrics);
         let admin = Listener::new(
             self.admin,
@@ -344,7 +327,7 @@ pub async fn serve(
         AdmissionLimits {
             max_concurrent_requests: settings.max_concurrent_requests,
             max_request_bytes_in_flight: settings.max_request_bytes_in_flight,
-            request_limit,
+            identity_source: settings.identity_source,
             body_timeout: settings.request_body_timeout,
             default_deadline: settings.default_deadline,
             retry_after: SHED_RETRY_AFTER,

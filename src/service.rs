@@ -9,17 +9,21 @@ use tonic::{Request, Response, Status};
 use tracing::field::{Empty, debug as debug_value};
 use tracing::{Instrument, Span, debug, debug_span, info, warn};
 
-use crate::admission::Deadline;
-use crate::authz::{Action, Authorizer};
+use crate::authz::Authorizer;
+use crate::call::{CallContext, NoIdentity, Principal};
 use crate::error::{self, Error};
-use crate::identity::{self, IdentitySource, NoIdentity, Principal};
-use crate::image::{Digest, Tag};
+use crate::identity::IdentitySource;
+use crate::image::{Digest, RegistryId, RepositoryName, Tag};
+use crate::methods::{self, Method};
 use crate::paging::PageTokens;
 use crate::pb;
-use crate::registry::{CacheStatus, PutOutcome, SharedRegistry, StoredImage};
+use crate::registry::{
+    CacheStatus, DeleteImagesInput, GetImageInput, ListInput, PutImageInput, PutOutcome,
+    RepositoryKey, SharedRegistry, StoredImage,
+};
 use crate::telemetry::TraceParent;
 use crate::watch::WatchHub;
-use crate::{deadline, metrics, retag, validate};
+use crate::{metrics, retag, validate};
 
 /// The gRPC service over a registry stack.
 pub struct ImageService {
@@ -90,82 +94,170 @@ impl ImageService {
     }
 
     /// A read, and the platform's child when a platform was asked for and the image is an
-    /// index. The read's input is only copied when a child may have to be fetched.
+    /// index, with the response fields GetImage and ResolveImage share. The read's input is
+    /// only copied when a child may have to be fetched.
     async fn read(
         &self,
         input: crate::registry::GetImageInput,
         platform: Option<crate::platform::Platform>,
-    ) -> Result<crate::platform::Selected, Error> {
-        let Some(platform) = platform else {
-            let fetched = self.registry.get_image(input).await?;
-            Span::current().record("digest", fetched.image.digest.as_str());
-            return Ok(crate::platform::Selected {
-                image: fetched,
+    ) -> Result<Read, Error> {
+        let selected = match platform {
+            None => crate::platform::Selected {
+                image: self.registry.get_image(input).await?,
                 index: None,
                 platform: None,
-            });
+            },
+            Some(platform) => {
+                let fetched = self.registry.get_image(input.clone()).await?;
+                crate::platform::select(&*self.registry, &input, fetched, &platform).await?
+            }
         };
-        let fetched = self.registry.get_image(input.clone()).await?;
-        let selected = crate::platform::select(&*self.registry, &input, fetched, &platform).await?;
         Span::current().record("digest", selected.image.image.digest.as_str());
-        Ok(selected)
+        let (index_image_id, platform, platform_applied) = index_fields(&selected);
+        let (cache_status, tag_resolution_age) = provenance(selected.image.cache);
+        Ok(Read {
+            image: selected.image.image,
+            cache_status,
+            tag_resolution_age,
+            index_image_id,
+            platform,
+            platform_applied,
+        })
     }
 
-    /// What every RPC does first: its deadline (from the headers' arrival), its caller, the
-    /// context of its span and failure line (`describe` gives the repository and reference
-    /// as the request names them), and the message.
-    fn begin<T>(
+    /// Every RPC, one skeleton: the call's context (made by admission), its span and failure
+    /// line (`describe` gives the repository and reference as the request names them), then
+    /// caller -> [`validate`] -> authorization (the method table's actions) -> `work`, run
+    /// inside the call's context for the registry the request names, under its deadline.
+    async fn handle<T, V, R, Fut>(
         &self,
-        method: &'static str,
+        method: &'static Method,
         request: Request<T>,
-        describe: impl FnOnce(&T) -> (String, String),
-    ) -> Begun<T> {
-        let deadline = self.deadline_of(&request);
-        let principal = self.principal(&request);
+        describe: fn(&T) -> (String, String),
+        validate: fn(T) -> Result<V, Error>,
+        work: impl FnOnce(V) -> Fut,
+    ) -> Result<Response<R>, Status>
+    where
+        V: Target,
+        Fut: Future<Output = Result<R, Error>>,
+    {
+        let call = request
+            .extensions()
+            .get::<CallContext>()
+            .cloned()
+            .unwrap_or_else(|| self.unadmitted());
         let (repository, reference) = describe(request.get_ref());
-        let call = Call::new(
-            method,
+        let rpc = Rpc::new(
+            method.name,
             &request,
-            principal.as_ref().ok(),
+            call.caller().ok(),
             repository,
             reference,
         );
-        Begun {
-            deadline,
-            principal,
-            call,
-            message: request.into_inner(),
-        }
+        let message = request.into_inner();
+        let deadline = call.deadline();
+        let run = async move {
+            let principal = call
+                .caller()
+                .map_err(|NoIdentity(why)| Error::Unauthenticated {
+                    source_name: self.identity.name(),
+                    why,
+                })?
+                .clone();
+            let input = validate(message)?;
+            for action in method.actions {
+                self.authorizer
+                    .check(&principal, *action, input.repository())?;
+            }
+            let call = call.for_registry(input.registry_id().cloned());
+            call.scope(work(input)).await
+        };
+        observe(rpc, deadline, run).await
     }
 
-    /// The caller, from the one configured source.
-    fn principal<T>(&self, request: &Request<T>) -> Result<Principal, Error> {
-        let peer = request
-            .extensions()
-            .get::<crate::tls::TlsConnectInfo>()
-            .map(|info| &info.peer);
-        self.identity
-            .principal(request.metadata().as_ref(), peer)
-            .map_err(|NoIdentity(why)| Error::Unauthenticated {
-                source_name: self.identity.name(),
-                why,
-            })
-    }
-
-    /// When the work must be done: as admission worked it out (from the arrival of the
-    /// request's headers, so that the time its body took is part of it), else
-    /// [`deadline::for_request`] from now.
-    fn deadline_of<T>(&self, request: &Request<T>) -> Instant {
-        request.extensions().get::<Deadline>().map_or_else(
-            || {
-                deadline::for_request(
-                    request.metadata().as_ref(),
-                    Instant::now(),
-                    self.default_deadline,
-                )
-            },
-            |admitted| admitted.0,
+    /// The context of a request that did not come through admission, which makes one for
+    /// every request: refused as unauthenticated, never served without a caller or deadline.
+    fn unadmitted(&self) -> CallContext {
+        CallContext::new(
+            Instant::now() + self.default_deadline,
+            Err(NoIdentity("the request did not pass admission")),
         )
+    }
+}
+
+/// A read as GetImage and ResolveImage answer it.
+struct Read {
+    image: StoredImage,
+    cache_status: pb::CacheStatus,
+    tag_resolution_age: Option<prost_types::Duration>,
+    index_image_id: Option<pb::ImageIdentifier>,
+    platform: Option<pb::Platform>,
+    platform_applied: bool,
+}
+
+/// What a validated request is for: the registry and the repository its authorization and
+/// call context name.
+trait Target {
+    /// The registry; `None`: the service's own.
+    fn registry_id(&self) -> Option<&RegistryId>;
+    /// The repository.
+    fn repository(&self) -> &RepositoryName;
+}
+
+macro_rules! target {
+    ($($input:ty),*) => {$(
+        impl Target for $input {
+            fn registry_id(&self) -> Option<&RegistryId> {
+                self.registry_id.as_ref()
+            }
+            fn repository(&self) -> &RepositoryName {
+                &self.repository
+            }
+        }
+    )*};
+}
+target!(
+    PutImageInput,
+    GetImageInput,
+    DeleteImagesInput,
+    ListInput,
+    RepositoryKey
+);
+
+impl Target for validate::RetagInput {
+    fn registry_id(&self) -> Option<&RegistryId> {
+        self.source.registry_id()
+    }
+    fn repository(&self) -> &RepositoryName {
+        self.source.repository()
+    }
+}
+
+impl Target for crate::registry::DescribeInput {
+    fn registry_id(&self) -> Option<&RegistryId> {
+        self.listing.registry_id()
+    }
+    fn repository(&self) -> &RepositoryName {
+        self.listing.repository()
+    }
+}
+
+/// A validated request with more parts: the first names the target.
+impl<A: Target, B> Target for (A, B) {
+    fn registry_id(&self) -> Option<&RegistryId> {
+        self.0.registry_id()
+    }
+    fn repository(&self) -> &RepositoryName {
+        self.0.repository()
+    }
+}
+
+impl<A: Target, B, C> Target for (A, B, C) {
+    fn registry_id(&self) -> Option<&RegistryId> {
+        self.0.registry_id()
+    }
+    fn repository(&self) -> &RepositoryName {
+        self.0.repository()
     }
 }
 
@@ -175,274 +267,249 @@ impl pb::image_service_server::ImageService for ImageService {
         &self,
         request: Request<pb::PutImageRequest>,
     ) -> Result<Response<pb::PutImageResponse>, Status> {
-        let Begun {
-            deadline,
-            principal,
-            call,
-            message: request,
-        } = self.begin("PutImage", request, |r| {
-            (r.repository_name.clone(), r.image_tag.clone())
-        });
-        let work = async {
-            let principal = principal?;
-            let input = validate::put_image(request)?;
-            self.authorizer
-                .check(&principal, Action::Write, &input.repository)?;
-            crate::platform::check_children(&*self.registry, &input).await?;
-            let repository = input.repository_key();
-            Span::current().record("digest", input.manifest.digest().as_str());
-            let (image, outcome) = self.registry.put_image(input).await?;
-            if let Some(tag) = &image.tag {
-                let digest = Some(image.digest.clone());
-                self.hub.wrote(&repository, tag, digest, &image.media_type);
-            }
-            Ok(pb::PutImageResponse {
-                image: Some(to_proto(image)),
-                outcome: put_outcome(outcome).into(),
-            })
-        };
-        observe(call, deadline, work).await
+        let describe = |r: &pb::PutImageRequest| (r.repository_name.clone(), r.image_tag.clone());
+        self.handle(
+            &methods::PUT_IMAGE,
+            request,
+            describe,
+            validate::put_image,
+            |input| async move {
+                crate::platform::check_children(&*self.registry, &input).await?;
+                let repository = input.repository_key();
+                Span::current().record("digest", input.manifest.digest().as_str());
+                let (image, outcome) = self.registry.put_image(input).await?;
+                if let Some(tag) = &image.tag {
+                    let digest = Some(image.digest.clone());
+                    self.hub.wrote(&repository, tag, digest, &image.media_type);
+                }
+                Ok(pb::PutImageResponse {
+                    image: Some(to_proto(image)),
+                    outcome: put_outcome(outcome).into(),
+                })
+            },
+        )
+        .await
     }
 
     async fn get_image(
         &self,
         request: Request<pb::GetImageRequest>,
     ) -> Result<Response<pb::GetImageResponse>, Status> {
-        let Begun {
-            deadline,
-            principal,
-            call,
-            message: request,
-        } = self.begin("GetImage", request, |r| {
-            (r.repository_name.clone(), describe(r.image_id.as_ref()))
-        });
-        let work = async {
-            let principal = principal?;
-            let platform = validate::platform(request.platform.as_ref())?;
-            let input = validate::get_image(request)?;
-            self.authorizer
-                .check(&principal, Action::Read, &input.repository)?;
-            let selected = self.read(input, platform).await?;
-            let (index_image_id, platform, platform_applied) = index_fields(&selected);
-            let fetched = selected.image;
-            let (cache_status, tag_resolution_age) = provenance(fetched.cache);
-            Ok(pb::GetImageResponse {
-                image: Some(to_proto(fetched.image)),
-                cache_status: cache_status.into(),
-                tag_resolution_age,
-                index_image_id,
-                platform,
-                platform_applied,
-            })
+        let describe =
+            |r: &pb::GetImageRequest| (r.repository_name.clone(), describe(r.image_id.as_ref()));
+        let validate = |r: pb::GetImageRequest| {
+            let platform = validate::platform(r.platform.as_ref())?;
+            Ok((validate::get_image(r)?, platform))
         };
-        observe(call, deadline, work).await
+        self.handle(
+            &methods::GET_IMAGE,
+            request,
+            describe,
+            validate,
+            |(input, platform)| async move {
+                let read = self.read(input, platform).await?;
+                Ok(pb::GetImageResponse {
+                    image: Some(to_proto(read.image)),
+                    cache_status: read.cache_status.into(),
+                    tag_resolution_age: read.tag_resolution_age,
+                    index_image_id: read.index_image_id,
+                    platform: read.platform,
+                    platform_applied: read.platform_applied,
+                })
+            },
+        )
+        .await
     }
 
     async fn retag_image(
         &self,
         request: Request<pb::RetagImageRequest>,
     ) -> Result<Response<pb::RetagImageResponse>, Status> {
-        let Begun {
-            deadline,
-            principal,
-            call,
-            message: request,
-        } = self.begin("RetagImage", request, |r| {
+        let describe = |r: &pb::RetagImageRequest| {
             (
                 r.repository_name.clone(),
                 describe(r.source_image_id.as_ref()),
             )
-        });
-        let work = async {
-            let principal = principal?;
-            let input = validate::retag_image(request)?;
-            // Read on the source and write on the targets: one repository, both actions.
-            let repository = &input.source.repository;
-            self.authorizer
-                .check(&principal, Action::Read, repository)?;
-            self.authorizer
-                .check(&principal, Action::Write, repository)?;
-            let repository = input.source.repository_key();
-            let retagged = retag::retag(&*self.registry, input).await?;
-            Span::current().record("digest", retagged.source.digest.as_str());
-            let source = &retagged.source;
-            for (tag, result) in &retagged.results {
-                if result.is_ok() {
-                    let digest = Some(source.digest.clone());
-                    self.hub.wrote(&repository, tag, digest, &source.media_type);
-                }
-            }
-            let results = retagged
-                .results
-                .into_iter()
-                .map(|(tag, result)| retag_result(tag, result))
-                .collect();
-            let mut source_image = to_proto(retagged.source);
-            // The bytes stay home: the caller asked for tags, not for the manifest.
-            source_image.image_manifest = String::new();
-            Ok(pb::RetagImageResponse {
-                source_image: Some(source_image),
-                results,
-            })
         };
-        observe(call, deadline, work).await
+        self.handle(
+            &methods::RETAG_IMAGE,
+            request,
+            describe,
+            validate::retag_image,
+            |input| async move {
+                let repository = input.source.repository_key();
+                let retagged = retag::retag(&*self.registry, input).await?;
+                Span::current().record("digest", retagged.source.digest.as_str());
+                let source = &retagged.source;
+                for (tag, result) in &retagged.results {
+                    if result.is_ok() {
+                        let digest = Some(source.digest.clone());
+                        self.hub.wrote(&repository, tag, digest, &source.media_type);
+                    }
+                }
+                let results = retagged
+                    .results
+                    .into_iter()
+                    .map(|(tag, result)| retag_result(tag, result))
+                    .collect();
+                let mut source_image = to_proto(retagged.source);
+                // The bytes stay home: the caller asked for tags, not for the manifest.
+                source_image.image_manifest = String::new();
+                Ok(pb::RetagImageResponse {
+                    source_image: Some(source_image),
+                    results,
+                })
+            },
+        )
+        .await
     }
 
     async fn resolve_image(
         &self,
         request: Request<pb::ResolveImageRequest>,
     ) -> Result<Response<pb::ResolveImageResponse>, Status> {
-        let Begun {
-            deadline,
-            principal,
-            call,
-            message: request,
-        } = self.begin("ResolveImage", request, |r| {
+        let describe = |r: &pb::ResolveImageRequest| {
             (r.repository_name.clone(), describe(r.image_id.as_ref()))
-        });
-        let work = async {
-            let principal = principal?;
-            let platform = validate::platform(request.platform.as_ref())?;
-            let input = validate::resolve_image(request)?;
-            self.authorizer
-                .check(&principal, Action::Read, &input.repository)?;
-            let selected = self.read(input, platform).await?;
-            let (index_image_id, platform, platform_applied) = index_fields(&selected);
-            let fetched = selected.image;
-            let (cache_status, tag_resolution_age) = provenance(fetched.cache);
-            let image = fetched.image;
-            Ok(pb::ResolveImageResponse {
-                index_image_id,
-                platform,
-                platform_applied,
-                image_manifest_size: i64::try_from(image.manifest.len()).unwrap_or(i64::MAX),
-                registry_id: image.registry_id,
-                repository_name: image.repository.as_str().to_owned(),
-                image_id: Some(image_id(image.digest, image.tag)),
-                image_manifest_media_type: image.media_type,
-                cache_status: cache_status.into(),
-                tag_resolution_age,
-            })
         };
-        observe(call, deadline, work).await
+        let validate = |r: pb::ResolveImageRequest| {
+            let platform = validate::platform(r.platform.as_ref())?;
+            Ok((validate::resolve_image(r)?, platform))
+        };
+        self.handle(
+            &methods::RESOLVE_IMAGE,
+            request,
+            describe,
+            validate,
+            |(input, platform)| async move {
+                let read = self.read(input, platform).await?;
+                let image = read.image;
+                Ok(pb::ResolveImageResponse {
+                    index_image_id: read.index_image_id,
+                    platform: read.platform,
+                    platform_applied: read.platform_applied,
+                    image_manifest_size: i64::try_from(image.manifest.len()).unwrap_or(i64::MAX),
+                    registry_id: image.registry_id,
+                    repository_name: image.repository.as_str().to_owned(),
+                    image_id: Some(image_id(image.digest, image.tag)),
+                    image_manifest_media_type: image.media_type,
+                    cache_status: read.cache_status.into(),
+                    tag_resolution_age: read.tag_resolution_age,
+                })
+            },
+        )
+        .await
     }
 
     async fn batch_delete_image(
         &self,
         request: Request<pb::BatchDeleteImageRequest>,
     ) -> Result<Response<pb::BatchDeleteImageResponse>, Status> {
-        let Begun {
-            deadline,
-            principal,
-            call,
-            message: request,
-        } = self.begin("BatchDeleteImage", request, |r| {
+        let describe = |r: &pb::BatchDeleteImageRequest| {
             (
                 r.repository_name.clone(),
                 format!("{} ids", r.image_ids.len()),
             )
-        });
-        let work = async {
-            let principal = principal?;
-            let input = validate::batch_delete_image(request)?;
-            self.authorizer
-                .check(&principal, Action::Delete, &input.repository)?;
-            let repository = input.repository_key();
-            let outcome = self.registry.delete_images(input).await?;
-            for tag in outcome.deleted.iter().filter_map(|d| d.tag.as_ref()) {
-                self.hub.wrote(&repository, tag, None, "");
-            }
-            Ok(pb::BatchDeleteImageResponse {
-                image_ids: outcome.deleted.into_iter().map(id_of).collect(),
-                failures: outcome
-                    .failures
-                    .into_iter()
-                    .map(|f| pb::ImageFailure {
-                        image_id: Some(pb::ImageIdentifier {
-                            image_digest: f
-                                .image
-                                .digest()
-                                .map(ToString::to_string)
-                                .unwrap_or_default(),
-                            image_tag: f.image.tag().map(ToString::to_string).unwrap_or_default(),
-                        }),
-                        failure_code: f.code,
-                        failure_reason: f.reason,
-                    })
-                    .collect(),
-            })
         };
-        observe(call, deadline, work).await
+        self.handle(
+            &methods::BATCH_DELETE_IMAGE,
+            request,
+            describe,
+            validate::batch_delete_image,
+            |input| async move {
+                let repository = input.repository_key();
+                let outcome = self.registry.delete_images(input).await?;
+                for tag in outcome.deleted.iter().filter_map(|d| d.tag.as_ref()) {
+                    self.hub.wrote(&repository, tag, None, "");
+                }
+                Ok(pb::BatchDeleteImageResponse {
+                    image_ids: outcome.deleted.into_iter().map(id_of).collect(),
+                    failures: outcome
+                        .failures
+                        .into_iter()
+                        .map(|f| pb::ImageFailure {
+                            image_id: Some(pb::ImageIdentifier {
+                                image_digest: f
+                                    .image
+                                    .as_ref()
+                                    .and_then(|i| i.digest())
+                                    .map(ToString::to_string)
+                                    .unwrap_or_default(),
+                                image_tag: f
+                                    .image
+                                    .as_ref()
+                                    .and_then(|i| i.tag())
+                                    .map(ToString::to_string)
+                                    .unwrap_or_default(),
+                            }),
+                            failure_code: f.code,
+                            failure_reason: f.reason,
+                        })
+                        .collect(),
+                })
+            },
+        )
+        .await
     }
 
     async fn list_images(
         &self,
         request: Request<pb::ListImagesRequest>,
     ) -> Result<Response<pb::ListImagesResponse>, Status> {
-        let Begun {
-            deadline,
-            principal,
-            call,
-            message: request,
-        } = self.begin("ListImages", request, |r| {
-            (r.repository_name.clone(), String::new())
-        });
-        let work = async {
-            let principal = principal?;
-            let (mut input, page_token) = validate::list_images(request)?;
-            // Checked on every page: a token never carries authority (AIP-158).
-            self.authorizer
-                .check(&principal, Action::Read, &input.repository)?;
-            let fingerprint = listing_fingerprint("ListImages", &input, &[]);
-            input.next_token = self.continue_at(&page_token, &fingerprint)?;
-            let page = self.registry.list_images(input).await?;
-            Ok(pb::ListImagesResponse {
-                image_ids: page.ids.into_iter().map(id_of).collect(),
-                next_page_token: self.next_page(page.next_token, &fingerprint),
-            })
-        };
-        observe(call, deadline, work).await
+        let describe = |r: &pb::ListImagesRequest| (r.repository_name.clone(), String::new());
+        // Authorized on every page: a token never carries authority (AIP-158).
+        self.handle(
+            &methods::LIST_IMAGES,
+            request,
+            describe,
+            validate::list_images,
+            |(mut input, page_token)| async move {
+                let fingerprint = listing_fingerprint("ListImages", &input, &[]);
+                input.next_token = self.continue_at(&page_token, &fingerprint)?;
+                let page = self.registry.list_images(input).await?;
+                Ok(pb::ListImagesResponse {
+                    image_ids: page.ids.into_iter().map(id_of).collect(),
+                    next_page_token: self.next_page(page.next_token, &fingerprint),
+                })
+            },
+        )
+        .await
     }
 
     async fn describe_images(
         &self,
         request: Request<pb::DescribeImagesRequest>,
     ) -> Result<Response<pb::DescribeImagesResponse>, Status> {
-        let Begun {
-            deadline,
-            principal,
-            call,
-            message: request,
-        } = self.begin("DescribeImages", request, |r| {
-            (r.repository_name.clone(), String::new())
-        });
-        let work = async {
-            let principal = principal?;
-            let (mut input, page_token) = validate::describe_images(request)?;
-            self.authorizer
-                .check(&principal, Action::Read, &input.listing.repository)?;
-            let fingerprint = listing_fingerprint("DescribeImages", &input.listing, &input.images);
-            input.listing.next_token = self.continue_at(&page_token, &fingerprint)?;
-            let page = self.registry.describe_images(input).await?;
-            Ok(pb::DescribeImagesResponse {
-                image_details: page
-                    .details
-                    .into_iter()
-                    .map(|d| pb::ImageDetail {
-                        image_digest: d.digest.to_string(),
-                        image_tags: d.tags.iter().map(ToString::to_string).collect(),
-                        image_size_in_bytes: d.size_in_bytes,
-                        image_pushed_at: d
-                            .pushed_at
-                            .map(|seconds| prost_types::Timestamp { seconds, nanos: 0 }),
-                        image_manifest_media_type: d.media_type,
-                        artifact_media_type: d.artifact_media_type,
-                    })
-                    .collect(),
-                next_page_token: self.next_page(page.next_token, &fingerprint),
-            })
-        };
-        observe(call, deadline, work).await
+        let describe = |r: &pb::DescribeImagesRequest| (r.repository_name.clone(), String::new());
+        self.handle(
+            &methods::DESCRIBE_IMAGES,
+            request,
+            describe,
+            validate::describe_images,
+            |(mut input, page_token)| async move {
+                let fingerprint =
+                    listing_fingerprint("DescribeImages", &input.listing, &input.images);
+                input.listing.next_token = self.continue_at(&page_token, &fingerprint)?;
+                let page = self.registry.describe_images(input).await?;
+                Ok(pb::DescribeImagesResponse {
+                    image_details: page
+                        .details
+                        .into_iter()
+                        .map(|d| pb::ImageDetail {
+                            image_digest: d.digest.to_string(),
+                            image_tags: d.tags.iter().map(ToString::to_string).collect(),
+                            image_size_in_bytes: d.size_in_bytes,
+                            image_pushed_at: d
+                                .pushed_at
+                                .map(|seconds| prost_types::Timestamp { seconds, nanos: 0 }),
+                            image_manifest_media_type: d.media_type,
+                            artifact_media_type: d.artifact_media_type,
+                        })
+                        .collect(),
+                    next_page_token: self.next_page(page.next_token, &fingerprint),
+                })
+            },
+        )
+        .await
     }
 
     type WatchTagStream = crate::watch::WatchStream;
@@ -451,28 +518,23 @@ impl pb::image_service_server::ImageService for ImageService {
         &self,
         request: Request<pb::WatchTagRequest>,
     ) -> Result<Response<Self::WatchTagStream>, Status> {
-        let Begun {
-            deadline,
-            principal,
-            call,
-            message: request,
-        } = self.begin("WatchTag", request, |r| {
-            (r.repository_name.clone(), r.image_tag.clone())
-        });
-        let work = async {
-            let principal = principal?;
-            let (repository, tag, last_known) = validate::watch_tag(request)?;
-            self.authorizer
-                .check(&principal, Action::Read, &repository.repository)?;
-            let watch = self
-                .hub
-                .watch(repository, tag.clone())
-                .await
-                .ok_or(Error::TooManyWatches)?;
-            let heartbeat = self.hub.settings().heartbeat_interval;
-            Ok(crate::watch::stream(watch, tag, last_known, heartbeat))
-        };
-        observe(call, deadline, work).await
+        let describe = |r: &pb::WatchTagRequest| (r.repository_name.clone(), r.image_tag.clone());
+        self.handle(
+            &methods::WATCH_TAG,
+            request,
+            describe,
+            validate::watch_tag,
+            |(repository, tag, last_known)| async move {
+                let watch = self
+                    .hub
+                    .watch(repository, tag.clone())
+                    .await
+                    .ok_or(Error::TooManyWatches)?;
+                let heartbeat = self.hub.settings().heartbeat_interval;
+                Ok(crate::watch::stream(watch, tag, last_known, heartbeat))
+            },
+        )
+        .await
     }
 }
 
@@ -566,16 +628,8 @@ fn loggable(value: &str) -> String {
     logged
 }
 
-/// An RPC's start: see [`ImageService::begin`].
-struct Begun<T> {
-    deadline: Instant,
-    principal: Result<Principal, Error>,
-    call: Call,
-    message: T,
-}
-
 /// What a request is, for its span and for the line logged if it fails.
-struct Call {
+struct Rpc {
     method: &'static str,
     /// The caller, when it has a valid identity (checked: safe to log as it is).
     principal: Option<Principal>,
@@ -587,7 +641,7 @@ struct Call {
     trace: Option<TraceParent>,
 }
 
-impl Call {
+impl Rpc {
     fn new<T>(
         method: &'static str,
         request: &Request<T>,
@@ -653,13 +707,17 @@ impl Call {
         let upstream = err.upstream();
         let ecr_code = upstream.and_then(|u| u.code.as_deref());
         let ecr_request_id = upstream.and_then(|u| u.request_id.as_deref());
-        // ECR's own words, which callers may not see (AccessDenied names the service's role).
-        let ecr_message = upstream.map(|u| loggable(&u.message));
+        let error_text = err.to_string();
+        // ECR's own words, once: in `error` where the caller's message carries them, else here
+        // (AccessDenied's name the service's role, and callers never see them).
+        let ecr_message = upstream
+            .filter(|u| !error_text.contains(&u.message))
+            .map(|u| loggable(&u.message));
         let attempts = upstream.and_then(|u| u.attempts);
         let cause = upstream
             .map(|u| u.detail.as_str())
             .filter(|d| !d.is_empty());
-        let error = loggable(&err.to_string());
+        let error = loggable(&error_text);
         if err.is_server_side() {
             warn!(method, principal, %repository, %reference, trace_id, ?code, reason, latency_ms, %error, ecr_code, ecr_message, ecr_request_id, attempts, cause, "request failed");
         } else {
@@ -669,27 +727,25 @@ impl Call {
 }
 
 /// Runs one request in its span, under the caller's deadline, and answers: successes logged at
-/// DEBUG, failures by [`Call::log_failure`], and errors turned into statuses through the one
+/// DEBUG, failures by [`Rpc::log_failure`], and errors turned into statuses through the one
 /// mapping in [`crate::error`].
 ///
 /// At the deadline the work is dropped (and with it any ECR call only it was waiting for) and
 /// the caller gets DEADLINE_EXCEEDED.
 async fn observe<T>(
-    call: Call,
-    deadline: Instant,
+    call: Rpc,
+    deadline: Option<Instant>,
     work: impl Future<Output = Result<T, Error>>,
 ) -> Result<Response<T>, Status> {
     let span = call.span();
     let timing = RpcTiming::start(call.method);
-    let caller = call
-        .principal
-        .as_ref()
-        .map_or_else(|| Arc::from(""), Principal::shared);
-    let work = identity::scope(caller, deadline::scope(deadline, work));
-    let result = tokio::time::timeout_at(deadline, work)
-        .instrument(span.clone())
-        .await
-        .unwrap_or(Err(Error::DeadlineExceeded));
+    let result = match deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline, work)
+            .instrument(span.clone())
+            .await
+            .unwrap_or(Err(Error::DeadlineExceeded)),
+        None => work.instrument(span.clone()).await,
+    };
     let failure = result.as_ref().err().map(Error::code_and_reason);
     let code = failure.map_or(tonic::Code::Ok, |(code, _)| code);
     let latency_ms = timing.finish(code);

@@ -22,6 +22,7 @@ use futures_util::future::BoxFuture;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::call::CallContext;
 use crate::image::{Digest, ImageRef, Tag};
 use crate::registry::{GetImageInput, RegistryError, RepositoryKey, SharedRegistry};
 
@@ -36,6 +37,9 @@ pub const DEFAULT_MAX_WATCHES: usize = 20_000;
 /// Streams end after this long (UNAVAILABLE + RetryInfo), so that watchers re-spread over
 /// replicas added since, as max_connection_age does for connections.
 pub const MAX_STREAM_AGE: Duration = Duration::from_secs(30 * 60);
+/// The caller a repository's poller reads as, in the budgets' fair turns: one caller for all
+/// the polls of a replica, beside the requests' callers.
+const POLLER_CALLER: &str = "(watch-poller)";
 /// A poller outlives its last watcher this long: a reconnecting watcher finds it warm.
 const IDLE_GRACE: Duration = Duration::from_secs(30);
 
@@ -139,11 +143,6 @@ impl Drop for Watch {
 }
 
 impl WatchHub {
-    /// A hub reading from `registry`.
-    pub fn new(registry: SharedRegistry, settings: WatchSettings) -> Arc<Self> {
-        Self::shared(registry, settings, None)
-    }
-
     /// A hub reading from `registry`, polling in turn with the fleet's other replicas through
     /// `polls` when given.
     pub fn shared(
@@ -175,11 +174,6 @@ impl WatchHub {
         self.settings
     }
 
-    /// Watches held now.
-    pub fn watches(&self) -> usize {
-        self.watches.load(Ordering::Relaxed)
-    }
-
     /// Ends every watch (the server is shutting down).
     pub fn close(&self) {
         self.closing.send_replace(true);
@@ -206,7 +200,10 @@ impl WatchHub {
             (sender.subscribe(), fresh, start_poller)
         };
         if start_poller {
-            tokio::spawn(Arc::clone(self).poll(repository.clone()));
+            // The poller works for every watcher of the repository, not for the request that
+            // started it: its own context, with no deadline, its reads charged as the poller's.
+            let poller = CallContext::background(POLLER_CALLER);
+            tokio::spawn(poller.scope(Arc::clone(self).poll(repository.clone())));
         }
         if fresh {
             let state = self.read(&repository, &tag, None).await;

@@ -15,9 +15,10 @@ use tokio::time::Instant;
 use tonic::Code;
 use tonic_types::StatusExt;
 
+use ecr_image_service::pb::image_service_client::ImageServiceClient;
 use support::fair_shares;
 use support::fault_proxy::{Fault, FaultProxy};
-use support::requests::put;
+use support::requests::{get, put};
 use support::{
     assert_status, create_repository, error_info, moto, registry, server_settings, settings, start,
     start_channel_with, unique,
@@ -141,4 +142,108 @@ async fn callers_share_the_put_budget_fairly() {
         shares.busiest
     );
     assert!(used >= 0.85, "{:.0}% of the budget used", used * 100.0);
+}
+
+/// The Istio (XFCC) header of `caller`, as the sidecar sets it.
+fn as_xfcc<T>(caller: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    let header = format!(
+        "By=spiffe://cluster.local/ns/platform/sa/images;Hash=ab12;Subject=\"\";\
+         URI=spiffe://cluster.local/ns/{caller}/sa/{caller}"
+    );
+    request
+        .metadata_mut()
+        .insert("x-forwarded-client-cert", header.parse().unwrap());
+    request
+}
+
+/// Fair shares reach reads, which are batched in a task of their own: caller A reads cold
+/// tags in 50 repositories as fast as it can (one read in flight per repository, so a
+/// BatchGetImage queued for each), caller B reads one cold tag every 500 ms, under a
+/// BatchGetImage budget of 20/s. Each batched call is charged to the caller whose miss opened
+/// it, so B takes every other slot: every one of its reads succeeds within 1.5 s. (Charged to
+/// nobody in particular, B's reads queued behind A's 50 and took about 2.8 s each.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_share_the_read_budget_fairly() {
+    let prefix = unique("fair-read");
+    let repositories: Vec<String> = (0..50).map(|n| format!("{prefix}-a{n}")).collect();
+    for repository in &repositories {
+        create_repository(moto::endpoint(), repository, false).await;
+    }
+    let b_repository = format!("{prefix}-b");
+    create_repository(moto::endpoint(), &b_repository, false).await;
+    let proxy = FaultProxy::start(moto::endpoint(), |_, _| Fault::Forward).await;
+    let budgeted = EcrSettings {
+        batch_get_image_rate: 20.0,
+        ..settings()
+    };
+    let server = ServerSettings {
+        identity_source: IdentitySource::IstioXfcc,
+        ..server_settings()
+    };
+    let channel = start_channel_with(registry(&proxy.endpoint, budgeted), server).await;
+    let mut client = ImageServiceClient::new(channel.clone());
+    for n in 0..20 {
+        let manifest =
+            format!(r#"{{"mediaType":"application/vnd.oci.image.manifest.v1+json","b":{n}}}"#);
+        let request = put(&b_repository, &format!("b{n}"), &manifest);
+        client.put_image(as_xfcc("b", request)).await.unwrap();
+    }
+    let run = Duration::from_secs(6);
+    let started = Instant::now();
+    let busy: Vec<_> = repositories
+        .into_iter()
+        .map(|repository| {
+            let mut client = ImageServiceClient::new(channel.clone());
+            tokio::spawn(async move {
+                let (mut n, mut answered) = (0, 0);
+                while started.elapsed() < run {
+                    let mut request = as_xfcc("a", get(&repository, &format!("cold-{n}"), ""));
+                    request.set_timeout(Duration::from_secs(10));
+                    // The tags do not exist: each read is one cold BatchGetImage, NOT_FOUND.
+                    if let Err(status) = client.get_image(request).await
+                        && status.code() == Code::NotFound
+                    {
+                        answered += 1;
+                    }
+                    n += 1;
+                }
+                answered
+            })
+        })
+        .collect();
+    let (mut slowest, mut ok, mut failed) = (Duration::ZERO, 0, Vec::new());
+    let mut n = 0;
+    while started.elapsed() < run {
+        let asked = Instant::now();
+        let mut request = as_xfcc("b", get(&b_repository, &format!("b{n}"), ""));
+        request.set_timeout(Duration::from_secs(10));
+        match client.get_image(request).await {
+            Ok(_) => ok += 1,
+            Err(status) => failed.push(format!("{:?} {}", status.code(), status.message())),
+        }
+        slowest = slowest.max(asked.elapsed());
+        n += 1;
+        tokio::time::sleep_until(asked + Duration::from_millis(500)).await;
+    }
+    let mut a_answered = 0;
+    for worker in busy {
+        a_answered += worker.await.unwrap();
+    }
+    let sent = proxy.arrivals("BatchGetImage");
+    eprintln!(
+        "fair reads: B {ok} OK, {} failed, slowest {slowest:?}; A {a_answered} answered; \
+         {} BatchGetImage at ECR, busiest second {}",
+        failed.len(),
+        sent.len(),
+        fair_shares::busiest_second(&sent)
+    );
+    assert!(failed.is_empty(), "B's reads failed: {failed:?}");
+    assert!(ok >= 10, "B read {ok} times in {run:?}");
+    assert!(
+        slowest <= Duration::from_millis(1500),
+        "B's slowest read took {slowest:?}"
+    );
+    assert!(a_answered >= 40, "A's reads were served too: {a_answered}");
+    assert!(fair_shares::busiest_second(&sent) <= 20);
 }

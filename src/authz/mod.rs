@@ -23,7 +23,6 @@ use tracing::{debug, error, info, warn};
 
 pub use policy::{Action, Decision, Policy};
 
-use crate::error::Error;
 use crate::identity::Principal;
 use crate::image::RepositoryName;
 use crate::metrics;
@@ -34,6 +33,17 @@ use crate::metrics;
 pub const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
 /// The rule id a denial is logged with.
 const DEFAULT_DENY: &str = "default-deny";
+
+/// A request the policy does not allow: the API answers it with PERMISSION_DENIED +
+/// `ACCESS_DENIED`, saying nothing of the policy.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the caller may not {action} repository {repository}")]
+pub struct Denied {
+    /// What was asked.
+    pub action: Action,
+    /// The (validated) repository.
+    pub repository: String,
+}
 
 /// The policy in force, if any, and where it is read from.
 #[derive(Debug)]
@@ -90,11 +100,6 @@ impl Authorizer {
         })
     }
 
-    /// Whether a policy is in force.
-    pub fn enforcing(&self) -> bool {
-        self.path.is_some()
-    }
-
     /// Says at start-up what is enforced.
     pub fn announce(&self) {
         match &self.path {
@@ -123,7 +128,7 @@ impl Authorizer {
         principal: &Principal,
         action: Action,
         repository: &RepositoryName,
-    ) -> Result<(), Error> {
+    ) -> Result<(), Denied> {
         let Some(policy) = self.policy() else {
             return Ok(());
         };
@@ -144,7 +149,7 @@ impl Authorizer {
             }
             Decision::Deny => {
                 info!(%principal, %action, repository = repository_name, rule = DEFAULT_DENY, "authorization: deny");
-                Err(Error::AccessDenied {
+                Err(Denied {
                     action,
                     repository: repository_name.to_owned(),
                 })

@@ -22,7 +22,8 @@ use crate::image::RepositoryName;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
-    /// GetImage, ResolveImage (and the list, describe and watch RPCs).
+    /// GetImage, ResolveImage, ListImages, DescribeImages, WatchTag, and RetagImage on its
+    /// source (the method table, `crate::methods`, says which RPC needs what).
     Read,
     /// PutImage, and RetagImage on its targets.
     Write,

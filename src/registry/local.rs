@@ -514,7 +514,7 @@ impl LocalRegistry {
                 match delete_one(&transaction, repository, &reference)? {
                     Ok(deleted) => outcome.deleted.push(deleted),
                     Err((code, reason)) => outcome.failures.push(DeleteFailure {
-                        image: reference,
+                        image: Some(reference),
                         code: code.to_owned(),
                         reason,
                     }),
@@ -779,7 +779,8 @@ fn delete_one(
         None if referenced => Ok(Err((
             "ImageReferencedByManifestList",
             format!(
-                "Requested image {digest} is referenced by an index or manifest list in                  repository '{repository}'; delete the index first"
+                "Requested image {digest} is referenced by an index or manifest list in \
+                 repository '{repository}'; delete the index first"
             ),
         ))),
         None => {

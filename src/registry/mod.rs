@@ -347,8 +347,9 @@ pub struct Deleted {
 /// One id a delete could not act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeleteFailure {
-    /// The id as asked.
-    pub image: ImageRef,
+    /// The id as asked; `None` when the registry named one that is not a valid id (it is then
+    /// reported with an empty id rather than pinned on another).
+    pub image: Option<ImageRef>,
     /// ECR's failure code (`ImageNotFound`, `ImageReferencedByManifestList`, …).
     pub code: String,
     /// Why, for people.

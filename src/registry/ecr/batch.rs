@@ -5,6 +5,12 @@
 //! that arrive while a call is in flight wait for it and go together in the next call, up to
 //! [`MAX_BATCH`] images each. Under load, calls per repository stay near one per ECR round trip
 //! however many callers there are.
+//!
+//! A batch is one ECR call made for several calls: it runs in a context made for them
+//! ([`CallContext::serving`]), so the rate budget charges it to the caller whose miss opened
+//! it, and it lasts as long as the most patient of them. When more misses wait than one call
+//! takes, each batch is filled in turns across callers, so a caller with one miss waiting is in
+//! the next call however many another has queued.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -12,10 +18,9 @@ use std::time::Duration;
 
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::oneshot;
-use tokio::time::Instant;
 use tracing::{Instrument, Span};
 
-use crate::deadline;
+use crate::call::{self, CallContext};
 use crate::image::{ImageRef, MediaType};
 use crate::registry::{RegistryError, RepositoryKey, StoredImage, Upstream};
 
@@ -48,11 +53,11 @@ pub trait BatchGet: Send + Sync + 'static {
 
 type Reply = oneshot::Sender<Result<StoredImage, RegistryError>>;
 
-/// A caller waiting in a lane: what it wants, where to answer, and until when it waits.
+/// A caller waiting in a lane: what it wants, where to answer, and the call it is for.
 struct Waiter {
     reference: ImageRef,
     reply: Reply,
-    deadline: Option<Instant>,
+    call: CallContext,
     /// The caller's span: a batch's ECR call is traced as a child of its oldest caller.
     span: Span,
 }
@@ -120,7 +125,7 @@ impl<R: BatchGet> Batcher<R> {
             lane.pending.push(Waiter {
                 reference,
                 reply,
-                deadline: deadline::current(),
+                call: call::current().unwrap_or_else(|| CallContext::background("")),
                 span: Span::current(),
             });
             !std::mem::replace(&mut lane.draining, true)
@@ -151,8 +156,7 @@ impl<R: BatchGet> Batcher<R> {
                     lanes.remove(&key);
                     return;
                 }
-                let take = lane.pending.len().min(MAX_BATCH);
-                lane.pending.drain(..take).collect()
+                take_in_turns(&mut lane.pending, MAX_BATCH)
             };
             self.send(&key, batch).await;
         }
@@ -163,10 +167,10 @@ impl<R: BatchGet> Batcher<R> {
     /// as long as its most patient caller: once every caller's deadline has passed it is
     /// dropped.
     async fn send(&self, key: &LaneKey, batch: Vec<Waiter>) {
-        let deadline = batch
-            .iter()
-            .map(|w| w.deadline)
-            .try_fold(None::<Instant>, |latest, d| d.map(|d| latest.max(Some(d))));
+        let Some(serving) = CallContext::serving(batch.iter().map(|w| &w.call)) else {
+            return;
+        };
+        let deadline = serving.deadline();
         let parent = batch.first().map_or_else(Span::none, |w| w.span.clone());
         let mut references: Vec<ImageRef> = Vec::with_capacity(batch.len());
         let mut replies: Vec<Vec<Reply>> = Vec::with_capacity(batch.len());
@@ -190,8 +194,9 @@ impl<R: BatchGet> Batcher<R> {
             references,
         };
         let call = self.registry.get_images(input).instrument(parent);
-        let answer = match deadline.flatten() {
-            Some(deadline) => tokio::time::timeout_at(deadline, deadline::scope(deadline, call))
+        let call = serving.scope(call);
+        let answer = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, call)
                 .await
                 .unwrap_or_else(|_| {
                     Err(RegistryError::Timeout(Upstream::message(
@@ -215,6 +220,42 @@ impl<R: BatchGet> Batcher<R> {
             }
         }
     }
+}
+
+/// Takes up to `max` waiters out of `pending` (in arrival order), in turns across callers: each
+/// caller's first waiter, then each one's second, and so on. What is left keeps its order.
+fn take_in_turns(pending: &mut Vec<Waiter>, max: usize) -> Vec<Waiter> {
+    if pending.len() <= max {
+        return std::mem::take(pending);
+    }
+    // Each waiter's place in its own caller's queue: the turn it is served in.
+    let mut seen: HashMap<std::sync::Arc<str>, usize> = HashMap::new();
+    let turns: Vec<usize> = pending
+        .iter()
+        .map(|w| {
+            let n = seen.entry(w.call.caller_key()).or_default();
+            *n += 1;
+            *n
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..pending.len()).collect();
+    // Stable: within a turn, callers keep the order their first misses arrived in.
+    order.sort_by_key(|&i| turns[i]);
+    let mut chosen = vec![false; pending.len()];
+    for &i in order.iter().take(max) {
+        chosen[i] = true;
+    }
+    let mut taken = Vec::with_capacity(max);
+    let mut left = Vec::with_capacity(pending.len() - max);
+    for (waiter, chosen) in std::mem::take(pending).into_iter().zip(chosen) {
+        if chosen {
+            taken.push(waiter);
+        } else {
+            left.push(waiter);
+        }
+    }
+    *pending = left;
+    taken
 }
 
 #[cfg(test)]
@@ -259,6 +300,33 @@ mod tests {
                 })
                 .collect())
         }
+    }
+
+    /// A batch is filled in turns across callers: with 150 of A's misses waiting before one of
+    /// B's, B's is in the first call, and what is left keeps its order.
+    #[test]
+    fn batches_are_filled_in_turns_across_callers() {
+        let waiter = |caller: &str, n: usize| Waiter {
+            reference: ImageRef::new(Some(Tag::parse(&format!("t{n}")).unwrap()), None).unwrap(),
+            reply: oneshot::channel().0,
+            call: CallContext::background_of(caller),
+            span: Span::none(),
+        };
+        let mut pending: Vec<Waiter> = (0..150).map(|n| waiter("a", n)).collect();
+        pending.push(waiter("b", 150));
+        let taken = take_in_turns(&mut pending, MAX_BATCH);
+        let tag = |w: &Waiter| w.reference.tag().unwrap().as_str().to_owned();
+        assert_eq!(taken.len(), MAX_BATCH);
+        let tags: Vec<String> = taken.iter().map(tag).collect();
+        let mut expected: Vec<String> = (0..99).map(|n| format!("t{n}")).collect();
+        expected.push("t150".into());
+        assert_eq!(tags, expected, "B's one miss is in the first call");
+        assert_eq!(pending.len(), 51);
+        assert_eq!(tag(&pending[0]), "t99");
+        assert_eq!(tag(&pending[50]), "t149");
+        let rest = take_in_turns(&mut pending, MAX_BATCH);
+        assert_eq!(rest.len(), 51);
+        assert!(pending.is_empty());
     }
 
     /// Concurrent misses for distinct tags share calls of at most [`MAX_BATCH`], and each

@@ -26,7 +26,8 @@ use futures_util::future::BoxFuture;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::{deadline, identity, metrics};
+use crate::call;
+use crate::metrics;
 
 /// Requests are paced this fraction under the configured rate. Sends at exactly the rate can
 /// still arrive closer together: between the budget's release and the wire there is connection
@@ -91,7 +92,7 @@ enum Origin {
 ///
 /// Strict pacing (no burst) is what makes "never more than the rate in any second" hold for
 /// every one-second window, not just on average. When requests compete for slots, each caller
-/// (the principal of the request, [`identity::current`]) with requests waiting gets its turn in
+/// (the principal of the call, [`call::caller_key`]) with requests waiting gets its turn in
 /// round robin, one slot a turn, so one caller's 500 queued puts cannot starve another's one:
 /// a principal alone gets the whole rate, two get half each. A dispatcher task, alive only
 /// while requests wait, hands out the slots: paced locally, or taken one at a time from the
@@ -167,7 +168,7 @@ impl RateBudget {
     /// reached a request which is gone by then is handed back.
     pub async fn acquire(&self, deadline: Option<Instant>) -> Result<bool, BudgetExhausted> {
         let inner = &self.inner;
-        let caller = identity::current().unwrap_or_else(|| Arc::from(""));
+        let caller = call::caller_key();
         // Nobody waiting: straight to the shared limiter, many requests at once.
         let mut hint = Duration::ZERO;
         let idle = inner.lock().queued == 0;
@@ -525,7 +526,7 @@ impl HttpConnector for BudgetedConnector {
         let inner = self.inner.clone();
         let attempt_timeout = self.attempt_timeout;
         // A slot is only useful if the call it admits can finish before the deadline.
-        let deadline = deadline::current().map(|d| d.checked_sub(ECR_CALL_ALLOWANCE).unwrap_or(d));
+        let deadline = call::deadline().map(|d| d.checked_sub(ECR_CALL_ALLOWANCE).unwrap_or(d));
         HttpConnectorFuture::new(async move {
             if let Some((op, budget)) = operation.as_deref().and_then(|op| budgets.entry(op)) {
                 let counted = metrics::process();
@@ -560,6 +561,7 @@ impl HttpConnector for BudgetedConnector {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::call::{CallContext, Principal};
 
     /// Slots are spaced at the paced rate (never early; late only by the timer's millisecond
     /// granularity, which accumulates per slot), and a slot past the deadline is refused at
@@ -588,6 +590,13 @@ mod tests {
         assert!(refused.retry_after.abs_diff(interval) < Duration::from_millis(5));
     }
 
+    fn as_caller(name: &str) -> CallContext {
+        CallContext::new(
+            Instant::now() + Duration::from_secs(3600),
+            Ok(Principal::named(name)),
+        )
+    }
+
     /// One caller with 40 requests waiting and another asking once: the second is let through
     /// at the next turn, not after the 40; alone, a caller gets every slot.
     #[tokio::test(start_paused = true)]
@@ -598,7 +607,7 @@ mod tests {
         let busy: Vec<_> = (0..40)
             .map(|_| {
                 let budget = Arc::clone(&budget);
-                tokio::spawn(identity::scope(Arc::from("busy"), async move {
+                tokio::spawn(as_caller("busy").scope(async move {
                     budget.acquire(None).await.unwrap();
                     Instant::now()
                 }))
@@ -606,7 +615,8 @@ mod tests {
             .collect();
         tokio::time::sleep(interval * 3).await;
         let asked = Instant::now();
-        identity::scope(Arc::from("occasional"), budget.acquire(None))
+        as_caller("occasional")
+            .scope(budget.acquire(None))
             .await
             .unwrap();
         let waited = asked.elapsed();

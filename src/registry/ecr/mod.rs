@@ -119,7 +119,7 @@ impl EcrRegistry {
                         .unwrap_or_else(|| NOT_SENT.to_owned());
                     let rest = chunk.iter().chain(chunks.by_ref().flatten());
                     outcome.failures.extend(rest.map(|image| DeleteFailure {
-                        image: image.clone(),
+                        image: Some(image.clone()),
                         code: code.clone(),
                         reason: err.to_string(),
                     }));

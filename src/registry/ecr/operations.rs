@@ -21,7 +21,7 @@ use tracing::{Instrument, Span, debug_span};
 use super::batch::{BatchGet, BatchInput};
 use super::calls::UpstreamCalls;
 use super::classify::{classify, failure_error, is_already_exists, upstream_of};
-use crate::deadline;
+use crate::call;
 use crate::image::{Digest, ImageRef, Manifest, Tag, media_types};
 use crate::registry::{
     DeleteFailure, DeleteOutcome, Deleted, DescribeInput, DescribePage, ImageDetail, ListInput,
@@ -76,12 +76,11 @@ impl Operations {
         &self.calls
     }
 
-    /// A per-call configuration that ends the ECR call [`DEADLINE_MARGIN`] before the caller's
-    /// deadline, when that comes before the configured operation timeout.
+    /// A per-call configuration that ends the ECR call at the call's deadline (which keeps
+    /// back the time to answer already), when that comes before the configured operation
+    /// timeout.
     fn within_deadline(&self) -> Option<aws_sdk_ecr::config::Builder> {
-        let remaining = deadline::current()?
-            .saturating_duration_since(Instant::now())
-            .saturating_sub(DEADLINE_MARGIN);
+        let remaining = call::deadline()?.saturating_duration_since(Instant::now());
         if self.operation_timeout.is_some_and(|t| t <= remaining) {
             return None;
         }
@@ -178,7 +177,7 @@ impl Operations {
                         .and_then(|d| Digest::parse(d).ok()),
                 );
                 DeleteFailure {
-                    image: image.unwrap_or_else(|| images[0].clone()),
+                    image,
                     code: failure
                         .failure_code()
                         .map_or_else(String::new, |c| c.as_str().to_owned()),
@@ -395,10 +394,6 @@ impl Intercept for AttemptCounter {
         Ok(())
     }
 }
-
-/// Time kept back from a caller's deadline for turning ECR's answer into a response and
-/// sending it: the ECR call must end this much before the caller gives up.
-const DEADLINE_MARGIN: Duration = Duration::from_millis(50);
 
 /// One span per ECR call, around all its attempts, named and typed by OpenTelemetry's RPC
 /// conventions. At DEBUG, like the RPC span: free unless spans are exported or logged.
