@@ -36,6 +36,7 @@ pub mod fleet;
 pub mod health_check;
 pub mod identity;
 pub mod image;
+pub mod memory;
 pub mod methods;
 pub mod metrics;
 pub mod paging;

@@ -256,6 +256,7 @@ impl Bound {
             },
         );
         tokio::spawn(admin::serve(admin, metrics));
+        tokio::spawn(crate::memory::give_back_after_herds());
         self.authorizer.announce();
         tokio::spawn(Arc::clone(&self.authorizer).watch());
         let hub = WatchHub::shared(Arc::clone(&registry), self.settings.watch, self.polls);
