@@ -43,6 +43,7 @@ pub mod paging;
 pub mod pb;
 pub mod platform;
 pub mod registry;
+pub mod reload;
 pub mod retag;
 pub mod server;
 pub mod service;

@@ -86,9 +86,6 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Streams per connection: a sidecar multiplexes many callers over few connections, and this
 /// bounds what one connection can hold, below the global concurrency limit.
 const MAX_STREAMS_PER_CONNECTION: u32 = 256;
-/// What a shed caller is told to wait: long enough for in-flight requests (cache hits take
-/// microseconds, ECR calls tens of milliseconds) to free slots.
-const SHED_RETRY_AFTER: Duration = Duration::from_millis(100);
 
 /// Limits and timings of the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -331,7 +328,7 @@ pub async fn serve(
             identity_source: settings.identity_source,
             body_timeout: settings.request_body_timeout,
             default_deadline: settings.default_deadline,
-            retry_after: SHED_RETRY_AFTER,
+            retry_after: crate::registry::RETRY_SOON,
         },
     );
     let incoming = Listener::new(

@@ -32,8 +32,6 @@ use x509_parser::extensions::GeneralName;
 use crate::connection::{Connection, Listener};
 use crate::identity::{self, PeerIdentity, Principal};
 
-/// How often the three files are looked at for a rotation.
-const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
 /// Handshakes finished but not yet taken by the server: a small buffer, the server takes them
 /// as fast as they come.
 const HANDSHAKES_BUFFERED: usize = 64;
@@ -93,27 +91,13 @@ impl TlsFiles {
             Err(poisoned) => poisoned.into_inner(),
         };
         *current = (Arc::new(config), joined);
+        tracing::info!("TLS certificates reloaded");
         Ok(true)
     }
 
-    /// Looks at the files every [`RELOAD_INTERVAL`] until the process ends.
+    /// Looks at the files every [`crate::reload::RELOAD_INTERVAL`] until the process ends.
     pub async fn watch(self: Arc<Self>) {
-        let mut reported = None;
-        loop {
-            tokio::time::sleep(RELOAD_INTERVAL).await;
-            match self.reload() {
-                Ok(true) => {
-                    tracing::info!("TLS certificates reloaded");
-                    reported = None;
-                }
-                Ok(false) => reported = None,
-                Err(err) if reported.as_ref() != Some(&err) => {
-                    tracing::error!(error = %err, "TLS certificates not reloaded: keeping the previous ones");
-                    reported = Some(err);
-                }
-                Err(_) => {}
-            }
-        }
+        crate::reload::every_interval("TLS certificates", || self.reload()).await;
     }
 }
 

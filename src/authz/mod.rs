@@ -14,12 +14,11 @@ pub mod policy;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 pub use policy::{Action, Decision, Policy};
 
@@ -27,10 +26,7 @@ use crate::identity::Principal;
 use crate::image::RepositoryName;
 use crate::metrics;
 
-/// How often the policy file is looked at: a change applies within about a second (Kubernetes
-/// itself takes up to a minute to update a mounted ConfigMap). Reading a small file once a
-/// second costs nothing measurable.
-pub const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+pub use crate::reload::RELOAD_INTERVAL;
 /// The rule id a denial is logged with.
 const DEFAULT_DENY: &str = "default-deny";
 
@@ -221,19 +217,7 @@ impl Authorizer {
         if self.path.is_none() {
             return;
         }
-        let mut reported = None;
-        loop {
-            tokio::time::sleep(RELOAD_INTERVAL).await;
-            match self.reload() {
-                Ok(_) => reported = None,
-                // An unreadable file fails every second: say so once, until it changes.
-                Err(err) if reported.as_ref() != Some(&err) => {
-                    error!(error = %err, "authorization policy not reloaded: keeping the previous one");
-                    reported = Some(err);
-                }
-                Err(_) => {}
-            }
-        }
+        crate::reload::every_interval("authorization policy", || self.reload()).await;
     }
 }
 

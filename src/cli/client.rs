@@ -20,8 +20,9 @@ use crate::pb::image_service_client::ImageServiceClient;
 
 /// A call to the service, retries included, gets this long: a cold put is paced by ECR's rate.
 const DEFAULT_CALL_TIMEOUT: &str = "30s";
-/// Manifests are at most 4 MiB; a reply carries one plus its envelope.
-const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024 + 64 * 1024;
+/// Manifests are at most 4 MiB; a reply carries one plus its envelope, as a put does: the
+/// method table's largest request.
+const MAX_MESSAGE_BYTES: usize = crate::methods::MAX_REQUEST_BYTES;
 /// The largest GetImage answer seen for a legal 4 MiB manifest (the manifest, its identifiers
 /// and the envelope): over gRPC clients' default 4 MiB receive limit.
 const RESPONSE_BYTES_NEEDED: usize = 4_194_424;

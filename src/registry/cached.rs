@@ -49,8 +49,6 @@ pub const DEFAULT_DIGEST_CACHE_BYTES: u64 = 64 << 20;
 /// BatchGetImage's 2,000/s; each costs a task and a connection's share, unlike the callers that
 /// join one (a herd of 10,000 on one tag is one call).
 pub const DEFAULT_MAX_UPSTREAM_CALLS: usize = 512;
-/// What a caller refused for want of an upstream slot is told to wait: a call's latency.
-const BUSY_RETRY_AFTER: Duration = Duration::from_millis(100);
 /// A tag resolution costs ~570 bytes with moka's expiry bookkeeping (measured by the
 /// benchmark's memory phase), so 20,000, far more tags than a fleet deploys from at once, hold
 /// ~11 MiB.
@@ -318,7 +316,7 @@ impl CachedRegistry {
         self.upstream
             .try_acquire()
             .map_err(|_| RegistryError::Busy {
-                retry_after: BUSY_RETRY_AFTER,
+                retry_after: super::error::RETRY_SOON,
             })
     }
 

@@ -36,6 +36,12 @@ impl fmt::Display for Upstream {
     }
 }
 
+/// What a caller refused for want of room (a request slot, an upstream slot) is told to wait:
+/// long enough for work in flight to free some (cache hits take microseconds, ECR calls tens
+/// of milliseconds). The one such delay: admission's shedding and the cache's upstream limit
+/// both use it.
+pub const RETRY_SOON: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Why a registry call failed. Each variant is one way callers must react differently.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

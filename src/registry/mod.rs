@@ -84,7 +84,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use error::{RegistryError, Upstream};
+pub use error::{RETRY_SOON, RegistryError, Upstream};
 
 use crate::image::{Digest, ImageRef, Manifest, MediaType, RegistryId, RepositoryName, Tag};
 
