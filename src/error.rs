@@ -40,29 +40,7 @@ const MAX_FIELD_BYTES: usize = 128;
 /// The longest `grpc-message`: one HTTP/2 trailer, well under a kilobyte whatever the request.
 const MAX_MESSAGE_BYTES: usize = 900;
 
-/// `text`, cut to at most `max_bytes` bytes at a character boundary, with `…` where it was cut.
-pub fn truncated(text: &str, max_bytes: usize) -> String {
-    if text.len() <= max_bytes {
-        return text.to_owned();
-    }
-    let cut = (0..=max_bytes)
-        .rev()
-        .find(|&i| text.is_char_boundary(i))
-        .unwrap_or(0);
-    format!("{}…", &text[..cut])
-}
-
-/// `err: cause: cause`, because tonic's transport error alone says only "transport error".
-pub fn with_sources(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+pub use crate::text::{truncated, with_sources};
 
 /// One request field that failed validation, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]

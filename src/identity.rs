@@ -33,7 +33,7 @@ pub enum IdentitySource {
 }
 
 /// The identity of a connection's client certificate, worked out once per connection
-/// ([`crate::tls`]): the principal, or why there is none.
+/// (by the transport's TLS acceptor): the principal, or why there is none.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerIdentity(pub Result<Principal, &'static str>);
 

@@ -243,6 +243,27 @@ impl fmt::Display for ImageRef {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct MediaType(String);
 
+/// The digests an index lists, in order; none for any other manifest. Read, never rewritten:
+/// the backends check that an index's children exist, the API picks a platform's child.
+pub fn index_children(media_type: &str, manifest: &str) -> Vec<String> {
+    /// Only what this needs of an index.
+    #[derive(Deserialize)]
+    struct Index {
+        #[serde(default)]
+        manifests: Vec<Entry>,
+    }
+    #[derive(Deserialize)]
+    struct Entry {
+        digest: String,
+    }
+    if !media_types::is_index(media_type) {
+        return Vec::new();
+    }
+    serde_json::from_str::<Index>(manifest)
+        .map(|index| index.manifests.into_iter().map(|d| d.digest).collect())
+        .unwrap_or_default()
+}
+
 /// Media types ECR stores and returns (user guide, "Container image manifest format support").
 pub mod media_types {
     /// Docker image manifest, schema 2.

@@ -49,6 +49,7 @@ pub mod server;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;
+pub mod text;
 pub mod tls;
 pub mod validate;
 pub mod watch;

@@ -293,7 +293,7 @@ async fn child(
 /// (`ReferencedImagesNotFoundException`), on every backend: the children are read by digest at
 /// once, so the ECR backend batches them into one BatchGetImage of up to 100.
 pub async fn check_children(registry: &dyn Registry, input: &PutImageInput) -> Result<(), Error> {
-    let children = children(
+    let children = crate::image::index_children(
         input.manifest.media_type().as_str(),
         input.manifest.as_str(),
     );
@@ -337,16 +337,6 @@ pub async fn check_children(registry: &dyn Registry, input: &PutImageInput) -> R
             ..Upstream::default()
         },
     )))
-}
-
-/// The digests an index lists, in order; none for any other manifest.
-pub fn children(media_type: &str, manifest: &str) -> Vec<String> {
-    if !media_types::is_index(media_type) {
-        return Vec::new();
-    }
-    serde_json::from_str::<IndexView>(manifest)
-        .map(|index| index.manifests.into_iter().map(|d| d.digest).collect())
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use crate::image::RepositoryName;
 #[serde(rename_all = "lowercase")]
 pub enum Action {
     /// GetImage, ResolveImage, ListImages, DescribeImages, WatchTag, and RetagImage on its
-    /// source (the method table, `crate::methods`, says which RPC needs what).
+    /// source (the API's method table says which RPC needs what).
     Read,
     /// PutImage, and RetagImage on its targets.
     Write,

@@ -846,7 +846,7 @@ fn referenced_by_index(
     )?;
     for row in manifests {
         let (manifest, media_type) = row?;
-        if crate::platform::children(&media_type, &manifest)
+        if crate::image::index_children(&media_type, &manifest)
             .iter()
             .any(|child| child == digest)
         {
