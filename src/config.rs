@@ -74,8 +74,9 @@ pub struct ServeArgs {
     pub admin_listen: SocketAddr,
 
     /// Where callers' identities come from: none (everyone is `anonymous`), istio-xfcc (the
-    /// Istio sidecar's x-forwarded-client-cert) or linkerd (l5d-client-id). Only this source
-    /// is read; every other identity header is ignored.
+    /// Istio sidecar's x-forwarded-client-cert), linkerd (l5d-client-id) or mtls (the URI SAN
+    /// of the client certificate, with --tls-*). Only this source is read; every other
+    /// identity header is ignored.
     #[arg(long, env = "ECR_IMAGE_SERVICE_IDENTITY_SOURCE", value_enum, default_value_t = IdentitySource::None)]
     pub identity_source: IdentitySource,
 

@@ -3,24 +3,33 @@
 //! ecr-image-service: a gRPC facade over Amazon ECR.
 //!
 //! Clients call one protobuf-defined `ImageService` (`proto/imageservice/v1`) instead of each
-//! carrying the AWS SDK, credentials and retry logic. The data path reads top to bottom:
+//! carrying the AWS SDK, credentials and retry logic. The modules by layer, top to bottom; a
+//! layer uses the ones below it, never one above:
 //!
-//! - [`server`]: the listener, health, reflection, HTTP/2 limits, the SIGTERM drain;
-//! - [`connection`]: the connection cap, handshake timeout and accept back-off of both ports;
-//! - [`admission`]: bodies received in time and within a byte budget, then a request slot;
-//!   what finds none is shed with UNAVAILABLE;
-//! - [`service`]: one span per RPC; request -> [`validate`] -> [`registry`] -> response;
-//! - [`validate`]: proto requests into value types ([`image`]), every bad field reported;
-//! - [`registry`]: the seam; [`registry::cached`] keeps hot reads off ECR (caches, coalescing,
-//!   batching); [`registry::ecr`] implements it with `aws-sdk-ecr`, behind the rate budgets of
-//!   [`registry::budget`];
-//! - [`error`]: the error enum and its single mapping to a `tonic::Status`.
+//! - **transport**: [`server`] (the listener, health, reflection, HTTP/2 limits, the SIGTERM
+//!   drain; [`shutdown`] the signal), [`connection`] (connection cap, handshake timeout,
+//!   accept back-off), [`tls`] (the `mtls` acceptor, rotated without a restart), [`admission`]
+//!   (bodies in time and within a byte budget, a request slot, and the call's context, made
+//!   once), [`codec`] (prost's, with decode errors as field violations), [`admin`] (`/metrics`);
+//! - **api**: [`service`] (every RPC through one skeleton: caller -> [`validate`] ->
+//!   authorization -> registry -> response), [`methods`] (the method table: size limits,
+//!   actions, idempotency), [`error`] (the API's errors and their one mapping to a
+//!   `tonic::Status`), [`paging`] (signed page tokens), [`platform`] (an index's child for a
+//!   platform), [`retag`], [`watch`] (WatchTag's hub, pollers and streams), [`pb`] (the
+//!   generated code);
+//! - **access**: [`identity`] (the caller's principal from the one configured source),
+//!   [`authz`] (the per-repository policy);
+//! - **registry**: [`registry`] (the seam; [`registry::cached`] keeps hot reads off ECR,
+//!   [`registry::ecr`] calls it through `aws-sdk-ecr` behind its rate budgets,
+//!   [`registry::local`] is the embedded store);
+//! - **domain**: [`image`] (value types: names, tags, digests, manifests as exact bytes),
+//!   [`call`] (the call context: deadline, caller, registry), [`text`] (bounded messages).
 //!
-//! [`metrics`] counts for Prometheus and [`admin`] serves them on `/metrics`;
-//! [`codec`] is prost's codec with request decode errors reported as field violations;
-//! [`deadline`] carries the caller's deadline down the path; [`config`] parses flags and env
-//! twins; [`telemetry`] installs logging; [`pb`] holds the
-//! generated code.
+//! Beside them: [`fleet`] (replicas sharing budgets, tag moves and polls through Redis),
+//! [`app`] (the wiring: builds the stack and serves it), [`config`] (flags and env twins),
+//! [`cli`] and [`health_check`] (the client subcommands), [`telemetry`] (logs and traces),
+//! [`metrics`] (Prometheus), [`memory`] (memory given back after a herd), [`reload`] (the one
+//! file-reload loop).
 
 pub mod admin;
 pub mod admission;

@@ -194,6 +194,85 @@ mod tests {
         assert_eq!(proto, table);
     }
 
+    /// `rpc Name(Request) returns (Response)` lines of the first ```proto block of `text`:
+    /// (name, request, response, streaming).
+    fn documented_rpcs(text: &str) -> Vec<(String, String, String, bool)> {
+        let block = text
+            .split("```proto")
+            .nth(1)
+            .unwrap()
+            .split("```")
+            .next()
+            .unwrap();
+        block
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("rpc "))
+            .map(|l| {
+                let (name, rest) = l.split_once('(').unwrap();
+                let (request, rest) = rest.split_once(')').unwrap();
+                let response = rest.split('(').nth(1).unwrap().split(')').next().unwrap();
+                let streaming = response.starts_with("stream ");
+                let response = response.trim_start_matches("stream ");
+                (name.into(), request.into(), response.into(), streaming)
+            })
+            .collect()
+    }
+
+    fn with_commas(n: usize) -> String {
+        let digits = n.to_string();
+        let mut out = String::new();
+        for (i, c) in digits.chars().enumerate() {
+            if i > 0 && (digits.len() - i).is_multiple_of(3) {
+                out.push(',');
+            }
+            out.push(c);
+        }
+        out
+    }
+
+    /// The README's and docs/api.md's service blocks are the proto's service, and the limits
+    /// table of docs/api.md is this table: a method added, a limit or an action changed, and
+    /// the docs that say otherwise fail here.
+    #[test]
+    fn the_docs_hold_to_the_proto_and_the_table() {
+        let set = prost_types::FileDescriptorSet::decode(crate::pb::FILE_DESCRIPTOR_SET).unwrap();
+        let service = set
+            .file
+            .iter()
+            .flat_map(|f| &f.service)
+            .find(|s| s.name() == "ImageService")
+            .unwrap();
+        let short = |t: &str| t.rsplit('.').next().unwrap().to_owned();
+        let proto: Vec<(String, String, String, bool)> = service
+            .method
+            .iter()
+            .map(|m| {
+                let streaming = m.server_streaming();
+                (
+                    m.name().into(),
+                    short(m.input_type()),
+                    short(m.output_type()),
+                    streaming,
+                )
+            })
+            .collect();
+        let readme = include_str!("../README.md");
+        let api = include_str!("../docs/api.md");
+        assert_eq!(documented_rpcs(readme), proto, "README.md's service block");
+        assert_eq!(documented_rpcs(api), proto, "docs/api.md's service block");
+        for method in &METHODS {
+            let actions: Vec<&str> = method.actions.iter().map(|a| a.as_str()).collect();
+            let row = format!(
+                "| `{}` | {} bytes | {} | {} |",
+                method.name,
+                with_commas(method.request_limit),
+                actions.join(", "),
+                if method.idempotent { "yes" } else { "no" }
+            );
+            assert!(api.contains(&row), "docs/api.md lacks the row {row}");
+        }
+    }
+
     #[test]
     fn lookups_find_each_method() {
         for method in &METHODS {

@@ -29,7 +29,8 @@ use crate::registry::{
 /// buildx marks attestation manifests with this annotation key and value.
 const REFERENCE_TYPE: &str = "vnd.docker.reference.type";
 const ATTESTATION: &str = "attestation-manifest";
-/// The most children checked before an index is put: one BatchGetImage's worth.
+/// Children of an index are read in chunks of this many before it is put, one BatchGetImage's
+/// worth each (every child is checked; how many an index may list is not bounded yet).
 pub const MAX_CHECKED_CHILDREN: usize = 100;
 
 /// A platform, as an index descriptor or a request gives it.

@@ -3,7 +3,7 @@
 //! - [`client`]: the SDK client's configuration (retries, timeouts, endpoint, budgets);
 //! - [`budget`]: the per-operation rate budgets in front of every HTTP request;
 //! - [`retry`]: what the SDK must not retry;
-//! - [`operations`]: PutImage and BatchGetImage as SDK calls, answers verified;
+//! - [`operations`]: the five ECR operations as SDK calls, BatchGetImage's answers verified;
 //! - [`classify`]: ECR's errors and failure codes sorted into [`RegistryError`]s;
 //! - [`calls`]: counts of calls and attempts, by an SDK interceptor;
 //! - `batch`: concurrent reads of one repository sent as one BatchGetImage.

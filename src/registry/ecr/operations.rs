@@ -1,5 +1,6 @@
-//! The two ECR operations as SDK calls, each in its own span: PutImage, and BatchGetImage with
-//! its answers paired to the references asked for and verified against their digests.
+//! The ECR operations as SDK calls, each in its own span: PutImage, BatchGetImage (its answers
+//! paired to the references asked for and verified against their digests), BatchDeleteImage,
+//! ListImages and DescribeImages.
 
 use std::cell::Cell;
 use std::future::Future;
