@@ -168,17 +168,21 @@ mod tests {
     use super::*;
     use prost::Message as _;
 
+    /// The proto's ImageService, from the compiled descriptor set.
+    fn image_service() -> prost_types::ServiceDescriptorProto {
+        let set = prost_types::FileDescriptorSet::decode(crate::pb::FILE_DESCRIPTOR_SET).unwrap();
+        set.file
+            .into_iter()
+            .flat_map(|f| f.service)
+            .find(|s| s.name() == "ImageService")
+            .unwrap()
+    }
+
     /// The table and the proto name the same RPCs, in the same order, with the same request
     /// types and streaming.
     #[test]
     fn the_table_is_the_proto() {
-        let set = prost_types::FileDescriptorSet::decode(crate::pb::FILE_DESCRIPTOR_SET).unwrap();
-        let service = set
-            .file
-            .iter()
-            .flat_map(|f| &f.service)
-            .find(|s| s.name() == "ImageService")
-            .unwrap();
+        let service = image_service();
         let proto: Vec<(&str, &str, bool)> = service
             .method
             .iter()
@@ -235,13 +239,7 @@ mod tests {
     /// the docs that say otherwise fail here.
     #[test]
     fn the_docs_hold_to_the_proto_and_the_table() {
-        let set = prost_types::FileDescriptorSet::decode(crate::pb::FILE_DESCRIPTOR_SET).unwrap();
-        let service = set
-            .file
-            .iter()
-            .flat_map(|f| &f.service)
-            .find(|s| s.name() == "ImageService")
-            .unwrap();
+        let service = image_service();
         let short = |t: &str| t.rsplit('.').next().unwrap().to_owned();
         let proto: Vec<(String, String, String, bool)> = service
             .method
