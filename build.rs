@@ -22,7 +22,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .emit_rerun_if_changed(false)
         // Request decode errors become INVALID_ARGUMENT with the field (src/codec.rs).
-        .codec_path("crate::codec::Codec")
+        .codec_path("crate::transport::codec::Codec")
         .compile_fds(descriptors)?;
     Ok(())
 }

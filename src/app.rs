@@ -14,7 +14,7 @@ use crate::registry::cached::CachedRegistry;
 use crate::registry::ecr::budget::SharedSlots;
 use crate::registry::ecr::{self, EcrRegistry};
 use crate::registry::local::{LocalRegistry, OpenError};
-use crate::server::{self, ServeError};
+use crate::transport::server::{self, ServeError};
 
 /// Why the service could not start, or stopped on an error.
 #[derive(Debug, thiserror::Error)]

@@ -9,13 +9,13 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use humantime::Duration as Human;
 
-use crate::identity::IdentitySource;
-use crate::image::{RegistryId, RepositoryName};
+use crate::access::identity::IdentitySource;
+use crate::domain::image::{RegistryId, RepositoryName};
 use crate::registry::cached::{self, CacheSettings};
 use crate::registry::ecr::{EcrSettings, client as ecr};
 use crate::registry::local::{self, LocalSettings};
-use crate::server::{self, ServerSettings};
 use crate::telemetry::LogFormat;
+use crate::transport::server::{self, ServerSettings};
 
 /// Upper bound on `--batch-window`: a longer wait costs every cold read more than ECR's latency.
 const MAX_BATCH_WINDOW: Duration = Duration::from_millis(100);
@@ -105,15 +105,15 @@ pub struct ServeArgs {
     pub page_token_key_file: Option<std::path::PathBuf>,
 
     /// How often each watched repository is polled (one BatchGetImage per 100 watched tags).
-    #[arg(long, env = "ECR_IMAGE_SERVICE_WATCH_POLL_INTERVAL", default_value_t = Human::from(crate::watch::DEFAULT_POLL_INTERVAL))]
+    #[arg(long, env = "ECR_IMAGE_SERVICE_WATCH_POLL_INTERVAL", default_value_t = Human::from(crate::api::watch::DEFAULT_POLL_INTERVAL))]
     pub watch_poll_interval: Human,
 
     /// How often a quiet WatchTag stream gets a heartbeat.
-    #[arg(long, env = "ECR_IMAGE_SERVICE_WATCH_HEARTBEAT_INTERVAL", default_value_t = Human::from(crate::watch::DEFAULT_HEARTBEAT_INTERVAL))]
+    #[arg(long, env = "ECR_IMAGE_SERVICE_WATCH_HEARTBEAT_INTERVAL", default_value_t = Human::from(crate::api::watch::DEFAULT_HEARTBEAT_INTERVAL))]
     pub watch_heartbeat_interval: Human,
 
     /// WatchTag streams one replica holds; more get RESOURCE_EXHAUSTED.
-    #[arg(long, env = "ECR_IMAGE_SERVICE_MAX_WATCHES", default_value_t = crate::watch::DEFAULT_MAX_WATCHES)]
+    #[arg(long, env = "ECR_IMAGE_SERVICE_MAX_WATCHES", default_value_t = crate::api::watch::DEFAULT_MAX_WATCHES)]
     pub max_watches: usize,
 
     /// Redis shared by the replicas (`redis://HOST:PORT`, `rediss://` for TLS, `unix:///path`):
@@ -385,12 +385,12 @@ impl ServeArgs {
         if self.max_concurrent_requests == 0 {
             return Err(invalid("--max-concurrent-requests", "must be at least 1"));
         }
-        if self.max_request_bytes_in_flight < crate::methods::MAX_REQUEST_BYTES + 5 {
+        if self.max_request_bytes_in_flight < crate::api::methods::MAX_REQUEST_BYTES + 5 {
             return Err(invalid(
                 "--max-request-bytes-in-flight",
                 format!(
                     "must hold at least one largest request ({} bytes)",
-                    crate::methods::MAX_REQUEST_BYTES + 5
+                    crate::api::methods::MAX_REQUEST_BYTES + 5
                 ),
             ));
         }
@@ -428,7 +428,8 @@ impl ServeArgs {
             self.tls_cert.is_some() || self.tls_key.is_some() || self.tls_client_ca.is_some(),
         ) {
             (IdentitySource::Mtls, Some(files), _) => {
-                crate::tls::TlsFiles::load(files).map_err(|e| invalid("--tls-cert", e))?;
+                crate::transport::tls::TlsFiles::load(files)
+                    .map_err(|e| invalid("--tls-cert", e))?;
             }
             (IdentitySource::Mtls, None, _) => {
                 return Err(invalid(
@@ -446,11 +447,12 @@ impl ServeArgs {
         }
         self.redis_client()?;
         if let Some(path) = &self.page_token_key_file {
-            crate::paging::PageTokens::from_file(path)
+            crate::api::paging::PageTokens::from_file(path)
                 .map_err(|e| invalid("--page-token-key-file", e))?;
         }
         if let Some(path) = &self.authz_policy {
-            crate::authz::Authorizer::from_file(path).map_err(|e| invalid("--authz-policy", e))?;
+            crate::access::authz::Authorizer::from_file(path)
+                .map_err(|e| invalid("--authz-policy", e))?;
         }
         Ok(())
     }
@@ -492,7 +494,7 @@ impl ServeArgs {
             authz_policy: self.authz_policy.clone(),
             tls: self.tls_settings(),
             page_token_key: self.page_token_key_file.clone(),
-            watch: crate::watch::WatchSettings {
+            watch: crate::api::watch::WatchSettings {
                 poll_interval: *self.watch_poll_interval,
                 heartbeat_interval: *self.watch_heartbeat_interval,
                 max_watches: self.max_watches,
@@ -524,8 +526,8 @@ impl ServeArgs {
             .map_err(|e| invalid("--redis-url", e))
     }
 
-    fn tls_settings(&self) -> Option<crate::tls::TlsSettings> {
-        Some(crate::tls::TlsSettings {
+    fn tls_settings(&self) -> Option<crate::transport::tls::TlsSettings> {
+        Some(crate::transport::tls::TlsSettings {
             cert: self.tls_cert.clone()?,
             key: self.tls_key.clone()?,
             client_ca: self.tls_client_ca.clone()?,

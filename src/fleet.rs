@@ -27,12 +27,12 @@ use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::time::Instant;
 
-use crate::image::{Digest, RegistryId, RepositoryName, Tag};
+use crate::api::watch::{SharedPolls, Source, TagState, WatchHub};
+use crate::domain::image::{Digest, RegistryId, RepositoryName, Tag};
 use crate::metrics;
 use crate::registry::RepositoryKey;
 use crate::registry::cached::{TagBus, TagInvalidator};
 use crate::registry::ecr::budget::{SharedSlots, Slot};
-use crate::watch::{SharedPolls, Source, TagState, WatchHub};
 
 /// The pub/sub channel of tag moves.
 pub const TAG_CHANNEL: &str = "ecr-image-service:tag-moved";

@@ -56,7 +56,7 @@ pub async fn check(
         .timeout(timeout)
         .connect()
         .await
-        .map_err(|err| unreachable(crate::error::with_sources(&err)))?;
+        .map_err(|err| unreachable(crate::api::error::with_sources(&err)))?;
     let answer = HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: service.to_owned(),

@@ -31,34 +31,24 @@
 //! [`metrics`] (Prometheus), [`memory`] (memory given back after a herd), [`reload`] (the one
 //! file-reload loop).
 
-pub mod admin;
-pub mod admission;
+pub mod access;
+pub mod api;
 pub mod app;
-pub mod authz;
-pub mod call;
 pub mod cli;
-pub mod codec;
 pub mod config;
-pub mod connection;
-pub mod error;
+pub mod domain;
 pub mod fleet;
 pub mod health_check;
-pub mod identity;
-pub mod image;
 pub mod memory;
-pub mod methods;
 pub mod metrics;
-pub mod paging;
-pub mod pb;
-pub mod platform;
 pub mod registry;
 pub mod reload;
-pub mod retag;
-pub mod server;
-pub mod service;
-pub mod shutdown;
 pub mod telemetry;
-pub mod text;
-pub mod tls;
-pub mod validate;
-pub mod watch;
+pub mod transport;
+
+// Flat re-exports: one name per concern, as the modules were known before they were grouped
+// by layer (tests, benchmarks and the binary use these).
+pub use access::{authz, identity};
+pub use api::{error, methods, paging, pb, platform, retag, service, validate, watch};
+pub use domain::{call, image, text};
+pub use transport::{admin, admission, codec, connection, server, shutdown, tls};

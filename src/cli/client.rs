@@ -14,15 +14,15 @@ use tonic_types::StatusExt;
 
 use super::DEFAULT_ENDPOINT;
 use super::exit::{self, exit_code};
-use crate::image::Digest;
-use crate::pb;
-use crate::pb::image_service_client::ImageServiceClient;
+use crate::api::pb;
+use crate::api::pb::image_service_client::ImageServiceClient;
+use crate::domain::image::Digest;
 
 /// A call to the service, retries included, gets this long: a cold put is paced by ECR's rate.
 const DEFAULT_CALL_TIMEOUT: &str = "30s";
 /// Manifests are at most 4 MiB; a reply carries one plus its envelope, as a put does: the
 /// method table's largest request.
-const MAX_MESSAGE_BYTES: usize = crate::methods::MAX_REQUEST_BYTES;
+const MAX_MESSAGE_BYTES: usize = crate::api::methods::MAX_REQUEST_BYTES;
 /// The largest GetImage answer seen for a legal 4 MiB manifest (the manifest, its identifiers
 /// and the envelope): over gRPC clients' default 4 MiB receive limit.
 const RESPONSE_BYTES_NEEDED: usize = 4_194_424;
@@ -125,7 +125,7 @@ pub struct GetImageArgs {
 
 /// `--platform os/arch[/variant]`, as Docker takes it.
 fn parse_platform(text: &str) -> Result<pb::Platform, String> {
-    let platform = crate::platform::Platform::parse(text)?;
+    let platform = crate::api::platform::Platform::parse(text)?;
     Ok(pb::Platform {
         os: platform.os,
         architecture: platform.architecture,
@@ -551,7 +551,7 @@ impl CliError {
 
 /// `CODE (REASON): message`, then one line per offending field.
 fn describe_status(status: &tonic::Status) -> String {
-    let code = crate::error::code_name(status.code());
+    let code = crate::api::error::code_name(status.code());
     let reason = status
         .get_details_error_info()
         .map(|info| format!(" ({})", info.reason))
@@ -601,7 +601,7 @@ async fn connect(target: &Target) -> Result<ImageServiceClient<Channel>, CliErro
         .connect_timeout(target.timeout)
         .connect()
         .await
-        .map_err(|e| unreachable(crate::error::with_sources(&e)))?;
+        .map_err(|e| unreachable(crate::api::error::with_sources(&e)))?;
     Ok(ImageServiceClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
@@ -819,7 +819,7 @@ fn outcome_name(outcome: pb::PutImageOutcome) -> &'static str {
 fn code_named(name: &str) -> Code {
     (0..=16)
         .map(Code::from_i32)
-        .find(|code| crate::error::code_name(*code) == name)
+        .find(|code| crate::api::error::code_name(*code) == name)
         .unwrap_or(Code::Unknown)
 }
 

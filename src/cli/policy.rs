@@ -6,9 +6,9 @@ use std::process::ExitCode;
 use clap::{Args, Subcommand};
 
 use super::exit;
-use crate::authz::{Action, Decision, Policy};
-use crate::identity::Principal;
-use crate::image::RepositoryName;
+use crate::access::authz::{Action, Decision, Policy};
+use crate::access::identity::Principal;
+use crate::domain::image::RepositoryName;
 
 /// `ecr-image-service policy …`.
 #[derive(Debug, Subcommand)]

@@ -33,7 +33,7 @@ use super::{
     GetImageInput, ListInput, ListPage, PutImageInput, PutOutcome, Registry, RegistryError,
     RepositoryKey, SharedRegistry, StoredImage,
 };
-use crate::image::{Digest, ImageRef, MediaType, Tag, media_types};
+use crate::domain::image::{Digest, ImageRef, MediaType, Tag, media_types};
 
 /// What a cached image costs beyond its manifest bytes: moka's entry bookkeeping, the key, the
 /// [`StoredImage`] fields and the allocator's share. Measured by the benchmark's memory phase
@@ -520,7 +520,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
-    use crate::image::{Manifest, RepositoryName};
+    use crate::domain::image::{Manifest, RepositoryName};
     use crate::registry::{BoxFuture, PutImageInput, Upstream};
 
     /// An in-memory registry that counts its calls and can be told to fail.
@@ -922,7 +922,7 @@ mod tests {
         assert_eq!(memory.reads(), 1);
         let mut narrowed = by_tag("v1", None);
         narrowed.accepted_media_types =
-            vec![MediaType::parse(crate::image::media_types::DOCKER_MANIFEST_V2).unwrap()];
+            vec![MediaType::parse(crate::domain::image::media_types::DOCKER_MANIFEST_V2).unwrap()];
         assert_eq!(
             cache.get_image(narrowed).await.unwrap().cache,
             CacheStatus::Miss

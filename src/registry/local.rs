@@ -22,7 +22,7 @@ use super::{
     DescribePage, Fetched, GetImageInput, ImageDetail, ListInput, ListPage, PutImageInput,
     PutOutcome, Registry, RegistryError, StoredImage, TagStatus, Upstream,
 };
-use crate::image::{Digest, ImageRef, RegistryId, RepositoryName, Tag, media_types};
+use crate::domain::image::{Digest, ImageRef, RegistryId, RepositoryName, Tag, media_types};
 
 /// The registry ID the embedded store answers as: a placeholder account, 12 digits like ECR's.
 pub const DEFAULT_REGISTRY_ID: &str = "000000000000";
@@ -846,7 +846,7 @@ fn referenced_by_index(
     )?;
     for row in manifests {
         let (manifest, media_type) = row?;
-        if crate::image::index_children(&media_type, &manifest)
+        if crate::domain::image::index_children(&media_type, &manifest)
             .iter()
             .any(|child| child == digest)
         {
@@ -946,8 +946,8 @@ mod tests {
                     .put(PutImageInput {
                         registry_id: None,
                         repository: RepositoryName::parse("damaged").unwrap(),
-                        manifest: crate::image::Manifest::parse(text, None).unwrap(),
-                        tag: Some(crate::image::Tag::parse(&format!("t{n}")).unwrap()),
+                        manifest: crate::domain::image::Manifest::parse(text, None).unwrap(),
+                        tag: Some(crate::domain::image::Tag::parse(&format!("t{n}")).unwrap()),
                     })
                     .await
                     .unwrap();

@@ -86,7 +86,9 @@ use std::time::Duration;
 
 pub use error::{RETRY_SOON, RegistryError, Upstream};
 
-use crate::image::{Digest, ImageRef, Manifest, MediaType, RegistryId, RepositoryName, Tag};
+use crate::domain::image::{
+    Digest, ImageRef, Manifest, MediaType, RegistryId, RepositoryName, Tag,
+};
 
 /// A registry call in flight: boxed, so that [`Registry`] can be a trait object.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -20,8 +20,8 @@ use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::oneshot;
 use tracing::{Instrument, Span};
 
-use crate::call::{self, CallContext};
-use crate::image::{ImageRef, MediaType};
+use crate::domain::call::{self, CallContext};
+use crate::domain::image::{ImageRef, MediaType};
 use crate::registry::{RegistryError, RepositoryKey, StoredImage, Upstream};
 
 /// ECR's limit on image ids per `BatchGetImage` (model shape `ImageIdentifierList`).
@@ -264,7 +264,7 @@ mod tests {
     //! of each call. (The real BatchGetImage is exercised through the server in `tests/`.)
 
     use super::*;
-    use crate::image::{RepositoryName, Tag};
+    use crate::domain::image::{RepositoryName, Tag};
 
     /// Tags `t0`..`t149` exist; each call takes 50 ms, so misses queue behind it.
     #[derive(Default)]
@@ -292,7 +292,7 @@ mod tests {
                     Ok(StoredImage {
                         registry_id: "123456789012".into(),
                         repository: RepositoryName::parse("repo").unwrap(),
-                        digest: crate::image::Digest::of(manifest.as_bytes()),
+                        digest: crate::domain::image::Digest::of(manifest.as_bytes()),
                         tag: r.tag().cloned(),
                         manifest: manifest.into(),
                         media_type: String::new(),

@@ -26,7 +26,7 @@ use futures_util::future::BoxFuture;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::call;
+use crate::domain::call;
 use crate::metrics;
 
 /// Requests are paced this fraction under the configured rate. Sends at exactly the rate can
@@ -561,7 +561,7 @@ impl HttpConnector for BudgetedConnector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::call::{CallContext, Principal};
+    use crate::domain::call::{CallContext, Principal};
 
     /// Slots are spaced at the paced rate (never early; late only by the timer's millisecond
     /// granularity, which accumulates per slot), and a slot past the deadline is refused at

@@ -8,8 +8,8 @@ use aws_sdk_ecr::operation::RequestId;
 use aws_sdk_ecr::types::{ImageFailure, ImageFailureCode};
 
 use super::budget::BudgetExhausted;
+use crate::domain::text::{truncated, with_sources};
 use crate::registry::{RegistryError, Upstream};
-use crate::text::{truncated, with_sources};
 
 /// The error a BatchGetImage `failures[]` entry stands for.
 pub fn failure_error(failure: ImageFailure, request_id: Option<String>) -> RegistryError {

@@ -34,7 +34,7 @@ use super::{
     Fetched, GetImageInput, ListInput, ListPage, PutImageInput, PutOutcome, Registry,
     RegistryError, StoredImage, Upstream,
 };
-use crate::image::ImageRef;
+use crate::domain::image::ImageRef;
 
 /// ECR takes at most 100 ids per BatchDeleteImage (`ImageIdentifierList`).
 const MAX_IDS_PER_CALL: usize = 100;

@@ -22,8 +22,8 @@ use tracing::{Instrument, Span, debug_span};
 use super::batch::{BatchGet, BatchInput};
 use super::calls::UpstreamCalls;
 use super::classify::{classify, failure_error, is_already_exists, upstream_of};
-use crate::call;
-use crate::image::{Digest, ImageRef, Manifest, Tag, media_types};
+use crate::domain::call;
+use crate::domain::image::{Digest, ImageRef, Manifest, Tag, media_types};
 use crate::registry::{
     DeleteFailure, DeleteOutcome, Deleted, DescribeInput, DescribePage, ImageDetail, ListInput,
     ListPage, PutImageInput, RegistryError, RepositoryKey, StoredImage,

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::image::RegistryId;
+use crate::domain::image::RegistryId;
 
 /// Time kept back from the caller's deadline to send our answer before it gives up: tonic
 /// cancels a request at its `grpc-timeout` with a bare CANCELLED, so ending our work this much

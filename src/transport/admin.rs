@@ -13,7 +13,7 @@ use hyper_util::service::TowerToHyperService;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::registry::Registry;
 
-use crate::connection::Listener;
+use crate::transport::connection::Listener;
 
 /// OpenMetrics text, which Prometheus negotiates and parses.
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";

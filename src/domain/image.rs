@@ -516,9 +516,9 @@ mod tests {
     use super::*;
 
     /// The seed manifest as ECR returned it, and the same document as printed in the docs.
-    const SEED: &str = include_str!("../tests/fixtures/hello-world.manifest.json");
+    const SEED: &str = include_str!("../../tests/fixtures/hello-world.manifest.json");
     const SEED_DOC_FORM: &str =
-        include_str!("../tests/fixtures/hello-world.manifest.doc-form.json");
+        include_str!("../../tests/fixtures/hello-world.manifest.doc-form.json");
 
     /// ECR's digest is the SHA-256 of the exact bytes: the same document, formatted differently,
     /// is a different image.

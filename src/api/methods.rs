@@ -7,8 +7,8 @@
 //! generated router dispatches by path; a method missing from the table is a compile error in
 //! `service.rs`, which looks its entry up by name).
 
-use crate::authz::Action;
-use crate::image::MAX_MANIFEST_BYTES;
+use crate::access::authz::Action;
+use crate::domain::image::MAX_MANIFEST_BYTES;
 
 /// The largest PutImage: a manifest at ECR's 4 MiB limit plus room for the other fields.
 /// tonic's default (4 MiB for the whole message) would refuse a legal manifest before
@@ -170,7 +170,8 @@ mod tests {
 
     /// The proto's ImageService, from the compiled descriptor set.
     fn image_service() -> prost_types::ServiceDescriptorProto {
-        let set = prost_types::FileDescriptorSet::decode(crate::pb::FILE_DESCRIPTOR_SET).unwrap();
+        let set =
+            prost_types::FileDescriptorSet::decode(crate::api::pb::FILE_DESCRIPTOR_SET).unwrap();
         set.file
             .into_iter()
             .flat_map(|f| f.service)
@@ -254,8 +255,8 @@ mod tests {
                 )
             })
             .collect();
-        let readme = include_str!("../README.md");
-        let api = include_str!("../docs/api.md");
+        let readme = include_str!("../../README.md");
+        let api = include_str!("../../docs/api.md");
         assert_eq!(documented_rpcs(readme), proto, "README.md's service block");
         assert_eq!(documented_rpcs(api), proto, "docs/api.md's service block");
         for method in &METHODS {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
-use crate::authz::Action;
+use crate::access::authz::Action;
 use crate::registry::{RegistryError, Upstream};
 
 /// `ErrorInfo.domain` for every error this service returns.
@@ -40,7 +40,7 @@ const MAX_FIELD_BYTES: usize = 128;
 /// The longest `grpc-message`: one HTTP/2 trailer, well under a kilobyte whatever the request.
 const MAX_MESSAGE_BYTES: usize = 900;
 
-pub use crate::text::{truncated, with_sources};
+pub use crate::domain::text::{truncated, with_sources};
 
 /// One request field that failed validation, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,8 +62,8 @@ impl Violation {
     }
 }
 
-impl From<crate::authz::Denied> for Error {
-    fn from(denied: crate::authz::Denied) -> Self {
+impl From<crate::access::authz::Denied> for Error {
+    fn from(denied: crate::access::authz::Denied) -> Self {
         Self::AccessDenied {
             action: denied.action,
             repository: denied.repository,
@@ -789,10 +789,10 @@ mod tests {
             "the mapping table covers every reason"
         );
         for (name, text) in [
-            ("README.md", include_str!("../README.md")),
+            ("README.md", include_str!("../../README.md")),
             (
                 "the proto comment",
-                include_str!("../proto/imageservice/v1/image_service.proto"),
+                include_str!("../../proto/imageservice/v1/image_service.proto"),
             ),
         ] {
             let rows = documented_rows(text);

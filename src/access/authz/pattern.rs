@@ -3,8 +3,8 @@
 //! nothing crosses a segment boundary by accident: `team-a/*` never matches `team-admin/x` or
 //! `team-a/x/y`.
 
-use crate::identity::{self, Principal};
-use crate::image::RepositoryName;
+use crate::access::identity::{self, Principal};
+use crate::domain::image::RepositoryName;
 
 /// One segment of a pattern.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -20,8 +20,8 @@ use std::fmt;
 
 use serde::Deserialize;
 
-use crate::error::Error;
-use crate::image::{Digest, ImageRef, media_types};
+use crate::api::error::Error;
+use crate::domain::image::{Digest, ImageRef, media_types};
 use crate::registry::{
     Fetched, GetImageInput, PutImageInput, Registry, RegistryError, StoredImage, Upstream,
 };
@@ -294,7 +294,7 @@ async fn child(
 /// (`ReferencedImagesNotFoundException`), on every backend: the children are read by digest at
 /// once, so the ECR backend batches them into one BatchGetImage of up to 100.
 pub async fn check_children(registry: &dyn Registry, input: &PutImageInput) -> Result<(), Error> {
-    let children = crate::image::index_children(
+    let children = crate::domain::image::index_children(
         input.manifest.media_type().as_str(),
         input.manifest.as_str(),
     );
@@ -327,7 +327,7 @@ pub async fn check_children(registry: &dyn Registry, input: &PutImageInput) -> R
     Err(Error::Registry(RegistryError::ReferencedImagesNotFound(
         Upstream {
             code: Some("ReferencedImagesNotFoundException".to_owned()),
-            message: crate::error::truncated(
+            message: crate::api::error::truncated(
                 &format!(
                     "the index refers to images not in repository '{}': {}",
                     input.repository,

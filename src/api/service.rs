@@ -9,21 +9,22 @@ use tonic::{Request, Response, Status};
 use tracing::field::{Empty, debug as debug_value};
 use tracing::{Instrument, Span, debug, debug_span, info, warn};
 
-use crate::authz::Authorizer;
-use crate::call::{CallContext, NoIdentity, Principal};
-use crate::error::{self, Error};
-use crate::identity::IdentitySource;
-use crate::image::{Digest, RegistryId, RepositoryName, Tag};
-use crate::methods::{self, Method};
-use crate::paging::PageTokens;
-use crate::pb;
+use crate::access::authz::Authorizer;
+use crate::access::identity::IdentitySource;
+use crate::api::error::{self, Error};
+use crate::api::methods::{self, Method};
+use crate::api::paging::PageTokens;
+use crate::api::pb;
+use crate::api::watch::WatchHub;
+use crate::api::{retag, validate};
+use crate::domain::call::{CallContext, NoIdentity, Principal};
+use crate::domain::image::{Digest, RegistryId, RepositoryName, Tag};
+use crate::metrics;
 use crate::registry::{
     CacheStatus, DeleteImagesInput, GetImageInput, ListInput, PutImageInput, PutOutcome,
     RepositoryKey, SharedRegistry, StoredImage,
 };
 use crate::telemetry::TraceParent;
-use crate::watch::WatchHub;
-use crate::{metrics, retag, validate};
 
 /// The gRPC service over a registry stack.
 pub struct ImageService {
@@ -99,10 +100,10 @@ impl ImageService {
     async fn read(
         &self,
         input: crate::registry::GetImageInput,
-        platform: Option<crate::platform::Platform>,
+        platform: Option<crate::api::platform::Platform>,
     ) -> Result<Read, Error> {
         let selected = match platform {
-            None => crate::platform::Selected {
+            None => crate::api::platform::Selected {
                 image: self.registry.get_image(input).await?,
                 index: None,
                 platform: None,
@@ -110,7 +111,7 @@ impl ImageService {
             Some(platform) => {
                 let fetched = self.registry.get_image(input.clone()).await?;
                 // Boxed: the index walk's state would otherwise sit in every read's future.
-                Box::pin(crate::platform::select(
+                Box::pin(crate::api::platform::select(
                     &*self.registry,
                     &input,
                     fetched,
@@ -284,7 +285,7 @@ impl pb::image_service_server::ImageService for ImageService {
             describe,
             validate::put_image,
             |input| async move {
-                crate::platform::check_children(&*self.registry, &input).await?;
+                crate::api::platform::check_children(&*self.registry, &input).await?;
                 let repository = input.repository_key();
                 Span::current().record("digest", input.manifest.digest().as_str());
                 let (image, outcome) = self.registry.put_image(input).await?;
@@ -522,7 +523,7 @@ impl pb::image_service_server::ImageService for ImageService {
         .await
     }
 
-    type WatchTagStream = crate::watch::WatchStream;
+    type WatchTagStream = crate::api::watch::WatchStream;
 
     async fn watch_tag(
         &self,
@@ -541,7 +542,7 @@ impl pb::image_service_server::ImageService for ImageService {
                     .await
                     .ok_or(Error::TooManyWatches)?;
                 let heartbeat = self.hub.settings().heartbeat_interval;
-                Ok(crate::watch::stream(watch, tag, last_known, heartbeat))
+                Ok(crate::api::watch::stream(watch, tag, last_known, heartbeat))
             },
         )
         .await
@@ -553,7 +554,7 @@ impl pb::image_service_server::ImageService for ImageService {
 fn listing_fingerprint(
     operation: &str,
     listing: &crate::registry::ListInput,
-    ids: &[crate::image::ImageRef],
+    ids: &[crate::domain::image::ImageRef],
 ) -> [u8; 32] {
     let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
     PageTokens::fingerprint(&[
@@ -576,7 +577,7 @@ fn id_of(id: crate::registry::Deleted) -> pb::ImageIdentifier {
 
 /// The response fields that say which index a platform's child came from.
 fn index_fields(
-    selected: &crate::platform::Selected,
+    selected: &crate::api::platform::Selected,
 ) -> (Option<pb::ImageIdentifier>, Option<pb::Platform>, bool) {
     let index = selected.index.as_ref().map(|index| pb::ImageIdentifier {
         image_digest: index.digest.to_string(),
@@ -738,7 +739,7 @@ impl Rpc {
 
 /// Runs one request in its span, under the caller's deadline, and answers: successes logged at
 /// DEBUG, failures by [`Rpc::log_failure`], and errors turned into statuses through the one
-/// mapping in [`crate::error`].
+/// mapping in [`crate::api::error`].
 ///
 /// At the deadline the work is dropped (and with it any ECR call only it was waiting for) and
 /// the caller gets DEADLINE_EXCEEDED.

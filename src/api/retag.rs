@@ -4,10 +4,10 @@
 //! ECR's PutImage takes one tag, and the rate budget paces the puts. One immutable-tag conflict
 //! is that target's failure, not the call's, so the caller learns the fate of every tag.
 
-use crate::error::{Error, Reason, Violation};
-use crate::image::{Manifest, MediaType, Tag};
+use crate::api::error::{Error, Reason, Violation};
+use crate::api::validate::RetagInput;
+use crate::domain::image::{Manifest, MediaType, Tag};
 use crate::registry::{PutImageInput, PutOutcome, Registry, StoredImage};
-use crate::validate::RetagInput;
 
 /// What a retag did: the source as read, and each target's result in the order asked.
 #[derive(Debug)]

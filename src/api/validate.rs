@@ -4,11 +4,11 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use crate::error::{Error, MAX_VIOLATIONS, Reason, Violation};
-use crate::image::{
+use crate::api::error::{Error, MAX_VIOLATIONS, Reason, Violation};
+use crate::api::pb;
+use crate::domain::image::{
     Digest, ImageRef, Invalid, Manifest, ManifestError, MediaType, RegistryId, RepositoryName, Tag,
 };
-use crate::pb;
 use crate::registry::{
     DeleteImagesInput, DescribeInput, GetImageInput, ListInput, PutImageInput, TagStatus,
 };
@@ -248,7 +248,7 @@ const MAX_PLATFORM_FIELD: usize = 64;
 /// short and of `[a-zA-Z0-9._-]`, no wildcard.
 pub fn platform(
     platform: Option<&pb::Platform>,
-) -> Result<Option<crate::platform::Platform>, Error> {
+) -> Result<Option<crate::api::platform::Platform>, Error> {
     let Some(asked) = platform else {
         return Ok(None);
     };
@@ -293,7 +293,7 @@ pub fn platform(
     if !check.violations.is_empty() {
         return Err(check.into_error());
     }
-    Ok(Some(crate::platform::Platform {
+    Ok(Some(crate::api::platform::Platform {
         os: asked.os.clone(),
         architecture: asked.architecture.clone(),
         variant: asked.variant.clone(),
@@ -517,7 +517,7 @@ fn image_read(request: ImageRead<'_>) -> Result<GetImageInput, Error> {
 mod tests {
     use super::*;
 
-    const SEED: &str = include_str!("../tests/fixtures/hello-world.manifest.json");
+    const SEED: &str = include_str!("../../tests/fixtures/hello-world.manifest.json");
 
     fn fields(err: Error) -> (Reason, Vec<String>) {
         match err {
@@ -593,7 +593,7 @@ mod properties {
 
     use super::*;
 
-    const SEED: &str = include_str!("../tests/fixtures/hello-world.manifest.json");
+    const SEED: &str = include_str!("../../tests/fixtures/hello-world.manifest.json");
     const PUT_FIELDS: &[&str] = &[
         "registry_id",
         "repository_name",
@@ -630,7 +630,7 @@ mod properties {
             any::<String>(),
             "[a-z]{1,12}/[a-z0-9.+-]{1,40}",
             Just(String::new()),
-            Just(crate::image::media_types::DOCKER_MANIFEST_V2.to_owned()),
+            Just(crate::domain::image::media_types::DOCKER_MANIFEST_V2.to_owned()),
         ]
     }
 

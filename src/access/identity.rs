@@ -9,7 +9,7 @@
 use clap::ValueEnum;
 use http::HeaderMap;
 
-pub use crate::call::{ANONYMOUS, NoIdentity, Principal};
+pub use crate::domain::call::{ANONYMOUS, NoIdentity, Principal};
 /// Istio's (Envoy's) header: one element per proxy, the last one written by our own sidecar.
 const XFCC: &str = "x-forwarded-client-cert";
 /// Linkerd's header: the meshed client's identity, set (or stripped) by the inbound proxy.

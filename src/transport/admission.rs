@@ -32,9 +32,9 @@ use tonic::Status;
 use tonic::body::Body;
 use tonic::server::NamedService;
 
-use crate::call::{CallContext, RESPONSE_MARGIN};
-use crate::error::{Error, Reason, Violation};
-use crate::identity::IdentitySource;
+use crate::access::identity::IdentitySource;
+use crate::api::error::{Error, Reason, Violation};
+use crate::domain::call::{CallContext, RESPONSE_MARGIN};
 
 /// The length of gRPC's message prefix: a compression flag and a 4-byte length.
 const GRPC_PREFIX_BYTES: usize = 5;
@@ -111,7 +111,7 @@ where
             let (mut parts, body) = request.into_parts();
             let deadline = deadline_of(&parts.headers, arrived, limits.default_deadline);
             // The method table's limit: an oversized message is refused on its length prefix.
-            let largest = crate::methods::request_limit(parts.uri.path());
+            let largest = crate::api::methods::request_limit(parts.uri.path());
             let deadlines = (arrived + limits.body_timeout, deadline);
             let received = receive(body, &bytes, &limits, largest, deadlines);
             let (body, charged) = match received.await {
@@ -125,7 +125,7 @@ where
             // The call's context, made once: the service and every layer below read this.
             let peer = parts
                 .extensions
-                .get::<crate::tls::TlsConnectInfo>()
+                .get::<crate::transport::tls::TlsConnectInfo>()
                 .map(|info| &info.peer);
             let caller = limits.identity_source.principal(&parts.headers, peer);
             parts.extensions.insert(CallContext::new(deadline, caller));

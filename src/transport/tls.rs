@@ -29,8 +29,8 @@ use tokio_rustls::server::TlsStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use x509_parser::extensions::GeneralName;
 
-use crate::connection::{Connection, Listener};
-use crate::identity::{self, PeerIdentity, Principal};
+use crate::access::identity::{self, PeerIdentity, Principal};
+use crate::transport::connection::{Connection, Listener};
 
 /// Handshakes finished but not yet taken by the server: a small buffer, the server takes them
 /// as fast as they come.
@@ -244,4 +244,4 @@ impl AsyncRead for TlsConnection {
     }
 }
 
-crate::connection::write_through_stream!(TlsConnection);
+crate::transport::connection::write_through_stream!(TlsConnection);

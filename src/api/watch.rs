@@ -22,8 +22,8 @@ use futures_util::future::BoxFuture;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::call::CallContext;
-use crate::image::{Digest, ImageRef, Tag};
+use crate::domain::call::CallContext;
+use crate::domain::image::{Digest, ImageRef, Tag};
 use crate::registry::{GetImageInput, RegistryError, RepositoryKey, SharedRegistry};
 
 /// How often a repository's watched tags are polled: ECR is asked once per repository per
@@ -412,7 +412,10 @@ fn jittered(interval: Duration) -> Duration {
 
 /// What a WatchTag stream yields.
 pub type WatchStream = std::pin::Pin<
-    Box<dyn futures_util::Stream<Item = Result<crate::pb::WatchTagResponse, tonic::Status>> + Send>,
+    Box<
+        dyn futures_util::Stream<Item = Result<crate::api::pb::WatchTagResponse, tonic::Status>>
+            + Send,
+    >,
 >;
 
 /// A watcher's position in its stream.
@@ -463,7 +466,7 @@ pub fn stream(
 
 impl Watching {
     /// The next message to send.
-    async fn next(&mut self) -> Result<crate::pb::WatchTagResponse, crate::error::Error> {
+    async fn next(&mut self) -> Result<crate::api::pb::WatchTagResponse, crate::api::error::Error> {
         if self.first {
             self.first = false;
             let state = self.watch.states.borrow_and_update().clone();
@@ -481,7 +484,7 @@ impl Watching {
             tokio::select! {
                 changed = self.watch.states.changed() => {
                     if changed.is_err() {
-                        return Err(crate::error::Error::WatchEnded { why: "the watch was dropped" });
+                        return Err(crate::api::error::Error::WatchEnded { why: "the watch was dropped" });
                     }
                     let state = self.watch.states.borrow_and_update().clone();
                     if let Some(state) = state
@@ -498,12 +501,12 @@ impl Watching {
                     }
                 }
                 () = tokio::time::sleep_until(self.ends_at) => {
-                    return Err(crate::error::Error::WatchEnded {
+                    return Err(crate::api::error::Error::WatchEnded {
                         why: "the stream reached its age limit",
                     });
                 }
                 _ = self.watch.closing.wait_for(|closing| *closing) => {
-                    return Err(crate::error::Error::WatchEnded {
+                    return Err(crate::api::error::Error::WatchEnded {
                         why: "the server is shutting down",
                     });
                 }
@@ -522,8 +525,8 @@ fn timestamp(at: SystemTime) -> prost_types::Timestamp {
     }
 }
 
-fn state_message(tag: &Tag, state: &TagState) -> crate::pb::WatchTagResponse {
-    use crate::pb;
+fn state_message(tag: &Tag, state: &TagState) -> crate::api::pb::WatchTagResponse {
+    use crate::api::pb;
     pb::WatchTagResponse {
         event: Some(pb::watch_tag_response::Event::State(pb::TagState {
             image_id: Some(pb::ImageIdentifier {
@@ -546,8 +549,8 @@ fn state_message(tag: &Tag, state: &TagState) -> crate::pb::WatchTagResponse {
     }
 }
 
-fn beat(state: &TagState) -> crate::pb::WatchTagResponse {
-    use crate::pb;
+fn beat(state: &TagState) -> crate::api::pb::WatchTagResponse {
+    use crate::api::pb;
     pb::WatchTagResponse {
         event: Some(pb::watch_tag_response::Event::Heartbeat(pb::Heartbeat {
             checked_at: Some(timestamp(state.checked_at)),

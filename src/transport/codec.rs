@@ -11,7 +11,7 @@ use tonic::Status;
 use tonic::codec::{BufferSettings, DecodeBuf};
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
-use crate::error::{Error, Reason, Violation};
+use crate::api::error::{Error, Reason, Violation};
 
 /// The message type's own name (`GetImageRequest`), without its module path.
 fn message_name<U>() -> &'static str {
@@ -21,7 +21,7 @@ fn message_name<U>() -> &'static str {
 
 /// The size limit of request type `U`, from the method table; `None` for a response.
 fn size_limit<U>() -> Option<usize> {
-    crate::methods::by_request(message_name::<U>()).map(|m| m.request_limit)
+    crate::api::methods::by_request(message_name::<U>()).map(|m| m.request_limit)
 }
 
 /// [`ProstCodec`] with request decode errors mapped to field violations.

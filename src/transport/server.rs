@@ -14,18 +14,19 @@ use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
-use crate::admission::{Admission, AdmissionLimits};
-use crate::authz::Authorizer;
-use crate::connection::{ConnectionLimits, Listener};
-use crate::identity::IdentitySource;
-use crate::methods::MAX_REQUEST_BYTES;
-use crate::paging::PageTokens;
-use crate::pb::image_service_server::ImageServiceServer;
+use crate::access::authz::Authorizer;
+use crate::access::identity::IdentitySource;
+use crate::api::methods::MAX_REQUEST_BYTES;
+use crate::api::paging::PageTokens;
+use crate::api::pb::image_service_server::ImageServiceServer;
+use crate::api::service::ImageService;
+use crate::api::watch::{SharedPolls, WatchHub, WatchSettings};
+use crate::metrics;
 use crate::registry::SharedRegistry;
-use crate::service::ImageService;
-use crate::tls::{self, TlsFiles, TlsSettings};
-use crate::watch::{SharedPolls, WatchHub, WatchSettings};
-use crate::{admin, metrics};
+use crate::transport::admin;
+use crate::transport::admission::{Admission, AdmissionLimits};
+use crate::transport::connection::{ConnectionLimits, Listener};
+use crate::transport::tls::{self, TlsFiles, TlsSettings};
 
 /// gRPC's conventional port, on every interface: in a pod, the kubelet's probes and the mesh
 /// sidecar reach the server through the pod IP, not loopback.
@@ -296,7 +297,7 @@ fn reflection(
     }
     let builder = || {
         tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(crate::api::pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
     Ok((

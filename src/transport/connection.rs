@@ -181,7 +181,7 @@ impl AsyncRead for Connection {
 }
 
 /// `impl AsyncWrite for $type` by its `stream` field: the wrappers of this module and of
-/// [`crate::tls`] watch reads only.
+/// [`crate::transport::tls`] watch reads only.
 macro_rules! write_through_stream {
     ($type:ty) => {
         impl tokio::io::AsyncWrite for $type {

@@ -15,8 +15,8 @@ use std::fmt;
 use serde::Deserialize;
 
 use super::pattern::Pattern;
-use crate::identity::Principal;
-use crate::image::RepositoryName;
+use crate::access::identity::Principal;
+use crate::domain::image::RepositoryName;
 
 /// What a caller does to a repository.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, clap::ValueEnum)]
@@ -171,7 +171,7 @@ impl Policy {
 mod tests {
     use super::*;
 
-    const EXAMPLE: &str = include_str!("../../tests/fixtures/policy/example.yaml");
+    const EXAMPLE: &str = include_str!("../../../tests/fixtures/policy/example.yaml");
 
     fn decide(principal: &str, action: Action, repository: &str) -> Decision {
         Policy::parse(EXAMPLE).unwrap().decide(

@@ -4,7 +4,7 @@ use tracing::info;
 
 /// Completes on SIGTERM (Kubernetes asks a pod to stop) or SIGINT (Ctrl-C). The server then
 /// drains: health turns NOT_SERVING, and traffic still routed here during the endpoint update
-/// is served (see [`crate::server::serve`]).
+/// is served (see [`crate::transport::server::serve`]).
 pub async fn signal() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]

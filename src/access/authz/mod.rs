@@ -2,7 +2,7 @@
 //!
 //! The facade holds an IAM role that may write every repository it serves; without a policy it
 //! would act for any caller that reaches it (a confused deputy). With `--authz-policy`, each
-//! request is checked after validation, against the caller's principal ([`crate::identity`]),
+//! request is checked after validation, against the caller's principal ([`crate::access::identity`]),
 //! the action and the validated repository name. A policy only allows: what no rule allows is
 //! denied, with PERMISSION_DENIED + `ACCESS_DENIED`, and the answer never reveals the policy.
 //!
@@ -22,8 +22,8 @@ use tracing::{debug, info, warn};
 
 pub use policy::{Action, Decision, Policy};
 
-use crate::identity::Principal;
-use crate::image::RepositoryName;
+use crate::access::identity::Principal;
+use crate::domain::image::RepositoryName;
 use crate::metrics;
 
 pub use crate::reload::RELOAD_INTERVAL;
