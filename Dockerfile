@@ -18,9 +18,11 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto proto
 RUN mkdir -p src benches \
- && echo 'fn main() {}' > src/main.rs && touch src/lib.rs && echo 'fn main() {}' > benches/image_service.rs \
+ && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
+ && for b in image_service hostile fleet h2load; do echo 'fn main() {}' > benches/$b.rs; done \
  && cargo build --release --locked --bin ecr-image-service || true
 COPY src src
+COPY benches benches
 RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin ecr-image-service
 
 FROM gcr.io/distroless/cc-debian12:nonroot@sha256:9dac0a79194e45a7da0158a9c6da57b217585af0786db3845d1f0ec1a0dd182f
