@@ -126,13 +126,15 @@ pub async fn registry(
     Ok((Arc::new(cache.with_bus(bus)), Some(fleet)))
 }
 
-/// Builds the stack, binds both listeners, says where it listens, and serves until `shutdown`.
+/// Builds the stack, binds both listeners (with the start-up files `loaded`), says where it
+/// listens, and serves until `shutdown`.
 pub async fn serve(
     args: ServeArgs,
+    loaded: server::Loaded,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), StartError> {
     let (registry, fleet) = registry(&args).await?;
-    let mut bound = server::bind(args.server_settings()).await?;
+    let mut bound = server::bind_loaded(args.server_settings(), loaded).await?;
     if let Some(fleet) = fleet {
         bound = bound.with_shared_polls(fleet);
     }

@@ -420,23 +420,19 @@ impl ServeArgs {
         }
         tracing_subscriber::EnvFilter::try_new(&self.log_filter)
             .map_err(|e| invalid("--log-filter", e.to_string()))?;
-        // Checked here too (the server loads it again), so a bad policy is one line, exit 64,
-        // before anything starts.
+        // The files themselves are read once, by server::Loaded::load, before anything starts.
         match (
             self.identity_source,
             self.tls_settings(),
             self.tls_cert.is_some() || self.tls_key.is_some() || self.tls_client_ca.is_some(),
         ) {
-            (IdentitySource::Mtls, Some(files), _) => {
-                crate::transport::tls::TlsFiles::load(files)
-                    .map_err(|e| invalid("--tls-cert", e))?;
-            }
             (IdentitySource::Mtls, None, _) => {
                 return Err(invalid(
                     "--identity-source",
                     "mtls needs --tls-cert, --tls-key and --tls-client-ca",
                 ));
             }
+            (IdentitySource::Mtls, Some(_), _) => {}
             (_, _, true) => {
                 return Err(invalid(
                     "--tls-cert",
@@ -446,14 +442,6 @@ impl ServeArgs {
             _ => {}
         }
         self.redis_client()?;
-        if let Some(path) = &self.page_token_key_file {
-            crate::api::paging::PageTokens::from_file(path)
-                .map_err(|e| invalid("--page-token-key-file", e))?;
-        }
-        if let Some(path) = &self.authz_policy {
-            crate::access::authz::Authorizer::from_file(path)
-                .map_err(|e| invalid("--authz-policy", e))?;
-        }
         Ok(())
     }
 

@@ -10,7 +10,7 @@ use tracing::error;
 
 use ecr_image_service::cli::{self, Cli, Command, exit};
 use ecr_image_service::config::ServeArgs;
-use ecr_image_service::{app, shutdown, telemetry};
+use ecr_image_service::{app, server, shutdown, telemetry};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -37,6 +37,11 @@ fn serve(args: ServeArgs) -> ExitCode {
     if let Err(err) = args.validate() {
         return config_error(&err.to_string());
     }
+    // The policy, page-token key and TLS files, read once: a bad one is a configuration error.
+    let loaded = match server::Loaded::load(&args.server_settings()) {
+        Ok(loaded) => loaded,
+        Err(err) => return config_error(&err.to_string()),
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -57,7 +62,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         Ok(telemetry) => telemetry,
         Err(err) => return config_error(&err.to_string()),
     };
-    let exit = match runtime.block_on(app::serve(args, shutdown::signal())) {
+    let exit = match runtime.block_on(app::serve(args, loaded, shutdown::signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             error!(error = %err, "cannot serve");

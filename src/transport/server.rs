@@ -165,7 +165,7 @@ pub enum ServeError {
     #[error("--authz-policy: {0}")]
     Policy(String),
     /// The TLS files cannot be read or do not make a configuration.
-    #[error("TLS: {0}")]
+    #[error("--tls-cert, --tls-key, --tls-client-ca: {0}")]
     Tls(String),
     /// The page-token key cannot be read or is too short.
     #[error("--page-token-key-file: {0}")]
@@ -184,23 +184,53 @@ pub struct Bound {
     polls: Option<Arc<dyn SharedPolls>>,
 }
 
-/// Loads the policy and binds the gRPC and admin listeners of `settings`.
-pub async fn bind(settings: ServerSettings) -> Result<Bound, ServeError> {
-    let authorizer = match &settings.authz_policy {
-        Some(path) => Authorizer::from_file(path).map_err(ServeError::Policy)?,
-        None => Authorizer::allow_all(),
-    };
-    let pages = match &settings.page_token_key {
-        Some(path) => PageTokens::from_file(path),
-        None => PageTokens::random(),
+/// The files the server reads at start (policy, page-token key, TLS), each read once, here:
+/// the binary loads them before anything starts, so that a bad file is one line and exit 64.
+#[derive(Debug)]
+pub struct Loaded {
+    authorizer: Authorizer,
+    pages: PageTokens,
+    tls: Option<TlsFiles>,
+}
+
+impl Loaded {
+    /// Reads and checks the files `settings` names.
+    pub fn load(settings: &ServerSettings) -> Result<Self, ServeError> {
+        let authorizer = match &settings.authz_policy {
+            Some(path) => Authorizer::from_file(path).map_err(ServeError::Policy)?,
+            None => Authorizer::allow_all(),
+        };
+        let pages = match &settings.page_token_key {
+            Some(path) => PageTokens::from_file(path),
+            None => PageTokens::random(),
+        }
+        .map_err(ServeError::PageTokens)?;
+        let tls = match &settings.tls {
+            Some(files) => Some(TlsFiles::load(files.clone()).map_err(ServeError::Tls)?),
+            None => None,
+        };
+        Ok(Self {
+            authorizer,
+            pages,
+            tls,
+        })
     }
-    .map_err(ServeError::PageTokens)?;
-    let tls = match &settings.tls {
-        Some(files) => Some(Arc::new(
-            TlsFiles::load(files.clone()).map_err(ServeError::Tls)?,
-        )),
-        None => None,
-    };
+}
+
+/// Loads the files of `settings` and binds its gRPC and admin listeners.
+pub async fn bind(settings: ServerSettings) -> Result<Bound, ServeError> {
+    let loaded = Loaded::load(&settings)?;
+    bind_loaded(settings, loaded).await
+}
+
+/// Binds the gRPC and admin listeners of `settings`, serving with the files already `loaded`.
+pub async fn bind_loaded(settings: ServerSettings, loaded: Loaded) -> Result<Bound, ServeError> {
+    let Loaded {
+        authorizer,
+        pages,
+        tls,
+    } = loaded;
+    let tls = tls.map(Arc::new);
     let listen = |address: SocketAddr| async move {
         TcpListener::bind(address)
             .await
