@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::cli::exit;
 use crate::config::{Backend, ServeArgs};
@@ -47,7 +47,7 @@ impl StartError {
 /// the fleet's other replicas through the returned [`Fleet`].
 pub async fn registry(
     args: &ServeArgs,
-) -> Result<(SharedRegistry, Option<Arc<Fleet>>), StartError> {
+) -> Result<(SharedRegistry, Option<Arc<Fleet>>, Option<String>), StartError> {
     let redis = args
         .redis_client()
         .map_err(|e| StartError::Config(e.to_string()))?;
@@ -59,6 +59,7 @@ pub async fn registry(
             })
             .transpose()
     };
+    let mut own = None;
     let (backend, fleet): (SharedRegistry, _) = match args.backend {
         Backend::Ecr => {
             let settings = args.ecr_settings();
@@ -70,10 +71,17 @@ pub async fn registry(
                         .to_owned(),
                 ));
             };
+            let account = ecr::account_of(&sdk).await;
             let fleet = match &redis {
-                Some(_) => fleet(&format!("{}:{region}", ecr::account_of(&sdk).await))?,
+                Some(_) => fleet(&format!("{account}:{region}"))?,
                 None => None,
             };
+            own = (account != ecr::UNKNOWN_ACCOUNT).then_some(account);
+            if own.is_none() {
+                warn!(
+                    "the credentials name no account: a request naming a registry_id is refused                      (REGISTRY_NOT_CONFIGURED); requests naming none are served"
+                );
+            }
             info!(
                 backend = "ecr",
                 %region,
@@ -119,11 +127,11 @@ pub async fn registry(
             args.rate_share,
             args.put_image_rate / f64::from(args.rate_share),
         );
-        return Ok((Arc::new(cache), None));
+        return Ok((Arc::new(cache), None, own));
     };
     fleet.listen(cache.tag_invalidator());
     let bus = Arc::clone(&fleet);
-    Ok((Arc::new(cache.with_bus(bus)), Some(fleet)))
+    Ok((Arc::new(cache.with_bus(bus)), Some(fleet), own))
 }
 
 /// Builds the stack, binds both listeners (with the start-up files `loaded`), says where it
@@ -133,8 +141,12 @@ pub async fn serve(
     loaded: server::Loaded,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), StartError> {
-    let (registry, fleet) = registry(&args).await?;
-    let mut bound = server::bind_loaded(args.server_settings(), loaded).await?;
+    let (registry, fleet, own) = registry(&args).await?;
+    let mut settings = args.server_settings();
+    if let Some(own) = own {
+        settings.own_registry_id = Some(own);
+    }
+    let mut bound = server::bind_loaded(settings, loaded).await?;
     if let Some(fleet) = fleet {
         bound = bound.with_shared_polls(fleet);
     }

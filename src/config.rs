@@ -487,6 +487,12 @@ impl ServeArgs {
                 heartbeat_interval: *self.watch_heartbeat_interval,
                 max_watches: self.max_watches,
             },
+            // The embedded store's registry is configured; ECR's account is known only once
+            // the credentials are (app::serve).
+            own_registry_id: match self.backend {
+                Backend::Local => Some(self.local_registry_id.clone()),
+                Backend::Ecr => None,
+            },
         }
     }
 

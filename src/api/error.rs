@@ -140,6 +140,12 @@ pub enum Error {
         /// The index's platforms, comma-separated (`linux/amd64,linux/arm64/v8`).
         available: String,
     },
+    /// The request names a registry this service does not serve: refused before any AWS call.
+    #[error("registry {registry_id} is not served here")]
+    RegistryNotConfigured {
+        /// The registry (account) asked for.
+        registry_id: String,
+    },
     /// The registry failed or refused.
     #[error(transparent)]
     Registry(#[from] RegistryError),
@@ -244,11 +250,13 @@ pub enum Reason {
     WatchEnded,
     /// The replica's watch cap is reached.
     TooManyWatches,
+    /// The request names a registry this service does not serve.
+    RegistryNotConfigured,
 }
 
 impl Reason {
     /// Every reason, in the order of the error tables (README, proto comment).
-    pub const ALL: [Reason; 32] = [
+    pub const ALL: [Reason; 33] = [
         Self::InvalidField,
         Self::DigestMismatch,
         Self::MediaTypeMismatch,
@@ -281,6 +289,7 @@ impl Reason {
         Self::PlatformNotFound,
         Self::WatchEnded,
         Self::TooManyWatches,
+        Self::RegistryNotConfigured,
     ];
 
     /// The UPPER_SNAKE spelling used in `ErrorInfo.reason`.
@@ -318,6 +327,7 @@ impl Reason {
             Self::PlatformNotFound => "PLATFORM_NOT_FOUND",
             Self::WatchEnded => "WATCH_ENDED",
             Self::TooManyWatches => "TOO_MANY_WATCHES",
+            Self::RegistryNotConfigured => "REGISTRY_NOT_CONFIGURED",
         }
     }
 }
@@ -339,6 +349,9 @@ impl Error {
             Self::Unauthenticated { .. } => (Code::Unauthenticated, Reason::NoCallerIdentity),
             Self::AccessDenied { .. } => (Code::PermissionDenied, Reason::AccessDenied),
             Self::PlatformNotFound { .. } => (Code::NotFound, Reason::PlatformNotFound),
+            Self::RegistryNotConfigured { .. } => {
+                (Code::FailedPrecondition, Reason::RegistryNotConfigured)
+            }
             // UNAVAILABLE: the one code clients and meshes retry; nothing is lost by it.
             Self::WatchEnded { .. } => (Code::Unavailable, Reason::WatchEnded),
             Self::TooManyWatches => (Code::ResourceExhausted, Reason::TooManyWatches),
@@ -388,6 +401,7 @@ impl Error {
             | Self::Unauthenticated { .. }
             | Self::AccessDenied { .. }
             | Self::PlatformNotFound { .. }
+            | Self::RegistryNotConfigured { .. }
             | Self::WatchEnded { .. }
             | Self::TooManyWatches => None,
             Self::Registry(err) => err.upstream(),
@@ -434,6 +448,7 @@ impl Error {
             | Self::Unauthenticated { .. }
             | Self::AccessDenied { .. }
             | Self::PlatformNotFound { .. }
+            | Self::RegistryNotConfigured { .. }
             | Self::WatchEnded { .. }
             | Self::TooManyWatches => Vec::new(),
         }
@@ -469,6 +484,9 @@ impl From<Error> for Status {
                     "available".to_owned(),
                     truncated(available, MAX_MESSAGE_BYTES),
                 );
+            }
+            Error::RegistryNotConfigured { registry_id } => {
+                metadata.insert("registryId".to_owned(), registry_id.clone());
             }
             _ => {}
         }
@@ -700,6 +718,13 @@ mod tests {
                 Error::TooManyWatches,
                 Code::ResourceExhausted,
                 "TOO_MANY_WATCHES",
+            ),
+            (
+                Error::RegistryNotConfigured {
+                    registry_id: "999999999999".into(),
+                },
+                Code::FailedPrecondition,
+                "REGISTRY_NOT_CONFIGURED",
             ),
             (
                 Error::PlatformNotFound {

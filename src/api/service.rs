@@ -39,6 +39,8 @@ pub struct ImageService {
     pages: PageTokens,
     /// WatchTag's pollers and watchers.
     hub: Arc<WatchHub>,
+    /// The one registry served; `None`: not known, so no request may name one.
+    own_registry: Option<RegistryId>,
 }
 
 impl ImageService {
@@ -57,7 +59,31 @@ impl ImageService {
             authorizer: Arc::new(Authorizer::allow_all()),
             pages,
             hub,
+            own_registry: None,
         }
+    }
+
+    /// The same service, serving the registry `own` (the service's account): a request naming
+    /// it is the same as one naming none, one naming another is refused.
+    pub fn serving_registry(mut self, own: Option<RegistryId>) -> Self {
+        self.own_registry = own;
+        self
+    }
+
+    /// The request's registry, routed: the service's own account is the same registry as an
+    /// empty `registry_id` (one cache key, one batch lane, one budget), and any other is
+    /// REGISTRY_NOT_CONFIGURED, before authorization and before any AWS call.
+    fn route(&self, registry_id: &mut Option<RegistryId>) -> Result<(), Error> {
+        let Some(asked) = registry_id.as_ref() else {
+            return Ok(());
+        };
+        if self.own_registry.as_ref() == Some(asked) {
+            *registry_id = None;
+            return Ok(());
+        }
+        Err(Error::RegistryNotConfigured {
+            registry_id: asked.as_str().to_owned(),
+        })
     }
 
     /// The registry's continuation token inside the caller's `page_token`, checked against the
@@ -175,7 +201,8 @@ impl ImageService {
                     why,
                 })?
                 .clone();
-            let input = validate(message)?;
+            let mut input = validate(message)?;
+            self.route(input.registry_id_mut())?;
             for action in method.actions {
                 self.authorizer
                     .check(&principal, *action, input.repository())?;
@@ -211,6 +238,8 @@ struct Read {
 trait Target {
     /// The registry; `None`: the service's own.
     fn registry_id(&self) -> Option<&RegistryId>;
+    /// The registry, for routing to rewrite.
+    fn registry_id_mut(&mut self) -> &mut Option<RegistryId>;
     /// The repository.
     fn repository(&self) -> &RepositoryName;
 }
@@ -220,6 +249,9 @@ macro_rules! target {
         impl Target for $input {
             fn registry_id(&self) -> Option<&RegistryId> {
                 self.registry_id.as_ref()
+            }
+            fn registry_id_mut(&mut self) -> &mut Option<RegistryId> {
+                &mut self.registry_id
             }
             fn repository(&self) -> &RepositoryName {
                 &self.repository
@@ -239,6 +271,9 @@ impl Target for validate::RetagInput {
     fn registry_id(&self) -> Option<&RegistryId> {
         self.source.registry_id()
     }
+    fn registry_id_mut(&mut self) -> &mut Option<RegistryId> {
+        self.source.registry_id_mut()
+    }
     fn repository(&self) -> &RepositoryName {
         self.source.repository()
     }
@@ -247,6 +282,9 @@ impl Target for validate::RetagInput {
 impl Target for crate::registry::DescribeInput {
     fn registry_id(&self) -> Option<&RegistryId> {
         self.listing.registry_id()
+    }
+    fn registry_id_mut(&mut self) -> &mut Option<RegistryId> {
+        self.listing.registry_id_mut()
     }
     fn repository(&self) -> &RepositoryName {
         self.listing.repository()
@@ -258,6 +296,9 @@ impl<A: Target, B> Target for (A, B) {
     fn registry_id(&self) -> Option<&RegistryId> {
         self.0.registry_id()
     }
+    fn registry_id_mut(&mut self) -> &mut Option<RegistryId> {
+        self.0.registry_id_mut()
+    }
     fn repository(&self) -> &RepositoryName {
         self.0.repository()
     }
@@ -266,6 +307,9 @@ impl<A: Target, B> Target for (A, B) {
 impl<A: Target, B, C> Target for (A, B, C) {
     fn registry_id(&self) -> Option<&RegistryId> {
         self.0.registry_id()
+    }
+    fn registry_id_mut(&mut self) -> &mut Option<RegistryId> {
+        self.0.registry_id_mut()
     }
     fn repository(&self) -> &RepositoryName {
         self.0.repository()

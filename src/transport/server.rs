@@ -123,6 +123,10 @@ pub struct ServerSettings {
     pub page_token_key: Option<PathBuf>,
     /// WatchTag's poll and heartbeat intervals and its cap.
     pub watch: WatchSettings,
+    /// The account the service serves (its credentials' own). A request naming it is the same
+    /// as one naming none; one naming another is refused with REGISTRY_NOT_CONFIGURED. `None`
+    /// (not known): every request naming a registry is refused that way.
+    pub own_registry_id: Option<String>,
 }
 
 impl Default for ServerSettings {
@@ -143,6 +147,7 @@ impl Default for ServerSettings {
             tls: None,
             page_token_key: None,
             watch: WatchSettings::default(),
+            own_registry_id: None,
         }
     }
 }
@@ -294,8 +299,14 @@ impl Bound {
             shutdown.await;
             closing.close();
         };
+        let own = self
+            .settings
+            .own_registry_id
+            .as_deref()
+            .and_then(|id| crate::domain::image::RegistryId::parse(id).ok());
         let service = ImageService::new(registry, self.settings.default_deadline, self.pages, hub)
-            .with_access(self.settings.identity_source, self.authorizer);
+            .with_access(self.settings.identity_source, self.authorizer)
+            .serving_registry(own);
         if let Some(files) = &self.tls {
             tokio::spawn(Arc::clone(files).watch());
         }

@@ -292,3 +292,33 @@ async fn a_changed_policy_applies_and_an_invalid_one_keeps_the_old() {
     assert_eq!(valid, 1.0);
     assert!(decisions >= 3.0, "decisions are counted: {decisions}");
 }
+
+/// A deleted policy file reads invalid (`authz_policy_valid` 0) while the last policy stays in
+/// force; the file's return reads valid again. (It used to stay 1 with the file gone.)
+#[tokio::test]
+async fn a_deleted_policy_file_reads_invalid_and_the_last_policy_stays() {
+    let mut service = guarded(IdentitySource::None, "rules: []\n").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    std::fs::remove_file(&service.policy).unwrap();
+    while policy_metrics(service.admin).await.0 != 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the missing file was never noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = service
+        .client
+        .get_image(get("base/debian", "v1", ""))
+        .await
+        .unwrap_err();
+    assert_status(&status, Code::PermissionDenied, "ACCESS_DENIED");
+    std::fs::write(&service.policy, "rules: []\n").unwrap();
+    while policy_metrics(service.admin).await.0 != 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the returned file was never read"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -14,6 +14,7 @@ mod listing;
 mod mtls;
 mod observability;
 mod platforms;
+mod registries;
 mod sidecar;
 #[allow(dead_code)] // shared with tests/rate_budget.rs, which uses other parts
 mod support;

@@ -158,7 +158,20 @@ impl Authorizer {
         let Some(path) = &self.path else {
             return Ok(false);
         };
-        let text = read(path)?;
+        let text = match read(path) {
+            Ok(text) => text,
+            // Deleted, or a dangling symlink: the policy in force stays, but the file on disk
+            // is not it, which is what `authz_policy_valid` says. Forgetting the text makes the
+            // file's return a change, so that it is read, checked and counted again.
+            Err(err) => {
+                self.metrics.valid.set(0);
+                match self.current.write() {
+                    Ok(mut current) => current.text.clear(),
+                    Err(poisoned) => poisoned.into_inner().text.clear(),
+                }
+                return Err(err);
+            }
+        };
         let unchanged = match self.current.read() {
             Ok(current) => current.text == text,
             Err(_) => false,

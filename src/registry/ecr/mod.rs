@@ -24,7 +24,9 @@ use std::sync::Arc;
 use prometheus_client::registry::Registry as Metrics;
 
 pub use batch::MAX_BATCH;
-pub use client::{EcrSettings, account_of, client_config, client_config_with, load_sdk_config};
+pub use client::{
+    EcrSettings, UNKNOWN_ACCOUNT, account_of, client_config, client_config_with, load_sdk_config,
+};
 
 use self::batch::Batcher;
 use self::calls::UpstreamCalls;

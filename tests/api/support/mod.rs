@@ -74,6 +74,8 @@ pub fn server_settings() -> ServerSettings {
         listen: "127.0.0.1:0".parse().unwrap(),
         admin_listen: "127.0.0.1:0".parse().unwrap(),
         shutdown_delay: Duration::ZERO,
+        // The emulator's account, as the credentials would name it in production.
+        own_registry_id: Some(MOTO_ACCOUNT.into()),
         ..ServerSettings::default()
     }
 }
