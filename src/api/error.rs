@@ -480,10 +480,7 @@ impl From<Error> for Status {
                 metadata.insert("repository".to_owned(), repository.clone());
             }
             Error::PlatformNotFound { available, .. } => {
-                metadata.insert(
-                    "available".to_owned(),
-                    truncated(available, MAX_MESSAGE_BYTES),
-                );
+                metadata.insert("available".to_owned(), available.clone());
             }
             Error::RegistryNotConfigured { registry_id } => {
                 metadata.insert("registryId".to_owned(), registry_id.clone());
@@ -496,6 +493,13 @@ impl From<Error> for Status {
             }
             if let Some(request_id) = &upstream.request_id {
                 metadata.insert(METADATA_ECR_REQUEST_ID.to_owned(), request_id.clone());
+            }
+        }
+        // Bounded whatever they echo (an index's platform list, ECR's words): every value, and
+        // the message below, fit one trailer a client will take.
+        for value in metadata.values_mut() {
+            if value.len() > MAX_MESSAGE_BYTES {
+                *value = truncated(value, MAX_MESSAGE_BYTES);
             }
         }
         let mut details = ErrorDetails::with_error_info(reason.as_str(), ERROR_DOMAIN, metadata);
@@ -511,7 +515,8 @@ impl From<Error> for Status {
         if let Some(retry_after) = err.retry_after() {
             details.set_retry_info(Some(retry_after));
         }
-        Status::with_error_details(code, err.to_string(), details)
+        let message = truncated(&err.to_string(), MAX_MESSAGE_BYTES);
+        Status::with_error_details(code, message, details)
     }
 }
 
@@ -831,6 +836,26 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Issue 20, finding 9: an index of 20,000 platforms (or one with a 1 MB `os`) made a
+    /// PLATFORM_NOT_FOUND trailer of up to 875 KB. Every message and metadata value is bounded.
+    #[test]
+    fn a_huge_platform_list_makes_a_bounded_answer() {
+        let available = vec!["linux/amd64"; 20_000].join(",") + &"x".repeat(1 << 20);
+        let status = Status::from(Error::PlatformNotFound {
+            requested: "linux/s390x".into(),
+            available,
+        });
+        assert!(status.message().len() <= MAX_MESSAGE_BYTES + '…'.len_utf8());
+        // The details carry the message again and the metadata: under 3 KB, not 875 KB.
+        assert!(
+            status.details().len() < 3 * MAX_MESSAGE_BYTES,
+            "{}",
+            status.details().len()
+        );
+        let info = status.get_details_error_info().unwrap();
+        assert!(info.metadata["available"].starts_with("linux/amd64,linux/amd64"));
     }
 
     #[test]

@@ -81,10 +81,17 @@ impl Pattern {
         self.matches_text(repository.as_str())
     }
 
-    /// Whether `principal` matches.
+    /// Whether `principal` matches. A Linkerd pattern matches only Linkerd (DNS) identities:
+    /// split at dots, `*.ci.serviceaccount.identity.linkerd.cluster.local` would otherwise take
+    /// `spiffe://evil/x.ci.serviceaccount.identity.linkerd.cluster.local` for one, its `*`
+    /// swallowing a whole SPIFFE ID. (A SPIFFE pattern's first segment is `spiffe:`, which no
+    /// other kind of identity has.)
     pub fn matches_principal(&self, principal: &Principal) -> bool {
         if self.any_authenticated {
             return !principal.is_anonymous();
+        }
+        if self.separator == '.' && !identity::is_dns_identity(principal.as_str()) {
+            return false;
         }
         self.matches_text(principal.as_str())
     }
@@ -157,6 +164,21 @@ fn matches(pattern: &[Segment], parts: &[&str]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 20, finding 7: a SPIFFE ID ending in a Linkerd identity's labels is no Linkerd
+    /// identity.
+    #[test]
+    fn a_linkerd_pattern_matches_only_linkerd_identities() {
+        let pattern =
+            Pattern::principal("*.ci.serviceaccount.identity.linkerd.cluster.local").unwrap();
+        let linkerd = Principal::named("builder.ci.serviceaccount.identity.linkerd.cluster.local");
+        assert!(pattern.matches_principal(&linkerd));
+        let forged =
+            Principal::named("spiffe://evil/x.ci.serviceaccount.identity.linkerd.cluster.local");
+        assert!(!pattern.matches_principal(&forged));
+        let spiffe = Pattern::principal("spiffe://cluster.local/ns/ci/sa/*").unwrap();
+        assert!(!spiffe.matches_principal(&linkerd));
+    }
     use proptest::prelude::*;
 
     fn repo(pattern: &str, name: &str) -> bool {
