@@ -16,6 +16,7 @@
 //!
 //! Freshness is measured on tokio's clock ([`Instant`]), not moka's, so it is ours to test.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -396,13 +397,17 @@ impl CachedRegistry {
         input
             .images
             .sort_by_key(|reference| !is_known_index(reference));
-        let by_digest: Vec<Digest> = input
+        let by_digest: HashSet<Digest> = input
             .images
             .iter()
             .filter(|r| r.tag().is_none())
             .filter_map(|r| r.digest().cloned())
             .collect();
         let outcome = self.inner.delete_images(input).await?;
+        // Deleted by digest, an image took every tag on it along: gathered first, so that the
+        // tag cache is walked once per delete, not once per digest (1,000 digests over 20,000
+        // cached tags took 6 s of a worker's time).
+        let mut gone_by_digest = HashSet::new();
         for deleted in &outcome.deleted {
             if let Some(tag) = &deleted.tag {
                 self.moved(&repository, tag);
@@ -410,20 +415,22 @@ impl CachedRegistry {
             if let Some(digest) = &deleted.digest {
                 self.digests
                     .invalidate(&(repository.clone(), digest.clone()));
-                // Deleted by digest, the image took every tag on it along.
                 if by_digest.contains(digest) {
-                    let stale: Vec<_> = self
-                        .tags
-                        .iter()
-                        .filter(|(key, resolution)| {
-                            key.0 == repository && resolution.digest == *digest
-                        })
-                        .map(|(key, _)| (*key).clone())
-                        .collect();
-                    for key in stale {
-                        self.moved(&repository, &key.1);
-                    }
+                    gone_by_digest.insert(digest.clone());
                 }
+            }
+        }
+        if !gone_by_digest.is_empty() {
+            let stale: Vec<Tag> = self
+                .tags
+                .iter()
+                .filter(|(key, resolution)| {
+                    key.0 == repository && gone_by_digest.contains(&resolution.digest)
+                })
+                .map(|(key, _)| key.1.clone())
+                .collect();
+            for tag in stale {
+                self.moved(&repository, &tag);
             }
         }
         Ok(outcome)
