@@ -31,8 +31,9 @@ use crate::api::watch::{SharedPolls, Source, TagState, WatchHub};
 use crate::domain::image::{Digest, RegistryId, RepositoryName, Tag};
 use crate::metrics;
 use crate::registry::RepositoryKey;
-use crate::registry::cached::{TagBus, TagInvalidator};
+use crate::registry::cached::TagInvalidator;
 use crate::registry::ecr::budget::{SharedSlots, Slot};
+use crate::registry::{TagBus, TagMove};
 
 /// The pub/sub channel of tag moves.
 pub const TAG_CHANNEL: &str = "ecr-image-service:tag-moved";
@@ -455,8 +456,10 @@ impl SharedSlots for Fleet {
 }
 
 impl TagBus for Fleet {
-    fn moved(&self, repository: &RepositoryKey, tag: &Tag) {
-        self.publish(TAG_CHANNEL, encode_move(&self.origin, repository, tag));
+    /// Other replicas drop their resolution of the tag (what it points at now, they read).
+    fn moved(&self, change: &TagMove<'_>) {
+        let message = encode_move(&self.origin, change.repository, change.tag);
+        self.publish(TAG_CHANNEL, message);
     }
 }
 

@@ -330,13 +330,8 @@ impl pb::image_service_server::ImageService for ImageService {
             validate::put_image,
             |input| async move {
                 crate::api::platform::check_children(&*self.registry, &input).await?;
-                let repository = input.repository_key();
                 Span::current().record("digest", input.manifest.digest().as_str());
                 let (image, outcome) = self.registry.put_image(input).await?;
-                if let Some(tag) = &image.tag {
-                    let digest = Some(image.digest.clone());
-                    self.hub.wrote(&repository, tag, digest, &image.media_type);
-                }
                 Ok(pb::PutImageResponse {
                     image: Some(to_proto(image)),
                     outcome: put_outcome(outcome).into(),
@@ -392,16 +387,8 @@ impl pb::image_service_server::ImageService for ImageService {
             describe,
             validate::retag_image,
             |input| async move {
-                let repository = input.source.repository_key();
                 let retagged = retag::retag(&*self.registry, input).await?;
                 Span::current().record("digest", retagged.source.digest.as_str());
-                let source = &retagged.source;
-                for (tag, result) in &retagged.results {
-                    if result.is_ok() {
-                        let digest = Some(source.digest.clone());
-                        self.hub.wrote(&repository, tag, digest, &source.media_type);
-                    }
-                }
                 let results = retagged
                     .results
                     .into_iter()
@@ -471,11 +458,8 @@ impl pb::image_service_server::ImageService for ImageService {
             describe,
             validate::batch_delete_image,
             |input| async move {
-                let repository = input.repository_key();
+                // Tag moves reach watchers (and other replicas) from the registry stack.
                 let outcome = self.registry.delete_images(input).await?;
-                for tag in outcome.deleted.iter().filter_map(|d| d.tag.as_ref()) {
-                    self.hub.wrote(&repository, tag, None, "");
-                }
                 Ok(pb::BatchDeleteImageResponse {
                     image_ids: outcome.deleted.into_iter().map(id_of).collect(),
                     failures: outcome

@@ -24,7 +24,9 @@ use tokio::time::Instant;
 
 use crate::domain::call::CallContext;
 use crate::domain::image::{Digest, ImageRef, Tag};
-use crate::registry::{GetImageInput, RegistryError, RepositoryKey, SharedRegistry};
+use crate::registry::{
+    GetImageInput, Registry, RegistryError, RepositoryKey, SharedRegistry, TagBus, TagMove,
+};
 
 /// How often a repository's watched tags are polled: ECR is asked once per repository per
 /// interval whatever the number of watchers; a tag moved outside this replica is seen within it.
@@ -42,6 +44,18 @@ pub const MAX_STREAM_AGE: Duration = Duration::from_secs(30 * 60);
 const POLLER_CALLER: &str = "(watch-poller)";
 /// A poller outlives its last watcher this long: a reconnecting watcher finds it warm.
 const IDLE_GRACE: Duration = Duration::from_secs(30);
+
+/// The hub as a subscriber of the registry stack's tag moves.
+struct HubBus(Weak<WatchHub>);
+
+impl TagBus for HubBus {
+    fn moved(&self, change: &TagMove<'_>) {
+        if let Some(hub) = self.0.upgrade() {
+            let digest = change.digest.cloned();
+            hub.wrote(change.repository, change.tag, digest, change.media_type);
+        }
+    }
+}
 
 /// Where a state was learnt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -216,8 +230,14 @@ impl WatchHub {
         })
     }
 
+    /// Hears of every tag this replica moves (put, retag, delete), through the registry
+    /// stack's one path for them; held weakly, the stack does not keep the hub alive.
+    pub fn subscribe_to(self: &Arc<Self>, registry: &dyn Registry) {
+        registry.subscribe_moves(Arc::new(HubBus(Arc::downgrade(self))));
+    }
+
     /// This replica wrote `tag`: it now points at `digest` (`None`: deleted).
-    pub fn wrote(
+    fn wrote(
         &self,
         repository: &RepositoryKey,
         tag: &Tag,

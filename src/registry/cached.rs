@@ -17,7 +17,7 @@
 //! Freshness is measured on tokio's clock ([`Instant`]), not moka's, so it is ours to test.
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use moka::notification::RemovalCause;
@@ -32,7 +32,7 @@ use super::flight::Flights;
 use super::{
     CacheStatus, DeleteImagesInput, DeleteOutcome, DescribeInput, DescribePage, Fetched,
     GetImageInput, ListInput, ListPage, PutImageInput, PutOutcome, Registry, RegistryError,
-    RepositoryKey, SharedRegistry, StoredImage,
+    RepositoryKey, SharedRegistry, StoredImage, TagBus, TagMove,
 };
 use crate::domain::image::{Digest, ImageRef, MediaType, Tag, media_types};
 
@@ -130,8 +130,8 @@ pub struct CachedRegistry {
     flights: Flights<FlightKey, Result<StoredImage, RegistryError>>,
     /// Slots for distinct registry calls in flight.
     upstream: Arc<Semaphore>,
-    /// Where this replica's tag moves are told to the other replicas, if anywhere.
-    bus: Option<Arc<dyn TagBus>>,
+    /// Where this replica's tag moves are told: the fleet, the watch hub.
+    buses: RwLock<Vec<Arc<dyn TagBus>>>,
     settings: CacheSettings,
     stats: Arc<CacheStats>,
 }
@@ -170,17 +170,36 @@ impl CachedRegistry {
             tags,
             flights: Flights::default(),
             upstream: Arc::new(Semaphore::new(settings.max_upstream_calls)),
-            bus: None,
+            buses: RwLock::default(),
             settings,
             stats,
         }
     }
 
-    /// The same cache, telling `bus` of every tag a put or delete through it moves, so that
-    /// other replicas drop their resolution at once instead of at its TTL.
-    pub fn with_bus(mut self, bus: Arc<dyn TagBus>) -> Self {
-        self.bus = Some(bus);
+    /// The same cache, telling `bus` of every tag a put or delete through it moves (the
+    /// fleet's: other replicas drop their resolution at once instead of at its TTL).
+    pub fn with_bus(self, bus: Arc<dyn TagBus>) -> Self {
+        self.subscribe(bus);
         self
+    }
+
+    fn subscribe(&self, bus: Arc<dyn TagBus>) {
+        self.buses
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(bus);
+    }
+
+    /// Tells every subscriber of `change`.
+    fn tell(&self, change: &TagMove<'_>) {
+        for bus in self
+            .buses
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+        {
+            bus.moved(change);
+        }
     }
 
     /// A handle that drops tag resolutions, for what other replicas say they moved.
@@ -190,12 +209,15 @@ impl CachedRegistry {
         }
     }
 
-    /// Drops `repository`'s resolution of `tag` here, and tells the other replicas.
-    fn moved(&self, repository: &RepositoryKey, tag: &Tag) {
+    /// `repository`'s `tag` was deleted here: its resolution goes, and the subscribers hear.
+    fn deleted(&self, repository: &RepositoryKey, tag: &Tag) {
         self.tags.invalidate(&(repository.clone(), tag.clone()));
-        if let Some(bus) = &self.bus {
-            bus.moved(repository, tag);
-        }
+        self.tell(&TagMove {
+            repository,
+            tag,
+            digest: None,
+            media_type: "",
+        });
     }
 
     /// What the cache has done so far.
@@ -327,8 +349,13 @@ impl CachedRegistry {
         let started = Instant::now();
         let (image, outcome) = self.inner.put_image(input).await?;
         // Write-through: the bytes were hashed on the way in, and the tag now points at them.
-        if let (Some(tag), Some(bus)) = (&image.tag, &self.bus) {
-            bus.moved(&repository, tag);
+        if let Some(tag) = &image.tag {
+            self.tell(&TagMove {
+                repository: &repository,
+                tag,
+                digest: Some(&image.digest),
+                media_type: &image.media_type,
+            });
         }
         self.remember(&repository, image.tag.as_ref(), &image, started);
         Ok((image, outcome))
@@ -410,7 +437,7 @@ impl CachedRegistry {
         let mut gone_by_digest = HashSet::new();
         for deleted in &outcome.deleted {
             if let Some(tag) = &deleted.tag {
-                self.moved(&repository, tag);
+                self.deleted(&repository, tag);
             }
             if let Some(digest) = &deleted.digest {
                 self.digests
@@ -430,7 +457,7 @@ impl CachedRegistry {
                 .map(|(key, _)| key.1.clone())
                 .collect();
             for tag in stale {
-                self.moved(&repository, &tag);
+                self.deleted(&repository, &tag);
             }
         }
         Ok(outcome)
@@ -448,12 +475,6 @@ impl CachedRegistry {
         let _slot = self.upstream_slot()?;
         self.inner.describe_images(input).await
     }
-}
-
-/// Where a replica tells the others that a tag moved (a put, retag or delete through it).
-pub trait TagBus: Send + Sync {
-    /// `tag` of `repository` moved or was deleted: other replicas must drop their resolution.
-    fn moved(&self, repository: &RepositoryKey, tag: &Tag);
 }
 
 /// Drops tag resolutions of one cache, for the tag moves other replicas report.
@@ -476,6 +497,10 @@ impl TagInvalidator {
 
 impl Registry for CachedRegistry {
     boxed_registry_methods!();
+
+    fn subscribe_moves(&self, bus: Arc<dyn TagBus>) {
+        self.subscribe(bus);
+    }
 
     /// The cache's metrics (hits, misses, stale answers, evictions, bytes held, coalesced
     /// reads), then those of the registry below it.

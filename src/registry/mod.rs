@@ -130,6 +130,30 @@ impl<R: Registry + ?Sized> Registry for Arc<R> {
     fn register_metrics(&self, metrics: &mut prometheus_client::registry::Registry) {
         (**self).register_metrics(metrics);
     }
+
+    fn subscribe_moves(&self, bus: Arc<dyn TagBus>) {
+        (**self).subscribe_moves(bus);
+    }
+}
+
+/// A tag that a put, retag or delete through this replica moved.
+#[derive(Debug, Clone, Copy)]
+pub struct TagMove<'a> {
+    /// The repository.
+    pub repository: &'a RepositoryKey,
+    /// The tag.
+    pub tag: &'a Tag,
+    /// What it points at now; `None`: deleted.
+    pub digest: Option<&'a Digest>,
+    /// The media type of what it points at (empty when deleted).
+    pub media_type: &'a str,
+}
+
+/// Where this replica's tag moves go: the one path for every move, to every subscriber (the
+/// fleet tells other replicas, the watch hub tells this replica's watchers).
+pub trait TagBus: Send + Sync {
+    /// `change` happened through this replica.
+    fn moved(&self, change: &TagMove<'_>);
 }
 
 /// A validated PutImage: everything in it has passed the API's checks.
@@ -423,5 +447,11 @@ pub trait Registry: Send + Sync + 'static {
     /// Adds this layer's metrics, and those of the layers below it, to `metrics`.
     fn register_metrics(&self, metrics: &mut prometheus_client::registry::Registry) {
         let _ = metrics;
+    }
+
+    /// Tells `bus` of every tag moved through this stack from now on. The cache is the layer
+    /// every write passes; a stack without one has no moves to tell.
+    fn subscribe_moves(&self, bus: Arc<dyn TagBus>) {
+        let _ = bus;
     }
 }

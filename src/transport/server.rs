@@ -293,6 +293,7 @@ impl Bound {
         self.authorizer.announce();
         tokio::spawn(Arc::clone(&self.authorizer).watch());
         let hub = WatchHub::shared(Arc::clone(&registry), self.settings.watch, self.polls);
+        hub.subscribe_to(&*registry);
         let closing = Arc::clone(&hub);
         // Watches end first, so that their streams do not hold the drain open.
         let shutdown = async move {
