@@ -564,13 +564,30 @@ impl pb::image_service_server::ImageService for ImageService {
             describe,
             validate::watch_tag,
             |(repository, tag, last_known)| async move {
+                // The caller as authorized now, for the stream to ask the policy again.
+                let caller = crate::domain::call::current()
+                    .and_then(|call| call.caller().ok().cloned())
+                    .ok_or(Error::Unauthenticated {
+                        source_name: self.identity.name(),
+                        why: "no caller in the call's context",
+                    })?;
+                let (authorizer, name) =
+                    (Arc::clone(&self.authorizer), repository.repository.clone());
+                let still_allowed = move || {
+                    for action in methods::WATCH_TAG.actions {
+                        authorizer.check(&caller, *action, &name)?;
+                    }
+                    Ok(())
+                };
                 let watch = self
                     .hub
                     .watch(repository, tag.clone())
                     .await
                     .ok_or(Error::TooManyWatches)?;
                 let heartbeat = self.hub.settings().heartbeat_interval;
-                Ok(crate::api::watch::stream(watch, tag, last_known, heartbeat))
+                let stream =
+                    crate::api::watch::stream(watch, tag, last_known, heartbeat, still_allowed);
+                Ok(stream)
             },
         )
         .await

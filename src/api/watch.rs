@@ -462,6 +462,7 @@ pub fn stream(
     tag: Tag,
     last_known: Option<Digest>,
     heartbeat: Duration,
+    still_allowed: impl Fn() -> Result<(), crate::api::error::Error> + Send + Sync + 'static,
 ) -> WatchStream {
     let now = Instant::now();
     let watching = Watching {
@@ -474,13 +475,20 @@ pub fn stream(
         first: true,
         ended: false,
     };
-    Box::pin(futures_util::stream::unfold(watching, |mut w| async move {
-        if w.ended {
-            return None;
+    // Authorization is checked again before each message: a policy change that takes the
+    // caller's read away ends its open watches at their next event (PERMISSION_DENIED), rather
+    // than at their 30-minute age limit.
+    let still_allowed = Arc::new(still_allowed);
+    Box::pin(futures_util::stream::unfold(watching, move |mut w| {
+        let still_allowed = Arc::clone(&still_allowed);
+        async move {
+            if w.ended {
+                return None;
+            }
+            let message = w.next().await.and_then(|m| still_allowed().map(|()| m));
+            w.ended = message.is_err();
+            Some((message.map_err(tonic::Status::from), w))
         }
-        let message = w.next().await;
-        w.ended = message.is_err();
-        Some((message.map_err(tonic::Status::from), w))
     }))
 }
 

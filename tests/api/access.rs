@@ -322,3 +322,43 @@ async fn a_deleted_policy_file_reads_invalid_and_the_last_policy_stays() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Issue 20, finding 8: a policy change that takes a caller's read away reaches its open
+/// WatchTag streams: the next event ends the stream with PERMISSION_DENIED (it used to keep
+/// announcing digests for the stream's 30 minutes).
+#[tokio::test]
+async fn a_revoked_read_ends_an_open_watch_at_its_next_event() {
+    let reads_and_writes = "rules: [{id: all, principals: [anonymous], actions: [read, write], repositories: ['base/**']}]\n";
+    let mut service = guarded(IdentitySource::None, reads_and_writes).await;
+    service
+        .client
+        .put_image(put("base/app", "live", SEED))
+        .await
+        .unwrap();
+    let mut watch = crate::support::requests::open_watch(&service.client, "base/app", "live").await;
+    watch.message().await.unwrap().expect("the current state");
+
+    let writes_only =
+        "rules: [{id: w, principals: [anonymous], actions: [write], repositories: ['base/**']}]\n";
+    std::fs::write(&service.policy, writes_only).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let read = service.client.get_image(get("base/app", "live", "")).await;
+        if matches!(&read, Err(status) if status.code() == Code::PermissionDenied) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the new policy never applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let moved = r#"{"mediaType":"application/vnd.oci.image.manifest.v1+json","moved":1}"#;
+    service
+        .client
+        .put_image(put("base/app", "live", moved))
+        .await
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        .await
+        .expect("the watch's next event came")
+        .unwrap_err();
+    assert_status(&status, Code::PermissionDenied, "ACCESS_DENIED");
+}
