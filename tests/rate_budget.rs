@@ -247,3 +247,51 @@ async fn callers_share_the_read_budget_fairly() {
     assert!(a_answered >= 40, "A's reads were served too: {a_answered}");
     assert!(fair_shares::busiest_second(&sent) <= 20);
 }
+
+/// Issue 20, finding 12: a call whose time runs out while it waits for a rate-budget slot never
+/// reached ECR, and says so: ECR_RATE_BUDGET_EXHAUSTED with RetryInfo, not ECR_TIMEOUT ("ECR
+/// did not answer in time"). PutImage budget 1/s, an operation timeout of 1 s: of four puts at
+/// once, the first is sent and the others' operation timeouts fire in the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_times_out_in_the_budget_queue_is_no_ecr_timeout() {
+    let repository = unique("queued");
+    create_repository(moto::endpoint(), &repository, false).await;
+    let proxy = FaultProxy::start(moto::endpoint(), |_, _| Fault::Forward).await;
+    let budgeted = EcrSettings {
+        put_image_rate: 1.0,
+        operation_timeout: Duration::from_secs(1),
+        ..settings()
+    };
+    let client = start(registry(&proxy.endpoint, budgeted)).await;
+    let puts: Vec<_> = (0..4)
+        .map(|n| {
+            let mut client = client.clone();
+            let manifest =
+                format!(r#"{{"mediaType":"application/vnd.oci.image.manifest.v1+json","q":{n}}}"#);
+            let mut request = tonic::Request::new(put(&repository, &format!("q{n}"), &manifest));
+            request.set_timeout(Duration::from_secs(10));
+            tokio::spawn(async move { client.put_image(request).await })
+        })
+        .collect();
+    let (mut stored, mut reasons) = (0, Vec::new());
+    for put in puts {
+        match put.await.unwrap() {
+            Ok(_) => stored += 1,
+            Err(status) => reasons.push(error_info(&status).reason),
+        }
+    }
+    assert!(stored >= 1, "the first put is sent at once");
+    assert!(
+        !reasons.is_empty(),
+        "some puts waited past their operation timeout"
+    );
+    assert!(
+        reasons.iter().all(|r| r == "ECR_RATE_BUDGET_EXHAUSTED"),
+        "{reasons:?}"
+    );
+    assert_eq!(
+        proxy.arrivals("PutImage").len(),
+        stored,
+        "the refused never reached ECR"
+    );
+}

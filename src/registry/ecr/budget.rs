@@ -545,6 +545,7 @@ impl HttpConnector for BudgetedConnector {
                     }
                 };
             }
+            super::operations::transmitting();
             // The attempt timeout starts here, not before the wait for a slot: a queued call
             // that timed out in the queue would throw its place away and be retried at the
             // back, and the caller's deadline already bounds the wait.

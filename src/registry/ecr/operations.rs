@@ -118,7 +118,7 @@ impl Operations {
             Ok(output) => output,
             Err(err) if is_already_exists(err.code()) => {
                 let upstream = Upstream {
-                    attempts: Some(attempts),
+                    attempts: Some(attempts.attempts),
                     ..upstream_of(&err)
                 };
                 return Ok(PutAnswer::AlreadyThere(upstream));
@@ -351,27 +351,61 @@ impl BatchGet for Operations {
 }
 
 tokio::task_local! {
-    /// Attempts of the ECR call this task is making, counted by [`AttemptCounter`].
-    static ATTEMPTS: Cell<u32>;
+    /// The ECR call this task is making: its attempts, counted by [`AttemptCounter`], and
+    /// whether any left for ECR, told by the rate budget's connector ([`transmitting`]).
+    static ATTEMPTS: Counting;
+}
+
+/// What [`ATTEMPTS`] holds while a call runs.
+#[derive(Default)]
+struct Counting {
+    attempts: Cell<u32>,
+    transmitted: Cell<bool>,
+}
+
+/// What one ECR call did, for its failure's report.
+#[derive(Debug, Clone, Copy)]
+struct Counted {
+    /// Attempts begun, those still waiting for a rate-budget slot included.
+    attempts: u32,
+    /// Whether any attempt got its slot and left for ECR.
+    transmitted: bool,
+}
+
+/// The rate budget granted the current call's attempt a slot: it leaves for ECR now. Called
+/// by the budgeted connector, inside the call's task.
+pub(super) fn transmitting() {
+    let _ = ATTEMPTS.try_with(|c| c.transmitted.set(true));
 }
 
 /// Runs `call` (one SDK call) and counts its attempts, for its failure's log line: "throttled
 /// after 3 attempts" tells an operator more than "throttled". A task-local read by one
 /// interceptor registered when the client is built: a per-call interceptor would rebuild the
 /// SDK's runtime components on every call, which the cold path pays for.
-async fn counting_attempts<T>(call: impl Future<Output = T>) -> (T, u32) {
+async fn counting_attempts<T>(call: impl Future<Output = T>) -> (T, Counted) {
     ATTEMPTS
-        .scope(Cell::new(0), async {
+        .scope(Counting::default(), async {
             let answer = call.await;
-            (answer, ATTEMPTS.with(Cell::get))
+            let counted = ATTEMPTS.with(|c| Counted {
+                attempts: c.attempts.get(),
+                transmitted: c.transmitted.get(),
+            });
+            (answer, counted)
         })
         .await
 }
 
-/// `err`, with the attempts its call made recorded in what ECR said.
-fn with_attempts(mut err: RegistryError, attempts: u32) -> RegistryError {
+/// `err`, with the attempts its call made recorded in what ECR said. A timeout of a call none
+/// of whose attempts left the rate budget's queue is no ECR timeout: ECR never saw it, and the
+/// time ran out waiting for a slot (ECR_RATE_BUDGET_EXHAUSTED, not "ECR did not answer").
+fn with_attempts(mut err: RegistryError, counted: Counted) -> RegistryError {
+    if matches!(err, RegistryError::Timeout(_)) && !counted.transmitted {
+        return RegistryError::RateBudgetExhausted {
+            retry_after: crate::registry::RETRY_SOON,
+        };
+    }
     if let Some(upstream) = err.upstream_mut() {
-        upstream.attempts = Some(attempts);
+        upstream.attempts = Some(counted.attempts);
     }
     err
 }
@@ -391,7 +425,7 @@ impl Intercept for AttemptCounter {
         _components: &RuntimeComponents,
         _cfg: &mut ConfigBag,
     ) -> Result<(), BoxError> {
-        let _ = ATTEMPTS.try_with(|n| n.set(n.get() + 1));
+        let _ = ATTEMPTS.try_with(|c| c.attempts.set(c.attempts.get() + 1));
         Ok(())
     }
 }
