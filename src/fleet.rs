@@ -313,10 +313,13 @@ impl Fleet {
                 {
                     hub.heard(&repository, &tag, state);
                 }
-            } else if let Some((origin, repository, tag)) = decode_move(&text)
+            } else if let Some((origin, repository, moved)) = decode_move(&text)
                 && origin != self.origin
             {
-                tags.forget(repository, tag);
+                match moved {
+                    Moved::Tag(tag) => tags.forget(repository, tag),
+                    Moved::Deleted(digest) => tags.forget_digest(repository, digest),
+                }
             }
         }
         tags.forget_all();
@@ -458,7 +461,15 @@ impl SharedSlots for Fleet {
 impl TagBus for Fleet {
     /// Other replicas drop their resolution of the tag (what it points at now, they read).
     fn moved(&self, change: &TagMove<'_>) {
-        let message = encode_move(&self.origin, change.repository, change.tag);
+        let message = encode_move(&self.origin, change.repository, change.tag.as_str());
+        self.publish(TAG_CHANNEL, message);
+    }
+
+    /// Other replicas drop the image from their caches. On the tag channel, as `@digest` where
+    /// a move names its tag: no tag starts with `@`, so a replica of an older version ignores
+    /// it rather than misreading it.
+    fn digest_deleted(&self, repository: &RepositoryKey, digest: &Digest) {
+        let message = encode_move(&self.origin, repository, &format!("@{digest}"));
         self.publish(TAG_CHANNEL, message);
     }
 }
@@ -527,18 +538,32 @@ fn repository_name(repository: &RepositoryKey) -> String {
     }
 }
 
-/// `origin \n registry \n repository \n tag`: validated names hold no newline.
-fn encode_move(origin: &str, repository: &RepositoryKey, tag: &Tag) -> String {
+/// `origin \n registry \n repository \n tag` (or `@digest`, an image deleted): validated
+/// names hold no newline.
+fn encode_move(origin: &str, repository: &RepositoryKey, what: &str) -> String {
     let registry = repository.registry_id.as_ref().map_or("", |r| r.as_str());
-    format!("{origin}\n{registry}\n{}\n{tag}", repository.repository)
+    format!("{origin}\n{registry}\n{}\n{what}", repository.repository)
 }
 
-fn decode_move(text: &str) -> Option<(&str, RepositoryKey, Tag)> {
+/// What a message on the tag channel says changed.
+#[derive(Debug, PartialEq, Eq)]
+enum Moved {
+    /// A tag moved or was deleted.
+    Tag(Tag),
+    /// An image was deleted.
+    Deleted(Digest),
+}
+
+fn decode_move(text: &str) -> Option<(&str, RepositoryKey, Moved)> {
     let mut parts = text.splitn(4, '\n');
     let origin = parts.next()?;
     let repository = decode_repository(parts.next()?, parts.next()?)?;
-    let tag = Tag::parse(parts.next()?).ok()?;
-    Some((origin, repository, tag))
+    let what = parts.next()?;
+    let moved = match what.strip_prefix('@') {
+        Some(digest) => Moved::Deleted(Digest::parse(digest).ok()?),
+        None => Moved::Tag(Tag::parse(what).ok()?),
+    };
+    Some((origin, repository, moved))
 }
 
 fn decode_repository(registry: &str, repository: &str) -> Option<RepositoryKey> {
@@ -561,7 +586,7 @@ fn encode_poll(origin: &str, repository: &RepositoryKey, tag: &Tag, state: &TagS
     };
     format!(
         "{}\n{}\n{}\n{}\n{}\n{}",
-        encode_move(origin, repository, tag),
+        encode_move(origin, repository, tag.as_str()),
         state
             .digest
             .as_ref()
@@ -645,8 +670,17 @@ mod tests {
         let text = encode_poll("me", &repository, &tag, &gone);
         assert_eq!(decode_poll(&text).map(|d| d.3), Some(gone));
         assert_eq!(
-            decode_move(&encode_move("me", &repository, &tag)),
-            Some(("me", repository, tag))
+            decode_move(&encode_move("me", &repository, tag.as_str())),
+            Some(("me", repository.clone(), Moved::Tag(tag)))
+        );
+        let digest = Digest::of(b"{}");
+        assert_eq!(
+            decode_move(&encode_move("me", &repository, &format!("@{digest}"))),
+            Some(("me", repository.clone(), Moved::Deleted(digest)))
+        );
+        assert_eq!(
+            decode_move(&encode_move("me", &repository, "@not-a-digest")),
+            None
         );
     }
 }

@@ -202,10 +202,12 @@ impl CachedRegistry {
         }
     }
 
-    /// A handle that drops tag resolutions, for what other replicas say they moved.
+    /// A handle that drops tag resolutions and images, for what other replicas say they moved
+    /// or deleted.
     pub fn tag_invalidator(&self) -> TagInvalidator {
         TagInvalidator {
             tags: self.tags.clone(),
+            digests: self.digests.clone(),
         }
     }
 
@@ -442,6 +444,14 @@ impl CachedRegistry {
             if let Some(digest) = &deleted.digest {
                 self.digests
                     .invalidate(&(repository.clone(), digest.clone()));
+                for bus in self
+                    .buses
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .iter()
+                {
+                    bus.digest_deleted(&repository, digest);
+                }
                 if by_digest.contains(digest) {
                     gone_by_digest.insert(digest.clone());
                 }
@@ -481,12 +491,28 @@ impl CachedRegistry {
 #[derive(Clone)]
 pub struct TagInvalidator {
     tags: Cache<(RepositoryKey, Tag), Resolution>,
+    digests: Cache<(RepositoryKey, Digest), StoredImage>,
 }
 
 impl TagInvalidator {
     /// Another replica moved `tag`: the next read of it asks the registry.
     pub fn forget(&self, repository: RepositoryKey, tag: Tag) {
         self.tags.invalidate(&(repository, tag));
+    }
+
+    /// Another replica deleted `digest`: it is no longer served from here, nor are the tags
+    /// that resolved to it.
+    pub fn forget_digest(&self, repository: RepositoryKey, digest: Digest) {
+        let stale: Vec<Tag> = self
+            .tags
+            .iter()
+            .filter(|(key, resolution)| key.0 == repository && resolution.digest == digest)
+            .map(|(key, _)| key.1.clone())
+            .collect();
+        for tag in stale {
+            self.tags.invalidate(&(repository.clone(), tag));
+        }
+        self.digests.invalidate(&(repository, digest));
     }
 
     /// Tag moves may have been missed (the channel dropped): every resolution is suspect.

@@ -154,6 +154,12 @@ pub struct TagMove<'a> {
 pub trait TagBus: Send + Sync {
     /// `change` happened through this replica.
     fn moved(&self, change: &TagMove<'_>);
+
+    /// `digest` of `repository` was deleted through this replica: no replica may serve it from
+    /// its cache any more. Only the fleet needs it (watchers hear of the tags it took along).
+    fn digest_deleted(&self, repository: &RepositoryKey, digest: &Digest) {
+        let _ = (repository, digest);
+    }
 }
 
 /// A validated PutImage: everything in it has passed the API's checks.

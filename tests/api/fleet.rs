@@ -236,3 +236,39 @@ async fn the_keys_of_an_account_share_one_cluster_slot() {
     let refused = untagged.unwrap_err().to_string();
     assert!(refused.to_lowercase().contains("crossslot"), "{refused}");
 }
+
+/// Issue 20, finding 5: a digest deleted through replica A is no longer served from replica
+/// B's cache (it used to stay a HIT there indefinitely: only tag moves were published), and
+/// the tags that resolved to it go with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_digest_deleted_through_one_replica_leaves_every_cache() {
+    let redis = Redis::start();
+    let dir = ScratchDir::new("fleet-delete");
+    let store = LocalRegistry::open(&local_settings(&dir.0)).unwrap();
+    let mut a = replica(&store, Some(&redis.url)).await;
+    let mut b = replica(&store, Some(&redis.url)).await;
+    until_linked(&mut a, &mut b).await;
+    a.put_image(put("team/app", "doomed", SEED)).await.unwrap();
+    for _ in 0..2 {
+        b.get_image(get("team/app", "", SEED_DIGEST)).await.unwrap();
+    }
+    let cached = b.get_image(get("team/app", "", SEED_DIGEST)).await.unwrap();
+    assert_eq!(cached.into_inner().cache_status(), CacheStatus::Hit);
+    a.batch_delete_image(crate::support::requests::delete(
+        "team/app",
+        &[("", SEED_DIGEST)],
+    ))
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match b.get_image(get("team/app", "", SEED_DIGEST)).await {
+            Err(status) if status.code() == tonic::Code::NotFound => break,
+            _ => assert!(
+                Instant::now() < deadline,
+                "B still serves the deleted digest"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
