@@ -682,7 +682,11 @@ mod tests {
         // tick after its time, so two releases are never more than a tick closer.
         let tick = Duration::from_millis(1);
         for pair in sent.windows(2) {
-            assert!(pair[1] - pair[0] + tick >= interval, "{:?}", pair[1] - pair[0]);
+            assert!(
+                pair[1] - pair[0] + tick >= interval,
+                "{:?}",
+                pair[1] - pair[0]
+            );
         }
         assert!(start.elapsed() <= interval * 42 + Duration::from_millis(50));
     }
