@@ -43,6 +43,13 @@ pub const POLL_CHANNEL: &str = "ecr-image-service:tag-polled";
 /// not from Redis at all, and a write never waits on Redis. A regional Redis answers in about a
 /// millisecond; 50 ms means it is hung, overloaded or far away.
 pub const BUDGET_CHECK_TIMEOUT: Duration = Duration::from_millis(50);
+/// More live replicas than any fleet of this service runs (the chart's HPA stops at 10 by
+/// default): a larger count read from Redis is not believed.
+const MAX_PLAUSIBLE_REPLICAS: u32 = 256;
+/// The most a budget's next slot can honestly lie ahead beyond one interval: a replica back
+/// from local pacing owes at most its last second's sends.
+const MAX_OWED_WAIT: Duration = Duration::from_secs(1);
+
 /// How often a replica says it is alive.
 const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// How often a degraded replica asks whether Redis answers again. Until every replica has
@@ -368,8 +375,21 @@ impl Fleet {
 }
 
 impl Mode {
-    /// Redis answered a heartbeat: `replicas` are alive, and budgets are shared (again).
+    /// Redis answered a heartbeat: `replicas` are alive, and budgets are shared (again). A
+    /// count past [`MAX_PLAUSIBLE_REPLICAS`] is someone writing to Redis, not a fleet: it is
+    /// not believed (the configured share stands in), or 20,000 fake members would pace each
+    /// replica at quota ÷ 20,001 while Redis is out.
     fn heard(&self, replicas: u32) {
+        let replicas = if replicas > MAX_PLAUSIBLE_REPLICAS {
+            tracing::warn!(
+                replicas,
+                most = MAX_PLAUSIBLE_REPLICAS,
+                "Redis counts implausibly many live replicas: the configured share stands in"
+            );
+            0
+        } else {
+            replicas
+        };
         self.replicas.store(replicas, Ordering::Relaxed);
         *self.heard_at.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
         if !self.shared.swap(true, Ordering::Relaxed) {
@@ -393,14 +413,13 @@ impl Mode {
         }
     }
 
-    /// N in quota ÷ N: the live replicas Redis last counted, while recent, else the
-    /// configured share.
+    /// N in quota ÷ N: the live replicas Redis last counted, while recent and plausible, else
+    /// the configured share.
     fn replicas(&self) -> u32 {
         let heard = *self.heard_at.lock().unwrap_or_else(PoisonError::into_inner);
+        let counted = self.replicas.load(Ordering::Relaxed);
         match heard {
-            Some(at) if at.elapsed() < REPLICAS_FRESH_FOR => {
-                self.replicas.load(Ordering::Relaxed).max(1)
-            }
+            Some(at) if at.elapsed() < REPLICAS_FRESH_FOR && counted > 0 => counted,
             _ => self.rate_share,
         }
     }
@@ -426,6 +445,13 @@ impl SharedSlots for Fleet {
         Box::pin(async move {
             match answer.await {
                 Ok((1, _)) => Slot::Granted,
+                // An honest limiter without burst answers at most an interval, plus the second
+                // a replica coming back owes: a timestamp far ahead is a broken or forged key,
+                // and would refuse every call for as long ("retry after 9,999,999 s").
+                Ok((_, wait)) if Duration::from_micros(wait) > interval + MAX_OWED_WAIT => {
+                    state.degrade("Redis answered an implausible wait for a budget slot");
+                    Slot::Unavailable
+                }
                 Ok((_, wait)) => Slot::NotBefore(Duration::from_micros(wait)),
                 Err(why) => {
                     state.degrade(&why);

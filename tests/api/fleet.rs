@@ -272,3 +272,61 @@ async fn a_digest_deleted_through_one_replica_leaves_every_cache() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// Issue 20, finding 11 (part): what Redis holds is input, not truth. A budget key set far in
+/// the future (by anyone who can write to Redis) used to refuse every call ("retry after
+/// 9,999,999 s"); now it is an implausible answer, and the replica paces itself locally.
+/// 20,000 fake live replicas are not believed either: the configured share stands in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn implausible_redis_values_degrade_to_local_pacing() {
+    use ecr_image_service::registry::ecr::budget::{SharedSlots, Slot};
+
+    let redis = Redis::start();
+    let fleet = Fleet::new(&redis.url, "123456789012:eu-west-1", 3).unwrap();
+    let dir = ScratchDir::new("fleet-forged");
+    let store = LocalRegistry::open(&local_settings(&dir.0)).unwrap();
+    let cache = CachedRegistry::new(Arc::new(store), CacheSettings::default());
+    fleet.listen(cache.tag_invalidator());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !fleet.is_shared() {
+        assert!(Instant::now() < deadline, "the heartbeat never answered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let client = redis::Client::open(redis.url.as_str()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let key = "ecr-image-service:{123456789012:eu-west-1}:budget:PutImage";
+    let far: u64 = 9_999_999_000_000 * 1000;
+    let _: () = redis::cmd("SET")
+        .arg(key)
+        .arg(far.to_string())
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let interval = Duration::from_millis(100);
+    // Not NotBefore(9,999,999 s): the replica degrades to pacing itself at quota ÷ N.
+    assert_eq!(fleet.take("PutImage", interval).await, Slot::Unavailable);
+
+    // Beats far in the future (ms of Redis's clock), so that no heartbeat ages them out.
+    let members: Vec<(f64, String)> = (0..20_000).map(|n| (9e15, format!("fake-{n}"))).collect();
+    let _: () = redis::cmd("ZADD")
+        .arg("ecr-image-service:{123456789012:eu-west-1}:replicas")
+        .arg(
+            members
+                .iter()
+                .flat_map(|(s, m)| [s.to_string(), m.clone()])
+                .collect::<Vec<_>>(),
+        )
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    // Alone, the replica counted itself; the next heartbeat counts the fakes too.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fleet.replicas() == 1 {
+        assert!(
+            Instant::now() < deadline,
+            "no heartbeat counted the fake replicas"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(fleet.replicas(), 3, "20,000 fake replicas are not believed");
+}
