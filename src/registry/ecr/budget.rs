@@ -36,6 +36,10 @@ use crate::metrics;
 /// one-second window at ECR could hold one request too many.
 const PACING_HEADROOM: f64 = 0.9;
 
+/// How late a locally paced wake-up may be and still release the slots it missed: tokio's timer
+/// ticks in milliseconds, so a wake-up is up to a tick late in the normal course.
+const CATCH_UP: Duration = Duration::from_millis(2);
+
 /// What a granted slot must leave before the deadline for the ECR call itself: ECR answers
 /// these operations in tens of milliseconds.
 const ECR_CALL_ALLOWANCE: Duration = Duration::from_millis(100);
@@ -434,12 +438,17 @@ async fn dispatch(inner: Arc<Inner>) {
         if inner.shared_now().is_none() {
             // Every slot whose time has come, each counted at its own time: the timer ticks in
             // milliseconds and wakes late, and at the default BatchGetImage rate slots are
-            // 0.56 ms apart, so one release per wake-up delivered 700 of 1,800 a second. Slots
-            // stay on their schedule, so any one-second window holds at most one more than
-            // the paced rate.
+            // 0.56 ms apart, so one release per wake-up delivered 700 of 1,800 a second. Only
+            // a timer tick's lateness is caught up: a wake-up later than that (a starved
+            // runtime) loses its missed slots rather than sending them together, so no
+            // one-second window ever holds more than the paced rate and one.
             let interval = inner.local_interval();
             let now = Instant::now();
-            let mut slot = next;
+            let mut slot = if now.duration_since(next) > CATCH_UP {
+                now
+            } else {
+                next
+            };
             while slot <= now && inner.release_at(Origin::Local, slot) {
                 slot += interval;
             }
