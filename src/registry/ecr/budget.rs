@@ -436,21 +436,21 @@ async fn dispatch(inner: Arc<Inner>) {
         tokio::time::sleep_until(next).await;
         // Redis may have come back meanwhile: then the slot is the shared limiter's to give.
         if inner.shared_now().is_none() {
-            // Every slot whose time has come, each counted at its own time: the timer ticks in
-            // milliseconds and wakes late, and at the default BatchGetImage rate slots are
-            // 0.56 ms apart, so one release per wake-up delivered 700 of 1,800 a second. Only
-            // a timer tick's lateness is caught up: a wake-up later than that (a starved
-            // runtime) loses its missed slots rather than sending them together, so no
-            // one-second window ever holds more than the paced rate and one.
+            // Slots closer together than the timer's tick (the default BatchGetImage pace,
+            // 1,800/s, is one per 0.56 ms): every slot whose time has come, each counted at its
+            // own time, or one release per millisecond wake-up delivered 700 of 1,800 a second.
+            // Only a tick's lateness is caught up: a starved runtime loses the slots it missed
+            // rather than sending them together. Slower paces (PutImage's) release one slot
+            // per wake-up, counted when it is sent, as strictly as before.
             let interval = inner.local_interval();
             let now = Instant::now();
-            let mut slot = if now.duration_since(next) > CATCH_UP {
-                now
+            if interval < CATCH_UP && now.duration_since(next) <= CATCH_UP {
+                let mut slot = next;
+                while slot <= now && inner.release_at(Origin::Local, slot) {
+                    slot += interval;
+                }
             } else {
-                next
-            };
-            while slot <= now && inner.release_at(Origin::Local, slot) {
-                slot += interval;
+                inner.release(Origin::Local);
             }
         }
     }
