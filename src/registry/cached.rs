@@ -190,15 +190,15 @@ impl CachedRegistry {
             .push(bus);
     }
 
-    /// Tells every subscriber of `change`.
-    fn tell(&self, change: &TagMove<'_>) {
+    /// Tells every subscriber, through `what`.
+    fn tell(&self, what: impl Fn(&dyn TagBus)) {
         for bus in self
             .buses
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .iter()
         {
-            bus.moved(change);
+            what(bus.as_ref());
         }
     }
 
@@ -214,11 +214,13 @@ impl CachedRegistry {
     /// `repository`'s `tag` was deleted here: its resolution goes, and the subscribers hear.
     fn deleted(&self, repository: &RepositoryKey, tag: &Tag) {
         self.tags.invalidate(&(repository.clone(), tag.clone()));
-        self.tell(&TagMove {
-            repository,
-            tag,
-            digest: None,
-            media_type: "",
+        self.tell(|bus| {
+            bus.moved(&TagMove {
+                repository,
+                tag,
+                digest: None,
+                media_type: "",
+            });
         });
     }
 
@@ -352,11 +354,13 @@ impl CachedRegistry {
         let (image, outcome) = self.inner.put_image(input).await?;
         // Write-through: the bytes were hashed on the way in, and the tag now points at them.
         if let Some(tag) = &image.tag {
-            self.tell(&TagMove {
-                repository: &repository,
-                tag,
-                digest: Some(&image.digest),
-                media_type: &image.media_type,
+            self.tell(|bus| {
+                bus.moved(&TagMove {
+                    repository: &repository,
+                    tag,
+                    digest: Some(&image.digest),
+                    media_type: &image.media_type,
+                });
             });
         }
         self.remember(&repository, image.tag.as_ref(), &image, started);
@@ -444,28 +448,14 @@ impl CachedRegistry {
             if let Some(digest) = &deleted.digest {
                 self.digests
                     .invalidate(&(repository.clone(), digest.clone()));
-                for bus in self
-                    .buses
-                    .read()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .iter()
-                {
-                    bus.digest_deleted(&repository, digest);
-                }
+                self.tell(|bus| bus.digest_deleted(&repository, digest));
                 if by_digest.contains(digest) {
                     gone_by_digest.insert(digest.clone());
                 }
             }
         }
         if !gone_by_digest.is_empty() {
-            let stale: Vec<Tag> = self
-                .tags
-                .iter()
-                .filter(|(key, resolution)| {
-                    key.0 == repository && gone_by_digest.contains(&resolution.digest)
-                })
-                .map(|(key, _)| key.1.clone())
-                .collect();
+            let stale = tags_resolving_to(&self.tags, &repository, |d| gone_by_digest.contains(d));
             for tag in stale {
                 self.deleted(&repository, &tag);
             }
@@ -487,6 +477,19 @@ impl CachedRegistry {
     }
 }
 
+/// The tags of `repository` whose cached resolution is a digest `gone` says is gone: one pass
+/// over the tag cache, whatever the number of digests.
+fn tags_resolving_to(
+    tags: &Cache<(RepositoryKey, Tag), Resolution>,
+    repository: &RepositoryKey,
+    gone: impl Fn(&Digest) -> bool,
+) -> Vec<Tag> {
+    tags.iter()
+        .filter(|(key, resolution)| key.0 == *repository && gone(&resolution.digest))
+        .map(|(key, _)| key.1.clone())
+        .collect()
+}
+
 /// Drops tag resolutions of one cache, for the tag moves other replicas report.
 #[derive(Clone)]
 pub struct TagInvalidator {
@@ -503,13 +506,7 @@ impl TagInvalidator {
     /// Another replica deleted `digest`: it is no longer served from here, nor are the tags
     /// that resolved to it.
     pub fn forget_digest(&self, repository: RepositoryKey, digest: Digest) {
-        let stale: Vec<Tag> = self
-            .tags
-            .iter()
-            .filter(|(key, resolution)| key.0 == repository && resolution.digest == digest)
-            .map(|(key, _)| key.1.clone())
-            .collect();
-        for tag in stale {
+        for tag in tags_resolving_to(&self.tags, &repository, |d| *d == digest) {
             self.tags.invalidate(&(repository.clone(), tag));
         }
         self.digests.invalidate(&(repository, digest));
