@@ -203,10 +203,8 @@ impl ImageService {
                 .clone();
             let mut input = validate(message)?;
             self.route(input.registry_id_mut())?;
-            for action in method.actions {
-                self.authorizer
-                    .check(&principal, *action, input.repository())?;
-            }
+            self.authorizer
+                .check_all(&principal, method.actions, input.repository())?;
             let call = call.for_registry(input.registry_id().cloned());
             call.scope(work(input)).await
         });
@@ -574,9 +572,7 @@ impl pb::image_service_server::ImageService for ImageService {
                 let (authorizer, name) =
                     (Arc::clone(&self.authorizer), repository.repository.clone());
                 let still_allowed = move || {
-                    for action in methods::WATCH_TAG.actions {
-                        authorizer.check(&caller, *action, &name)?;
-                    }
+                    authorizer.check_all(&caller, methods::WATCH_TAG.actions, &name)?;
                     Ok(())
                 };
                 let watch = self

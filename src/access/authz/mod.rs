@@ -153,6 +153,18 @@ impl Authorizer {
         }
     }
 
+    /// [`check`](Self::check) of every one of `actions` (a method's, from the API's table).
+    pub fn check_all(
+        &self,
+        principal: &Principal,
+        actions: &[Action],
+        repository: &RepositoryName,
+    ) -> Result<(), Denied> {
+        actions
+            .iter()
+            .try_for_each(|action| self.check(principal, *action, repository))
+    }
+
     /// Re-reads the file; a changed, valid policy replaces the current one. Whether it changed.
     pub fn reload(&self) -> Result<bool, String> {
         let Some(path) = &self.path else {
