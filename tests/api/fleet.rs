@@ -42,6 +42,22 @@ async fn replica_of(
         .unwrap()
 }
 
+/// A fleet of account 123456789012 in eu-west-1 (share 3) on the Redis at `url`, listening for
+/// a cache over a store in `dir`, once its first heartbeat has answered.
+async fn shared_fleet(url: &str, dir: &ScratchDir) -> Arc<Fleet> {
+    use ecr_image_service::registry::ecr::budget::SharedSlots;
+    let fleet = Fleet::new(url, "123456789012:eu-west-1", 3).unwrap();
+    let store = LocalRegistry::open(&local_settings(&dir.0)).unwrap();
+    let cache = CachedRegistry::new(Arc::new(store), CacheSettings::default());
+    fleet.listen(cache.tag_invalidator());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !fleet.is_shared() {
+        assert!(Instant::now() < deadline, "the heartbeat never answered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    fleet
+}
+
 async fn digest(client: &mut ImageServiceClient<Channel>, tag: &str) -> (String, CacheStatus) {
     let answer = client
         .get_image(get("team/app", tag, ""))
@@ -197,15 +213,7 @@ async fn the_keys_of_an_account_share_one_cluster_slot() {
 
     let dir = ScratchDir::new("fleet-cluster");
     let redis = Redis::start_cluster(&dir.0);
-    let fleet = Fleet::new(&redis.url, "123456789012:eu-west-1", 3).unwrap();
-    let store = LocalRegistry::open(&local_settings(&dir.0)).unwrap();
-    let cache = CachedRegistry::new(Arc::new(store), CacheSettings::default());
-    fleet.listen(cache.tag_invalidator());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !fleet.is_shared() {
-        assert!(Instant::now() < deadline, "the heartbeat never answered");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let fleet = shared_fleet(&redis.url, &dir).await;
     let interval = Duration::from_secs(1);
     assert_eq!(fleet.take("PutImage", interval).await, Slot::Granted);
     assert!(matches!(
@@ -282,16 +290,8 @@ async fn implausible_redis_values_degrade_to_local_pacing() {
     use ecr_image_service::registry::ecr::budget::{SharedSlots, Slot};
 
     let redis = Redis::start();
-    let fleet = Fleet::new(&redis.url, "123456789012:eu-west-1", 3).unwrap();
     let dir = ScratchDir::new("fleet-forged");
-    let store = LocalRegistry::open(&local_settings(&dir.0)).unwrap();
-    let cache = CachedRegistry::new(Arc::new(store), CacheSettings::default());
-    fleet.listen(cache.tag_invalidator());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !fleet.is_shared() {
-        assert!(Instant::now() < deadline, "the heartbeat never answered");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let fleet = shared_fleet(&redis.url, &dir).await;
     let client = redis::Client::open(redis.url.as_str()).unwrap();
     let mut connection = client.get_multiplexed_async_connection().await.unwrap();
     let key = "ecr-image-service:{123456789012:eu-west-1}:budget:PutImage";
