@@ -12,7 +12,7 @@ use humantime::Duration as Human;
 use crate::access::identity::IdentitySource;
 use crate::domain::image::{RegistryId, RepositoryName};
 use crate::registry::cached::{self, CacheSettings};
-use crate::registry::ecr::{EcrSettings, client as ecr};
+use crate::registry::ecr::{EcrSettings, client as ecr, slots};
 use crate::registry::local::{self, LocalSettings};
 use crate::telemetry::LogFormat;
 use crate::transport::server::{self, ServerSettings};
@@ -116,6 +116,15 @@ pub struct ServeArgs {
     #[arg(long, env = "ECR_IMAGE_SERVICE_MAX_WATCHES", default_value_t = crate::api::watch::DEFAULT_MAX_WATCHES)]
     pub max_watches: usize,
 
+    /// Of `--max-watches`, how many one caller (principal) may hold on this replica.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_MAX_WATCHES_PER_CALLER", default_value_t = crate::api::watch::DEFAULT_MAX_WATCHES_PER_CALLER)]
+    pub max_watches_per_caller: usize,
+
+    /// Distinct repositories one caller's watches may span on this replica (each is polled
+    /// once per `--watch-poll-interval`).
+    #[arg(long, env = "ECR_IMAGE_SERVICE_MAX_WATCHED_REPOSITORIES_PER_CALLER", default_value_t = crate::api::watch::DEFAULT_MAX_WATCHED_REPOSITORIES_PER_CALLER)]
+    pub max_watched_repositories_per_caller: usize,
+
     /// Redis shared by the replicas (`redis://HOST:PORT`, `rediss://` for TLS, `unix:///path`):
     /// the ECR budgets are the whole quotas shared by the fleet, tag moves reach every replica
     /// at once, and one replica polls each watched repository. Optional: without it each
@@ -161,10 +170,16 @@ pub struct ServeArgs {
     #[arg(long, env = "ECR_IMAGE_SERVICE_OPERATION_TIMEOUT", default_value_t = Human::from(ecr::DEFAULT_OPERATION_TIMEOUT))]
     pub operation_timeout: Human,
 
-    /// Distinct calls to ECR (or the store) in flight at once; a new one past it is refused with
-    /// UNAVAILABLE + RetryInfo. Callers joining a read in flight are not counted.
-    #[arg(long, env = "ECR_IMAGE_SERVICE_MAX_UPSTREAM_CALLS", default_value_t = cached::DEFAULT_MAX_UPSTREAM_CALLS)]
+    /// ECR calls in flight at once, each from its rate-budget slot to ECR's answer (a wait for
+    /// a budget slot holds none); an attempt past it is refused with UNAVAILABLE + RetryInfo,
+    /// unsent. Callers joining a read in flight are not counted.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_MAX_UPSTREAM_CALLS", default_value_t = slots::DEFAULT_MAX_UPSTREAM_CALLS)]
     pub max_upstream_calls: usize,
+
+    /// Of `--max-upstream-calls`, how many one caller (principal) may have in flight: one
+    /// caller whose calls ECR answers slowly cannot take every other caller's slots.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_MAX_UPSTREAM_CALLS_PER_CALLER", default_value_t = slots::DEFAULT_MAX_UPSTREAM_CALLS_PER_CALLER)]
+    pub max_upstream_calls_per_caller: usize,
 
     /// Budget of the digest -> manifest cache, in bytes (suffixes KiB, MiB, GiB).
     #[arg(long, env = "ECR_IMAGE_SERVICE_DIGEST_CACHE_BYTES", default_value_t = cached::DEFAULT_DIGEST_CACHE_BYTES, value_parser = parse_bytes)]
@@ -406,8 +421,22 @@ impl ServeArgs {
                 "the watch intervals must be greater than zero",
             ));
         }
+        if self.max_watches_per_caller == 0 || self.max_watched_repositories_per_caller == 0 {
+            return Err(invalid(
+                "--max-watches-per-caller",
+                "the per-caller watch limits must be at least 1",
+            ));
+        }
         if self.max_upstream_calls == 0 {
             return Err(invalid("--max-upstream-calls", "must be at least 1"));
+        }
+        if self.max_upstream_calls_per_caller == 0
+            || self.max_upstream_calls_per_caller > self.max_upstream_calls
+        {
+            return Err(invalid(
+                "--max-upstream-calls-per-caller",
+                "must be at least 1 and at most --max-upstream-calls",
+            ));
         }
         if self.max_connections == 0 {
             return Err(invalid("--max-connections", "must be at least 1"));
@@ -462,6 +491,8 @@ impl ServeArgs {
             listing_rate: self.listing_rate,
             rate_share: self.rate_share,
             batch_window: *self.batch_window,
+            max_upstream_calls: self.max_upstream_calls,
+            max_upstream_calls_per_caller: self.max_upstream_calls_per_caller,
         }
     }
 
@@ -486,6 +517,8 @@ impl ServeArgs {
                 poll_interval: *self.watch_poll_interval,
                 heartbeat_interval: *self.watch_heartbeat_interval,
                 max_watches: self.max_watches,
+                max_watches_per_caller: self.max_watches_per_caller,
+                max_watched_repositories_per_caller: self.max_watched_repositories_per_caller,
             },
             // The embedded store's registry is configured; ECR's account is known only once
             // the credentials are (app::serve).
@@ -531,7 +564,6 @@ impl ServeArgs {
     /// The cache part of the configuration.
     pub fn cache_settings(&self) -> CacheSettings {
         CacheSettings {
-            max_upstream_calls: self.max_upstream_calls,
             digest_cache_bytes: self.digest_cache_bytes,
             tag_cache_entries: self.tag_cache_entries,
             tag_ttl: *self.tag_ttl,

@@ -67,22 +67,31 @@ const RECONNECT_DELAY: Duration = Duration::from_secs(1);
 /// to a live Redis takes milliseconds, even with TLS.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// GCRA without burst: `KEYS[1]` holds the theoretical arrival time (TAT), microseconds of
-/// Redis's clock; `ARGV[1]` is the slot interval in microseconds. A slot is granted when the
-/// TAT has passed, and the TAT moves one interval past now: grants are at least an interval
-/// apart fleet-wide, whatever the replicas' clocks. Returns `{1, 0}`, or `{0, µs to wait}`.
-static TAKE_SLOT: LazyLock<redis::Script> = LazyLock::new(|| {
+/// GCRA without burst, several slots a round trip: `KEYS[1]` holds the theoretical arrival
+/// time (TAT), microseconds of Redis's clock; `ARGV` are the slot interval in microseconds, the
+/// slots wanted, and the horizon in microseconds. The slots granted are the next ones of the
+/// fleet's schedule, an interval apart from the TAT (or now, if it has passed), as many as are
+/// wanted and due within the horizon; the TAT moves past the last. Grants are an interval apart
+/// fleet-wide whatever the replicas' clocks: each replica sends its slots at their times.
+/// Returns `{n, µs until the first}`, or `{0, µs until one is due within the horizon}`. With
+/// one wanted and no horizon it is the one-slot GCRA of earlier versions, on the same key.
+static TAKE_SLOTS: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r#"
 local t = redis.call("TIME")
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
+local wanted = tonumber(ARGV[2])
+local horizon = tonumber(ARGV[3])
 local tat = tonumber(redis.call("GET", KEYS[1]) or "0")
-if tat > now then
-  return {0, tat - now}
+local first = math.max(tat, now)
+if first > now + horizon then
+  return {0, first - now - horizon}
 end
-redis.call("SET", KEYS[1], string.format("%.0f", now + interval), "PX", math.ceil(interval / 1000) + 1000)
-return {1, 0}
+local n = math.min(wanted, math.floor((now + horizon - first) / interval) + 1)
+local last = first + n * interval
+redis.call("SET", KEYS[1], string.format("%.0f", last), "PX", math.ceil((last - now) / 1000) + 1000)
+return {n, first - now}
 "#,
     )
 });
@@ -439,20 +448,38 @@ impl SharedSlots for Fleet {
         self.state.shared.load(Ordering::Relaxed)
     }
 
-    fn take(&self, operation: &'static str, interval: Duration) -> BoxFuture<'static, Slot> {
-        let answer = self.on_budget::<(u8, u64)>(&TAKE_SLOT, operation, vec![micros(interval)]);
+    fn take(
+        &self,
+        operation: &'static str,
+        interval: Duration,
+        wanted: u32,
+        horizon: Duration,
+    ) -> BoxFuture<'static, Slot> {
+        let answer = self.on_budget::<(u32, u64)>(
+            &TAKE_SLOTS,
+            operation,
+            vec![micros(interval), u64::from(wanted.max(1)), micros(horizon)],
+        );
         let state = Arc::clone(&self.state);
         Box::pin(async move {
             match answer.await {
-                Ok((1, _)) => Slot::Granted,
                 // An honest limiter without burst answers at most an interval, plus the second
                 // a replica coming back owes: a timestamp far ahead is a broken or forged key,
-                // and would refuse every call for as long ("retry after 9,999,999 s").
-                Ok((_, wait)) if Duration::from_micros(wait) > interval + MAX_OWED_WAIT => {
-                    state.degrade("Redis answered an implausible wait for a budget slot");
+                // and would refuse every call for as long ("retry after 9,999,999 s"). A grant
+                // of more than was asked, or due past the horizon, is as broken.
+                Ok((count, first_in))
+                    if count > wanted.max(1)
+                        || (count > 0 && Duration::from_micros(first_in) > horizon)
+                        || Duration::from_micros(first_in) > interval + MAX_OWED_WAIT =>
+                {
+                    state.degrade("Redis answered an implausible budget slot");
                     Slot::Unavailable
                 }
-                Ok((_, wait)) => Slot::NotBefore(Duration::from_micros(wait)),
+                Ok((0, wait)) => Slot::NotBefore(Duration::from_micros(wait)),
+                Ok((count, first_in)) => Slot::Granted {
+                    count,
+                    first_in: Duration::from_micros(first_in),
+                },
                 Err(why) => {
                     state.degrade(&why);
                     Slot::Unavailable

@@ -18,7 +18,7 @@ use tonic_types::StatusExt;
 use ecr_image_service::pb::image_service_client::ImageServiceClient;
 use support::fair_shares;
 use support::fault_proxy::{Fault, FaultProxy};
-use support::requests::{get, put};
+use support::requests::{as_xfcc, get, put};
 use support::{
     assert_status, create_repository, error_info, moto, registry, server_settings, settings, start,
     start_channel_with, unique,
@@ -142,19 +142,6 @@ async fn callers_share_the_put_budget_fairly() {
         shares.busiest
     );
     assert!(used >= 0.85, "{:.0}% of the budget used", used * 100.0);
-}
-
-/// The Istio (XFCC) header of `caller`, as the sidecar sets it.
-fn as_xfcc<T>(caller: &str, message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    let header = format!(
-        "By=spiffe://cluster.local/ns/platform/sa/images;Hash=ab12;Subject=\"\";\
-         URI=spiffe://cluster.local/ns/{caller}/sa/{caller}"
-    );
-    request
-        .metadata_mut()
-        .insert("x-forwarded-client-cert", header.parse().unwrap());
-    request
 }
 
 /// Fair shares reach reads, which are batched in a task of their own: caller A reads cold
@@ -294,4 +281,148 @@ async fn a_call_that_times_out_in_the_budget_queue_is_no_ecr_timeout() {
         stored,
         "the refused never reached ECR"
     );
+}
+
+/// Issue 20, finding 1: a call waiting for a rate-budget slot holds no upstream slot. Caller A
+/// queues 40 ListImages behind a 1/s listing budget (they wait up to 30 s each), and ECR takes
+/// 10 s to answer each; the replica has 4 upstream slots, all of which one caller may take.
+/// When B reads, A has two listings at ECR and the rest queued: B's cold GetImage finds a slot
+/// and is served (when a slot was taken before the budget wait, A's queue held all four and B
+/// was refused OVERLOADED).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_queued_for_a_budget_hold_no_upstream_slot() {
+    let repository = unique("queued-slots");
+    create_repository(moto::endpoint(), &repository, false).await;
+    let proxy = FaultProxy::start(moto::endpoint(), |operation, _| {
+        if operation == "ListImages" {
+            Fault::Delay(Duration::from_secs(10))
+        } else {
+            Fault::Forward
+        }
+    })
+    .await;
+    let budgeted = EcrSettings {
+        listing_rate: 1.0,
+        max_upstream_calls: 4,
+        max_upstream_calls_per_caller: 4,
+        ..settings()
+    };
+    let server = ServerSettings {
+        identity_source: IdentitySource::IstioXfcc,
+        ..server_settings()
+    };
+    let channel = start_channel_with(registry(&proxy.endpoint, budgeted), server).await;
+    let mut b = ImageServiceClient::new(channel.clone());
+    let manifest = r#"{"mediaType":"application/vnd.oci.image.manifest.v1+json","slots":1}"#;
+    b.put_image(as_xfcc("b", put(&repository, "v1", manifest)))
+        .await
+        .unwrap();
+    let listings: Vec<_> = (0..40)
+        .map(|_| {
+            let mut a = ImageServiceClient::new(channel.clone());
+            let mut request = as_xfcc(
+                "a",
+                ecr_image_service::pb::ListImagesRequest {
+                    repository_name: repository.clone(),
+                    ..Default::default()
+                },
+            );
+            request.set_timeout(Duration::from_secs(30));
+            tokio::spawn(async move { a.list_images(request).await })
+        })
+        .collect();
+    // A's listings are queued once ECR has seen the first of them (one a second).
+    let waited = Instant::now();
+    while proxy.arrivals("ListImages").len() < 2 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(20),
+            "A's listings never reached ECR"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut read = as_xfcc("b", get(&repository, "v1", ""));
+    read.set_timeout(Duration::from_secs(5));
+    let answer = b.get_image(read).await;
+    for listing in &listings {
+        listing.abort();
+    }
+    let answer = answer.unwrap_or_else(|status| {
+        panic!(
+            "B's read was refused while A's listings queued: {:?} {}",
+            status.code(),
+            status.message()
+        )
+    });
+    assert_eq!(
+        answer.into_inner().image.unwrap().image_manifest,
+        manifest,
+        "B's read is served"
+    );
+    assert!(
+        proxy.arrivals("ListImages").len() < 40,
+        "the listings were still queued when B read"
+    );
+}
+
+/// Issue 20, finding 1: one caller has at most `max_upstream_calls_per_caller` ECR calls in
+/// flight. ECR answers BatchGetImage after 2 s; A reads cold tags in 6 repositories at once
+/// (6 distinct calls) with a per-caller share of 2 out of 8: two are sent, the others are
+/// refused OVERLOADED at once with a retry hint; B's read in a seventh repository is sent and
+/// served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_caller_has_at_most_its_share_of_upstream_calls() {
+    let prefix = unique("caller-slots");
+    let repositories: Vec<String> = (0..7).map(|n| format!("{prefix}-{n}")).collect();
+    for repository in &repositories {
+        create_repository(moto::endpoint(), repository, false).await;
+    }
+    let proxy = FaultProxy::start(moto::endpoint(), |operation, _| {
+        if operation == "BatchGetImage" {
+            Fault::Delay(Duration::from_secs(2))
+        } else {
+            Fault::Forward
+        }
+    })
+    .await;
+    let limited = EcrSettings {
+        max_upstream_calls: 8,
+        max_upstream_calls_per_caller: 2,
+        ..settings()
+    };
+    let server = ServerSettings {
+        identity_source: IdentitySource::IstioXfcc,
+        ..server_settings()
+    };
+    let channel = start_channel_with(registry(&proxy.endpoint, limited), server).await;
+    let mut b = ImageServiceClient::new(channel.clone());
+    let manifest = r#"{"mediaType":"application/vnd.oci.image.manifest.v1+json","share":1}"#;
+    b.put_image(as_xfcc("b", put(&repositories[6], "v1", manifest)))
+        .await
+        .unwrap();
+    let reads: Vec<_> = repositories[..6]
+        .iter()
+        .map(|repository| {
+            let mut a = ImageServiceClient::new(channel.clone());
+            let mut request = as_xfcc("a", get(repository, "missing", ""));
+            request.set_timeout(Duration::from_secs(10));
+            tokio::spawn(async move { a.get_image(request).await })
+        })
+        .collect();
+    let mut read = as_xfcc("b", get(&repositories[6], "v1", ""));
+    read.set_timeout(Duration::from_secs(10));
+    let b_answer = b.get_image(read).await;
+    let (mut sent, mut overloaded) = (0, 0);
+    for read in reads {
+        match read.await.unwrap() {
+            Err(status) if status.code() == Code::NotFound => sent += 1,
+            Err(status) if status.code() == Code::Unavailable => {
+                assert_eq!(error_info(&status).reason, "OVERLOADED", "{status:?}");
+                assert!(status.get_details_retry_info().is_some(), "{status:?}");
+                overloaded += 1;
+            }
+            other => panic!("unexpected answer to A: {other:?}"),
+        }
+    }
+    assert!(b_answer.is_ok(), "B's read: {b_answer:?}");
+    assert_eq!((sent, overloaded), (2, 4), "A's six distinct calls");
 }

@@ -129,9 +129,9 @@ pub enum Error {
         /// Why.
         why: &'static str,
     },
-    /// This replica holds as many watches as it may.
-    #[error("this replica holds as many watches as it may; retry, another replica may have room")]
-    TooManyWatches,
+    /// A watch cap is reached: the replica's or the caller's.
+    #[error("{0}")]
+    TooManyWatches(crate::api::watch::WatchCap),
     /// The image is an index with no entry for the platform asked for.
     #[error("no image for platform {requested} in the index; it has: {available}")]
     PlatformNotFound {
@@ -354,7 +354,7 @@ impl Error {
             }
             // UNAVAILABLE: the one code clients and meshes retry; nothing is lost by it.
             Self::WatchEnded { .. } => (Code::Unavailable, Reason::WatchEnded),
-            Self::TooManyWatches => (Code::ResourceExhausted, Reason::TooManyWatches),
+            Self::TooManyWatches(_) => (Code::ResourceExhausted, Reason::TooManyWatches),
             Self::Registry(err) => match err {
                 R::RepositoryNotFound(_) => (Code::NotFound, Reason::RepositoryNotFound),
                 R::ImageNotFound(_) => (Code::NotFound, Reason::ImageNotFound),
@@ -403,7 +403,7 @@ impl Error {
             | Self::PlatformNotFound { .. }
             | Self::RegistryNotConfigured { .. }
             | Self::WatchEnded { .. }
-            | Self::TooManyWatches => None,
+            | Self::TooManyWatches(_) => None,
             Self::Registry(err) => err.upstream(),
         }
     }
@@ -450,7 +450,7 @@ impl Error {
             | Self::PlatformNotFound { .. }
             | Self::RegistryNotConfigured { .. }
             | Self::WatchEnded { .. }
-            | Self::TooManyWatches => Vec::new(),
+            | Self::TooManyWatches(_) => Vec::new(),
         }
     }
 
@@ -463,7 +463,7 @@ impl Error {
                 | RegistryError::Busy { retry_after },
             )
             | Self::Overloaded { retry_after } => Some(*retry_after),
-            Self::WatchEnded { .. } | Self::TooManyWatches => Some(WATCH_RETRY_DELAY),
+            Self::WatchEnded { .. } | Self::TooManyWatches(_) => Some(WATCH_RETRY_DELAY),
             _ => None,
         }
     }
@@ -720,7 +720,7 @@ mod tests {
                 "WATCH_ENDED",
             ),
             (
-                Error::TooManyWatches,
+                Error::TooManyWatches(crate::api::watch::WatchCap::Replica(1)),
                 Code::ResourceExhausted,
                 "TOO_MANY_WATCHES",
             ),

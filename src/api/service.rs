@@ -15,7 +15,7 @@ use crate::api::error::{self, Error};
 use crate::api::methods::{self, Method};
 use crate::api::paging::PageTokens;
 use crate::api::pb;
-use crate::api::watch::WatchHub;
+use crate::api::watch::{Refused, WatchHub};
 use crate::api::{retag, validate};
 use crate::domain::call::{CallContext, NoIdentity, Principal};
 use crate::domain::image::{Digest, RegistryId, RepositoryName, Tag};
@@ -577,9 +577,12 @@ impl pb::image_service_server::ImageService for ImageService {
                 };
                 let watch = self
                     .hub
-                    .watch(repository, tag.clone())
+                    .watch(crate::domain::call::caller_key(), repository, tag.clone())
                     .await
-                    .ok_or(Error::TooManyWatches)?;
+                    .map_err(|refused| match refused {
+                        Refused::Cap(cap) => Error::TooManyWatches(cap),
+                        Refused::Repository(missing) => Error::Registry(missing),
+                    })?;
                 let heartbeat = self.hub.settings().heartbeat_interval;
                 let stream =
                     crate::api::watch::stream(watch, tag, last_known, heartbeat, still_allowed);

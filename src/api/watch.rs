@@ -36,6 +36,16 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(10);
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30);
 /// Watches one replica holds at once: each costs a few KB; 20,000 stay within tens of MiB.
 pub const DEFAULT_MAX_WATCHES: usize = 20_000;
+/// Half the replica's watches for one caller: a deploy controller watching a tag per workload
+/// has room for 10,000 workloads, and one caller never holds the other half. Without an
+/// identity source every caller is `anonymous`, one caller: then this is the replica's limit
+/// for everyone, so it must fit a rollout's watchers (the binary test's 10,000).
+pub const DEFAULT_MAX_WATCHES_PER_CALLER: usize = DEFAULT_MAX_WATCHES / 2;
+/// Repositories one caller's watches may span. Each watched repository is one BatchGetImage
+/// per poll interval: 2,000 of them every 10 s is 200 calls a second, a ninth of the default
+/// BatchGetImage pace, however many repositories a caller names (20,000 distinct ones pinned
+/// it at 530-640/s); an organisation's deploys watch far fewer.
+pub const DEFAULT_MAX_WATCHED_REPOSITORIES_PER_CALLER: usize = 2_000;
 /// Streams end after this long (UNAVAILABLE + RetryInfo), so that watchers re-spread over
 /// replicas added since, as max_connection_age does for connections.
 pub const MAX_STREAM_AGE: Duration = Duration::from_secs(30 * 60);
@@ -99,6 +109,10 @@ pub struct WatchSettings {
     pub heartbeat_interval: Duration,
     /// Watches at once.
     pub max_watches: usize,
+    /// Of those, at most this many for one caller (principal).
+    pub max_watches_per_caller: usize,
+    /// Distinct repositories one caller's watches may span.
+    pub max_watched_repositories_per_caller: usize,
 }
 
 impl Default for WatchSettings {
@@ -107,8 +121,42 @@ impl Default for WatchSettings {
             poll_interval: DEFAULT_POLL_INTERVAL,
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             max_watches: DEFAULT_MAX_WATCHES,
+            max_watches_per_caller: DEFAULT_MAX_WATCHES_PER_CALLER,
+            max_watched_repositories_per_caller: DEFAULT_MAX_WATCHED_REPOSITORIES_PER_CALLER,
         }
     }
+}
+
+/// A watch refused for a cap: whose, and its value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum WatchCap {
+    /// The replica holds `--max-watches`.
+    #[error("this replica holds {0} watches, its limit; retry, another replica may have room")]
+    Replica(usize),
+    /// The caller holds `--max-watches-per-caller` here.
+    #[error("this caller holds {0} watches on this replica, its limit")]
+    Caller(usize),
+    /// The caller's watches span `--max-watched-repositories-per-caller` repositories here.
+    #[error("this caller watches tags in {0} repositories on this replica, its limit")]
+    Repositories(usize),
+}
+
+/// Why [`WatchHub::watch`] gave no watch.
+#[derive(Debug)]
+pub enum Refused {
+    /// A cap is reached.
+    Cap(WatchCap),
+    /// The repository does not exist (the first read of the tag said so): a watch on it would
+    /// poll ECR for nothing until the stream's end.
+    Repository(RegistryError),
+}
+
+/// One caller's watches on this replica, for the per-caller caps.
+#[derive(Debug, Default)]
+struct CallerWatches {
+    watches: usize,
+    /// Watches per repository; a repository leaves with its last watch.
+    repositories: HashMap<RepositoryKey, usize>,
 }
 
 type Tags = HashMap<Tag, watch::Sender<Option<TagState>>>;
@@ -138,6 +186,7 @@ pub struct WatchHub {
     polls: Option<Arc<dyn SharedPolls>>,
     repositories: Mutex<HashMap<RepositoryKey, Tags>>,
     watches: AtomicUsize,
+    callers: Mutex<HashMap<Arc<str>, CallerWatches>>,
     closing: watch::Sender<bool>,
 }
 
@@ -147,12 +196,36 @@ pub struct Watch {
     pub states: watch::Receiver<Option<TagState>>,
     /// Turns true when the server shuts down.
     pub closing: watch::Receiver<bool>,
-    hub: Arc<WatchHub>,
+    _counted: Counted,
 }
 
-impl Drop for Watch {
+/// A watch's place in the replica's and its caller's counts, given back when dropped.
+struct Counted {
+    hub: Arc<WatchHub>,
+    caller: Arc<str>,
+    repository: RepositoryKey,
+}
+
+impl Drop for Counted {
     fn drop(&mut self) {
         self.hub.watches.fetch_sub(1, Ordering::Relaxed);
+        let mut callers = self
+            .hub
+            .callers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(mine) = callers.get_mut(&self.caller) {
+            mine.watches = mine.watches.saturating_sub(1);
+            if let Some(n) = mine.repositories.get_mut(&self.repository) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    mine.repositories.remove(&self.repository);
+                }
+            }
+            if mine.watches == 0 {
+                callers.remove(&self.caller);
+            }
+        }
     }
 }
 
@@ -170,6 +243,7 @@ impl WatchHub {
             polls,
             repositories: Mutex::default(),
             watches: AtomicUsize::new(0),
+            callers: Mutex::default(),
             closing: watch::channel(false).0,
         });
         if let Some(polls) = &hub.polls {
@@ -193,13 +267,55 @@ impl WatchHub {
         self.closing.send_replace(true);
     }
 
-    /// A watch of `tag`, or `None` past the cap. The tag's first state is read at once when no
-    /// other watcher has it yet; the repository's poller starts with the first watch.
-    pub async fn watch(self: &Arc<Self>, repository: RepositoryKey, tag: Tag) -> Option<Watch> {
-        if self.watches.fetch_add(1, Ordering::Relaxed) >= self.settings.max_watches {
+    /// A place in the counts for `caller`'s watch in `repository`, or the cap that refuses it.
+    fn count(
+        self: &Arc<Self>,
+        caller: Arc<str>,
+        repository: &RepositoryKey,
+    ) -> Result<Counted, WatchCap> {
+        let settings = &self.settings;
+        let mut callers = self.callers.lock().unwrap_or_else(PoisonError::into_inner);
+        let mine = callers.entry(Arc::clone(&caller)).or_default();
+        let refused = if mine.watches >= settings.max_watches_per_caller {
+            Some(WatchCap::Caller(settings.max_watches_per_caller))
+        } else if !mine.repositories.contains_key(repository)
+            && mine.repositories.len() >= settings.max_watched_repositories_per_caller
+        {
+            Some(WatchCap::Repositories(
+                settings.max_watched_repositories_per_caller,
+            ))
+        } else if self.watches.fetch_add(1, Ordering::Relaxed) >= settings.max_watches {
             self.watches.fetch_sub(1, Ordering::Relaxed);
-            return None;
+            Some(WatchCap::Replica(settings.max_watches))
+        } else {
+            None
+        };
+        if let Some(cap) = refused {
+            if mine.watches == 0 {
+                callers.remove(&caller);
+            }
+            return Err(cap);
         }
+        mine.watches += 1;
+        *mine.repositories.entry(repository.clone()).or_default() += 1;
+        Ok(Counted {
+            hub: Arc::clone(self),
+            caller,
+            repository: repository.clone(),
+        })
+    }
+
+    /// A watch of `tag` for `caller`, or why not: a cap (the replica's, the caller's watches,
+    /// the caller's repositories), or a repository that does not exist. The tag's first state
+    /// is read at once when no other watcher has it yet; the repository's poller starts with
+    /// the first watch.
+    pub async fn watch(
+        self: &Arc<Self>,
+        caller: Arc<str>,
+        repository: RepositoryKey,
+        tag: Tag,
+    ) -> Result<Watch, Refused> {
+        let counted = self.count(caller, &repository).map_err(Refused::Cap)?;
         let (states, fresh, start_poller) = {
             let mut repositories = self
                 .repositories
@@ -220,14 +336,48 @@ impl WatchHub {
             tokio::spawn(poller.scope(Arc::clone(self).poll(repository.clone())));
         }
         if fresh {
-            let state = self.read(&repository, &tag, None).await;
+            let (state, missing) = self.first_read(&repository, &tag).await;
+            if let Some(missing) = missing {
+                drop(states);
+                self.forget_unwatched(&repository, &tag);
+                return Err(Refused::Repository(missing));
+            }
             self.publish(&repository, &tag, state);
         }
-        Some(Watch {
+        Ok(Watch {
             states,
             closing: self.closing.subscribe(),
-            hub: Arc::clone(self),
+            _counted: counted,
         })
+    }
+
+    /// The first read of a tag: its state, and the error when the repository does not exist.
+    async fn first_read(
+        &self,
+        repository: &RepositoryKey,
+        tag: &Tag,
+    ) -> (Option<TagState>, Option<RegistryError>) {
+        match self.fetch(repository, tag).await {
+            Err(err @ RegistryError::RepositoryNotFound(_)) => (None, Some(err)),
+            read => (Self::state_of(read, None), None),
+        }
+    }
+
+    /// Drops `tag`'s channel if nobody watches it (a refused first watcher), and the
+    /// repository's entry with its last tag: its poller then stops at its next turn.
+    fn forget_unwatched(&self, repository: &RepositoryKey, tag: &Tag) {
+        let mut repositories = self
+            .repositories
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(tags) = repositories.get_mut(repository) {
+            if tags.get(tag).is_some_and(|s| s.receiver_count() == 0) {
+                tags.remove(tag);
+            }
+            if tags.is_empty() {
+                repositories.remove(repository);
+            }
+        }
     }
 
     /// Hears of every tag this replica moves (put, retag, delete), through the registry
@@ -290,17 +440,36 @@ impl WatchHub {
         tag: &Tag,
         previous: Option<TagState>,
     ) -> Option<TagState> {
-        let now = SystemTime::now();
-        let read = self
-            .registry
+        let read = self.fetch(repository, tag).await;
+        Self::state_of(read, previous)
+    }
+
+    /// A fresh read of `tag` from the registry.
+    async fn fetch(
+        &self,
+        repository: &RepositoryKey,
+        tag: &Tag,
+    ) -> Result<crate::registry::Fetched, RegistryError> {
+        let reference = ImageRef::new(Some(tag.clone()), None).ok_or_else(|| {
+            RegistryError::ImageNotFound(crate::registry::Upstream::message("no reference"))
+        })?;
+        self.registry
             .get_image(GetImageInput {
                 registry_id: repository.registry_id.clone(),
                 repository: repository.repository.clone(),
-                reference: ImageRef::new(Some(tag.clone()), None)?,
+                reference,
                 accepted_media_types: Vec::new(),
                 max_staleness: Some(Duration::ZERO),
             })
-            .await;
+            .await
+    }
+
+    /// What a read says of a tag's state (see [`read`](Self::read)).
+    fn state_of(
+        read: Result<crate::registry::Fetched, RegistryError>,
+        previous: Option<TagState>,
+    ) -> Option<TagState> {
+        let now = SystemTime::now();
         let found = match read {
             Ok(fetched) => Some((Some(fetched.image.digest), fetched.image.media_type)),
             Err(RegistryError::ImageNotFound(_) | RegistryError::RepositoryNotFound(_)) => {

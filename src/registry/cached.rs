@@ -25,7 +25,6 @@ use moka::sync::Cache;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry as Metrics, Unit};
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use super::flight::Flights;
@@ -45,11 +44,6 @@ const ENTRY_OVERHEAD_BYTES: usize = 640;
 /// Enough for the hot set of a large fleet: 64 MiB holds ~25,000 typical 2.5 KiB manifests.
 /// Entries are immutable and verified, so a bigger budget only trades memory for ECR calls.
 pub const DEFAULT_DIGEST_CACHE_BYTES: u64 = 64 << 20;
-/// Distinct registry calls in flight: ECR answers in tens of milliseconds and the ECR backend
-/// batches up to 100 reads a call, so 512 distinct reads in flight already ask more than
-/// BatchGetImage's 2,000/s; each costs a task and a connection's share, unlike the callers that
-/// join one (a herd of 10,000 on one tag is one call).
-pub const DEFAULT_MAX_UPSTREAM_CALLS: usize = 512;
 /// A tag resolution costs ~570 bytes with moka's expiry bookkeeping (measured by the
 /// benchmark's memory phase), so 20,000, far more tags than a fleet deploys from at once, hold
 /// ~11 MiB.
@@ -66,9 +60,6 @@ pub const DEFAULT_STALE_IF_ERROR: Duration = Duration::from_secs(300);
 /// How the cache behaves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheSettings {
-    /// Distinct calls to the registry in flight at once (a read's flight, a put); callers
-    /// joining a read in flight cost nothing here.
-    pub max_upstream_calls: usize,
     /// The digest cache's budget, in bytes of manifests plus per-entry overhead.
     pub digest_cache_bytes: u64,
     /// How many tag resolutions to keep.
@@ -83,7 +74,6 @@ pub struct CacheSettings {
 impl Default for CacheSettings {
     fn default() -> Self {
         Self {
-            max_upstream_calls: DEFAULT_MAX_UPSTREAM_CALLS,
             digest_cache_bytes: DEFAULT_DIGEST_CACHE_BYTES,
             tag_cache_entries: DEFAULT_TAG_CACHE_ENTRIES,
             tag_ttl: DEFAULT_TAG_TTL,
@@ -128,8 +118,6 @@ pub struct CachedRegistry {
     digests: Cache<(RepositoryKey, Digest), StoredImage>,
     tags: Cache<(RepositoryKey, Tag), Resolution>,
     flights: Flights<FlightKey, Result<StoredImage, RegistryError>>,
-    /// Slots for distinct registry calls in flight.
-    upstream: Arc<Semaphore>,
     /// Where this replica's tag moves are told: the fleet, the watch hub.
     buses: RwLock<Vec<Arc<dyn TagBus>>>,
     settings: CacheSettings,
@@ -169,7 +157,6 @@ impl CachedRegistry {
             digests,
             tags,
             flights: Flights::default(),
-            upstream: Arc::new(Semaphore::new(settings.max_upstream_calls)),
             buses: RwLock::default(),
             settings,
             stats,
@@ -338,17 +325,7 @@ impl CachedRegistry {
 }
 
 impl CachedRegistry {
-    /// A slot for one distinct registry call, or [`RegistryError::Busy`] at once.
-    fn upstream_slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, RegistryError> {
-        self.upstream
-            .try_acquire()
-            .map_err(|_| RegistryError::Busy {
-                retry_after: super::error::RETRY_SOON,
-            })
-    }
-
     async fn put(&self, input: PutImageInput) -> Result<(StoredImage, PutOutcome), RegistryError> {
-        let _slot = self.upstream_slot()?;
         let repository = input.repository_key();
         let started = Instant::now();
         let (image, outcome) = self.inner.put_image(input).await?;
@@ -388,7 +365,6 @@ impl CachedRegistry {
         let fetched = self
             .flights
             .run(key, || async {
-                let _slot = self.upstream_slot()?;
                 let started = Instant::now();
                 let image = self.inner.get_image(input.clone()).await?.image;
                 // Inside the shared call: the caches hold the answer before the flight ends.
@@ -417,7 +393,6 @@ impl CachedRegistry {
     /// referenced when their turn comes), then forgets what was deleted: a digest deleted is
     /// NOT_FOUND at once, never a cached hit.
     async fn delete(&self, mut input: DeleteImagesInput) -> Result<DeleteOutcome, RegistryError> {
-        let _slot = self.upstream_slot()?;
         let repository = input.repository_key();
         let is_known_index = |reference: &ImageRef| {
             reference.digest().is_some_and(|digest| {
@@ -467,12 +442,10 @@ impl CachedRegistry {
 impl CachedRegistry {
     /// Listings are never cached (they are what changes); each is a distinct upstream call.
     async fn list(&self, input: ListInput) -> Result<ListPage, RegistryError> {
-        let _slot = self.upstream_slot()?;
         self.inner.list_images(input).await
     }
 
     async fn describe(&self, input: DescribeInput) -> Result<DescribePage, RegistryError> {
-        let _slot = self.upstream_slot()?;
         self.inner.describe_images(input).await
     }
 }
@@ -663,7 +636,6 @@ mod tests {
             tag_cache_entries: 1000,
             tag_ttl: TTL,
             stale_if_error: STALE_IF_ERROR,
-            ..CacheSettings::default()
         }
     }
 
@@ -834,43 +806,6 @@ mod tests {
         assert!(held <= budget, "{held} bytes held, budget {budget}");
         assert!(held > budget / 2, "the budget is used, not wasted: {held}");
         assert!(cache.stats().evictions.get() > 100);
-    }
-
-    /// Distinct calls past `max_upstream_calls` are refused at once (Busy, nothing sent); the
-    /// callers joining a call in flight are not counted, however many.
-    #[tokio::test(start_paused = true)]
-    async fn distinct_upstream_calls_are_bounded_and_joiners_are_free() {
-        let memory = Memory::with_latency(Duration::from_millis(50));
-        let (v1, v2) = (image("v1", 1), image("v2", 2));
-        memory.store(&v1);
-        memory.store(&v2);
-        let (cache, memory) = cache_with(
-            memory,
-            CacheSettings {
-                max_upstream_calls: 1,
-                ..settings()
-            },
-        );
-        let cache = Arc::new(cache);
-        let herd: Vec<_> = (0..1000)
-            .map(|_| {
-                let cache = Arc::clone(&cache);
-                tokio::spawn(async move { cache.get_image(by_tag("v1", None)).await })
-            })
-            .collect();
-        tokio::task::yield_now().await;
-        let other = cache.get_image(by_tag("v2", None)).await;
-        assert!(
-            matches!(other, Err(RegistryError::Busy { .. })),
-            "{other:?}"
-        );
-        for reader in herd {
-            assert_eq!(reader.await.unwrap().unwrap().image.digest, v1.digest);
-        }
-        assert_eq!(memory.reads(), 1);
-        // The slot is free again.
-        let v2_read = cache.get_image(by_tag("v2", None)).await.unwrap();
-        assert_eq!(v2_read.image.digest, v2.digest);
     }
 
     /// Concurrent reads of one tag make one registry call; every caller gets the image.

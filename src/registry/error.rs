@@ -101,10 +101,11 @@ pub enum RegistryError {
         /// When the budget will have a slot.
         retry_after: std::time::Duration,
     },
-    /// As many distinct calls to the registry are in flight as the service allows
-    /// (`--max-upstream-calls`); nothing was sent. Callers joining a call in flight are never
-    /// refused this way: only a new distinct call is.
-    #[error("too many distinct registry calls in flight; retry after {retry_after:?}")]
+    /// As many ECR calls are in flight as the replica allows (`--max-upstream-calls`), or as
+    /// this caller may have (`--max-upstream-calls-per-caller`); nothing was sent. Callers
+    /// joining a call in flight are never refused this way, nor is a call waiting for a budget
+    /// slot: only an attempt about to leave for ECR.
+    #[error("too many ECR calls in flight; retry after {retry_after:?}")]
     Busy {
         /// When a retry is likely to find room.
         retry_after: std::time::Duration,

@@ -215,10 +215,28 @@ async fn the_keys_of_an_account_share_one_cluster_slot() {
     let redis = Redis::start_cluster(&dir.0);
     let fleet = shared_fleet(&redis.url, &dir).await;
     let interval = Duration::from_secs(1);
-    assert_eq!(fleet.take("PutImage", interval).await, Slot::Granted);
+    assert_eq!(
+        fleet.take("PutImage", interval, 1, Duration::ZERO).await,
+        Slot::Granted {
+            count: 1,
+            first_in: Duration::ZERO
+        }
+    );
     assert!(matches!(
-        fleet.take("PutImage", interval).await,
+        fleet.take("PutImage", interval, 1, Duration::ZERO).await,
         Slot::NotBefore(wait) if wait > Duration::from_millis(900)
+    ));
+    // Several slots a round trip: those due within the horizon, the first where the schedule
+    // stands (a second from now), an interval apart.
+    assert!(matches!(
+        fleet.take("PutImage", interval, 10, Duration::from_millis(2500)).await,
+        Slot::Granted { count: 2, first_in } if first_in > Duration::from_millis(900)
+    ));
+    // The schedule is booked 3 s ahead: the next slot is due within the horizon in 0.5 s.
+    assert!(matches!(
+        fleet.take("PutImage", interval, 10, Duration::from_millis(2500)).await,
+        Slot::NotBefore(wait)
+            if wait > Duration::from_millis(400) && wait <= Duration::from_millis(500)
     ));
     let repository = RepositoryKey {
         registry_id: None,
@@ -304,7 +322,10 @@ async fn implausible_redis_values_degrade_to_local_pacing() {
         .unwrap();
     let interval = Duration::from_millis(100);
     // Not NotBefore(9,999,999 s): the replica degrades to pacing itself at quota ÷ N.
-    assert_eq!(fleet.take("PutImage", interval).await, Slot::Unavailable);
+    assert_eq!(
+        fleet.take("PutImage", interval, 1, Duration::ZERO).await,
+        Slot::Unavailable
+    );
 
     // Beats far in the future (ms of Redis's clock), so that no heartbeat ages them out.
     let members: Vec<(f64, String)> = (0..20_000).map(|n| (9e15, format!("fake-{n}"))).collect();

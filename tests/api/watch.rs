@@ -15,7 +15,7 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 use crate::support::backend::{Backend, Kind, ScratchDir, local_settings};
-use crate::support::requests::{delete, put};
+use crate::support::requests::{as_xfcc, delete, put};
 use crate::support::{
     SEED, SEED_DIGEST, assert_status, cached, serve_on_loopback, server_settings,
 };
@@ -117,13 +117,18 @@ async fn fifty_watchers_see_an_external_change_once_within_a_poll() {
 
 /// The embedded store behind the production stack, served with `watch` settings.
 async fn local_service(watch: WatchSettings) -> (ImageServiceClient<Channel>, ScratchDir) {
+    local_service_with(ServerSettings {
+        watch,
+        ..server_settings()
+    })
+    .await
+}
+
+/// The embedded store behind the production stack, served with `settings`.
+async fn local_service_with(settings: ServerSettings) -> (ImageServiceClient<Channel>, ScratchDir) {
     let dir = ScratchDir::new("watch");
     let store = LocalRegistry::open(&local_settings(&dir.0)).unwrap();
     let stack = CachedRegistry::new(Arc::new(store), CacheSettings::default());
-    let settings = ServerSettings {
-        watch,
-        ..server_settings()
-    };
     let address = serve_on_loopback(stack, settings).await;
     let client = ImageServiceClient::connect(format!("http://{address}"))
         .await
@@ -217,4 +222,86 @@ async fn the_watch_cap_refuses_more_and_frees_on_leave() {
             }
         }
     }
+}
+
+/// Issue 20, finding 1: one caller gets its share of the replica's watches, not all of them.
+/// With 2 watches and 2 repositories per caller (of 10 for the replica): A's third watch is
+/// refused, and so is a watch in a third repository once A's watches span two, the message
+/// saying which cap; B still opens watches; a watch A ends frees its place.
+#[tokio::test]
+async fn one_caller_gets_its_share_of_the_watches() {
+    let (mut client, _dir) = local_service_with(ServerSettings {
+        identity_source: ecr_image_service::identity::IdentitySource::IstioXfcc,
+        watch: WatchSettings {
+            max_watches: 10,
+            max_watches_per_caller: 2,
+            max_watched_repositories_per_caller: 1,
+            ..WatchSettings::default()
+        },
+        ..server_settings()
+    })
+    .await;
+    for repository in ["team/one", "team/two"] {
+        let request = as_xfcc("a", put(repository, "live", SEED));
+        client.put_image(request).await.unwrap();
+    }
+    let first = client
+        .watch_tag(as_xfcc("a", watch("team/one", "live", "")))
+        .await
+        .unwrap();
+    let status = client
+        .watch_tag(as_xfcc("a", watch("team/two", "live", "")))
+        .await
+        .unwrap_err();
+    assert_status(&status, Code::ResourceExhausted, "TOO_MANY_WATCHES");
+    assert!(status.message().contains("1 repositories"), "{status:?}");
+    let _second = client
+        .watch_tag(as_xfcc("a", watch("team/one", "live", "")))
+        .await
+        .unwrap();
+    let status = client
+        .watch_tag(as_xfcc("a", watch("team/one", "live", "")))
+        .await
+        .unwrap_err();
+    assert_status(&status, Code::ResourceExhausted, "TOO_MANY_WATCHES");
+    assert!(
+        status.message().contains("this caller holds 2 watches"),
+        "{status:?}"
+    );
+    let _b = client
+        .watch_tag(as_xfcc("b", watch("team/two", "live", "")))
+        .await
+        .unwrap();
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while let Err(status) = client
+        .watch_tag(as_xfcc("a", watch("team/one", "live", "")))
+        .await
+    {
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(Instant::now() < deadline, "A's place was never freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Issue 20, finding 1: a watch on a repository that does not exist is NOT_FOUND at once,
+/// instead of a stream that polls ECR for nothing for 30 minutes; a missing tag in a
+/// repository that exists is still watched (deploy systems wait for a tag to appear).
+#[tokio::test]
+async fn a_watch_on_a_missing_repository_is_not_found() {
+    let (mut client, _dir) = local_service(WatchSettings::default()).await;
+    let status = client
+        .watch_tag(watch("team/nowhere", "live", ""))
+        .await
+        .unwrap_err();
+    assert_status(&status, Code::NotFound, "REPOSITORY_NOT_FOUND");
+    client
+        .put_image(put("team/app", "live", SEED))
+        .await
+        .unwrap();
+    let mut stream = open(&mut client, watch("team/app", "later", "")).await;
+    let first = next_state(&mut stream, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(!first.exists, "{first:?}");
 }

@@ -8,6 +8,7 @@ use aws_sdk_ecr::operation::RequestId;
 use aws_sdk_ecr::types::{ImageFailure, ImageFailureCode};
 
 use super::budget::BudgetExhausted;
+use super::slots::SlotsFull;
 use crate::domain::text::{truncated, with_sources};
 use crate::registry::{RegistryError, Upstream};
 
@@ -118,6 +119,11 @@ where
     if let Some(refused) = find_in_chain::<BudgetExhausted>(&err) {
         return RegistryError::RateBudgetExhausted {
             retry_after: refused.retry_after,
+        };
+    }
+    if find_in_chain::<SlotsFull>(&err).is_some() {
+        return RegistryError::Busy {
+            retry_after: crate::registry::RETRY_SOON,
         };
     }
     let upstream = upstream_of(&err);

@@ -14,6 +14,9 @@ use aws_smithy_runtime_api::client::http::SharedHttpClient;
 
 use super::budget::{BudgetedHttpClient, RateBudgets, SharedSlots};
 use super::retry::QuotaIsNotThrottling;
+use super::slots::{
+    DEFAULT_MAX_UPSTREAM_CALLS, DEFAULT_MAX_UPSTREAM_CALLS_PER_CALLER, UpstreamSlots,
+};
 
 /// The SDK's standard: two retries ride out a throttling blip or a dropped connection, and a
 /// throttled account sees at most three times the load, not more.
@@ -77,6 +80,11 @@ pub struct EcrSettings {
     pub rate_share: u32,
     /// How long the first miss of an idle repository waits for others to batch with.
     pub batch_window: Duration,
+    /// ECR calls in flight at once (from their budget slot to ECR's answer); past it an
+    /// attempt is refused OVERLOADED, unsent.
+    pub max_upstream_calls: usize,
+    /// Of those, at most this many for one caller.
+    pub max_upstream_calls_per_caller: usize,
 }
 
 impl Default for EcrSettings {
@@ -98,6 +106,8 @@ impl Default for EcrSettings {
             listing_rate: DEFAULT_LISTING_RATE,
             rate_share: 1,
             batch_window: DEFAULT_BATCH_WINDOW,
+            max_upstream_calls: DEFAULT_MAX_UPSTREAM_CALLS,
+            max_upstream_calls_per_caller: DEFAULT_MAX_UPSTREAM_CALLS_PER_CALLER,
         }
     }
 }
@@ -189,6 +199,10 @@ pub fn client_config_with(
         .http_client(BudgetedHttpClient::new(
             http,
             budgets,
+            UpstreamSlots::new(
+                settings.max_upstream_calls,
+                settings.max_upstream_calls_per_caller,
+            ),
             settings.attempt_timeout,
         ));
     if let Some(url) = &settings.endpoint_url {

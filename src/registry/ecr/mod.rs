@@ -18,6 +18,7 @@ mod classify;
 pub mod client;
 mod operations;
 mod retry;
+pub mod slots;
 
 use std::sync::Arc;
 

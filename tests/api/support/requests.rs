@@ -71,3 +71,17 @@ pub async fn open_watch(
         .unwrap_or_else(|status| panic!("watch failed: {status:?}"))
         .into_inner()
 }
+
+/// `message` from `caller`, as Istio's sidecar names it in `x-forwarded-client-cert`
+/// (`spiffe://cluster.local/ns/{caller}/sa/{caller}`).
+pub fn as_xfcc<T>(caller: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    let header = format!(
+        "By=spiffe://cluster.local/ns/platform/sa/images;Hash=ab12;Subject=\"\";\
+         URI=spiffe://cluster.local/ns/{caller}/sa/{caller}"
+    );
+    request
+        .metadata_mut()
+        .insert("x-forwarded-client-cert", header.parse().unwrap());
+    request
+}
