@@ -11,6 +11,9 @@
 #[allow(dead_code)]
 #[path = "../tests/api/support/recorded.rs"]
 mod recorded;
+#[allow(dead_code)]
+#[path = "../tests/api/support/requests.rs"]
+mod requests;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -21,6 +24,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ecr_image_service::pb::image_service_client::ImageServiceClient;
 use ecr_image_service::pb::{GetImageRequest, ImageIdentifier, PutImageRequest, RetagImageRequest};
+use requests::as_xfcc;
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
@@ -47,7 +51,9 @@ impl Service {
             std::process::id(),
             Instant::now().elapsed().as_nanos()
         ));
-        let mut command = Command::new(BINARY);
+        // `HOSTILE_SERVICE_BIN` attacks another build (the "before" of a change).
+        let binary = std::env::var("HOSTILE_SERVICE_BIN").unwrap_or_else(|_| BINARY.to_owned());
+        let mut command = Command::new(binary);
         command
             .args([
                 "serve",
@@ -293,6 +299,9 @@ async fn run() {
         "| attack (default settings) | health p99 / max | peak RSS | largest trailer | longest log line | notes |"
     );
     println!("|---|---:|---:|---:|---:|---|");
+    if std::env::var(ONLY_ENV).as_deref() == Ok("round2") {
+        return round_two().await;
+    }
 
     // Idle reference: nothing but the health probe.
     measure(
@@ -397,16 +406,7 @@ async fn run() {
             .after(Duration::from_secs(1)),
     )])
     .await;
-    let ecr_env = [
-        ("AWS_REGION", "us-east-1"),
-        ("AWS_ACCESS_KEY_ID", "AKIDBENCHKEY"),
-        (
-            "AWS_SECRET_ACCESS_KEY",
-            "benchSecretKey000000000000000000000000000",
-        ),
-        ("NO_PROXY", "127.0.0.1,localhost"),
-    ];
-    let service = Service::start(&["--ecr-endpoint-url", &ecr.endpoint], &ecr_env);
+    let service = Service::start(&["--ecr-endpoint-url", &ecr.endpoint], &ECR_ENV);
     measure(
         "10,000 cancelled GetImage (ECR answers in 1 s)",
         service,
@@ -581,6 +581,247 @@ async fn run() {
             ..Report::default()
         }
     })
+    .await;
+}
+
+/// `HOSTILE_ONLY=round2` runs the attacks of the second review alone.
+const ONLY_ENV: &str = "HOSTILE_ONLY";
+/// The legitimate caller's repository in the round-two attacks; every other one is missing.
+const LEGIT_REPOSITORY: &str = "legit";
+/// The identity source of the round-two attacks: one caller must be told from another.
+const XFCC: &str = "istio-xfcc";
+
+/// The ECR backend's credentials and region, for a recorded ECR on loopback.
+const ECR_ENV: [(&str, &str); 4] = [
+    ("AWS_REGION", "us-east-1"),
+    ("AWS_ACCESS_KEY_ID", "AKIDBENCHKEY"),
+    (
+        "AWS_SECRET_ACCESS_KEY",
+        "benchSecretKey000000000000000000000000000",
+    ),
+    ("NO_PROXY", "127.0.0.1,localhost"),
+];
+
+/// The binary on the ECR backend in front of [`one_repository_ecr`], callers told apart by
+/// XFCC.
+async fn two_callers_service() -> (Arc<recorded::RecordedEcr>, Service) {
+    let ecr = Arc::new(one_repository_ecr().await);
+    let service = Service::start(
+        &[
+            "--ecr-endpoint-url",
+            &ecr.endpoint,
+            "--identity-source",
+            XFCC,
+        ],
+        &ECR_ENV,
+    );
+    (ecr, service)
+}
+
+/// An ECR that knows one repository, [`LEGIT_REPOSITORY`], holding the seed image under
+/// every tag; any other repository does not exist.
+async fn one_repository_ecr() -> recorded::RecordedEcr {
+    let digest = ecr_image_service::image::Manifest::parse(SEED.to_owned(), None)
+        .unwrap()
+        .digest()
+        .to_string();
+    recorded::RecordedEcr::answering(move |operation, body| {
+        let repository = body["repositoryName"].as_str().unwrap_or_default();
+        if repository != LEGIT_REPOSITORY {
+            return recorded::Reply::error(
+                400,
+                "RepositoryNotFoundException",
+                &format!("The repository with name '{repository}' does not exist"),
+            );
+        }
+        match operation {
+            "BatchGetImage" => {
+                let images: Vec<serde_json::Value> = body["imageIds"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|id| {
+                        serde_json::json!({
+                            "registryId": "123456789012",
+                            "repositoryName": LEGIT_REPOSITORY,
+                            "imageId": {"imageDigest": digest, "imageTag": id["imageTag"]},
+                            "imageManifest": SEED,
+                            "imageManifestMediaType":
+                                "application/vnd.docker.distribution.manifest.v2+json",
+                        })
+                    })
+                    .collect();
+                recorded::Reply::ok(serde_json::json!({"images": images, "failures": []}))
+            }
+            _ => recorded::Reply::ok(serde_json::json!({"imageIds": []})),
+        }
+    })
+    .await
+}
+
+/// Caller B reads a fresh tag (`max_staleness` 0: a call to ECR each) every 20 ms until
+/// `until`: OK count, total, p50 and p99.
+async fn legitimate_reads(channel: Channel, until: Instant) -> (usize, usize, Duration, Duration) {
+    let mut client = ImageServiceClient::new(channel);
+    let (mut ok, mut latencies) = (0, Vec::new());
+    while Instant::now() < until {
+        let mut request = get(LEGIT_REPOSITORY, "v1");
+        request.max_staleness = Some(prost_types::Duration::default());
+        let mut request = as_xfcc("b", request);
+        request.set_timeout(Duration::from_secs(5));
+        let started = Instant::now();
+        if client.get_image(request).await.is_ok() {
+            ok += 1;
+        }
+        latencies.push(started.elapsed());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    latencies.sort();
+    let at = |p: usize| latencies[(latencies.len() * p / 100).min(latencies.len() - 1)];
+    (ok, latencies.len(), at(50), at(99))
+}
+
+/// The busiest one-second window of `operation` at the recorded ECR.
+fn busiest_second(ecr: &recorded::RecordedEcr, operation: &str) -> usize {
+    let times: Vec<Instant> = ecr
+        .received()
+        .into_iter()
+        .filter(|r| r.operation == operation)
+        .map(|r| r.at)
+        .collect();
+    times
+        .iter()
+        .map(|start| {
+            times
+                .iter()
+                .filter(|t| **t >= *start && t.duration_since(*start) < Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// The second review's attacks on upstream slots and watches (issue 20, finding 1): one caller
+/// (A) attacks while another (B) reads fresh, on the ECR backend with the defaults but for
+/// `--identity-source istio-xfcc` (without an identity every caller is one).
+async fn round_two() {
+    // 20,000 WatchTag, each on a repository of its own that does not exist.
+    let (ecr, service) = two_callers_service().await;
+    let counted = Arc::clone(&ecr);
+    measure(
+        "one caller's 20,000 WatchTag on distinct missing repositories (XFCC)",
+        service,
+        |service, until| async move {
+            let attack_until = Instant::now() + Duration::from_secs(30);
+            let next = Arc::new(AtomicUsize::new(0));
+            let refused = Arc::new(AtomicUsize::new(0));
+            let mut attackers = Vec::new();
+            for _ in 0..10 {
+                let channel = service.channel().await;
+                for _ in 0..20 {
+                    let (next, refused) = (Arc::clone(&next), Arc::clone(&refused));
+                    let mut client = ImageServiceClient::new(channel.clone());
+                    attackers.push(tokio::spawn(async move {
+                        let mut open = Vec::new();
+                        loop {
+                            let n = next.fetch_add(1, Ordering::Relaxed);
+                            if n >= 20_000 || Instant::now() > attack_until {
+                                return open;
+                            }
+                            let request = ecr_image_service::pb::WatchTagRequest {
+                                repository_name: format!("missing-{n}"),
+                                image_tag: "live".into(),
+                                ..Default::default()
+                            };
+                            match client.watch_tag(as_xfcc("a", request)).await {
+                                Ok(stream) => open.push(stream),
+                                Err(_) => {
+                                    refused.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                        }
+                    }));
+                }
+            }
+            let legit = legitimate_reads(service.channel().await, until).await;
+            let mut open = 0;
+            for attacker in attackers {
+                open += attacker.await.unwrap().len();
+            }
+            let (ok, total, p50, p99) = legit;
+            Report {
+                note: format!(
+                    "A: {} watches asked, {open} opened, {} refused; B's fresh GetImage: {ok}/{total} \
+                     OK, p50 {:.1} ms, p99 {:.1} ms; BatchGetImage at ECR: busiest second {} \
+                     (budget 2,000/s)",
+                    next.load(Ordering::Relaxed).min(20_000),
+                    refused.load(Ordering::Relaxed),
+                    p50.as_secs_f64() * 1e3,
+                    p99.as_secs_f64() * 1e3,
+                    busiest_second(&counted, "BatchGetImage"),
+                ),
+                ..Report::default()
+            }
+        },
+    )
+    .await;
+
+    // 600 ListImages of a missing repository held by one caller, 120 s deadlines.
+    let (ecr, service) = two_callers_service().await;
+    let counted = Arc::clone(&ecr);
+    measure(
+        "one caller's 600 held ListImages, 120 s deadlines (XFCC)",
+        service,
+        |service, until| async move {
+            let channel = service.channel().await;
+            let held: Vec<_> = (0..600)
+                .map(|_| {
+                    let mut client = ImageServiceClient::new(channel.clone());
+                    tokio::spawn(async move {
+                        let mut request = as_xfcc(
+                            "a",
+                            ecr_image_service::pb::ListImagesRequest {
+                                repository_name: "missing".into(),
+                                ..Default::default()
+                            },
+                        );
+                        request.set_timeout(Duration::from_secs(120));
+                        client.list_images(request).await
+                    })
+                })
+                .collect();
+            let (ok, total, p50, p99) = legitimate_reads(service.channel().await, until).await;
+            let mut b = ImageServiceClient::new(service.channel().await);
+            let mut listing = as_xfcc(
+                "b",
+                ecr_image_service::pb::ListImagesRequest {
+                    repository_name: LEGIT_REPOSITORY.into(),
+                    ..Default::default()
+                },
+            );
+            listing.set_timeout(Duration::from_secs(5));
+            let asked = Instant::now();
+            let b_listing = b.list_images(listing).await;
+            let b_listing_took = asked.elapsed();
+            for call in &held {
+                call.abort();
+            }
+            Report {
+                note: format!(
+                    "B's fresh GetImage: {ok}/{total} OK, p50 {:.1} ms, p99 {:.1} ms; B's \
+                     ListImages: {} in {:.0} ms; A's ListImages at ECR so far: {}; BatchGetImage \
+                     busiest second {} (budget 2,000/s)",
+                    p50.as_secs_f64() * 1e3,
+                    p99.as_secs_f64() * 1e3,
+                    if b_listing.is_ok() { "OK" } else { "failed" },
+                    b_listing_took.as_secs_f64() * 1e3,
+                    counted.count("ListImages"),
+                    busiest_second(&counted, "BatchGetImage"),
+                ),
+                ..Report::default()
+            }
+        },
+    )
     .await;
 }
 

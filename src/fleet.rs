@@ -61,6 +61,17 @@ const HEARTBEAT_TTL: Duration = Duration::from_secs(5);
 /// While Redis is down, the live replica count it last gave is trusted this long; after that
 /// the fleet may have grown, and the share is `--rate-share` (the HPA's maximum) or more.
 const REPLICAS_FRESH_FOR: Duration = Duration::from_secs(60);
+/// The fleet's watched tags of one repository a poller reads at most: 10 BatchGetImage a poll.
+/// Redis holds what replicas register, or anyone who can write to it: 20,000 fake tags drove
+/// 100-200 BatchGetImage a second. A replica's own watched tags are polled whatever this cap.
+const MAX_FLEET_TAGS_PER_REPOSITORY: usize = 1_000;
+/// A poll result larger than this is no poll result (tag, digest, times, media type fit in
+/// well under 1 KiB); a 6 MB one broke the watchers' streams.
+const MAX_POLL_MESSAGE_BYTES: usize = 4096;
+/// RFC 6838 bounds a media type's type and subtype at 127 characters each.
+const MAX_MEDIA_TYPE_BYTES: usize = 255;
+/// How far ahead of this replica's clock a poll result's times may be.
+const MAX_CLOCK_SKEW: Duration = Duration::from_secs(3600);
 /// How long to wait before subscribing again after a failure.
 const RECONNECT_DELAY: Duration = Duration::from_secs(1);
 /// The command connection's own bounds, behind [`BUDGET_CHECK_TIMEOUT`]: a connection attempt
@@ -146,22 +157,23 @@ return redis.call("ZCARD", KEYS[1])
 
 /// A poller's turn: `KEYS[1]` is a repository's poll lease, `KEYS[2]` the tags the fleet
 /// watches in it (a sorted set by expiry, ms of Redis's clock); `ARGV[1]` this replica,
-/// `ARGV[2]` the lease's time to live, `ARGV[3..]` the tags this replica watches. Registers
-/// them; takes or renews the lease when free or held; a replica with no tag left lets it go.
-/// Returns `{1, every watched tag}` to the holder, `{0}` to the others.
+/// `ARGV[2]` the lease's time to live, `ARGV[3]` how many tags to return at most, `ARGV[4..]`
+/// the tags this replica watches. Registers them; takes or renews the lease when free or held;
+/// a replica with no tag left lets it go. Returns `{1, the watched tags}` to the holder, `{0}`
+/// to the others.
 static POLL_TURN: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r#"
 local t = redis.call("TIME")
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[2])
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   redis.call("ZADD", KEYS[2], now + ttl, ARGV[i])
 end
 redis.call("ZREMRANGEBYSCORE", KEYS[2], "-inf", now)
 redis.call("PEXPIRE", KEYS[2], ttl)
 local holder = redis.call("GET", KEYS[1])
-if #ARGV < 3 then
+if #ARGV < 4 then
   if holder == ARGV[1] then redis.call("DEL", KEYS[1]) end
   return {0}
 end
@@ -169,7 +181,7 @@ if holder and holder ~= ARGV[1] then
   return {0}
 end
 redis.call("SET", KEYS[1], ARGV[1], "PX", ttl)
-local tags = redis.call("ZRANGE", KEYS[2], 0, -1)
+local tags = redis.call("ZRANGE", KEYS[2], 0, tonumber(ARGV[3]) - 1)
 table.insert(tags, 1, 1)
 return tags
 "#,
@@ -548,7 +560,10 @@ impl SharedPolls for Fleet {
         let mut commands = self.commands.clone();
         Box::pin(async move {
             let mut turn = POLL_TURN.key(&lease);
-            turn.key(&watched).arg(&origin).arg(ttl);
+            turn.key(&watched)
+                .arg(&origin)
+                .arg(ttl)
+                .arg(MAX_FLEET_TAGS_PER_REPOSITORY);
             for tag in &tags {
                 turn.arg(tag.as_str());
             }
@@ -563,6 +578,7 @@ impl SharedPolls for Fleet {
             let holder = matches!(answer.next(), Some(redis::Value::Int(1)));
             Some(holder.then(|| {
                 answer
+                    .take(MAX_FLEET_TAGS_PER_REPOSITORY)
                     .filter_map(|value| redis::from_redis_value::<String>(value).ok())
                     .filter_map(|tag| Tag::parse(&tag).ok())
                     .collect()
@@ -656,6 +672,9 @@ fn encode_poll(origin: &str, repository: &RepositoryKey, tag: &Tag, state: &TagS
 }
 
 fn decode_poll(text: &str) -> Option<(&str, RepositoryKey, Tag, TagState)> {
+    if text.len() > MAX_POLL_MESSAGE_BYTES {
+        return None;
+    }
     let mut parts = text.splitn(9, '\n');
     let origin = parts.next()?;
     let repository = decode_repository(parts.next()?, parts.next()?)?;
@@ -664,8 +683,12 @@ fn decode_poll(text: &str) -> Option<(&str, RepositoryKey, Tag, TagState)> {
         "" => None,
         digest => Some(Digest::parse(digest).ok()?),
     };
+    // A time past now (and a clock's skew) is no observation: years past 9999 broke the
+    // watchers' timestamps.
+    let latest = SystemTime::now() + MAX_CLOCK_SKEW;
     let at = |text: &str| -> Option<SystemTime> {
-        Some(UNIX_EPOCH + Duration::from_millis(text.parse().ok()?))
+        let at = UNIX_EPOCH.checked_add(Duration::from_millis(text.parse().ok()?))?;
+        (at <= latest).then_some(at)
     };
     let observed_at = at(parts.next()?)?;
     let checked_at = at(parts.next()?)?;
@@ -673,7 +696,11 @@ fn decode_poll(text: &str) -> Option<(&str, RepositoryKey, Tag, TagState)> {
         "" => None,
         since => Some(at(since)?),
     };
-    let media_type = parts.next()?.to_owned();
+    let media_type = parts.next()?;
+    if media_type.len() > MAX_MEDIA_TYPE_BYTES {
+        return None;
+    }
+    let media_type = media_type.to_owned();
     Some((
         origin,
         repository,
@@ -735,5 +762,59 @@ mod tests {
             decode_move(&encode_move("me", &repository, "@not-a-digest")),
             None
         );
+    }
+
+    /// Issue 20, finding 11: a poll result is input from whoever can write to Redis. A 6 MB
+    /// media type, times past the year 9999 or an hour ahead of this clock, and a message
+    /// past 4 KiB are not poll results; an honest one still is.
+    #[test]
+    fn forged_poll_results_are_refused() {
+        let repository = RepositoryKey {
+            registry_id: None,
+            repository: RepositoryName::parse("team/app").unwrap(),
+        };
+        let tag = Tag::parse("live").unwrap();
+        let now = SystemTime::now();
+        let honest = TagState {
+            digest: Some(Digest::of(b"{}")),
+            media_type: "application/vnd.oci.image.manifest.v1+json".to_owned(),
+            observed_at: now,
+            source: Source::Poll,
+            checked_at: now,
+            stale_since: None,
+        };
+        assert!(decode_poll(&encode_poll("me", &repository, &tag, &honest)).is_some());
+        let forged = [
+            TagState {
+                media_type: "x".repeat(6 << 20),
+                ..honest.clone()
+            },
+            TagState {
+                media_type: "x".repeat(256),
+                ..honest.clone()
+            },
+            TagState {
+                observed_at: now + Duration::from_secs(2 * 3600),
+                ..honest.clone()
+            },
+            TagState {
+                checked_at: UNIX_EPOCH + Duration::from_secs(253_402_300_800),
+                ..honest.clone()
+            },
+            TagState {
+                stale_since: Some(UNIX_EPOCH + Duration::from_secs(300_000_000_000)),
+                ..honest.clone()
+            },
+        ];
+        for state in forged {
+            let text = encode_poll("me", &repository, &tag, &state);
+            assert_eq!(decode_poll(&text), None, "{}", &text[..text.len().min(200)]);
+        }
+        let padded = format!(
+            "{}{}",
+            encode_poll("me", &repository, &tag, &honest),
+            " ".repeat(5000)
+        );
+        assert_eq!(decode_poll(&padded), None);
     }
 }

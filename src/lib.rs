@@ -23,7 +23,8 @@
 //!   [`registry::ecr`] calls it through `aws-sdk-ecr` behind its rate budgets,
 //!   [`registry::local`] is the embedded store);
 //! - **domain**: [`image`] (value types: names, tags, digests, manifests as exact bytes),
-//!   [`call`] (the call context: deadline, caller, registry), [`text`] (bounded messages).
+//!   [`call`] (the call context: deadline, caller, registry), [`text`] (bounded messages),
+//!   [`random`](domain::random) (spreading work in time).
 //!
 //! Beside them: [`fleet`] (replicas sharing budgets, tag moves and polls through Redis),
 //! [`app`] (the wiring: builds the stack and serves it), [`config`] (flags and env twins),

@@ -187,6 +187,8 @@ pub struct WatchHub {
     repositories: Mutex<HashMap<RepositoryKey, Tags>>,
     watches: AtomicUsize,
     callers: Mutex<HashMap<Arc<str>, CallerWatches>>,
+    /// When another replica's poll result for each repository was last heard.
+    heard_from: Mutex<HashMap<RepositoryKey, Instant>>,
     closing: watch::Sender<bool>,
 }
 
@@ -244,6 +246,7 @@ impl WatchHub {
             repositories: Mutex::default(),
             watches: AtomicUsize::new(0),
             callers: Mutex::default(),
+            heard_from: Mutex::default(),
             closing: watch::channel(false).0,
         });
         if let Some(polls) = &hub.polls {
@@ -254,7 +257,28 @@ impl WatchHub {
 
     /// Another replica polled `tag`: its watchers here hear the result.
     pub fn heard(&self, repository: &RepositoryKey, tag: &Tag, state: TagState) {
+        self.heard_from
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(repository.clone(), Instant::now());
         self.publish(repository, tag, Some(state));
+    }
+
+    /// Whether the replica holding `repository`'s poll lease has said nothing of it for two
+    /// poll intervals (since `since`, when this replica started waiting for it): then the lease
+    /// is held by a replica that does not poll (stuck, or a key written by someone else), and
+    /// this replica polls for its own watchers rather than leave them without news or
+    /// staleness for as long as the lease is renewed.
+    fn holder_silent(&self, repository: &RepositoryKey, since: Instant) -> bool {
+        let heard = self
+            .heard_from
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(repository)
+            .copied()
+            .unwrap_or(since)
+            .max(since);
+        heard.elapsed() > self.settings.poll_interval * 2 + self.settings.poll_interval / 5
     }
 
     /// The hub's settings.
@@ -505,8 +529,19 @@ impl WatchHub {
     /// fleet, only in the turns this replica holds the lease, for the fleet's watched tags.
     async fn poll(self: Arc<Self>, repository: RepositoryKey) {
         let mut idle_since: Option<Instant> = None;
+        // Since when another replica has held the lease, turn after turn.
+        let mut waiting: Option<Instant> = None;
+        let _forget = ForgetHeard(&self, &repository);
+        // The first turn anywhere in one interval: pollers started together (a rollout's
+        // watchers, or 20,000 opened in 14 s) spread over the interval instead of polling in
+        // waves; each tag's first state was read when it was first watched.
+        let mut pause = self
+            .settings
+            .poll_interval
+            .mul_f64(0.1 + crate::domain::random::unit());
         loop {
-            tokio::time::sleep(jittered(self.settings.poll_interval)).await;
+            tokio::time::sleep(pause).await;
+            pause = jittered(self.settings.poll_interval);
             let watched = {
                 let mut repositories = self
                     .repositories
@@ -544,8 +579,16 @@ impl WatchHub {
             };
             let leader = match self.poll_turn(&repository, &watched).await {
                 // Another replica polls this turn; its results arrive through `heard`.
-                Some(None) => continue,
+                Some(None)
+                    if !self
+                        .holder_silent(&repository, *waiting.get_or_insert_with(Instant::now)) =>
+                {
+                    continue;
+                }
+                // ... unless it has said nothing for too long: polled here, for these watchers.
+                Some(None) => false,
                 Some(Some(fleet)) => {
+                    waiting = None;
                     for tag in fleet {
                         if !watched.iter().any(|(own, _)| *own == tag) {
                             watched.push((tag, None));
@@ -553,7 +596,10 @@ impl WatchHub {
                     }
                     true
                 }
-                None => false,
+                None => {
+                    waiting = None;
+                    false
+                }
             };
             // All at once: the batcher makes them one BatchGetImage per 100 tags.
             let reads = watched.into_iter().map(|(tag, previous)| {
@@ -589,14 +635,21 @@ impl WatchHub {
 }
 
 /// `interval` ±10%, so that replicas started together do not poll in step.
+/// Forgets when a repository's poll results were last heard, with its poller.
+struct ForgetHeard<'a>(&'a WatchHub, &'a RepositoryKey);
+
+impl Drop for ForgetHeard<'_> {
+    fn drop(&mut self) {
+        self.0
+            .heard_from
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(self.1);
+    }
+}
+
 fn jittered(interval: Duration) -> Duration {
-    let mut byte = [0u8; 1];
-    let spread = if getrandom::fill(&mut byte).is_ok() {
-        f64::from(byte[0]) / 255.0 * 0.2 - 0.1
-    } else {
-        0.0
-    };
-    interval.mul_f64(1.0 + spread)
+    interval.mul_f64(0.9 + 0.2 * crate::domain::random::unit())
 }
 
 /// What a WatchTag stream yields.

