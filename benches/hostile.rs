@@ -602,10 +602,10 @@ const ECR_ENV: [(&str, &str); 4] = [
     ("NO_PROXY", "127.0.0.1,localhost"),
 ];
 
-/// The binary on the ECR backend in front of [`one_repository_ecr`], callers told apart by
-/// XFCC.
+/// The binary on the ECR backend in front of [`one_repository_ecr`] serving the seed image,
+/// callers told apart by XFCC.
 async fn two_callers_service() -> (Arc<recorded::RecordedEcr>, Service) {
-    let ecr = Arc::new(one_repository_ecr().await);
+    let ecr = Arc::new(one_repository_ecr(SEED.to_owned(), DOCKER_MANIFEST).await);
     let service = Service::start(
         &[
             "--ecr-endpoint-url",
@@ -618,10 +618,34 @@ async fn two_callers_service() -> (Arc<recorded::RecordedEcr>, Service) {
     (ecr, service)
 }
 
-/// An ECR that knows one repository, [`LEGIT_REPOSITORY`], holding the seed image under
-/// every tag; any other repository does not exist.
-async fn one_repository_ecr() -> recorded::RecordedEcr {
-    let digest = ecr_image_service::image::Manifest::parse(SEED.to_owned(), None)
+/// The seed image's media type.
+const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+/// An OCI index's media type.
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+/// An OCI index of `children` distinct images, each for `platform(n)` when given.
+fn index(children: usize, platform: impl Fn(usize) -> Option<serde_json::Value>) -> String {
+    let manifests: Vec<serde_json::Value> = (0..children)
+        .map(|n| {
+            let mut entry = serde_json::json!({
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": format!("sha256:{n:064x}"),
+                "size": 1,
+            });
+            if let Some(platform) = platform(n) {
+                entry["platform"] = platform;
+            }
+            entry
+        })
+        .collect();
+    serde_json::json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests})
+        .to_string()
+}
+
+/// An ECR that knows one repository, [`LEGIT_REPOSITORY`], holding `manifest` under every
+/// tag; any other repository does not exist.
+async fn one_repository_ecr(manifest: String, media_type: &'static str) -> recorded::RecordedEcr {
+    let digest = ecr_image_service::image::Manifest::parse(manifest.clone(), None)
         .unwrap()
         .digest()
         .to_string();
@@ -645,9 +669,8 @@ async fn one_repository_ecr() -> recorded::RecordedEcr {
                             "registryId": "123456789012",
                             "repositoryName": LEGIT_REPOSITORY,
                             "imageId": {"imageDigest": digest, "imageTag": id["imageTag"]},
-                            "imageManifest": SEED,
-                            "imageManifestMediaType":
-                                "application/vnd.docker.distribution.manifest.v2+json",
+                            "imageManifest": manifest,
+                            "imageManifestMediaType": media_type,
                         })
                     })
                     .collect();
@@ -820,6 +843,82 @@ async fn round_two() {
                 ),
                 ..Report::default()
             }
+        },
+    )
+    .await;
+
+    // Finding 4: PutImage of a 4 MiB index, its children checked at ECR 100 a call.
+    let (ecr, service) = two_callers_service().await;
+    let counted = Arc::clone(&ecr);
+    let children = 27_000;
+    let huge = index(children, |_| None);
+    measure(
+        "PutImage of a 3.9 MiB index (27,000 children), 2 clients",
+        service,
+        |service, until| async move {
+            let bytes = huge.len();
+            let mut first = ImageServiceClient::new(service.channel().await)
+                .max_encoding_message_size(64 << 20);
+            let refused = first
+                .put_image(as_xfcc("a", put(LEGIT_REPOSITORY, "huge", &huge)))
+                .await
+                .err()
+                .map(|status| status.message().to_owned())
+                .unwrap_or_else(|| "stored".to_owned());
+            let mut report = flood(service, until, "refused", move |mut c| {
+                let huge = huge.clone();
+                async move {
+                    c.put_image(as_xfcc("a", put(LEGIT_REPOSITORY, "huge", &huge)))
+                        .await
+                        .map(drop)
+                }
+            })
+            .await;
+            report.note = format!(
+                "{} ({bytes} bytes, {children} children): \"{refused}\"; ECR calls: {} \
+                 BatchGetImage, {} PutImage",
+                report.note,
+                counted.count("BatchGetImage"),
+                counted.count("PutImage")
+            );
+            report
+        },
+    )
+    .await;
+
+    // Finding 9: GetImage for a platform missing from a 20,753-entry index, from ECR.
+    let entries = 20_753;
+    let platform =
+        |n: usize| Some(serde_json::json!({"os": "linux", "architecture": format!("a{n}")}));
+    let ecr = Arc::new(one_repository_ecr(index(entries, platform), OCI_INDEX).await);
+    let service = Service::start(
+        &[
+            "--ecr-endpoint-url",
+            &ecr.endpoint,
+            "--identity-source",
+            XFCC,
+        ],
+        &ECR_ENV,
+    );
+    measure(
+        "GetImage for a platform missing from a 20,753-entry index, 2 clients",
+        service,
+        |service, until| async move {
+            flood(
+                service,
+                until,
+                "PLATFORM_NOT_FOUND each",
+                move |mut c| async move {
+                    let mut request = get(LEGIT_REPOSITORY, "multi");
+                    request.platform = Some(ecr_image_service::pb::Platform {
+                        os: "plan9".into(),
+                        architecture: "mips".into(),
+                        ..Default::default()
+                    });
+                    c.get_image(as_xfcc("b", request)).await.map(drop)
+                },
+            )
+            .await
         },
     )
     .await;

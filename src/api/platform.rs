@@ -17,7 +17,9 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::{Arc, LazyLock};
 
+use moka::sync::Cache;
 use serde::Deserialize;
 
 use crate::api::error::Error;
@@ -98,7 +100,12 @@ impl Platform {
     /// Whether an image built for `image` runs where `self` was asked for (containerd's
     /// strict matcher).
     pub fn matches(&self, image: &Platform) -> bool {
-        let (asked, image) = (self.normalized(), image.normalized());
+        self.normalized().matches_normalized(&image.normalized())
+    }
+
+    /// [`matches`](Self::matches), both platforms normalized already.
+    fn matches_normalized(&self, image: &Platform) -> bool {
+        let asked = self;
         asked.os == image.os
             && asked.architecture == image.architecture
             && asked.variant == image.variant
@@ -158,6 +165,9 @@ struct Descriptor {
     platform: Option<Platform>,
     #[serde(default)]
     annotations: HashMap<String, String>,
+    /// `platform` normalized, once, when the index is parsed.
+    #[serde(skip)]
+    normalized: Option<Platform>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -197,13 +207,75 @@ pub struct Selected {
     pub platform: Option<Platform>,
 }
 
-fn index_of(image: &StoredImage) -> Result<IndexView, Error> {
-    serde_json::from_str(&image.manifest).map_err(|e| {
+/// Entries of parsed indexes kept, counted in entries: about 15 MiB parsed at worst, a few
+/// thousand ordinary indexes (2-20 entries each), or two of the largest a 4 MiB index can be.
+const PARSED_INDEX_ENTRIES: u64 = 50_000;
+
+/// Parsed indexes by digest: content addressed, so a parse is good forever. A 20,753-entry
+/// index was parsed again for every read of it (16 ms of a worker's time each, against
+/// 0.04 ms for a cached read).
+static PARSED: LazyLock<Cache<Digest, Arc<[Descriptor]>>> = LazyLock::new(|| {
+    Cache::builder()
+        .max_capacity(PARSED_INDEX_ENTRIES)
+        .weigher(|_, entries: &Arc<[Descriptor]>| {
+            u32::try_from(entries.len()).unwrap_or(u32::MAX).max(1)
+        })
+        .build()
+});
+
+/// The entries of `image`, an index, parsed once per digest.
+fn index_of(image: &StoredImage) -> Result<Arc<[Descriptor]>, Error> {
+    if let Some(entries) = PARSED.get(&image.digest) {
+        return Ok(entries);
+    }
+    let view: IndexView = serde_json::from_str(&image.manifest).map_err(|e| {
         Error::Registry(RegistryError::Other(Upstream::message(format!(
             "the index {} cannot be read: {e}",
             image.digest
         ))))
-    })
+    })?;
+    let entries: Arc<[Descriptor]> = view
+        .manifests
+        .into_iter()
+        .map(|entry| Descriptor {
+            normalized: entry.platform.as_ref().map(Platform::normalized),
+            ..entry
+        })
+        .collect();
+    PARSED.insert(image.digest.clone(), Arc::clone(&entries));
+    Ok(entries)
+}
+
+/// The platforms named in a PLATFORM_NOT_FOUND, at most this many bytes of them: the message
+/// is cut to 900 bytes anyway, and listing 20,753 entries cost more than the rest of the read.
+const MAX_AVAILABLE_BYTES: usize = 1024;
+
+/// The platforms an index offers, as PLATFORM_NOT_FOUND lists them: bounded, with a count of
+/// the rest.
+#[derive(Default)]
+struct Available {
+    listed: String,
+    more: usize,
+}
+
+impl Available {
+    fn push(&mut self, platform: &Platform) {
+        if self.listed.len() >= MAX_AVAILABLE_BYTES {
+            self.more += 1;
+            return;
+        }
+        if !self.listed.is_empty() {
+            self.listed.push(',');
+        }
+        self.listed.push_str(&platform.to_string());
+    }
+
+    fn into_text(self) -> String {
+        match self.more {
+            0 => self.listed,
+            more => format!("{} and {more} more", self.listed),
+        }
+    }
 }
 
 /// The child of `fetched` for `platform`, fetched by digest through `registry` (and so through
@@ -222,40 +294,64 @@ pub async fn select(
         });
     }
     let index = fetched.image;
-    let mut available = Vec::new();
-    let mut entries = index_of(&index)?.manifests;
+    let asked = platform.normalized();
+    let mut available = Available::default();
+    let top = index_of(&index)?;
     let mut nested_once = false;
-    let mut position = 0;
-    while position < entries.len() {
-        let entry = entries[position].clone();
-        position += 1;
-        if !entry.is_candidate() {
-            continue;
-        }
-        let entry_platform = entry.platform.clone().unwrap_or_default();
+    for entry in top.iter().filter(|e| e.is_candidate()) {
         if media_types::is_index(&entry.media_type) {
-            // One nested level, never the index itself again.
+            // One nested level, never the index itself again; its entries come in its place.
             if nested_once || entry.digest == index.digest.as_str() {
                 continue;
             }
             nested_once = true;
-            let nested = child(registry, read, &entry).await?;
-            entries.splice(position..position, index_of(&nested.image)?.manifests);
+            let nested = index_of(&child(registry, read, entry).await?.image)?;
+            let inner = nested
+                .iter()
+                .filter(|e| e.is_candidate() && !media_types::is_index(&e.media_type));
+            for inner in inner {
+                if let Some(found) = matching(inner, &asked, &mut available) {
+                    return chosen(registry, read, index, found).await;
+                }
+            }
             continue;
         }
-        available.push(entry_platform.to_string());
-        if platform.matches(&entry_platform) {
-            let chosen = child(registry, read, &entry).await?;
-            return Ok(Selected {
-                image: chosen,
-                index: Some(index),
-                platform: Some(entry_platform),
-            });
+        if let Some(found) = matching(entry, &asked, &mut available) {
+            return chosen(registry, read, index, found).await;
         }
     }
     Err(Error::PlatformNotFound {
         requested: platform.to_string(),
-        available: available.join(","),
+        available: available.into_text(),
+    })
+}
+
+/// `entry` when it is for `asked` (normalized); else its platform is listed as available.
+fn matching<'a>(
+    entry: &'a Descriptor,
+    asked: &Platform,
+    available: &mut Available,
+) -> Option<&'a Descriptor> {
+    let (entry_platform, normalized) = (entry.platform.as_ref()?, entry.normalized.as_ref()?);
+    if asked.matches_normalized(normalized) {
+        return Some(entry);
+    }
+    available.push(entry_platform);
+    None
+}
+
+/// The answer with `entry`'s image, chosen from `index`.
+async fn chosen(
+    registry: &dyn Registry,
+    read: &GetImageInput,
+    index: StoredImage,
+    entry: &Descriptor,
+) -> Result<Selected, Error> {
+    let image = child(registry, read, entry).await?;
+    Ok(Selected {
+        image,
+        index: Some(index),
+        platform: entry.platform.clone(),
     })
 }
 
