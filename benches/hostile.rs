@@ -605,7 +605,15 @@ const ECR_ENV: [(&str, &str); 4] = [
 /// The binary on the ECR backend in front of [`one_repository_ecr`] serving the seed image,
 /// callers told apart by XFCC.
 async fn two_callers_service() -> (Arc<recorded::RecordedEcr>, Service) {
-    let ecr = Arc::new(one_repository_ecr(SEED.to_owned(), DOCKER_MANIFEST).await);
+    two_callers_service_of(SEED.to_owned(), DOCKER_MANIFEST).await
+}
+
+/// [`two_callers_service`], the repository's image `manifest` of `media_type`.
+async fn two_callers_service_of(
+    manifest: String,
+    media_type: &'static str,
+) -> (Arc<recorded::RecordedEcr>, Service) {
+    let ecr = Arc::new(one_repository_ecr(manifest, media_type).await);
     let service = Service::start(
         &[
             "--ecr-endpoint-url",
@@ -890,16 +898,7 @@ async fn round_two() {
     let entries = 20_753;
     let platform =
         |n: usize| Some(serde_json::json!({"os": "linux", "architecture": format!("a{n}")}));
-    let ecr = Arc::new(one_repository_ecr(index(entries, platform), OCI_INDEX).await);
-    let service = Service::start(
-        &[
-            "--ecr-endpoint-url",
-            &ecr.endpoint,
-            "--identity-source",
-            XFCC,
-        ],
-        &ECR_ENV,
-    );
+    let (_ecr, service) = two_callers_service_of(index(entries, platform), OCI_INDEX).await;
     measure(
         "GetImage for a platform missing from a 20,753-entry index, 2 clients",
         service,
