@@ -894,6 +894,76 @@ async fn round_two() {
     )
     .await;
 
+    // Finding 10: deletes by digest while the tag cache holds 20,000 resolutions.
+    let service = Service::local();
+    let channel = service.channel().await;
+    let manifest = |n: usize| {
+        format!(r#"{{"mediaType":"application/vnd.oci.image.manifest.v1+json","d":{n}}}"#)
+    };
+    let digests: Vec<String> = (0..1000)
+        .map(|n| {
+            ecr_image_service::image::Manifest::parse(manifest(n), None)
+                .unwrap()
+                .digest()
+                .to_string()
+        })
+        .collect();
+    // 1,000 images, 20 tags each, put through the service: the puts write the resolutions
+    // through to the tag cache.
+    let putters: Vec<_> = (0..20)
+        .map(|worker| {
+            let mut client = ImageServiceClient::new(channel.clone());
+            tokio::spawn(async move {
+                for n in (worker..20_000).step_by(20) {
+                    let request = put("bench", &format!("t{n}"), &manifest(n % 1000));
+                    client.put_image(request).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for putter in putters {
+        putter.await.unwrap();
+    }
+    let mut reader = ImageServiceClient::new(channel.clone());
+    reader.put_image(put("bench", "other", SEED)).await.unwrap();
+    measure(
+        "two deletes of 500 digests each, 20,000 tags cached, + a cached read",
+        service,
+        |_, until| async move {
+            let deletes: Vec<_> = digests
+                .chunks(500)
+                .map(|chunk| {
+                    let ids: Vec<(&str, &str)> = chunk.iter().map(|d| ("", d.as_str())).collect();
+                    let request = requests::delete("bench", &ids);
+                    let mut client = ImageServiceClient::new(channel.clone());
+                    tokio::spawn(async move { client.batch_delete_image(request).await })
+                })
+                .collect();
+            let mut slowest = Duration::ZERO;
+            let mut reads = 0;
+            while Instant::now() < until {
+                let started = Instant::now();
+                reader.get_image(get("bench", "other")).await.unwrap();
+                slowest = slowest.max(started.elapsed());
+                reads += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let mut deleted = 0;
+            for delete in deletes {
+                deleted += delete.await.unwrap().unwrap().into_inner().image_ids.len();
+            }
+            Report {
+                note: format!(
+                    "{deleted} ids deleted; an unrelated cached GetImage meanwhile: {reads} \
+                     reads, slowest {:.1} ms",
+                    slowest.as_secs_f64() * 1e3
+                ),
+                ..Report::default()
+            }
+        },
+    )
+    .await;
+
     // Finding 9: GetImage for a platform missing from a 20,753-entry index, from ECR.
     let entries = 20_753;
     let platform =
