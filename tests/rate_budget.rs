@@ -307,11 +307,11 @@ async fn a_call_that_times_out_in_the_budget_queue_is_no_ecr_timeout() {
 }
 
 /// Issue 20, finding 1: a call waiting for a rate-budget slot holds no upstream slot. Caller A
-/// queues 40 ListImages behind a 1/s listing budget (they wait up to 30 s each), and ECR takes
-/// 10 s to answer each; the replica has 4 upstream slots, all of which one caller may take.
-/// When B reads, A has two listings at ECR and the rest queued: B's cold GetImage finds a slot
-/// and is served (when a slot was taken before the budget wait, A's queue held all four and B
-/// was refused OVERLOADED).
+/// queues 40 ListImages behind a listing budget of one every 2 s (they wait up to 30 s each),
+/// and ECR takes 10 s to answer each; the replica has 4 upstream slots, all of which one
+/// caller may take. When B reads, A has two listings at ECR (a third 2 s later) and the rest
+/// queued: B's cold GetImage finds a slot and is served (when a slot was taken before the
+/// budget wait, A's queue held all four and B was refused OVERLOADED).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_queued_for_a_budget_hold_no_upstream_slot() {
     let repository = unique("queued-slots");
@@ -325,7 +325,7 @@ async fn calls_queued_for_a_budget_hold_no_upstream_slot() {
     })
     .await;
     let budgeted = EcrSettings {
-        listing_rate: 1.0,
+        listing_rate: 0.5,
         max_upstream_calls: 4,
         max_upstream_calls_per_caller: 4,
         ..settings()
@@ -354,7 +354,7 @@ async fn calls_queued_for_a_budget_hold_no_upstream_slot() {
             tokio::spawn(async move { a.list_images(request).await })
         })
         .collect();
-    // A's listings are queued once ECR has seen the first of them (one a second).
+    // A's listings are queued once ECR has seen the first of them (one every 2 s).
     let waited = Instant::now();
     while proxy.arrivals("ListImages").len() < 2 {
         assert!(
@@ -388,7 +388,7 @@ async fn calls_queued_for_a_budget_hold_no_upstream_slot() {
 }
 
 /// Issue 20, finding 1: one caller has at most `max_upstream_calls_per_caller` ECR calls in
-/// flight. ECR answers BatchGetImage after 2 s; A reads cold tags in 6 repositories at once
+/// flight. ECR answers BatchGetImage after 4 s; A reads cold tags in 6 repositories at once
 /// (6 distinct calls) with a per-caller share of 2 out of 8: two are sent, the others are
 /// refused OVERLOADED at once with a retry hint; B's read in a seventh repository is sent and
 /// served.
@@ -401,7 +401,7 @@ async fn one_caller_has_at_most_its_share_of_upstream_calls() {
     }
     let proxy = FaultProxy::start(moto::endpoint(), |operation, _| {
         if operation == "BatchGetImage" {
-            Fault::Delay(Duration::from_secs(2))
+            Fault::Delay(Duration::from_secs(4))
         } else {
             Fault::Forward
         }
