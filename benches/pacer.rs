@@ -5,8 +5,8 @@
 //!
 //! A budget paces at 90% of its configured rate (the headroom for jitter between the budget
 //! and ECR), so 90% of the configured rate is all a budget can deliver; both ratios are
-//! printed. Each run keeps 8,000 requests of one caller queued and counts the slots released
-//! in the 2 s after the first second. The bench reports, it does not fail.
+//! printed. Each run keeps 16,000 requests of one caller queued and counts the slots released
+//! in the 5 s after the first second. The bench reports, it does not fail.
 
 #[allow(dead_code)]
 #[path = "../tests/api/support/mod.rs"]
@@ -32,9 +32,9 @@ const RATES: [f64; 3] = [500.0, 1000.0, 2000.0];
 const PACED: f64 = 0.9;
 /// One way of the added round trip to Redis.
 const ONE_WAY: Duration = Duration::from_millis(2);
-const QUEUED: usize = 8000;
+const QUEUED: usize = 16_000;
 const WARM_UP: Duration = Duration::from_secs(1);
-const MEASURED: Duration = Duration::from_secs(2);
+const MEASURED: Duration = Duration::from_secs(5);
 
 fn main() {
     // SAFETY: set before any thread is started.
