@@ -8,6 +8,14 @@
 //! (`grpc-message` plus `grpc-status-details-bin`) an attacker got back, and the longest log
 //! line the process wrote. The results are in `docs/benchmark.md`.
 
+/// For its `busiest_second`, the one count of a one-second window the tests use.
+#[allow(dead_code)]
+#[path = "../tests/api/support/fair_shares.rs"]
+mod fair_shares;
+/// The recording proxy `fair_shares` names (as `super::fault_proxy`, beside `recorded`).
+#[allow(dead_code)]
+#[path = "../tests/api/support/fault_proxy.rs"]
+mod fault_proxy;
 #[allow(dead_code)]
 #[path = "../tests/api/support/recorded.rs"]
 mod recorded;
@@ -720,16 +728,7 @@ fn busiest_second(ecr: &recorded::RecordedEcr, operation: &str) -> usize {
         .filter(|r| r.operation == operation)
         .map(|r| r.at)
         .collect();
-    times
-        .iter()
-        .map(|start| {
-            times
-                .iter()
-                .filter(|t| **t >= *start && t.duration_since(*start) < Duration::from_secs(1))
-                .count()
-        })
-        .max()
-        .unwrap_or(0)
+    fair_shares::busiest_second(&times)
 }
 
 /// The second review's attacks on upstream slots and watches (issue 20, finding 1): one caller

@@ -21,6 +21,7 @@ use ecr_image_service::fleet::Fleet;
 use ecr_image_service::registry::cached::{CacheSettings, CachedRegistry};
 use ecr_image_service::registry::ecr::budget::{RateBudget, RateBudgets, SharedSlots};
 use ecr_image_service::registry::local::LocalRegistry;
+use support::backend::ScratchDir;
 use support::redis::Redis;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -58,11 +59,12 @@ async fn run() {
         report(rate, "local", measure(&budget).await);
     }
     let redis = Redis::start();
+    let dir = ScratchDir::new("pacer");
     let proxy = delay_proxy(redis.url.trim_start_matches("redis://"), ONE_WAY).await;
     for rate in RATES {
         // A fresh scope per rate: the limiter's key starts empty.
         let fleet = Fleet::new(&proxy, &format!("pacer:{rate}"), 1).unwrap();
-        let local = LocalRegistry::open(&support::backend::local_settings(&scratch())).unwrap();
+        let local = LocalRegistry::open(&support::backend::local_settings(&dir.0)).unwrap();
         let cache = CachedRegistry::new(Arc::new(local), CacheSettings::default());
         fleet.listen(cache.tag_invalidator());
         let shared: Arc<dyn SharedSlots> = fleet;
@@ -79,12 +81,6 @@ async fn run() {
         report(rate, "Redis, 4 ms away", measure(budget).await);
     }
     drop(redis);
-}
-
-fn scratch() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("pacer-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 fn report(rate: f64, place: &str, delivered: f64) {

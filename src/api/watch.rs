@@ -474,14 +474,11 @@ impl WatchHub {
         repository: &RepositoryKey,
         tag: &Tag,
     ) -> Result<crate::registry::Fetched, RegistryError> {
-        let reference = ImageRef::new(Some(tag.clone()), None).ok_or_else(|| {
-            RegistryError::ImageNotFound(crate::registry::Upstream::message("no reference"))
-        })?;
         self.registry
             .get_image(GetImageInput {
                 registry_id: repository.registry_id.clone(),
                 repository: repository.repository.clone(),
-                reference,
+                reference: ImageRef::by_tag(tag.clone()),
                 accepted_media_types: Vec::new(),
                 max_staleness: Some(Duration::ZERO),
             })
@@ -634,7 +631,6 @@ impl WatchHub {
     }
 }
 
-/// `interval` ±10%, so that replicas started together do not poll in step.
 /// Forgets when a repository's poll results were last heard, with its poller.
 struct ForgetHeard<'a>(&'a WatchHub, &'a RepositoryKey);
 
@@ -648,6 +644,7 @@ impl Drop for ForgetHeard<'_> {
     }
 }
 
+/// `interval` ±10%, so that replicas started together do not poll in step.
 fn jittered(interval: Duration) -> Duration {
     interval.mul_f64(0.9 + 0.2 * crate::domain::random::unit())
 }

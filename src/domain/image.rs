@@ -208,6 +208,14 @@ impl ImageRef {
         (tag.is_some() || digest.is_some()).then_some(Self { tag, digest })
     }
 
+    /// A reference by tag alone.
+    pub fn by_tag(tag: Tag) -> Self {
+        Self {
+            tag: Some(tag),
+            digest: None,
+        }
+    }
+
     /// A reference by digest alone.
     pub fn by_digest(digest: Digest) -> Self {
         Self {

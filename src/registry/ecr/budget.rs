@@ -508,9 +508,9 @@ async fn dispatch(inner: Arc<Inner>) {
         if inner.shared_now().is_none() {
             // Fast paces (`SCHEDULED_PACE`): every slot whose time has come, each counted at
             // its own time; one release per millisecond wake-up, counted when sent, delivered
-            // 700 of the default BatchGetImage pace's 1,800 a second. Only a tick's lateness
-            // is caught up: a starved runtime loses the slots it missed rather than sending
-            // them together. Slower paces (PutImage's) release one slot per wake-up, counted
+            // 700 of the default BatchGetImage pace's 1,800 a second. Only `CATCH_UP` of
+            // lateness is caught up: a starved runtime loses the slots it missed rather than
+            // sending them together. Slower paces (PutImage's) release one slot per wake-up, counted
             // when it is sent, as strictly as before.
             let interval = inner.local_interval();
             let now = Instant::now();
