@@ -7,11 +7,13 @@ use std::sync::Arc;
 use tracing::{info, warn};
 
 use crate::cli::exit;
-use crate::config::{Backend, ServeArgs};
+use crate::config::{AttributeWrites, Backend, ServeArgs};
 use crate::fleet::Fleet;
 use crate::registry::SharedRegistry;
+use crate::registry::accounts::Routes;
 use crate::registry::cached::CachedRegistry;
 use crate::registry::ecr::budget::SharedSlots;
+use crate::registry::ecr::lanes::{BudgetScopes, LanesConfig};
 use crate::registry::ecr::{self, EcrRegistry};
 use crate::registry::local::{LocalRegistry, OpenError};
 use crate::transport::server::{self, ServeError};
@@ -47,7 +49,7 @@ impl StartError {
 /// the fleet's other replicas through the returned [`Fleet`].
 pub async fn registry(
     args: &ServeArgs,
-) -> Result<(SharedRegistry, Option<Arc<Fleet>>, Option<String>), StartError> {
+) -> Result<(SharedRegistry, Option<Arc<Fleet>>, Arc<Routes>), StartError> {
     let redis = args
         .redis_client()
         .map_err(|e| StartError::Config(e.to_string()))?;
@@ -59,7 +61,7 @@ pub async fn registry(
             })
             .transpose()
     };
-    let mut own = None;
+    let routes;
     let (backend, fleet): (SharedRegistry, _) = match args.backend {
         Backend::Ecr => {
             let settings = args.ecr_settings();
@@ -76,12 +78,31 @@ pub async fn registry(
                 Some(_) => fleet(&format!("{account}:{region}"))?,
                 None => None,
             };
-            own = (account != ecr::UNKNOWN_ACCOUNT).then_some(account);
+            let own = (account != ecr::UNKNOWN_ACCOUNT).then_some(account);
             if own.is_none() {
                 warn!(
-                    "the credentials name no account: a request naming a registry_id is refused                      (REGISTRY_NOT_CONFIGURED); requests naming none are served"
+                    "the credentials name no account: a request naming a registry_id is refused \
+                     (REGISTRY_NOT_CONFIGURED); requests naming none are served"
                 );
             }
+            routes = Arc::new(match &args.registries {
+                Some(path) => Routes::from_file(own.clone(), Some(&region), path)
+                    .map_err(StartError::Config)?,
+                None => Routes::own(own.clone(), Some(&region)),
+            });
+            if args.attribute_writes == AttributeWrites::SourceIdentity {
+                check_attribution(&routes)?;
+            }
+            info!(
+                attribute_writes = args.attribute_writes.name(),
+                registries = routes.registries().len(),
+                "writes are made {}",
+                match args.attribute_writes {
+                    AttributeWrites::None => "with the service's own role session",
+                    AttributeWrites::SourceIdentity =>
+                        "with a role session per (account, caller), the caller its SourceIdentity",
+                }
+            );
             info!(
                 backend = "ecr",
                 %region,
@@ -93,13 +114,23 @@ pub async fn registry(
             );
             let slots = fleet.clone().map(|f| f as Arc<dyn SharedSlots>);
             let config = ecr::client_config_with(&sdk, &settings, slots);
-            (
-                Arc::new(EcrRegistry::from_config(config, settings.batch_window)),
-                fleet,
-            )
+            let mut ecr = EcrRegistry::from_config(config, settings.batch_window);
+            if args.registries.is_some() {
+                ecr = ecr.with_registries(LanesConfig {
+                    budgets: fleet.clone().map(|f| f as Arc<dyn BudgetScopes>),
+                    sdk,
+                    settings,
+                    routes: Arc::clone(&routes),
+                    sts_rate: args.sts_rate,
+                    attributed_sessions: (args.attribute_writes == AttributeWrites::SourceIdentity)
+                        .then_some(args.max_attributed_sessions),
+                });
+            }
+            (Arc::new(ecr), fleet)
         }
         Backend::Local => {
             let settings = args.local_settings();
+            routes = Arc::new(Routes::own(Some(settings.registry_id.clone()), None));
             let store = LocalRegistry::open(&settings)?;
             info!(
                 backend = "local",
@@ -127,11 +158,37 @@ pub async fn registry(
             args.rate_share,
             args.put_image_rate / f64::from(args.rate_share),
         );
-        return Ok((Arc::new(cache), None, own));
+        return Ok((Arc::new(cache), None, routes));
     };
     fleet.listen(cache.tag_invalidator());
     let bus = Arc::clone(&fleet);
-    Ok((Arc::new(cache.with_bus(bus)), Some(fleet), own))
+    Ok((Arc::new(cache.with_bus(bus)), Some(fleet), routes))
+}
+
+/// With attributed writes, every account written to needs a role for the callers' sessions:
+/// the service's own among them.
+fn check_attribution(routes: &Routes) -> Result<(), StartError> {
+    let registries = routes.registries();
+    let refuse = |what: String| {
+        StartError::Config(format!(
+            "--attribute-writes source-identity: {what}; each caller's writes assume that role \
+             with their name as SourceIdentity"
+        ))
+    };
+    if let Some((account, _)) = registries.roles().find(|(_, role)| role.is_none()) {
+        return Err(refuse(format!(
+            "account {account} has no roleArn in --registries"
+        )));
+    }
+    match routes.own_account() {
+        Some(own) if registries.account(own).is_some() => Ok(()),
+        Some(own) => Err(refuse(format!(
+            "the service's own account {own} is not in --registries with a roleArn"
+        ))),
+        None => Err(refuse(
+            "the service's credentials name no account, so its own writes have no role".to_owned(),
+        )),
+    }
 }
 
 /// Builds the stack, binds both listeners (with the start-up files `loaded`), says where it
@@ -141,12 +198,14 @@ pub async fn serve(
     loaded: server::Loaded,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), StartError> {
-    let (registry, fleet, own) = registry(&args).await?;
+    let (registry, fleet, routes) = registry(&args).await?;
     let mut settings = args.server_settings();
-    if let Some(own) = own {
-        settings.own_registry_id = Some(own);
+    if let Some(own) = routes.own_account() {
+        settings.own_registry_id = Some(own.to_owned());
     }
-    let mut bound = server::bind_loaded(settings, loaded).await?;
+    let mut bound = server::bind_loaded(settings, loaded)
+        .await?
+        .with_routes(routes);
     if let Some(fleet) = fleet {
         bound = bound.with_shared_polls(fleet);
     }
@@ -157,6 +216,8 @@ pub async fn serve(
         digest_cache_bytes = args.digest_cache_bytes,
         tag_ttl = %args.tag_ttl,
         identity_source = args.identity_source.name(),
+        attribute_writes = args.attribute_writes.name(),
+        audit = args.audit == crate::config::Switch::On,
         "listening"
     );
     bound.serve(registry, shutdown).await?;

@@ -41,6 +41,34 @@ impl Backend {
     }
 }
 
+/// Whose name the service's writes carry in CloudTrail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AttributeWrites {
+    /// The service's own role session for every write.
+    None,
+    /// A role session per (account, caller) for writes, with the caller as SourceIdentity.
+    SourceIdentity,
+}
+
+impl AttributeWrites {
+    /// The mode as the flag spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::SourceIdentity => "source-identity",
+        }
+    }
+}
+
+/// On or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    /// On.
+    On,
+    /// Off.
+    Off,
+}
+
 /// `ecr-image-service serve`.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
@@ -131,6 +159,33 @@ pub struct ServeArgs {
     /// replica is on its own, with quota / --rate-share.
     #[arg(long, env = "ECR_IMAGE_SERVICE_REDIS_URL")]
     pub redis_url: Option<String>,
+
+    /// Registries in other AWS accounts and regions (YAML: account, roleArn, externalId,
+    /// sessionDuration, regions; re-read when it changes). Without it only the service's own
+    /// account and region are served. `--backend ecr` only.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_REGISTRIES")]
+    pub registries: Option<std::path::PathBuf>,
+
+    /// Whose name writes carry in CloudTrail: `none` (the service's role session), or
+    /// `source-identity`: each caller's writes use a role session of their own, whose
+    /// RoleSessionName and SourceIdentity name the caller. Needs a roleArn in the registries
+    /// file for every account written to, the service's own included.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_ATTRIBUTE_WRITES", value_enum, default_value_t = AttributeWrites::None)]
+    pub attribute_writes: AttributeWrites,
+
+    /// AssumeRole calls per second, at most, for the whole process.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_STS_RATE", default_value_t = crate::registry::ecr::roles::DEFAULT_STS_RATE)]
+    pub sts_rate: f64,
+
+    /// Attributed write sessions kept (least recently used dropped), with
+    /// `--attribute-writes source-identity`.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_MAX_ATTRIBUTED_SESSIONS", default_value_t = crate::registry::ecr::lanes::DEFAULT_MAX_ATTRIBUTED_SESSIONS)]
+    pub max_attributed_sessions: u64,
+
+    /// Audit events (one JSON line on stderr per write, per retag target, per deleted id and
+    /// per denial): `on`, or `off` where another system already records every write.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_AUDIT", value_enum, default_value_t = Switch::On)]
+    pub audit: Switch,
 
     /// PEM CA certificates trusted for a `rediss://` --redis-url instead of the system's
     /// roots (a private CA; ElastiCache needs none).
@@ -306,6 +361,25 @@ impl ServeArgs {
 
     /// Checks what clap's types cannot: ranges, orderings and shapes.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.backend == Backend::Local && self.registries.is_some() {
+            return Err(invalid(
+                "--registries",
+                "is for --backend ecr (the embedded store is one registry)",
+            ));
+        }
+        if self.attribute_writes == AttributeWrites::SourceIdentity && self.registries.is_none() {
+            return Err(invalid(
+                "--attribute-writes",
+                "source-identity needs --registries: a roleArn for every account written to, \
+                 the service's own included, is the role each caller's session assumes",
+            ));
+        }
+        if !(self.sts_rate > 0.0 && self.sts_rate.is_finite()) {
+            return Err(invalid("--sts-rate", "must be a positive number"));
+        }
+        if self.max_attributed_sessions == 0 {
+            return Err(invalid("--max-attributed-sessions", "must be at least 1"));
+        }
         if self.backend == Backend::Local && self.data_dir.is_none() {
             return Err(invalid(
                 "--data-dir",
@@ -526,6 +600,7 @@ impl ServeArgs {
                 Backend::Local => Some(self.local_registry_id.clone()),
                 Backend::Ecr => None,
             },
+            audit: self.audit == Switch::On,
         }
     }
 

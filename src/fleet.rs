@@ -33,6 +33,7 @@ use crate::metrics;
 use crate::registry::RepositoryKey;
 use crate::registry::cached::TagInvalidator;
 use crate::registry::ecr::budget::{SharedSlots, Slot};
+use crate::registry::ecr::lanes::BudgetScopes;
 use crate::registry::{TagBus, TagMove};
 
 /// The pub/sub channel of tag moves.
@@ -455,6 +456,22 @@ impl std::fmt::Debug for Fleet {
     }
 }
 
+/// The budgets of other registries: the same link, its keys under the registry's own hash tag
+/// (`ecr-image-service:{<account>:<region>}:budget:<operation>`), so that each account and
+/// region has its own shared quota, and one account's burst never takes another's slots.
+impl BudgetScopes for Fleet {
+    fn slots(&self, scope: &str) -> Arc<dyn SharedSlots> {
+        Arc::new(Self {
+            client: self.client.clone(),
+            commands: self.commands.clone(),
+            origin: self.origin.clone(),
+            scope: scope.to_owned(),
+            state: Arc::clone(&self.state),
+            hub: OnceLock::new(),
+        })
+    }
+}
+
 impl SharedSlots for Fleet {
     fn is_shared(&self) -> bool {
         self.state.shared.load(Ordering::Relaxed)
@@ -602,7 +619,7 @@ fn micros(interval: Duration) -> u64 {
 /// `registry/repository`, or `repository` for the default registry.
 fn repository_name(repository: &RepositoryKey) -> String {
     match &repository.registry_id {
-        Some(registry) => format!("{}/{}", registry.as_str(), repository.repository),
+        Some(registry) => format!("{}/{}", registry.key(), repository.repository),
         None => repository.repository.to_string(),
     }
 }
@@ -610,7 +627,10 @@ fn repository_name(repository: &RepositoryKey) -> String {
 /// `origin \n registry \n repository \n tag` (or `@digest`, an image deleted): validated
 /// names hold no newline.
 fn encode_move(origin: &str, repository: &RepositoryKey, what: &str) -> String {
-    let registry = repository.registry_id.as_ref().map_or("", |r| r.as_str());
+    let registry = repository
+        .registry_id
+        .as_ref()
+        .map_or_else(String::new, RegistryId::key);
     format!("{origin}\n{registry}\n{}\n{what}", repository.repository)
 }
 
@@ -639,7 +659,7 @@ fn decode_repository(registry: &str, repository: &str) -> Option<RepositoryKey> 
     Some(RepositoryKey {
         registry_id: match registry {
             "" => None,
-            id => Some(RegistryId::parse(id).ok()?),
+            id => Some(RegistryId::from_key(id).ok()?),
         },
         repository: RepositoryName::parse(repository).ok()?,
     })

@@ -14,13 +14,14 @@
 //! - **api**: [`service`] (every RPC through one skeleton: caller -> [`validate`] ->
 //!   authorization -> registry -> response), [`methods`] (the method table: size limits,
 //!   actions, idempotency), [`error`] (the API's errors and their one mapping to a
-//!   `tonic::Status`), [`paging`] (signed page tokens), [`platform`] (an index's child for a
+//!   `tonic::Status`), [`audit`] (one event per write and denial), [`paging`] (signed page tokens), [`platform`] (an index's child for a
 //!   platform), [`retag`], [`watch`] (WatchTag's hub, pollers and streams), [`pb`] (the
 //!   generated code);
 //! - **access**: [`identity`] (the caller's principal from the one configured source),
 //!   [`authz`] (the per-repository policy);
 //! - **registry**: [`registry`] (the seam; [`registry::cached`] keeps hot reads off ECR,
-//!   [`registry::ecr`] calls it through `aws-sdk-ecr` behind its rate budgets,
+//!   [`registry::ecr`] calls it through `aws-sdk-ecr` behind its rate budgets, a client per
+//!   account and region, [`registry::accounts`] says which registries are served,
 //!   [`registry::local`] is the embedded store);
 //! - **domain**: [`image`] (value types: names, tags, digests, manifests as exact bytes),
 //!   [`call`] (the call context: deadline, caller, registry), [`text`] (bounded messages),
@@ -50,6 +51,6 @@ pub mod transport;
 // Flat re-exports: one name per concern, as the modules were known before they were grouped
 // by layer (tests, benchmarks and the binary use these).
 pub use access::{authz, identity};
-pub use api::{error, methods, paging, pb, platform, retag, service, validate, watch};
+pub use api::{audit, error, methods, paging, pb, platform, retag, service, validate, watch};
 pub use domain::{call, image, text};
 pub use transport::{admin, admission, codec, connection, server, shutdown, tls};

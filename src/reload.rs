@@ -27,3 +27,8 @@ pub async fn every_interval(what: &'static str, mut reload: impl FnMut() -> Resu
         }
     }
 }
+
+/// A reloaded file's text; the error names the file.
+pub fn read(path: &std::path::Path) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))
+}

@@ -106,6 +106,18 @@ fn one<'a>(objects: &'a [Value], kind: &str) -> &'a Value {
     }
 }
 
+/// The file `file` of the ConfigMap named `<fullname>-<suffix>`.
+fn config_file(objects: &[Value], suffix: &str, file: &str) -> String {
+    let name = format!("{FULLNAME}-{suffix}");
+    all(objects, "ConfigMap")
+        .into_iter()
+        .find(|c| c["metadata"]["name"] == name.as_str())
+        .unwrap_or_else(|| panic!("no ConfigMap {name}"))["data"][file]
+        .as_str()
+        .unwrap_or_else(|| panic!("no {file} in {name}"))
+        .to_owned()
+}
+
 fn service_container(objects: &[Value]) -> &Value {
     &one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
 }
@@ -391,12 +403,20 @@ fn every_setting_of_the_binary_is_reachable_from_values_and_accepted_by_it() {
     // this run can read it; everything else exactly as rendered.
     let home = std::env::temp_dir().join(format!("chart-home-{}", std::process::id()));
     std::fs::create_dir_all(&home).unwrap();
-    let rendered_policy = one(&objects, "ConfigMap")["data"]["policy.yaml"]
-        .as_str()
-        .expect("the policy in the ConfigMap")
-        .to_owned();
+    let rendered_policy = config_file(&objects, "authz", "policy.yaml");
     let policy_file = home.join("policy.yaml");
     std::fs::write(&policy_file, rendered_policy).unwrap();
+    let registries_file = home.join("registries.yaml");
+    std::fs::write(
+        &registries_file,
+        config_file(&objects, "registries", "registries.yaml"),
+    )
+    .unwrap();
+    assert!(settings["ECR_IMAGE_SERVICE_REGISTRIES"].ends_with("/registries.yaml"));
+    settings.insert(
+        "ECR_IMAGE_SERVICE_REGISTRIES".into(),
+        registries_file.to_str().unwrap().into(),
+    );
     assert!(settings["ECR_IMAGE_SERVICE_AUTHZ_POLICY"].ends_with("/policy.yaml"));
     settings.insert(
         "ECR_IMAGE_SERVICE_AUTHZ_POLICY".into(),
@@ -464,6 +484,41 @@ fn every_setting_of_the_binary_is_reachable_from_values_and_accepted_by_it() {
     assert_eq!(listening["digest_cache_bytes"], 128 << 20);
     assert_eq!(listening["tag_ttl"], "30s");
     assert_eq!(listening["identity_source"], "istio-xfcc");
+    assert_eq!(listening["attribute_writes"], "none");
+    assert_eq!(listening["audit"], true);
+}
+
+/// `registries` become a ConfigMap mounted (as a directory, so updates reach the pod) where
+/// `ECR_IMAGE_SERVICE_REGISTRIES` points, in the file shape the service reads; without the
+/// value there is neither.
+#[test]
+fn registries_become_the_registries_file() {
+    let objects = render(&["--values", EVERYTHING_ON]);
+    let container = service_container(&objects);
+    let settings = env(container);
+    let path = &settings["ECR_IMAGE_SERVICE_REGISTRIES"];
+    let mount = container["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "registries")
+        .expect("the registries volume is mounted");
+    assert!(path.starts_with(mount["mountPath"].as_str().unwrap()));
+    assert!(mount.get("subPath").is_none());
+    let file = config_file(&objects, "registries", "registries.yaml");
+    let registries =
+        ecr_image_service::registry::accounts::Registries::parse(&file).expect("a valid file");
+    let account = registries.account("111122223333").expect("the account");
+    let role = account.role.as_ref().expect("its role");
+    assert_eq!(role.arn, "arn:aws:iam::111122223333:role/ecr-image-service");
+    assert_eq!(role.external_id.as_deref(), Some("images"));
+    assert_eq!(role.session_duration, Duration::from_secs(30 * 60));
+    assert_eq!(account.regions.len(), 2);
+
+    let plain = render(&[]);
+    assert!(!env(service_container(&plain)).contains_key("ECR_IMAGE_SERVICE_REGISTRIES"));
+    let refused = try_render(&["--set", "registries[0].account=42"]).unwrap_err();
+    assert!(refused.contains("registries"), "{refused}");
 }
 
 #[test]
@@ -715,10 +770,7 @@ fn authz_rules_become_the_policy_and_a_mesh_needs_them() {
         mount.get("subPath").is_none(),
         "a subPath mount never sees updates"
     );
-    let policy = one(&objects, "ConfigMap")["data"]["policy.yaml"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let policy = config_file(&objects, "authz", "policy.yaml");
     assert!(
         policy.contains("ci-team-a") && policy.contains("team-a/**"),
         "{policy}"

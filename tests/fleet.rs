@@ -12,9 +12,11 @@ use std::time::{Duration, Instant};
 use ecr_image_service::pb::WatchTagResponse;
 use ecr_image_service::pb::watch_tag_response::Event;
 use support::redis::Redis;
-use support::replicas::{self, arrivals, between, put_load, rate, until_mode};
+use support::replicas::{
+    self, arrivals, arrivals_in, between, put_load, put_load_in, rate, until_mode,
+};
 use support::requests::open_watch;
-use support::{admin, create_repository, digest_of, moto, unique};
+use support::{MOTO_ACCOUNT, admin, admin_in, create_repository, digest_of, moto, unique};
 use tonic::Streaming;
 
 /// A caller's deadline in these scenarios.
@@ -107,6 +109,91 @@ async fn alone_a_replica_sends_its_whole_share_to_a_queue() {
     );
     assert!(busiest <= 4, "{busiest} PutImage within one second");
     assert_eq!((outcomes.refused, outcomes.failed), (0, 0), "{outcomes:?}");
+}
+
+/// Another account of the organisation, in the registries file.
+const ACCOUNT_B: &str = "111122223333";
+
+/// Two accounts under load at once, 30 PutImage in flight to each for 10 s: each account's ECR
+/// sees at least 8.5/s and at most 10 in any second, because each (account, region) has its own
+/// budgets; first one replica on its own, then two sharing Redis (the budgets' keys per
+/// account). A burst to one account never takes the other's slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_accounts_each_have_their_own_quota() {
+    let redis = Redis::start();
+    let repository = unique("accounts");
+    create_repository(moto::endpoint(), &repository, false).await;
+    admin_in(ACCOUNT_B)
+        .await
+        .create_repository()
+        .repository_name(&repository)
+        .send()
+        .await
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("accounts-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("registries.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "registries:\n  - account: \"{ACCOUNT_B}\"\n    roleArn: arn:aws:iam::{ACCOUNT_B}:role/ecr-image-service\n  - account: \"{MOTO_ACCOUNT}\"\n"
+        ),
+    )
+    .unwrap();
+    let file = file.to_str().unwrap();
+    let env = [
+        ("AWS_ENDPOINT_URL_STS", moto::endpoint()),
+        ("AWS_ACCOUNT_ID", MOTO_ACCOUNT),
+    ];
+    for (scenario, replicas, redis) in [
+        ("one replica", 1, None),
+        ("two replicas and Redis", 2, Some(redis.url.as_str())),
+    ] {
+        let share = replicas.to_string();
+        let args = ["--registries", file, "--rate-share", &share];
+        let fleet = replicas::start_with(replicas, redis, &args, &env).await;
+        if redis.is_some() {
+            until_mode(&fleet, "redis", Duration::from_secs(10)).await;
+        }
+        let targets: Vec<_> = fleet.iter().map(|r| r.client.clone()).collect();
+        let started = Instant::now();
+        let load = |account: &'static str| {
+            let (targets, repository) = (targets.clone(), repository.clone());
+            tokio::spawn(async move {
+                put_load_in(
+                    &targets,
+                    account,
+                    &repository,
+                    30,
+                    Duration::from_secs(10),
+                    DEADLINE,
+                )
+                .await
+            })
+        };
+        let (own, other) = (load(""), load(ACCOUNT_B));
+        let (own, other) = (own.await.unwrap(), other.await.unwrap());
+        let ended = Instant::now();
+        for (account, outcomes, id) in [(MOTO_ACCOUNT, own, ""), (ACCOUNT_B, other, ACCOUNT_B)] {
+            let sent = between(&arrivals_in(&fleet, id), started, ended);
+            // The first second fills the queue; from then on demand exceeds the quota.
+            let (per_second, busiest) = rate(&sent, started + Duration::from_secs(1), ended);
+            eprintln!(
+                "{scenario}, account {account}: {per_second:.2} PutImage/s at ECR, busiest \
+                 second {busiest}; {outcomes:?}"
+            );
+            assert!(
+                busiest <= 10,
+                "{scenario}, {account}: {busiest} PutImage in one second"
+            );
+            assert!(
+                per_second >= 8.5,
+                "{scenario}, {account}: only {per_second:.2} PutImage/s"
+            );
+            assert_eq!(outcomes.overdue, 0, "{scenario}, {account}: {outcomes:?}");
+            assert_eq!(outcomes.failed, 0, "{scenario}, {account}: {outcomes:?}");
+        }
+    }
 }
 
 fn fair(sent: &[Instant]) -> usize {

@@ -141,10 +141,15 @@ pub enum Error {
         available: String,
     },
     /// The request names a registry this service does not serve: refused before any AWS call.
-    #[error("registry {registry_id} is not served here")]
+    #[error(
+        "the registry asked for (account '{registry_id}', region '{region}'; empty means the \
+         service's own) is not served here"
+    )]
     RegistryNotConfigured {
-        /// The registry (account) asked for.
+        /// The account asked for ("" for the service's own).
         registry_id: String,
+        /// The region asked for ("" for the service's own).
+        region: String,
     },
     /// The registry failed or refused.
     #[error(transparent)]
@@ -252,11 +257,13 @@ pub enum Reason {
     TooManyWatches,
     /// The request names a registry this service does not serve.
     RegistryNotConfigured,
+    /// The service could not assume its role in the registry's account.
+    AssumeRoleFailed,
 }
 
 impl Reason {
     /// Every reason, in the order of the error tables (README, proto comment).
-    pub const ALL: [Reason; 33] = [
+    pub const ALL: [Reason; 34] = [
         Self::InvalidField,
         Self::DigestMismatch,
         Self::MediaTypeMismatch,
@@ -290,6 +297,7 @@ impl Reason {
         Self::WatchEnded,
         Self::TooManyWatches,
         Self::RegistryNotConfigured,
+        Self::AssumeRoleFailed,
     ];
 
     /// The UPPER_SNAKE spelling used in `ErrorInfo.reason`.
@@ -328,6 +336,7 @@ impl Reason {
             Self::WatchEnded => "WATCH_ENDED",
             Self::TooManyWatches => "TOO_MANY_WATCHES",
             Self::RegistryNotConfigured => "REGISTRY_NOT_CONFIGURED",
+            Self::AssumeRoleFailed => "ASSUME_ROLE_FAILED",
         }
     }
 }
@@ -377,6 +386,17 @@ impl Error {
                 // reason say it was the service's identity that was denied.
                 R::AccessDenied(_) => (Code::PermissionDenied, Reason::ServiceAccessDenied),
                 R::CredentialsInvalid(_) => (Code::Internal, Reason::ServiceCredentialsInvalid),
+                // Never the caller's fault: a refusal is the configuration's (not worth a
+                // retry), a failure STS's (worth one, after the cool-down).
+                R::AssumeRoleFailed { denied: true, .. } => {
+                    (Code::PermissionDenied, Reason::AssumeRoleFailed)
+                }
+                R::AssumeRoleFailed { denied: false, .. } => {
+                    (Code::Unavailable, Reason::AssumeRoleFailed)
+                }
+                R::NotConfigured { .. } => {
+                    (Code::FailedPrecondition, Reason::RegistryNotConfigured)
+                }
                 R::DigestVerificationFailed { .. } => {
                     (Code::DataLoss, Reason::DigestVerificationFailed)
                 }
@@ -464,6 +484,10 @@ impl Error {
             )
             | Self::Overloaded { retry_after } => Some(*retry_after),
             Self::WatchEnded { .. } | Self::TooManyWatches(_) => Some(WATCH_RETRY_DELAY),
+            // STS is asked again only after the cool-down: sooner gets the same answer.
+            Self::Registry(RegistryError::AssumeRoleFailed { denied: false, .. }) => {
+                Some(crate::registry::ecr::roles::FAILURE_COOLDOWN)
+            }
             _ => None,
         }
     }
@@ -482,8 +506,12 @@ impl From<Error> for Status {
             Error::PlatformNotFound { available, .. } => {
                 metadata.insert("available".to_owned(), available.clone());
             }
-            Error::RegistryNotConfigured { registry_id } => {
+            Error::RegistryNotConfigured {
+                registry_id,
+                region,
+            } => {
                 metadata.insert("registryId".to_owned(), registry_id.clone());
+                metadata.insert("region".to_owned(), region.clone());
             }
             _ => {}
         }
@@ -727,6 +755,7 @@ mod tests {
             (
                 Error::RegistryNotConfigured {
                     registry_id: "999999999999".into(),
+                    region: String::new(),
                 },
                 Code::FailedPrecondition,
                 "REGISTRY_NOT_CONFIGURED",
@@ -777,6 +806,24 @@ mod tests {
                 Code::Unavailable,
                 "ECR_RATE_BUDGET_EXHAUSTED",
             ),
+            (
+                R::AssumeRoleFailed {
+                    denied: false,
+                    upstream: Upstream::message("STS unavailable"),
+                }
+                .into(),
+                Code::Unavailable,
+                "ASSUME_ROLE_FAILED",
+            ),
+            (
+                R::AssumeRoleFailed {
+                    denied: true,
+                    upstream: Upstream::message("AccessDenied"),
+                }
+                .into(),
+                Code::PermissionDenied,
+                "ASSUME_ROLE_FAILED",
+            ),
         ]
     }
 
@@ -801,13 +848,17 @@ mod tests {
     }
 
     /// The error tables cannot drift: the README's table and the proto comment's each list
-    /// every reason exactly once, with the code the one mapping gives it, and nothing else.
+    /// every reason, with each code the one mapping gives it (one row per code, adjacent:
+    /// ASSUME_ROLE_FAILED has two), and nothing else.
     #[test]
     fn the_documented_error_tables_match_the_mapping() {
-        let mapped: HashMap<&str, &str> = mapping_table()
-            .iter()
-            .map(|(_, code, reason)| (*reason, code_name(*code)))
-            .collect();
+        let mut mapped: HashMap<&str, Vec<&str>> = HashMap::new();
+        for (_, code, reason) in &mapping_table() {
+            let codes = mapped.entry(*reason).or_default();
+            if !codes.contains(&code_name(*code)) {
+                codes.push(code_name(*code));
+            }
+        }
         let every: Vec<&str> = Reason::ALL.iter().map(|r| r.as_str()).collect();
         let mut sorted = every.clone();
         sorted.sort_unstable();
@@ -826,14 +877,17 @@ mod tests {
             ),
         ] {
             let rows = documented_rows(text);
-            let listed: Vec<&str> = rows.iter().map(|(_, reason)| reason.as_str()).collect();
+            let mut listed: Vec<&str> = rows.iter().map(|(_, reason)| reason.as_str()).collect();
+            listed.dedup();
             assert_eq!(listed, every, "{name} lists every reason once, in order");
-            for (code, reason) in &rows {
-                assert_eq!(
-                    code.as_str(),
-                    mapped[reason.as_str()],
-                    "{name}: {reason}'s code"
-                );
+            let documented = |reason: &str| -> Vec<&str> {
+                rows.iter()
+                    .filter(|(_, r)| r == reason)
+                    .map(|(code, _)| code.as_str())
+                    .collect()
+            };
+            for (reason, codes) in &mapped {
+                assert_eq!(&documented(reason), codes, "{name}: {reason}'s codes");
             }
         }
     }
@@ -899,7 +953,10 @@ mod tests {
                 "WATCH_ENDED",
                 "TOO_MANY_WATCHES",
             ];
-            assert_eq!(retry, retryable.contains(&reason), "{reason}: RetryInfo");
+            // STS's failures (UNAVAILABLE) say when it will be asked again; its refusals do not.
+            let retryable = retryable.contains(&reason)
+                || (reason == "ASSUME_ROLE_FAILED" && code == Code::Unavailable);
+            assert_eq!(retry, retryable, "{reason}: RetryInfo");
         }
     }
 

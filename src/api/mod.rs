@@ -2,6 +2,7 @@
 //! table ([`methods`]), validates ([`validate`]), authorizes (access) and calls the registry;
 //! the API's errors map to statuses in one place ([`error`]). Uses access, registry and domain.
 
+pub mod audit;
 pub mod error;
 pub mod methods;
 pub mod paging;

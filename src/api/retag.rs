@@ -4,6 +4,7 @@
 //! ECR's PutImage takes one tag, and the rate budget paces the puts. One immutable-tag conflict
 //! is that target's failure, not the call's, so the caller learns the fate of every tag.
 
+use crate::api::audit::{Audit, Pending};
 use crate::api::error::{Error, Reason, Violation};
 use crate::api::validate::RetagInput;
 use crate::domain::image::{Manifest, MediaType, Tag};
@@ -20,15 +21,45 @@ pub struct Retagged {
 
 /// Points every target tag of `input` at its source image. Fails as a whole only when the
 /// source cannot be read.
-pub async fn retag(registry: &dyn Registry, input: RetagInput) -> Result<Retagged, Error> {
+pub async fn retag(
+    registry: &dyn Registry,
+    audit: &Audit,
+    input: RetagInput,
+) -> Result<Retagged, Error> {
     let registry_id = input.source.registry_id.clone();
-    let source = registry.get_image(input.source).await?.image;
+    let repository = input.source.repository_key();
+    let source = match registry.get_image(input.source).await {
+        Ok(fetched) => fetched.image,
+        Err(err) => {
+            // No target was written: each is still one event, failed for the source's reason.
+            let err = Error::from(err);
+            for tag in &input.targets {
+                let event = Pending::start(
+                    audit,
+                    "write",
+                    repository.repository.as_str(),
+                    tag.as_str(),
+                    "",
+                );
+                event.failed(&err);
+            }
+            return Err(err);
+        }
+    };
     // Parsed (and hashed) once, whatever the number of targets.
     let manifest = source_manifest(&source);
     let mut results = Vec::with_capacity(input.targets.len());
     for tag in input.targets {
+        let mut event = Pending::start(
+            audit,
+            "write",
+            source.repository.as_str(),
+            tag.as_str(),
+            source.digest.as_str(),
+        );
         let result = match &manifest {
             Ok(manifest) => {
+                event.read_before(registry, &repository, Some(&tag)).await;
                 let put = PutImageInput {
                     registry_id: registry_id.clone(),
                     repository: source.repository.clone(),
@@ -46,6 +77,7 @@ pub async fn retag(registry: &dyn Registry, input: RetagInput) -> Result<Retagge
                 vec![Violation::new("source_image_id", why.clone())],
             )),
         };
+        event.finish(&result);
         results.push((tag, result));
     }
     Ok(Retagged { source, results })

@@ -9,8 +9,10 @@ use tonic::{Request, Response, Status};
 use tracing::field::{Empty, debug as debug_value};
 use tracing::{Instrument, Span, debug, debug_span, info, warn};
 
+use crate::access::authz::Action;
 use crate::access::authz::Authorizer;
 use crate::access::identity::IdentitySource;
+use crate::api::audit::{self, Audit};
 use crate::api::error::{self, Error};
 use crate::api::methods::{self, Method};
 use crate::api::paging::PageTokens;
@@ -20,6 +22,7 @@ use crate::api::{retag, validate};
 use crate::domain::call::{CallContext, NoIdentity, Principal};
 use crate::domain::image::{Digest, RegistryId, RepositoryName, Tag};
 use crate::metrics;
+use crate::registry::accounts::Routes;
 use crate::registry::{
     CacheStatus, DeleteImagesInput, GetImageInput, ListInput, PutImageInput, PutOutcome,
     RepositoryKey, SharedRegistry, StoredImage,
@@ -39,8 +42,10 @@ pub struct ImageService {
     pages: PageTokens,
     /// WatchTag's pollers and watchers.
     hub: Arc<WatchHub>,
-    /// The one registry served; `None`: not known, so no request may name one.
-    own_registry: Option<RegistryId>,
+    /// The registries served: the own one, and the registries file's.
+    routes: Arc<Routes>,
+    /// Where every write and denial is recorded.
+    audit: Audit,
 }
 
 impl ImageService {
@@ -59,31 +64,57 @@ impl ImageService {
             authorizer: Arc::new(Authorizer::allow_all()),
             pages,
             hub,
-            own_registry: None,
+            routes: Arc::new(Routes::own(None, None)),
+            audit: Audit::off(),
         }
     }
 
-    /// The same service, serving the registry `own` (the service's account): a request naming
-    /// it is the same as one naming none, one naming another is refused.
-    pub fn serving_registry(mut self, own: Option<RegistryId>) -> Self {
-        self.own_registry = own;
+    /// The same service, serving the registries `routes` names.
+    pub fn serving(mut self, routes: Arc<Routes>) -> Self {
+        self.audit = self.audit.for_own(
+            routes.own_account().unwrap_or_default(),
+            routes.own_region().unwrap_or_default(),
+        );
+        self.routes = routes;
         self
     }
 
-    /// The request's registry, routed: the service's own account is the same registry as an
-    /// empty `registry_id` (one cache key, one batch lane, one budget), and any other is
-    /// REGISTRY_NOT_CONFIGURED, before authorization and before any AWS call.
+    /// The same service, recording writes and denials in `audit`.
+    pub fn with_audit(mut self, audit: Audit) -> Self {
+        self.audit = audit.for_own(
+            self.routes.own_account().unwrap_or_default(),
+            self.routes.own_region().unwrap_or_default(),
+        );
+        self
+    }
+
+    /// The request's registry, routed: the service's own account and region are the same
+    /// registry as neither named (one cache key, one batch lane, one budget), a registry of
+    /// the registries file is itself, and any other is REGISTRY_NOT_CONFIGURED, before
+    /// authorization and before any AWS call.
     fn route(&self, registry_id: &mut Option<RegistryId>) -> Result<(), Error> {
-        let Some(asked) = registry_id.as_ref() else {
+        let Some(asked) = registry_id.take() else {
             return Ok(());
         };
-        if self.own_registry.as_ref() == Some(asked) {
-            *registry_id = None;
-            return Ok(());
-        }
-        Err(Error::RegistryNotConfigured {
-            registry_id: asked.as_str().to_owned(),
-        })
+        let region = asked.region().cloned();
+        let account = (!asked.is_own_account()).then(|| asked.in_region(None));
+        *registry_id = self
+            .routes
+            .route(account.as_ref(), region.as_ref())
+            .map_err(|refused| Error::RegistryNotConfigured {
+                registry_id: refused.registry_id,
+                region: refused.region,
+            })?;
+        Ok(())
+    }
+
+    /// The account a routed registry is in, as policies name it: the service's own for `None`
+    /// (`""` when its credentials do not say).
+    fn account_of<'a>(&'a self, registry: Option<&'a RegistryId>) -> &'a str {
+        registry
+            .map(RegistryId::as_str)
+            .or(self.routes.own_account())
+            .unwrap_or_default()
     }
 
     /// The registry's continuation token inside the caller's `page_token`, checked against the
@@ -188,27 +219,75 @@ impl ImageService {
             repository,
             reference,
         );
-        let message = request.into_inner();
+        let (metadata, _, message) = request.into_parts();
         let deadline = call.deadline();
         // On the heap, apart: the future every waiting call holds stays small. With the work
         // inline (and an index walk's state in every read) it was 10.6 KB, copied through
         // each wrapper; a herd of 10,000 waiting calls held 15 MiB more for it.
         let run = Box::pin(async move {
-            let principal = call
-                .caller()
-                .map_err(|NoIdentity(why)| Error::Unauthenticated {
-                    source_name: self.identity.name(),
-                    why,
-                })?
-                .clone();
+            let principal = match call.caller() {
+                Ok(principal) => principal.clone(),
+                Err(NoIdentity(why)) => {
+                    let err = Error::Unauthenticated {
+                        source_name: self.identity.name(),
+                        why,
+                    };
+                    let (repository, _) = describe(&message);
+                    self.deny(&call, &metadata, method, &repository, &err);
+                    return Err(err);
+                }
+            };
             let mut input = validate(message)?;
             self.route(input.registry_id_mut())?;
-            self.authorizer
-                .check_all(&principal, method.actions, input.repository())?;
-            let call = call.for_registry(input.registry_id().cloned());
+            let account = self.account_of(input.registry_id());
+            let mut call = call.for_registry(input.registry_id().cloned());
+            if let Err(denied) =
+                self.authorizer
+                    .check_all(&principal, method.actions, account, input.repository())
+            {
+                let err = Error::from(denied);
+                self.deny(&call, &metadata, method, input.repository().as_str(), &err);
+                return Err(err);
+            }
+            if self.audit.is_on() && method.actions.iter().any(|a| *a != Action::Read) {
+                let (request_id, trace_id) = request_ids(&metadata);
+                call = call.with_receipt(request_id, trace_id);
+            }
             call.scope(work(input)).await
         });
         observe(rpc, deadline, run).await
+    }
+
+    /// Records a denial (`err`, PERMISSION_DENIED or UNAUTHENTICATED) of `method` on
+    /// `repository`: one audit event per action the method needed.
+    fn deny(
+        &self,
+        call: &CallContext,
+        metadata: &tonic::metadata::MetadataMap,
+        method: &Method,
+        repository: &str,
+        err: &Error,
+    ) {
+        if !self.audit.is_on() {
+            return;
+        }
+        let (request_id, trace_id) = request_ids(metadata);
+        let call = call.clone().with_receipt(request_id, trace_id);
+        let (_, reason) = err.code_and_reason();
+        let action = match err {
+            Error::AccessDenied { action, .. } => action.as_str(),
+            _ => method.actions.first().map_or("read", |a| a.as_str()),
+        };
+        self.audit.record_for(
+            &call,
+            &audit::Record {
+                action,
+                repository,
+                outcome: Some(audit::Outcome::Denied),
+                reason: reason.as_str(),
+                ..audit::Record::default()
+            },
+        );
     }
 
     /// The context of a request that did not come through admission, which makes one for
@@ -220,6 +299,25 @@ impl ImageService {
         )
     }
 }
+
+/// The request's id (`x-request-id`, which Envoy and Istio set on every request; bounded) or a
+/// fresh one, and its W3C trace id (empty without one).
+fn request_ids(metadata: &tonic::metadata::MetadataMap) -> (String, String) {
+    let header = |name| metadata.get(name).and_then(|v| v.to_str().ok());
+    let request_id = header("x-request-id")
+        .filter(|id| !id.is_empty())
+        .map_or_else(crate::domain::random::request_id, |id| {
+            crate::domain::text::truncated(id, MAX_REQUEST_ID_BYTES)
+        });
+    let trace_id = header("traceparent")
+        .and_then(TraceParent::parse)
+        .map(|t| t.trace_id)
+        .unwrap_or_default();
+    (request_id, trace_id)
+}
+
+/// Longer than any id a mesh or client library draws (a UUID is 36).
+const MAX_REQUEST_ID_BYTES: usize = 128;
 
 /// A read as GetImage and ResolveImage answer it.
 struct Read {
@@ -327,9 +425,29 @@ impl pb::image_service_server::ImageService for ImageService {
             describe,
             validate::put_image,
             |input| async move {
-                crate::api::platform::check_children(&*self.registry, &input).await?;
-                Span::current().record("digest", input.manifest.digest().as_str());
-                let (image, outcome) = self.registry.put_image(input).await?;
+                let tag = input.tag.as_ref().map_or("", Tag::as_str);
+                let digest = input.manifest.digest().as_str();
+                let mut event = audit::Pending::start(
+                    &self.audit,
+                    "write",
+                    input.repository.as_str(),
+                    tag,
+                    digest,
+                );
+                if let Err(err) =
+                    crate::api::platform::check_children(&*self.registry, &input).await
+                {
+                    event.failed(&err);
+                    return Err(err);
+                }
+                Span::current().record("digest", digest);
+                let repository = input.repository_key();
+                event
+                    .read_before(&*self.registry, &repository, input.tag.as_ref())
+                    .await;
+                let put = self.registry.put_image(input).await.map_err(Error::from);
+                event.finish(&put);
+                let (image, outcome) = put?;
                 Ok(pb::PutImageResponse {
                     image: Some(to_proto(image)),
                     outcome: put_outcome(outcome).into(),
@@ -385,7 +503,7 @@ impl pb::image_service_server::ImageService for ImageService {
             describe,
             validate::retag_image,
             |input| async move {
-                let retagged = retag::retag(&*self.registry, input).await?;
+                let retagged = retag::retag(&*self.registry, &self.audit, input).await?;
                 Span::current().record("digest", retagged.source.digest.as_str());
                 let results = retagged
                     .results
@@ -457,7 +575,18 @@ impl pb::image_service_server::ImageService for ImageService {
             validate::batch_delete_image,
             |input| async move {
                 // Tag moves reach watchers (and other replicas) from the registry stack.
-                let outcome = self.registry.delete_images(input).await?;
+                let events = audit::PendingDeletes::start(
+                    &self.audit,
+                    input.repository.as_str(),
+                    &input.images,
+                );
+                let outcome = self
+                    .registry
+                    .delete_images(input)
+                    .await
+                    .map_err(Error::from);
+                events.finish(&outcome);
+                let outcome = outcome?;
                 Ok(pb::BatchDeleteImageResponse {
                     image_ids: outcome.deleted.into_iter().map(id_of).collect(),
                     failures: outcome
@@ -571,8 +700,9 @@ impl pb::image_service_server::ImageService for ImageService {
                     })?;
                 let (authorizer, name) =
                     (Arc::clone(&self.authorizer), repository.repository.clone());
+                let account = self.account_of(repository.registry_id.as_ref()).to_owned();
                 let still_allowed = move || {
-                    authorizer.check_all(&caller, methods::WATCH_TAG.actions, &name)?;
+                    authorizer.check_all(&caller, methods::WATCH_TAG.actions, &account, &name)?;
                     Ok(())
                 };
                 let watch = self
@@ -603,7 +733,10 @@ fn listing_fingerprint(
     let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
     PageTokens::fingerprint(&[
         operation,
-        listing.registry_id.as_ref().map_or("", |r| r.as_str()),
+        &listing
+            .registry_id
+            .as_ref()
+            .map_or_else(String::new, RegistryId::key),
         listing.repository.as_str(),
         &format!("{:?}", listing.tag_status),
         &listing.max_results.to_string(),

@@ -7,7 +7,8 @@ use std::time::Duration;
 use crate::api::error::{Error, MAX_VIOLATIONS, Reason, Violation};
 use crate::api::pb;
 use crate::domain::image::{
-    Digest, ImageRef, Invalid, Manifest, ManifestError, MediaType, RegistryId, RepositoryName, Tag,
+    Digest, ImageRef, Invalid, Manifest, ManifestError, MediaType, Region, RegistryId,
+    RepositoryName, Tag,
 };
 use crate::registry::{
     DeleteImagesInput, DescribeInput, GetImageInput, ListInput, PutImageInput, TagStatus,
@@ -72,14 +73,24 @@ impl Checker {
         true
     }
 
-    /// The registry (optional) and the repository (required) a request names.
+    /// The registry (account and region, each optional) and the repository (required) a
+    /// request names. A region alone is the service's own account there
+    /// ([`RegistryId::own_in`]), for routing to resolve.
     fn place(
         &mut self,
         registry_id: &str,
+        region: &str,
         repository_name: &str,
     ) -> (Option<RegistryId>, Option<RepositoryName>) {
+        let account = self.optional("registry_id", registry_id, RegistryId::parse);
+        let region = self.optional("region", region, Region::parse);
+        let registry = match (account, region) {
+            (account, None) => account,
+            (Some(account), region) => Some(account.in_region(region)),
+            (None, Some(region)) => Some(RegistryId::own_in(region)),
+        };
         (
-            self.optional("registry_id", registry_id, RegistryId::parse),
+            registry,
             self.required("repository_name", repository_name, RepositoryName::parse),
         )
     }
@@ -104,7 +115,11 @@ impl Checker {
 /// digest against the one computed over the exact bytes.
 pub fn put_image(request: pb::PutImageRequest) -> Result<PutImageInput, Error> {
     let mut check = Checker::default();
-    let (registry_id, repository) = check.place(&request.registry_id, &request.repository_name);
+    let (registry_id, repository) = check.place(
+        &request.registry_id,
+        &request.region,
+        &request.repository_name,
+    );
     let tag = check.optional("image_tag", &request.image_tag, Tag::parse);
     let expected = check.optional("image_digest", &request.image_digest, Digest::parse);
     let declared = check.optional(
@@ -157,6 +172,7 @@ pub fn put_image(request: pb::PutImageRequest) -> Result<PutImageInput, Error> {
 pub fn get_image(request: pb::GetImageRequest) -> Result<GetImageInput, Error> {
     image_read(ImageRead {
         registry_id: &request.registry_id,
+        region: &request.region,
         repository_name: &request.repository_name,
         image_id: request.image_id.as_ref(),
         accepted_media_types: &request.accepted_media_types,
@@ -168,6 +184,7 @@ pub fn get_image(request: pb::GetImageRequest) -> Result<GetImageInput, Error> {
 pub fn resolve_image(request: pb::ResolveImageRequest) -> Result<GetImageInput, Error> {
     image_read(ImageRead {
         registry_id: &request.registry_id,
+        region: &request.region,
         repository_name: &request.repository_name,
         image_id: request.image_id.as_ref(),
         accepted_media_types: &[],
@@ -188,6 +205,7 @@ pub struct RetagInput {
 pub fn retag_image(request: pb::RetagImageRequest) -> Result<RetagInput, Error> {
     let source = image_read(ImageRead {
         registry_id: &request.registry_id,
+        region: &request.region,
         repository_name: &request.repository_name,
         image_id: request.source_image_id.as_ref(),
         accepted_media_types: &[],
@@ -315,6 +333,7 @@ pub fn list_images(request: pb::ListImagesRequest) -> Result<(ListInput, String)
     let listing = listing(
         &mut check,
         &request.registry_id,
+        &request.region,
         &request.repository_name,
         request.filter.as_ref(),
         request.page_size,
@@ -333,6 +352,7 @@ pub fn describe_images(
     let listing = listing(
         &mut check,
         &request.registry_id,
+        &request.region,
         &request.repository_name,
         request.filter.as_ref(),
         request.page_size,
@@ -362,11 +382,12 @@ pub fn describe_images(
 fn listing(
     check: &mut Checker,
     registry_id: &str,
+    region: &str,
     repository_name: &str,
     filter: Option<&pb::ListImagesFilter>,
     page_size: i32,
 ) -> Option<ListInput> {
-    let (registry_id, repository) = check.place(registry_id, repository_name);
+    let (registry_id, repository) = check.place(registry_id, region, repository_name);
     let max_results = match u32::try_from(page_size) {
         Err(_) => {
             check.push("page_size", "must not be negative");
@@ -408,7 +429,11 @@ pub fn watch_tag(
     request: pb::WatchTagRequest,
 ) -> Result<(crate::registry::RepositoryKey, Tag, Option<Digest>), Error> {
     let mut check = Checker::default();
-    let (registry_id, repository) = check.place(&request.registry_id, &request.repository_name);
+    let (registry_id, repository) = check.place(
+        &request.registry_id,
+        &request.region,
+        &request.repository_name,
+    );
     let tag = check.required("image_tag", &request.image_tag, Tag::parse);
     let last_known = check.optional(
         "last_known_digest",
@@ -436,7 +461,11 @@ pub fn batch_delete_image(
     request: pb::BatchDeleteImageRequest,
 ) -> Result<DeleteImagesInput, Error> {
     let mut check = Checker::default();
-    let (registry_id, repository) = check.place(&request.registry_id, &request.repository_name);
+    let (registry_id, repository) = check.place(
+        &request.registry_id,
+        &request.region,
+        &request.repository_name,
+    );
     if request.image_ids.is_empty() {
         check.push("image_ids", "needs at least one image id");
     }
@@ -460,6 +489,7 @@ pub fn batch_delete_image(
 /// The fields GetImage and ResolveImage share.
 struct ImageRead<'a> {
     registry_id: &'a str,
+    region: &'a str,
     repository_name: &'a str,
     image_id: Option<&'a pb::ImageIdentifier>,
     accepted_media_types: &'a [String],
@@ -468,7 +498,8 @@ struct ImageRead<'a> {
 
 fn image_read(request: ImageRead<'_>) -> Result<GetImageInput, Error> {
     let mut check = Checker::default();
-    let (registry_id, repository) = check.place(request.registry_id, request.repository_name);
+    let (registry_id, repository) =
+        check.place(request.registry_id, request.region, request.repository_name);
     let (tag_text, digest_text) = request.image_id.map_or(("", ""), |id| {
         (id.image_tag.as_str(), id.image_digest.as_str())
     });
@@ -538,6 +569,7 @@ mod tests {
             image_tag: "t".repeat(301),
             image_digest: "sha256:XYZ".into(),
             image_manifest_media_type: "nonsense".into(),
+            region: "Mars".into(),
         };
         let (reason, fields) = fields(put_image(request).unwrap_err());
         assert_eq!(reason, Reason::InvalidField);
@@ -545,6 +577,7 @@ mod tests {
             fields,
             [
                 "registry_id",
+                "region",
                 "repository_name",
                 "image_tag",
                 "image_digest",
@@ -665,6 +698,7 @@ mod properties {
                 image_manifest_media_type,
                 image_tag,
                 image_digest,
+                region: String::new(),
             };
             match put_image(request) {
                 Ok(input) => {
@@ -707,6 +741,7 @@ mod properties {
                 accepted_media_types: accepted,
                 max_staleness: Some(prost_types::Duration { seconds: staleness_seconds, nanos: 0 }),
                 platform: None,
+                region: String::new(),
             };
             if let Err(err) = get_image(request) {
                 let status = tonic::Status::from(err);

@@ -301,6 +301,7 @@ pub async fn list_images(args: ListImagesArgs) -> Result<(), CliError> {
         let mut client = client.clone();
         let message = pb::ListImagesRequest {
             registry_id: args.registry_id.clone().unwrap_or_default(),
+            region: String::new(),
             repository_name: args.repository_name.clone(),
             filter: args.paging.filter,
             page_size: args.paging.page_size.unwrap_or_default(),
@@ -356,6 +357,7 @@ pub async fn describe_images(args: DescribeImagesArgs) -> Result<(), CliError> {
         let mut client = client.clone();
         let message = pb::DescribeImagesRequest {
             registry_id: args.registry_id.clone().unwrap_or_default(),
+            region: String::new(),
             repository_name: args.repository_name.clone(),
             image_ids: args.image_ids.clone(),
             filter: args.paging.filter,
@@ -444,6 +446,7 @@ pub async fn watch_tag(args: WatchTagArgs) -> Result<(), CliError> {
     let mut client = connect(&target).await?;
     let message = pb::WatchTagRequest {
         registry_id: args.registry_id.unwrap_or_default(),
+        region: String::new(),
         repository_name: args.repository_name,
         image_tag: args.image_tag,
         last_known_digest: args.last_known_digest.unwrap_or_default(),
@@ -681,6 +684,7 @@ pub async fn put_image(args: PutImageArgs) -> Result<(), CliError> {
     let mut client = connect(&args.target).await?;
     let message = pb::PutImageRequest {
         registry_id: args.registry_id.unwrap_or_default(),
+        region: String::new(),
         repository_name: args.repository_name,
         image_manifest,
         image_manifest_media_type: args.image_manifest_media_type.unwrap_or_default(),
@@ -702,6 +706,7 @@ pub async fn get_image(args: GetImageArgs) -> Result<(), CliError> {
     let mut client = connect(&args.target).await?;
     let message = pb::GetImageRequest {
         registry_id: args.image.registry_id(),
+        region: String::new(),
         image_id: Some(args.image.identifier()),
         repository_name: args.image.repository_name,
         accepted_media_types: args.accepted_media_types,
@@ -758,6 +763,7 @@ pub async fn retag_image(args: RetagImageArgs) -> Result<(), CliError> {
     let total = args.target_tags.len();
     let message = pb::RetagImageRequest {
         registry_id: args.source.registry_id(),
+        region: String::new(),
         source_image_id: Some(args.source.identifier()),
         repository_name: args.source.repository_name,
         target_tags: args.target_tags,
@@ -838,6 +844,7 @@ pub async fn resolve_image(args: ResolveImageArgs) -> Result<(), CliError> {
     let mut client = connect(&args.target).await?;
     let message = pb::ResolveImageRequest {
         registry_id: args.image.registry_id(),
+        region: String::new(),
         image_id: Some(args.image.identifier()),
         repository_name: args.image.repository_name,
         max_staleness: None,
@@ -880,6 +887,7 @@ pub async fn batch_delete_image(args: BatchDeleteImageArgs) -> Result<(), CliErr
     let mut client = connect(&args.target).await?;
     let message = pb::BatchDeleteImageRequest {
         registry_id: args.registry_id.unwrap_or_default(),
+        region: String::new(),
         repository_name: args.repository_name,
         image_ids: args.image_ids,
     };

@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use super::exit;
 use crate::access::authz::{Action, Decision, Policy};
 use crate::access::identity::Principal;
-use crate::domain::image::RepositoryName;
+use crate::domain::image::{RegistryId, RepositoryName};
 
 /// `ecr-image-service policy …`.
 #[derive(Debug, Subcommand)]
@@ -32,6 +32,10 @@ pub struct CheckArgs {
     /// The repository.
     #[arg(long)]
     pub repository: String,
+    /// The registry's 12-digit account ID, for rules that name `registries`. Without it, only
+    /// rules without `registries` can allow (as for a service whose account is not known).
+    #[arg(long, default_value = "")]
+    pub registry_id: String,
 }
 
 /// Runs a `policy` subcommand: one line out, and its exit code.
@@ -58,9 +62,20 @@ pub fn run(command: PolicyCommand) -> ExitCode {
             return ExitCode::from(exit::USAGE);
         }
     };
+    if !args.registry_id.is_empty() && RegistryId::parse(&args.registry_id).is_err() {
+        eprintln!("ecr-image-service: --registry-id: must be a 12-digit AWS account ID");
+        return ExitCode::from(exit::USAGE);
+    }
     let principal = Principal::named(&args.principal);
-    let request = format!("{principal} {} {}", args.action, repository.as_str());
-    match policy.decide(&principal, args.action, &repository) {
+    let request = match args.registry_id.as_str() {
+        "" => format!("{principal} {} {}", args.action, repository.as_str()),
+        account => format!(
+            "{principal} {} {account}/{}",
+            args.action,
+            repository.as_str()
+        ),
+    };
+    match policy.decide(&principal, args.action, &args.registry_id, &repository) {
         Decision::Allow(rule) => {
             println!("allowed: {request}: rule {rule}");
             ExitCode::SUCCESS

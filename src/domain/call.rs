@@ -85,6 +85,32 @@ pub struct CallContext {
     caller: Result<Principal, NoIdentity>,
     /// The registry the call is for; `None`: the service's own.
     registry: Option<RegistryId>,
+    /// Where a write's ECR request ids are noted for its audit events; `None` (no allocation)
+    /// for every call that writes nothing.
+    receipt: Option<Arc<Receipt>>,
+}
+
+/// What a write call's audit events name beyond its caller and registry: the request's ids,
+/// and the ECR request ids of its writes, in the order they were made.
+#[derive(Debug, Default)]
+pub struct Receipt {
+    /// The request's id (`x-request-id`, as meshes set it), or one drawn for it.
+    pub request_id: String,
+    /// The caller's W3C trace id; empty without one.
+    pub trace_id: String,
+    ecr: std::sync::Mutex<Vec<String>>,
+}
+
+impl Receipt {
+    /// The ECR request ids noted since the last take, and none kept.
+    pub fn take(&self) -> Vec<String> {
+        std::mem::take(
+            &mut *self
+                .ecr
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
 }
 
 tokio::task_local! {
@@ -99,7 +125,25 @@ impl CallContext {
             deadline: Some(deadline),
             caller,
             registry: None,
+            receipt: None,
         }
+    }
+
+    /// The same call, noting its writes' ECR request ids in a receipt of its own, with the
+    /// request's `request_id` and `trace_id`.
+    #[must_use]
+    pub fn with_receipt(mut self, request_id: String, trace_id: String) -> Self {
+        self.receipt = Some(Arc::new(Receipt {
+            request_id,
+            trace_id,
+            ecr: std::sync::Mutex::default(),
+        }));
+        self
+    }
+
+    /// The call's receipt, if it keeps one.
+    pub fn receipt(&self) -> Option<&Arc<Receipt>> {
+        self.receipt.as_ref()
     }
 
     /// The context of work the service does on its own behalf (a watch poll): no deadline,
@@ -109,6 +153,7 @@ impl CallContext {
             deadline: None,
             caller: Ok(Principal::named(caller)),
             registry: None,
+            receipt: None,
         }
     }
 
@@ -119,6 +164,7 @@ impl CallContext {
             deadline: None,
             caller: Ok(Principal::named(caller)),
             registry: None,
+            receipt: None,
         }
     }
 
@@ -191,6 +237,19 @@ pub fn caller_key() -> Arc<str> {
         .unwrap_or_else(|_| Arc::from(""))
 }
 
+/// Notes `request_id`, an ECR write's, in the receipt of the call this task works for.
+pub fn note_upstream_request(request_id: &str) {
+    let _ = CURRENT.try_with(|call| {
+        if let Some(receipt) = &call.receipt {
+            receipt
+                .ecr
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(request_id.to_owned());
+        }
+    });
+}
+
 /// Runs `work` on a task of its own, inside the current call's context: the one way work
 /// leaves the request's task.
 pub fn spawn<F>(work: F) -> tokio::task::JoinHandle<F::Output>
@@ -213,6 +272,7 @@ mod tests {
             deadline,
             caller: Ok(Principal::named(caller)),
             registry: None,
+            receipt: None,
         }
     }
 

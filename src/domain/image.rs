@@ -5,6 +5,7 @@
 //! call leaves the process.
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::Deserialize;
 use serde::de::IgnoredAny;
@@ -92,23 +93,118 @@ impl fmt::Display for RepositoryName {
     }
 }
 
-/// A 12-digit AWS account ID naming a registry.
+/// A registry other than the service's default one: a 12-digit AWS account ID, and the AWS
+/// region when it is not the service's own. ECR's quotas, caches and credentials are all per
+/// account and region, so both are part of every key built from a registry.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct RegistryId(String);
+pub struct RegistryId {
+    account: String,
+    /// `None`: the service's own region.
+    region: Option<Region>,
+}
 
 impl RegistryId {
-    /// Parses a registry ID: exactly 12 ASCII digits (model pattern `[0-9]{12}`).
+    /// Parses a registry ID: exactly 12 ASCII digits (model pattern `[0-9]{12}`), in the
+    /// service's own region.
     pub fn parse(id: &str) -> Result<Self, Invalid> {
         if id.len() == 12 && id.bytes().all(|b| b.is_ascii_digit()) {
-            Ok(Self(id.to_owned()))
+            Ok(Self {
+                account: id.to_owned(),
+                region: None,
+            })
         } else {
             Err(Invalid::new("must be a 12-digit AWS account ID"))
         }
     }
 
-    /// The ID as ECR spells it.
+    /// The service's own account in `region`: what a request naming a region and no account
+    /// asks for, until routing names the account (its account text is empty, which
+    /// [`parse`](Self::parse) never produces).
+    pub fn own_in(region: Region) -> Self {
+        Self {
+            account: String::new(),
+            region: Some(region),
+        }
+    }
+
+    /// Whether this is [`own_in`](Self::own_in)'s request for the service's own account.
+    pub fn is_own_account(&self) -> bool {
+        self.account.is_empty()
+    }
+
+    /// The same account's registry in `region` (`None`: the service's own region).
+    #[must_use]
+    pub fn in_region(mut self, region: Option<Region>) -> Self {
+        self.region = region;
+        self
+    }
+
+    /// The account ID, as ECR spells it.
+    pub fn as_str(&self) -> &str {
+        &self.account
+    }
+
+    /// The region; `None`: the service's own.
+    pub fn region(&self) -> Option<&Region> {
+        self.region.as_ref()
+    }
+
+    /// `account` or `account@region`: the registry as keys and messages spell it, never two
+    /// registries the same way (account IDs hold no `@`).
+    pub fn key(&self) -> String {
+        match &self.region {
+            None => self.account.clone(),
+            Some(region) => format!("{}@{}", self.account, region.as_str()),
+        }
+    }
+
+    /// Reads back what [`key`](Self::key) wrote.
+    pub fn from_key(key: &str) -> Result<Self, Invalid> {
+        match key.split_once('@') {
+            None => Self::parse(key),
+            Some((account, region)) => {
+                Ok(Self::parse(account)?.in_region(Some(Region::parse(region)?)))
+            }
+        }
+    }
+}
+
+/// An AWS region name such as `us-east-1` or `us-gov-west-1`: lowercase letters and digits in
+/// dash-separated parts, at most 32 characters (the longest region name today has 14).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Region(Arc<str>);
+
+/// Longer than any AWS region name, short enough to keep a caller's text out of keys and logs.
+const MAX_REGION_LEN: usize = 32;
+
+impl Region {
+    /// Parses a region name.
+    pub fn parse(name: &str) -> Result<Self, Invalid> {
+        let parts_ok = name.split('-').count() >= 3
+            && name.split('-').all(|p| {
+                !p.is_empty()
+                    && p.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            });
+        if name.len() <= MAX_REGION_LEN && parts_ok {
+            Ok(Self(Arc::from(name)))
+        } else {
+            Err(Invalid::new(
+                "must be an AWS region name such as us-east-1 (lowercase letters and digits in \
+                 three or more dash-separated parts, at most 32 characters)",
+            ))
+        }
+    }
+
+    /// The name.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+impl fmt::Display for Region {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
     }
 }
 

@@ -463,6 +463,15 @@ impl CachedRegistry {
     async fn describe(&self, input: DescribeInput) -> Result<DescribePage, RegistryError> {
         self.inner.describe_images(input).await
     }
+
+    /// Asked of the registry: the cache's resolution may be stale, and this is a record.
+    async fn tag_digest(
+        &self,
+        repository: RepositoryKey,
+        tag: Tag,
+    ) -> Result<Option<Digest>, RegistryError> {
+        self.inner.tag_digest(repository, tag).await
+    }
 }
 
 /// Which cached tags resolve to each digest, so that a digest deleted drops its tags in

@@ -120,6 +120,23 @@ pub enum RegistryError {
          message is in the service's log)"
     )]
     AccessDenied(Upstream),
+    /// The service could not assume its role in the registry's account: STS refused it
+    /// (`denied`: the trust policy or the registries file needs fixing) or failed. Never the
+    /// caller's fault; remembered for a few seconds, so a herd does not hammer STS.
+    #[error("assuming the registry's role failed: {upstream}")]
+    AssumeRoleFailed {
+        /// Whether STS refused rather than failed.
+        denied: bool,
+        /// What STS said (code, request id); the message is safe for the caller.
+        upstream: Upstream,
+    },
+    /// The registry is not (or no longer) one the service serves: the registries file changed
+    /// between routing and the call.
+    #[error("registry {registry} is not served here")]
+    NotConfigured {
+        /// The registry, as keys spell it (`account` or `account@region`).
+        registry: String,
+    },
     /// The service's own credentials are missing, expired or not recognised.
     #[error("this service's AWS credentials are unusable: {0}")]
     CredentialsInvalid(Upstream),
@@ -161,8 +178,10 @@ macro_rules! with_upstream {
             | RegistryError::Timeout($u)
             | RegistryError::AccessDenied($u)
             | RegistryError::CredentialsInvalid($u)
+            | RegistryError::AssumeRoleFailed { upstream: $u, .. }
             | RegistryError::Other($u) => $found,
             RegistryError::DigestVerificationFailed { .. }
+            | RegistryError::NotConfigured { .. }
             | RegistryError::RateBudgetExhausted { .. }
             | RegistryError::Busy { .. } => $none,
         }

@@ -20,7 +20,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use super::{
     CacheStatus, DeleteFailure, DeleteImagesInput, DeleteOutcome, Deleted, DescribeInput,
     DescribePage, Fetched, GetImageInput, ImageDetail, ListInput, ListPage, PutImageInput,
-    PutOutcome, Registry, RegistryError, StoredImage, TagStatus, Upstream,
+    PutOutcome, Registry, RegistryError, RepositoryKey, StoredImage, TagStatus, Upstream,
 };
 use crate::domain::image::{Digest, ImageRef, RegistryId, RepositoryName, Tag, media_types};
 
@@ -528,6 +528,29 @@ impl LocalRegistry {
 }
 
 impl LocalRegistry {
+    /// What `tag` points at in the store now.
+    async fn tag_digest(
+        &self,
+        repository: RepositoryKey,
+        tag: Tag,
+    ) -> Result<Option<Digest>, RegistryError> {
+        self.check_registry(repository.registry_id.as_ref(), &repository.repository)?;
+        let registry_id = self.registry_id.clone();
+        self.with_connection(move |connection| {
+            let name = repository.repository.as_str();
+            require_repository(connection, name, &registry_id)?;
+            let digest: Option<String> = connection
+                .query_row(
+                    "SELECT digest FROM tags WHERE repository = ?1 AND tag = ?2",
+                    params![name, tag.as_str()],
+                    |row| row.get(0),
+                )
+                .optional()?;
+            Ok(digest.and_then(|d| Digest::parse(&d).ok()))
+        })
+        .await
+    }
+
     /// ListImages over the store: one id per tag and the digest alone for an untagged image,
     /// in digest then tag order; the store's token is the offset of the next page.
     async fn list(&self, input: ListInput) -> Result<ListPage, RegistryError> {

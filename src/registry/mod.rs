@@ -69,12 +69,24 @@ macro_rules! boxed_registry_methods {
         > {
             Box::pin(self.describe(input))
         }
+
+        fn tag_digest(
+            &self,
+            repository: $crate::registry::RepositoryKey,
+            tag: $crate::domain::image::Tag,
+        ) -> $crate::registry::BoxFuture<
+            '_,
+            Result<Option<$crate::domain::image::Digest>, $crate::registry::RegistryError>,
+        > {
+            Box::pin(self.tag_digest(repository, tag))
+        }
     };
 }
 
 mod error;
 mod flight;
 
+pub mod accounts;
 pub mod cached;
 pub mod ecr;
 pub mod local;
@@ -125,6 +137,14 @@ impl<R: Registry + ?Sized> Registry for Arc<R> {
         input: DescribeInput,
     ) -> BoxFuture<'_, Result<DescribePage, RegistryError>> {
         (**self).describe_images(input)
+    }
+
+    fn tag_digest(
+        &self,
+        repository: RepositoryKey,
+        tag: Tag,
+    ) -> BoxFuture<'_, Result<Option<Digest>, RegistryError>> {
+        (**self).tag_digest(repository, tag)
     }
 
     fn register_metrics(&self, metrics: &mut prometheus_client::registry::Registry) {
@@ -448,6 +468,17 @@ pub trait Registry: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<DescribePage, RegistryError>> {
         let _ = input;
         Box::pin(async { Err(cannot("describe")) })
+    }
+
+    /// What `tag` of `repository` points at now, asked of the registry itself, never a
+    /// cache (an audit event's "before"): `None` when no image has the tag.
+    fn tag_digest(
+        &self,
+        repository: RepositoryKey,
+        tag: Tag,
+    ) -> BoxFuture<'_, Result<Option<Digest>, RegistryError>> {
+        let _ = (repository, tag);
+        Box::pin(async { Err(cannot("read a tag's digest")) })
     }
 
     /// Adds this layer's metrics, and those of the layers below it, to `metrics`.

@@ -16,6 +16,7 @@ use tracing::{info, warn};
 
 use crate::access::authz::Authorizer;
 use crate::access::identity::IdentitySource;
+use crate::api::audit::{Audit, AuditSink};
 use crate::api::methods::MAX_REQUEST_BYTES;
 use crate::api::paging::PageTokens;
 use crate::api::pb::image_service_server::ImageServiceServer;
@@ -127,6 +128,8 @@ pub struct ServerSettings {
     /// as one naming none; one naming another is refused with REGISTRY_NOT_CONFIGURED. `None`
     /// (not known): every request naming a registry is refused that way.
     pub own_registry_id: Option<String>,
+    /// Whether every write and denial is an audit event on stderr.
+    pub audit: bool,
 }
 
 impl Default for ServerSettings {
@@ -148,6 +151,7 @@ impl Default for ServerSettings {
             page_token_key: None,
             watch: WatchSettings::default(),
             own_registry_id: None,
+            audit: true,
         }
     }
 }
@@ -187,6 +191,8 @@ pub struct Bound {
     pages: PageTokens,
     settings: ServerSettings,
     polls: Option<Arc<dyn SharedPolls>>,
+    routes: Option<Arc<crate::registry::accounts::Routes>>,
+    audit_sink: Option<Arc<dyn AuditSink>>,
 }
 
 /// The files the server reads at start (policy, page-token key, TLS), each read once, here:
@@ -249,6 +255,8 @@ pub async fn bind_loaded(settings: ServerSettings, loaded: Loaded) -> Result<Bou
         pages,
         settings,
         polls: None,
+        routes: None,
+        audit_sink: None,
     })
 }
 
@@ -256,6 +264,18 @@ impl Bound {
     /// WatchTag polling in turn with the fleet's other replicas, through `polls`.
     pub fn with_shared_polls(mut self, polls: Arc<dyn SharedPolls>) -> Self {
         self.polls = Some(polls);
+        self
+    }
+
+    /// Audit events written to `sink` instead of stderr (tests read them there).
+    pub fn with_audit_sink(mut self, sink: Arc<dyn AuditSink>) -> Self {
+        self.audit_sink = Some(sink);
+        self
+    }
+
+    /// Serving the registries `routes` names (default: the own registry of the settings).
+    pub fn with_routes(mut self, routes: Arc<crate::registry::accounts::Routes>) -> Self {
+        self.routes = Some(routes);
         self
     }
 
@@ -280,6 +300,12 @@ impl Bound {
     ) -> Result<(), ServeError> {
         let mut metrics = metrics::registry(|metrics| registry.register_metrics(metrics));
         self.authorizer.register_metrics(&mut metrics);
+        let audit = match (self.settings.audit, self.audit_sink) {
+            (false, _) => Audit::off(),
+            (true, None) => Audit::default(),
+            (true, Some(sink)) => Audit::to(Some(sink)),
+        };
+        audit.register_metrics(&mut metrics);
         let admin = Listener::new(
             self.admin,
             ConnectionLimits {
@@ -300,14 +326,15 @@ impl Bound {
             shutdown.await;
             closing.close();
         };
-        let own = self
-            .settings
-            .own_registry_id
-            .as_deref()
-            .and_then(|id| crate::domain::image::RegistryId::parse(id).ok());
+        let routes = self.routes.unwrap_or_else(|| {
+            let own = self.settings.own_registry_id.clone();
+            Arc::new(crate::registry::accounts::Routes::own(own, None))
+        });
+        tokio::spawn(Arc::clone(&routes).watch());
         let service = ImageService::new(registry, self.settings.default_deadline, self.pages, hub)
             .with_access(self.settings.identity_source, self.authorizer)
-            .serving_registry(own);
+            .with_audit(audit)
+            .serving(routes);
         if let Some(files) = &self.tls {
             tokio::spawn(Arc::clone(files).watch());
         }

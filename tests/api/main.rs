@@ -2,6 +2,7 @@
 //! `aws-sdk-ecr` client speaking HTTP to the moto emulator or to recorded ECR responses.
 
 mod access;
+mod accounts;
 mod cache;
 mod clients;
 mod conformance;

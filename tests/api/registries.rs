@@ -59,6 +59,7 @@ async fn the_own_account_and_no_account_are_one_registry() {
     let deleted = client
         .batch_delete_image(BatchDeleteImageRequest {
             registry_id: MOTO_ACCOUNT.into(),
+            region: String::new(),
             repository_name: repository.clone(),
             image_ids: vec![ImageIdentifier {
                 image_digest: SEED_DIGEST.into(),

@@ -273,7 +273,12 @@ async fn manifest_at_the_size_limit_is_accepted() {
         response.image.unwrap().image_id.unwrap().image_digest,
         digest
     );
-    let sent = &ecr.received()[0].body;
+    let received = ecr.received();
+    let sent = &received
+        .iter()
+        .find(|r| r.operation == "PutImage")
+        .expect("a PutImage")
+        .body;
     assert_eq!(
         sent["imageManifest"].as_str().unwrap().len(),
         MAX_MANIFEST_BYTES

@@ -112,6 +112,10 @@ Whole numbers are printed as integers (Helm reads numbers as floats: 1000000 wou
   "batchGetImageRate" "BATCH_GET_IMAGE_RATE"
   "batchDeleteImageRate" "BATCH_DELETE_IMAGE_RATE"
   "listingRate" "LISTING_RATE"
+  "attributeWrites" "ATTRIBUTE_WRITES"
+  "stsRate" "STS_RATE"
+  "maxAttributedSessions" "MAX_ATTRIBUTED_SESSIONS"
+  "audit" "AUDIT"
   "pageTokenKeyFile" "PAGE_TOKEN_KEY_FILE"
   "reflection" "REFLECTION"
   "logFormat" "LOG_FORMAT"
@@ -163,6 +167,10 @@ Whole numbers are printed as integers (Helm reads numbers as floats: 1000000 wou
 {{- end }}
 - name: ECR_IMAGE_SERVICE_IDENTITY_SOURCE
   value: {{ include "ecr-image-service.identitySource" . | quote }}
+{{- if .Values.registries }}
+- name: ECR_IMAGE_SERVICE_REGISTRIES
+  value: {{ printf "%s/registries.yaml" (include "ecr-image-service.registriesDir" .) | quote }}
+{{- end }}
 {{- if .Values.authz.rules }}
 - name: ECR_IMAGE_SERVICE_AUTHZ_POLICY
   value: {{ printf "%s/policy.yaml" (include "ecr-image-service.policyDir" .) | quote }}
@@ -236,6 +244,7 @@ the limit or the cache size is spelt in a way not parsed here: the binary's defa
 
 {{/* Where the policy ConfigMap is mounted. */}}
 {{- define "ecr-image-service.policyDir" -}}/etc/ecr-image-service/authz{{- end }}
+{{- define "ecr-image-service.registriesDir" -}}/etc/ecr-image-service/registries{{- end }}
 
 {{/* A mesh without rules is a confused deputy for every meshed workload: say so, or refuse. */}}
 {{- define "ecr-image-service.requirePolicy" -}}

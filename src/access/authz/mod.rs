@@ -82,7 +82,7 @@ impl Authorizer {
 
     /// The policy in `path`, which must be readable and valid.
     pub fn from_file(path: &Path) -> Result<Self, String> {
-        let text = read(path)?;
+        let text = crate::reload::read(path)?;
         let policy = Policy::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         let metrics = AuthzMetrics::default();
         metrics.valid.set(1);
@@ -123,12 +123,13 @@ impl Authorizer {
         &self,
         principal: &Principal,
         action: Action,
+        account: &str,
         repository: &RepositoryName,
     ) -> Result<(), Denied> {
         let Some(policy) = self.policy() else {
             return Ok(());
         };
-        let decision = policy.decide(principal, action, repository);
+        let decision = policy.decide(principal, action, account, repository);
         let label = match &decision {
             Decision::Allow(_) => "allow",
             Decision::Deny => "deny",
@@ -140,11 +141,11 @@ impl Authorizer {
         let repository_name = repository.as_str();
         match decision {
             Decision::Allow(rule) => {
-                debug!(%principal, %action, repository = repository_name, rule, "authorization: allow");
+                debug!(%principal, %action, account, repository = repository_name, rule, "authorization: allow");
                 Ok(())
             }
             Decision::Deny => {
-                info!(%principal, %action, repository = repository_name, rule = DEFAULT_DENY, "authorization: deny");
+                info!(%principal, %action, account, repository = repository_name, rule = DEFAULT_DENY, "authorization: deny");
                 Err(Denied {
                     action,
                     repository: repository_name.to_owned(),
@@ -158,11 +159,12 @@ impl Authorizer {
         &self,
         principal: &Principal,
         actions: &[Action],
+        account: &str,
         repository: &RepositoryName,
     ) -> Result<(), Denied> {
         actions
             .iter()
-            .try_for_each(|action| self.check(principal, *action, repository))
+            .try_for_each(|action| self.check(principal, *action, account, repository))
     }
 
     /// Re-reads the file; a changed, valid policy replaces the current one. Whether it changed.
@@ -170,7 +172,7 @@ impl Authorizer {
         let Some(path) = &self.path else {
             return Ok(false);
         };
-        let text = match read(path) {
+        let text = match crate::reload::read(path) {
             Ok(text) => text,
             // Deleted, or a dangling symlink: the policy in force stays, but the file on disk
             // is not it, which is what `authz_policy_valid` says. Forgetting the text makes the
@@ -244,8 +246,4 @@ impl Authorizer {
         }
         crate::reload::every_interval("authorization policy", || self.reload()).await;
     }
-}
-
-fn read(path: &Path) -> Result<String, String> {
-    std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))
 }

@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 use super::pattern::Pattern;
 use crate::access::identity::Principal;
-use crate::domain::image::RepositoryName;
+use crate::domain::image::{RegistryId, RepositoryName};
 
 /// What a caller does to a repository.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, clap::ValueEnum)]
@@ -62,6 +62,9 @@ struct RuleFile {
     principals: Vec<String>,
     actions: Vec<Action>,
     repositories: Vec<String>,
+    /// The accounts the rule applies to; absent: every account served.
+    #[serde(default)]
+    registries: Option<Vec<String>>,
 }
 
 /// One allow rule, its patterns checked.
@@ -72,6 +75,8 @@ pub struct Rule {
     principals: Vec<Pattern>,
     actions: Vec<Action>,
     repositories: Vec<Pattern>,
+    /// The accounts (12-digit IDs) the rule applies to; `None`: every account.
+    registries: Option<Vec<String>>,
 }
 
 /// A checked policy.
@@ -112,7 +117,23 @@ impl Policy {
                             .to_owned(),
                     ));
                 }
+                if let Some(bad) = rule
+                    .registries
+                    .iter()
+                    .flatten()
+                    .find(|r| RegistryId::parse(r).is_err())
+                {
+                    return Err(context(format!(
+                        "registries: {bad:?} is not a 12-digit AWS account ID"
+                    )));
+                }
+                if rule.registries.as_ref().is_some_and(Vec::is_empty) {
+                    return Err(context(
+                        "registries, when given, must list one account at least".to_owned(),
+                    ));
+                }
                 Ok(Rule {
+                    registries: rule.registries,
                     principals: rule
                         .principals
                         .iter()
@@ -133,17 +154,24 @@ impl Policy {
         Ok(Self { rules })
     }
 
-    /// The first rule that allows `principal` to do `action` to `repository`, if any.
+    /// The first rule that allows `principal` to do `action` to `repository` of `account`
+    /// (`""` when the service's own account is not known: only rules without `registries`
+    /// then apply), if any.
     pub fn decide(
         &self,
         principal: &Principal,
         action: Action,
+        account: &str,
         repository: &RepositoryName,
     ) -> Decision {
         self.rules
             .iter()
             .find(|rule| {
                 rule.actions.contains(&action)
+                    && rule
+                        .registries
+                        .as_ref()
+                        .is_none_or(|accounts| accounts.iter().any(|a| a == account))
                     && rule
                         .principals
                         .iter()
@@ -177,6 +205,7 @@ mod tests {
         Policy::parse(EXAMPLE).unwrap().decide(
             &Principal::named(principal),
             action,
+            "123456789012",
             &RepositoryName::parse(repository).unwrap(),
         )
     }
@@ -209,6 +238,30 @@ mod tests {
         );
     }
 
+    /// A rule naming accounts allows nothing in any other.
+    #[test]
+    fn a_rule_may_restrict_accounts() {
+        let policy = Policy::parse(
+            "rules: [{id: a-only, principals: ['*'], actions: [write], repositories: ['**'], \
+             registries: ['111122223333']}]",
+        )
+        .unwrap();
+        let repo = RepositoryName::parse("team/app").unwrap();
+        let caller = Principal::named("spiffe://cluster.local/ns/ci/sa/builder");
+        assert_eq!(
+            policy.decide(&caller, Action::Write, "111122223333", &repo),
+            Decision::Allow("a-only".into())
+        );
+        assert_eq!(
+            policy.decide(&caller, Action::Write, "444455556666", &repo),
+            Decision::Deny
+        );
+        assert_eq!(
+            policy.decide(&caller, Action::Write, "", &repo),
+            Decision::Deny
+        );
+    }
+
     #[test]
     fn bad_policies_are_refused_with_the_reason() {
         for (text, says) in [
@@ -233,6 +286,14 @@ mod tests {
                 "repeated",
             ),
             ("{}", "rules"),
+            (
+                "rules: [{id: a, principals: ['*'], actions: [read], repositories: ['xx'], registries: ['42']}]",
+                "12-digit",
+            ),
+            (
+                "rules: [{id: a, principals: ['*'], actions: [read], repositories: ['xx'], registries: []}]",
+                "one account",
+            ),
         ] {
             let err = Policy::parse(text).unwrap_err();
             assert!(err.contains(says), "{text}: {err}");

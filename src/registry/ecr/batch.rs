@@ -98,6 +98,14 @@ impl<R: BatchGet> Batcher<R> {
         }
     }
 
+    /// The same batcher, counting its batch sizes into `sizes` (shared by every registry's
+    /// batcher).
+    #[must_use]
+    pub fn with_sizes(mut self, sizes: Histogram) -> Self {
+        self.sizes = sizes;
+        self
+    }
+
     /// Distinct images per upstream call.
     pub fn sizes(&self) -> &Histogram {
         &self.sizes

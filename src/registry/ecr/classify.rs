@@ -2,6 +2,8 @@
 //! BatchGetImage's per-image `failures[]` by failure code.
 
 use aws_credential_types::provider::error::CredentialsError;
+
+use super::roles::AssumeRoleFailure;
 use aws_runtime::retries::classifiers::THROTTLING_ERRORS;
 use aws_sdk_ecr::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ecr::operation::RequestId;
@@ -124,6 +126,32 @@ where
     if find_in_chain::<SlotsFull>(&err).is_some() {
         return RegistryError::Busy {
             retry_after: crate::registry::RETRY_SOON,
+        };
+    }
+    if let Some(failure) = find_in_chain::<AssumeRoleFailure>(&err) {
+        return RegistryError::AssumeRoleFailed {
+            denied: failure.denied,
+            // STS's code and request id go to the log (in `detail`), not into the caller's
+            // `ecrErrorCode` and `ecrRequestId`, which name ECR's.
+            upstream: Upstream {
+                code: None,
+                request_id: None,
+                message: format!(
+                    "the service could not assume its role in the registry's account{}",
+                    if failure.denied {
+                        ": STS refused it (the role's trust policy or the registries file \
+                         needs fixing)"
+                    } else {
+                        "; retry shortly"
+                    }
+                ),
+                detail: format!(
+                    "{failure} (STS code {}, request id {})",
+                    failure.code.as_deref().unwrap_or("none"),
+                    failure.request_id.as_deref().unwrap_or("none")
+                ),
+                attempts: None,
+            },
         };
     }
     let upstream = upstream_of(&err);

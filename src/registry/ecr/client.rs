@@ -211,6 +211,16 @@ pub fn client_config_with(
     builder
 }
 
+/// The STS client the service assumes roles with: its own credentials chain and region, and
+/// the SDK's STS endpoint (`AWS_ENDPOINT_URL_STS` for an emulator).
+pub fn sts_client(sdk: &SdkConfig) -> aws_sdk_sts::Client {
+    let http = sdk.http_client().unwrap_or_else(default_https_client);
+    let config = aws_sdk_sts::config::Builder::from(sdk)
+        .http_client(http)
+        .build();
+    aws_sdk_sts::Client::from_conf(config)
+}
+
 /// The HTTPS client the SDK builds by default for the current behavior version: hyper 1,
 /// rustls with aws-lc, and HTTP(S)_PROXY/NO_PROXY honoured from the environment.
 fn default_https_client() -> SharedHttpClient {

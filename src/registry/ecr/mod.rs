@@ -6,7 +6,9 @@
 //! - [`operations`]: the five ECR operations as SDK calls, BatchGetImage's answers verified;
 //! - [`classify`]: ECR's errors and failure codes sorted into [`RegistryError`]s;
 //! - [`calls`]: counts of calls and attempts, by an SDK interceptor;
-//! - `batch`: concurrent reads of one repository sent as one BatchGetImage.
+//! - `batch`: concurrent reads of one repository sent as one BatchGetImage;
+//! - [`lanes`]: one client per registry (account and region), and attributed write sessions;
+//! - [`roles`]: the IAM role sessions the service assumes in other accounts.
 //!
 //! Retries are the SDK's own (standard mode, bounded by the configured attempts and timeouts):
 //! nothing here loops on top of them, so a call costs ECR at most `max_attempts` requests.
@@ -16,12 +18,16 @@ pub mod budget;
 pub mod calls;
 mod classify;
 pub mod client;
+pub mod lanes;
 mod operations;
 mod retry;
+pub mod roles;
 pub mod slots;
 
 use std::sync::Arc;
 
+use aws_credential_types::provider::SharedCredentialsProvider;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry as Metrics;
 
 pub use batch::MAX_BATCH;
@@ -29,15 +35,15 @@ pub use client::{
     EcrSettings, UNKNOWN_ACCOUNT, account_of, client_config, client_config_with, load_sdk_config,
 };
 
-use self::batch::Batcher;
 use self::calls::UpstreamCalls;
-use self::operations::{Operations, PutAnswer};
+use self::lanes::{Lane, Lanes, LanesConfig};
+use self::operations::PutAnswer;
 use super::{
     CacheStatus, DeleteFailure, DeleteImagesInput, DeleteOutcome, DescribeInput, DescribePage,
     Fetched, GetImageInput, ListInput, ListPage, PutImageInput, PutOutcome, Registry,
-    RegistryError, StoredImage, Upstream,
+    RegistryError, RepositoryKey, StoredImage, Upstream,
 };
-use crate::domain::image::ImageRef;
+use crate::domain::image::{Digest, ImageRef, RegistryId, Tag};
 
 /// ECR takes at most 100 ids per BatchDeleteImage (`ImageIdentifierList`).
 const MAX_IDS_PER_CALL: usize = 100;
@@ -46,13 +52,16 @@ const MAX_IDS_PER_CALL: usize = 100;
 const NOT_SENT: &str = "NotAttempted";
 
 /// ImageService's registry, backed by Amazon ECR: reads batched per repository, puts made
-/// idempotent.
+/// idempotent, each registry (account and region) through a client of its own.
 #[derive(Clone)]
 pub struct EcrRegistry {
-    operations: Arc<Operations>,
-    /// Misses for one repository share one BatchGetImage. Part of this backend, not of the
-    /// cache: batching is how ECR is called, and other backends need none.
-    batcher: Arc<Batcher<Operations>>,
+    /// The service's own registry. Misses for one repository share one BatchGetImage: part of
+    /// this backend, not of the cache, since batching is how ECR is called.
+    own: Lane,
+    /// The registries of the registries file; `None`: only the own one.
+    others: Option<Arc<Lanes>>,
+    calls: UpstreamCalls,
+    sizes: Histogram,
 }
 
 impl EcrRegistry {
@@ -62,20 +71,64 @@ impl EcrRegistry {
         config: aws_sdk_ecr::config::Builder,
         batch_window: std::time::Duration,
     ) -> Self {
-        let operations = Arc::new(Operations::new(config));
+        let calls = UpstreamCalls::default();
+        let sizes = Histogram::new([1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0]);
+        let settings = EcrSettings {
+            batch_window,
+            ..EcrSettings::default()
+        };
         Self {
-            batcher: Arc::new(Batcher::new(Arc::clone(&operations), batch_window)),
-            operations,
+            own: lanes::lane(config, &settings, calls.clone(), sizes.clone()),
+            others: None,
+            calls,
+            sizes,
         }
     }
 
-    /// The calls made to ECR so far.
+    /// The same registry, also serving the other registries `config` routes to (and
+    /// attributing writes, when it says so).
+    #[must_use]
+    pub fn with_registries(mut self, config: LanesConfig) -> Self {
+        self.others = Some(Arc::new(Lanes::new(
+            self.sizes.clone(),
+            self.calls.clone(),
+            config,
+        )));
+        self
+    }
+
+    /// The calls made to ECR so far, every registry's.
     pub fn calls(&self) -> &UpstreamCalls {
-        self.operations.calls()
+        &self.calls
+    }
+
+    /// The lane of `registry` (`None`: the service's own).
+    fn lane(&self, registry: Option<&RegistryId>) -> Result<Lane, RegistryError> {
+        match (registry, &self.others) {
+            (None, _) => Ok(self.own.clone()),
+            (Some(registry), Some(others)) => others.lane(registry),
+            (Some(registry), None) => Err(RegistryError::NotConfigured {
+                registry: registry.key(),
+            }),
+        }
+    }
+
+    /// The credentials of the current caller's writes to `registry`, when writes are
+    /// attributed.
+    fn session(
+        &self,
+        registry: Option<&RegistryId>,
+    ) -> Result<Option<SharedCredentialsProvider>, RegistryError> {
+        match &self.others {
+            Some(others) => others.session(registry),
+            None => Ok(None),
+        }
     }
 
     async fn put(&self, input: PutImageInput) -> Result<(StoredImage, PutOutcome), RegistryError> {
-        match self.operations.put_image(&input).await? {
+        let lane = self.lane(input.registry_id.as_ref())?;
+        let session = self.session(input.registry_id.as_ref())?;
+        match lane.operations.put_image(&input, session.as_ref()).await? {
             PutAnswer::Stored { registry_id } => {
                 Ok((input.into_stored(registry_id), PutOutcome::Created))
             }
@@ -85,6 +138,7 @@ impl EcrRegistry {
 
     async fn get(&self, input: GetImageInput) -> Result<Fetched, RegistryError> {
         let image = self
+            .lane(input.registry_id.as_ref())?
             .batcher
             .get(
                 input.repository_key(),
@@ -103,10 +157,16 @@ impl EcrRegistry {
     /// reported as failures with the error's reason, and what was deleted before stays listed.
     async fn delete(&self, input: DeleteImagesInput) -> Result<DeleteOutcome, RegistryError> {
         let repository = input.repository_key();
+        let lane = self.lane(repository.registry_id.as_ref())?;
+        let session = self.session(repository.registry_id.as_ref())?;
         let mut outcome = DeleteOutcome::default();
         let mut chunks = input.images.chunks(MAX_IDS_PER_CALL);
         while let Some(chunk) = chunks.next() {
-            match self.operations.delete_images(&repository, chunk).await {
+            match lane
+                .operations
+                .delete_images(&repository, chunk, session.as_ref())
+                .await
+            {
                 Ok(answer) => {
                     outcome.deleted.extend(answer.deleted);
                     outcome.failures.extend(answer.failures);
@@ -134,11 +194,22 @@ impl EcrRegistry {
     }
 
     async fn list(&self, input: ListInput) -> Result<ListPage, RegistryError> {
-        self.operations.list_images(&input).await
+        let lane = self.lane(input.registry_id.as_ref())?;
+        lane.operations.list_images(&input).await
     }
 
     async fn describe(&self, input: DescribeInput) -> Result<DescribePage, RegistryError> {
-        self.operations.describe_images(&input).await
+        let lane = self.lane(input.listing.registry_id.as_ref())?;
+        lane.operations.describe_images(&input).await
+    }
+
+    async fn tag_digest(
+        &self,
+        repository: RepositoryKey,
+        tag: Tag,
+    ) -> Result<Option<Digest>, RegistryError> {
+        let lane = self.lane(repository.registry_id.as_ref())?;
+        lane.operations.tag_digest(&repository, &tag).await
     }
 
     /// ECR refused a put because the image is already there, in one of two ways: the same
@@ -191,7 +262,10 @@ impl Registry for EcrRegistry {
         metrics.register(
             "ecr_batch_size",
             "Distinct images per BatchGetImage call",
-            self.batcher.sizes().clone(),
+            self.sizes.clone(),
         );
+        if let Some(others) = &self.others {
+            others.pace().register_metrics(metrics);
+        }
     }
 }

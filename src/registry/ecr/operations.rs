@@ -6,6 +6,7 @@ use std::cell::Cell;
 use std::future::Future;
 use std::time::Duration;
 
+use aws_credential_types::provider::SharedCredentialsProvider;
 use aws_sdk_ecr::config::interceptors::BeforeTransmitInterceptorContextRef;
 use aws_sdk_ecr::config::timeout::TimeoutConfig;
 use aws_sdk_ecr::config::{ConfigBag, Intercept, RuntimeComponents};
@@ -29,6 +30,19 @@ use crate::registry::{
     ListPage, PutImageInput, RegistryError, RepositoryKey, StoredImage,
     TagStatus as RegistryTagStatus, Upstream,
 };
+
+/// Sends the fluent builder `call`, with the per-call configuration `overrides` when it is
+/// `Some` (the SDK's builders share no trait to write this as a function over).
+macro_rules! send_with {
+    ($call:expr, $overrides:expr) => {
+        async {
+            match $overrides {
+                Some(config) => $call.customize().config_override(config).send().await,
+                None => $call.send().await,
+            }
+        }
+    };
+}
 
 /// The ECR client and what every call needs around it.
 #[derive(Debug)]
@@ -54,9 +68,8 @@ pub enum PutAnswer {
 }
 
 impl Operations {
-    /// Operations over a client built from `config`, with call counting added.
-    pub fn new(config: aws_sdk_ecr::config::Builder) -> Self {
-        let calls = UpstreamCalls::default();
+    /// Operations over a client built from `config`, its calls counted into `calls`.
+    pub fn new(config: aws_sdk_ecr::config::Builder, calls: UpstreamCalls) -> Self {
         let config = config
             .interceptor(calls.clone())
             .interceptor(AttemptCounter);
@@ -77,24 +90,39 @@ impl Operations {
         &self.calls
     }
 
-    /// A per-call configuration that ends the ECR call at the call's deadline (which keeps
-    /// back the time to answer already), when that comes before the configured operation
-    /// timeout.
-    fn within_deadline(&self) -> Option<aws_sdk_ecr::config::Builder> {
-        let remaining = call::deadline()?.saturating_duration_since(Instant::now());
+    /// A per-call configuration, when the call needs one: ending the ECR call at the call's
+    /// deadline (which keeps back the time to answer already) when that comes before the
+    /// configured operation timeout, and signing with `session` (a caller's own, for an
+    /// attributed write) instead of the client's credentials.
+    fn overrides(
+        &self,
+        session: Option<&SharedCredentialsProvider>,
+    ) -> Option<aws_sdk_ecr::config::Builder> {
+        let mut config = session.map(|session| {
+            aws_sdk_ecr::config::Builder::default().credentials_provider(session.clone())
+        });
+        let Some(remaining) = call::deadline().map(|d| d.saturating_duration_since(Instant::now()))
+        else {
+            return config;
+        };
         if self.operation_timeout.is_some_and(|t| t <= remaining) {
-            return None;
+            return config;
         }
         let timeouts = TimeoutConfig::builder()
             .operation_timeout(remaining.max(Duration::from_millis(1)))
             .build();
-        Some(aws_sdk_ecr::config::Builder::default().timeout_config(timeouts))
+        config = Some(config.unwrap_or_default().timeout_config(timeouts));
+        config
     }
 
     /// PutImage of the exact bytes. The digest and the media type are always sent: real ECR
     /// verifies the digest against the bytes, and needs the media type when the manifest
     /// carries none (OCI artifacts).
-    pub async fn put_image(&self, input: &PutImageInput) -> Result<PutAnswer, RegistryError> {
+    pub async fn put_image(
+        &self,
+        input: &PutImageInput,
+        session: Option<&SharedCredentialsProvider>,
+    ) -> Result<PutAnswer, RegistryError> {
         let call = self
             .client
             .put_image()
@@ -105,15 +133,11 @@ impl Operations {
             .image_digest(input.manifest.digest().as_str())
             .set_image_tag(input.tag.as_ref().map(|t| t.as_str().to_owned()));
         let span = ecr_call_span("PutImage");
-        let (sent, attempts) = counting_attempts(async {
-            match self.within_deadline() {
-                Some(bounded) => call.customize().config_override(bounded).send().await,
-                None => call.send().await,
-            }
-        })
-        .instrument(span.clone())
-        .await;
+        let (sent, attempts) = counting_attempts(send_with!(call, self.overrides(session)))
+            .instrument(span.clone())
+            .await;
         record_answer(&span, &sent);
+        note_write(&sent);
         let output = match sent {
             Ok(output) => output,
             Err(err) if is_already_exists(err.code()) => {
@@ -150,6 +174,7 @@ impl Operations {
         &self,
         repository: &RepositoryKey,
         images: &[ImageRef],
+        session: Option<&SharedCredentialsProvider>,
     ) -> Result<DeleteOutcome, RegistryError> {
         let ids: Vec<ImageIdentifier> = images.iter().map(identifier).collect();
         let span = ecr_call_span("BatchDeleteImage");
@@ -158,10 +183,11 @@ impl Operations {
             .batch_delete_image()
             .set_registry_id(registry_id_of(repository))
             .repository_name(repository.repository.as_str())
-            .set_image_ids(Some(ids))
-            .send();
+            .set_image_ids(Some(ids));
+        let call = send_with!(call, self.overrides(session));
         let (sent, attempts) = counting_attempts(call).instrument(span.clone()).await;
         record_answer(&span, &sent);
+        note_write(&sent);
         let output = sent.map_err(|err| with_attempts(classify(err), attempts))?;
         let deleted = output.image_ids().iter().map(deleted_of).collect();
         let failures = output
@@ -212,6 +238,35 @@ impl Operations {
             ids: output.image_ids().iter().map(deleted_of).collect(),
             next_token: output.next_token().map(str::to_owned),
         })
+    }
+
+    /// What `tag` of `repository` points at now, asked of ECR (one DescribeImages of the tag;
+    /// not BatchGetImage, whose quota serves the reads): `None` when no image has the tag.
+    pub async fn tag_digest(
+        &self,
+        repository: &RepositoryKey,
+        tag: &Tag,
+    ) -> Result<Option<Digest>, RegistryError> {
+        let span = ecr_call_span("DescribeImages");
+        let call = self
+            .client
+            .describe_images()
+            .set_registry_id(registry_id_of(repository))
+            .repository_name(repository.repository.as_str())
+            .image_ids(ImageIdentifier::builder().image_tag(tag.as_str()).build());
+        let call = send_with!(call, self.overrides(None));
+        let (sent, attempts) = counting_attempts(call).instrument(span.clone()).await;
+        record_answer(&span, &sent);
+        match sent {
+            Ok(output) => Ok(output
+                .image_details()
+                .iter()
+                .find_map(|d| d.image_digest().and_then(|d| Digest::parse(d).ok()))),
+            Err(err) => match with_attempts(classify(err), attempts) {
+                RegistryError::ImageNotFound(_) => Ok(None),
+                err => Err(err),
+            },
+        }
     }
 
     /// One DescribeImages call: by ids (one page), or one page of the listing.
@@ -457,6 +512,17 @@ fn record_answer<T: RequestId, E: RequestId>(span: &Span, sent: &Result<T, E>) {
     }
     if sent.is_err() {
         span.record("otel.status_code", "ERROR");
+    }
+}
+
+/// Notes a write's ECR request id in the call's receipt, for its audit event.
+fn note_write<T: RequestId, E: RequestId>(sent: &Result<T, E>) {
+    let request_id = match sent {
+        Ok(output) => output.request_id(),
+        Err(err) => err.request_id(),
+    };
+    if let Some(request_id) = request_id {
+        call::note_upstream_request(request_id);
     }
 }
 

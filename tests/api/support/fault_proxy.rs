@@ -41,6 +41,23 @@ pub struct Seen {
     pub at: Instant,
     /// What the proxy did.
     pub fault: Fault,
+    /// The `authorization` header: which credentials signed it.
+    pub authorization: String,
+    /// The request body.
+    pub body: Vec<u8>,
+    /// The emulator's answer, whole (status line, headers, body); empty when not forwarded.
+    pub answer: Vec<u8>,
+}
+
+impl Seen {
+    /// The access key id that signed the request (SigV4's `Credential=AKID/...`).
+    pub fn access_key(&self) -> &str {
+        self.authorization
+            .split("Credential=")
+            .nth(1)
+            .and_then(|c| c.split('/').next())
+            .unwrap_or_default()
+    }
 }
 
 type Plan = dyn Fn(&str, u32) -> Fault + Send + Sync;
@@ -121,12 +138,26 @@ async fn handle(
         .and_then(|n| n.parse().ok())
         .unwrap_or(1);
     let fault = plan(&operation, attempt);
-    log.lock().unwrap().push(Seen {
-        operation,
-        attempt,
-        at: Instant::now(),
-        fault,
-    });
+    let at = Instant::now();
+    let authorization = request
+        .headers
+        .get("authorization")
+        .cloned()
+        .unwrap_or_default();
+    // Logged on arrival (tests watch for requests still held), its answer added when it comes.
+    let index = {
+        let mut log = log.lock().unwrap();
+        log.push(Seen {
+            operation,
+            attempt,
+            at,
+            fault,
+            authorization,
+            body: request.body.clone(),
+            answer: Vec::new(),
+        });
+        log.len() - 1
+    };
     let error = |status: u16, code: &str, message: &str| {
         let body = serde_json::json!({ "__type": code, "message": message }).to_string();
         respond(status, "application/x-amz-json-1.1", body)
@@ -145,6 +176,7 @@ async fn handle(
             return;
         }
     };
+    log.lock().unwrap()[index].answer = answer.clone();
     let _ = client.write_all(&answer).await;
     let _ = client.shutdown().await;
 }

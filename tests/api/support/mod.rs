@@ -127,6 +127,40 @@ pub fn admin(endpoint: &str) -> aws_sdk_ecr::Client {
     aws_sdk_ecr::Client::from_conf(config)
 }
 
+/// An ECR client acting in `account` of the emulator (its AssumeRole needs no existing role,
+/// and the credentials it returns act in the role's account), for set-up and checks.
+pub async fn admin_in(account: &str) -> aws_sdk_ecr::Client {
+    let sdk = SdkConfig::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new(REGION))
+        .endpoint_url(moto::endpoint())
+        .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
+            "testing", "testing", None, None, "tests",
+        )))
+        .build();
+    let assumed = aws_sdk_sts::Client::new(&sdk)
+        .assume_role()
+        .role_arn(format!("arn:aws:iam::{account}:role/test-setup"))
+        .role_session_name("test-setup")
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("assume a role in {account}: {e:?}"));
+    let given = assumed
+        .credentials()
+        .expect("AssumeRole answers with credentials");
+    let credentials = Credentials::new(
+        given.access_key_id(),
+        given.secret_access_key(),
+        Some(given.session_token().to_owned()),
+        None,
+        "test-setup",
+    );
+    let config = aws_sdk_ecr::config::Builder::from(&sdk)
+        .credentials_provider(credentials)
+        .build();
+    aws_sdk_ecr::Client::from_conf(config)
+}
+
 /// Creates a repository in the emulator.
 pub async fn create_repository(endpoint: &str, name: &str, immutable: bool) {
     let mutability = if immutable {

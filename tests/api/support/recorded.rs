@@ -177,13 +177,17 @@ pub struct Incoming {
 }
 
 impl Incoming {
-    /// The ECR operation, from `X-Amz-Target`.
+    /// The operation: ECR's from `X-Amz-Target` (JSON protocol), STS's from the form body's
+    /// `Action` (query protocol).
     pub fn operation(&self) -> String {
-        self.headers
+        if let Some((_, op)) = self
+            .headers
             .get("x-amz-target")
             .and_then(|t| t.rsplit_once('.'))
-            .map(|(_, op)| op.to_owned())
-            .unwrap_or_default()
+        {
+            return op.to_owned();
+        }
+        form_field(&self.body, "Action").unwrap_or_default()
     }
 }
 
@@ -231,4 +235,38 @@ pub async fn read_request(stream: &mut TcpStream) -> Option<Incoming> {
         headers,
         body,
     })
+}
+
+/// The value of `name` in a form-encoded body (`Action=AssumeRole&RoleSessionName=...`),
+/// percent-decoded.
+pub fn form_field(body: &[u8], name: &str) -> Option<String> {
+    let body = std::str::from_utf8(body).ok()?;
+    body.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=')?;
+        (key == name).then(|| percent_decode(value))
+    })
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match (escaped, bytes[i]) {
+            (Some(byte), _) => {
+                out.push(byte);
+                i += 3;
+                continue;
+            }
+            (None, b'+') => out.push(b' '),
+            (None, byte) => out.push(byte),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }

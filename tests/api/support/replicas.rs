@@ -46,6 +46,22 @@ impl Drop for Replica {
 
 /// Starts `count` replicas sharing `redis` when given, each with `args` added.
 pub async fn start(count: usize, redis: Option<&str>, args: &[&str]) -> Vec<Replica> {
+    start_with(count, redis, args, &[]).await
+}
+
+/// [`start`] with `env` added to each replica's environment; `--rate-share 3` unless `args`
+/// set another.
+pub async fn start_with(
+    count: usize,
+    redis: Option<&str>,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Vec<Replica> {
+    let share: &[&str] = if args.contains(&"--rate-share") {
+        &[]
+    } else {
+        &["--rate-share", "3"]
+    };
     let home = std::env::temp_dir().join(format!("ecr-image-service-fleet-{}", std::process::id()));
     std::fs::create_dir_all(&home).unwrap();
     let mut replicas = Vec::new();
@@ -53,13 +69,15 @@ pub async fn start(count: usize, redis: Option<&str>, args: &[&str]) -> Vec<Repl
         let proxy = FaultProxy::start(moto::endpoint(), |_, _| Fault::Forward).await;
         let mut child = command(&home)
             .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
-            .args(["--admin-listen", "127.0.0.1:0", "--rate-share", "3"])
+            .args(["--admin-listen", "127.0.0.1:0"])
+            .args(share)
             .args(redis.map(|url| ["--redis-url", url]).into_iter().flatten())
             .args(args)
             .env("AWS_REGION", "us-east-1")
             .env("AWS_ENDPOINT_URL_ECR", &proxy.endpoint)
             .env("AWS_ACCESS_KEY_ID", "AKIDFLEETTESTKEY")
             .env("AWS_SECRET_ACCESS_KEY", SECRET)
+            .envs(env.iter().copied())
             .spawn()
             .unwrap();
         let lines = stderr_lines(&mut child);
@@ -123,11 +141,24 @@ pub async fn put_load(
     duration: Duration,
     deadline: Duration,
 ) -> Outcomes {
+    put_load_in(targets, "", repository, in_flight, duration, deadline).await
+}
+
+/// [`put_load`] into the registry of account `registry_id` ("" for the service's own).
+pub async fn put_load_in(
+    targets: &[ImageServiceClient<Channel>],
+    registry_id: &str,
+    repository: &str,
+    in_flight: usize,
+    duration: Duration,
+    deadline: Duration,
+) -> Outcomes {
     let until = Instant::now() + duration;
     let callers: Vec<_> = (0..in_flight)
         .map(|caller| {
             let mut client = targets[caller % targets.len()].clone();
             let repository = repository.to_owned();
+            let registry_id = registry_id.to_owned();
             tokio::spawn(async move {
                 let mut outcomes = Outcomes::default();
                 let mut n = 0;
@@ -136,8 +167,9 @@ pub async fn put_load(
                     let manifest = format!(
                         r#"{{"mediaType":"application/vnd.oci.image.manifest.v1+json","caller":{caller},"n":{n}}}"#
                     );
-                    let mut request =
-                        tonic::Request::new(put(&repository, &format!("c{caller}-{n}"), &manifest));
+                    let mut message = put(&repository, &format!("c{caller}-{n}"), &manifest);
+                    message.registry_id.clone_from(&registry_id);
+                    let mut request = tonic::Request::new(message);
                     request.set_timeout(deadline);
                     let started = Instant::now();
                     let answer = client.put_image(request).await;
@@ -180,6 +212,23 @@ pub fn arrivals(replicas: &[Replica]) -> Vec<Instant> {
     let mut all: Vec<Instant> = replicas
         .iter()
         .flat_map(|replica| replica.proxy.arrivals("PutImage"))
+        .collect();
+    all.sort();
+    all
+}
+
+/// PutImage requests for account `registry_id` ("" for the service's own, sent without one)
+/// that reached ECR from every replica, in order.
+pub fn arrivals_in(replicas: &[Replica], registry_id: &str) -> Vec<Instant> {
+    let mut all: Vec<Instant> = replicas
+        .iter()
+        .flat_map(|replica| replica.proxy.seen())
+        .filter(|seen| seen.operation == "PutImage")
+        .filter(|seen| {
+            let body: serde_json::Value = serde_json::from_slice(&seen.body).unwrap_or_default();
+            body["registryId"].as_str().unwrap_or_default() == registry_id
+        })
+        .map(|seen| seen.at)
         .collect();
     all.sort();
     all
