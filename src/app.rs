@@ -113,7 +113,10 @@ pub async fn registry(
                 "backend ready"
             );
             let slots = fleet.clone().map(|f| f as Arc<dyn SharedSlots>);
-            let config = ecr::client_config_with(&sdk, &settings, slots);
+            // One bound on calls in flight for every registry's client.
+            let upstream = ecr::client::upstream_slots(&settings);
+            let config =
+                ecr::client::client_config_sharing(&sdk, &settings, slots, Arc::clone(&upstream));
             let mut ecr = EcrRegistry::from_config(config, settings.batch_window);
             if args.registries.is_some() {
                 ecr = ecr.with_registries(LanesConfig {
@@ -124,6 +127,7 @@ pub async fn registry(
                     sts_rate: args.sts_rate,
                     attributed_sessions: (args.attribute_writes == AttributeWrites::SourceIdentity)
                         .then_some(args.max_attributed_sessions),
+                    slots: Some(upstream),
                 });
             }
             (Arc::new(ecr), fleet)

@@ -142,6 +142,7 @@ async fn org(identity: IdentitySource, policy: Option<&str>, attributed: bool) -
             budgets: None,
             sts_rate: DEFAULT_STS_RATE,
             attributed_sessions: attributed.then_some(100),
+            slots: None,
         });
     let calls = registry.calls().clone();
     let stack = CachedRegistry::new(Arc::new(registry), CacheSettings::default());

@@ -162,6 +162,25 @@ pub fn client_config_with(
     settings: &EcrSettings,
     shared: Option<Arc<dyn SharedSlots>>,
 ) -> aws_sdk_ecr::config::Builder {
+    client_config_sharing(sdk, settings, shared, upstream_slots(settings))
+}
+
+/// The process's bound on ECR calls in flight, for [`client_config_sharing`].
+pub fn upstream_slots(settings: &EcrSettings) -> Arc<UpstreamSlots> {
+    UpstreamSlots::new(
+        settings.max_upstream_calls,
+        settings.max_upstream_calls_per_caller,
+    )
+}
+
+/// [`client_config_with`], its calls in flight counted in `slots`: one bound for every
+/// registry's client, so that serving more accounts does not multiply it.
+pub fn client_config_sharing(
+    sdk: &SdkConfig,
+    settings: &EcrSettings,
+    shared: Option<Arc<dyn SharedSlots>>,
+    slots: Arc<UpstreamSlots>,
+) -> aws_sdk_ecr::config::Builder {
     let retry = RetryConfig::standard()
         .with_max_attempts(settings.max_attempts)
         .with_initial_backoff(settings.initial_backoff)
@@ -199,10 +218,7 @@ pub fn client_config_with(
         .http_client(BudgetedHttpClient::new(
             http,
             budgets,
-            UpstreamSlots::new(
-                settings.max_upstream_calls,
-                settings.max_upstream_calls_per_caller,
-            ),
+            slots,
             settings.attempt_timeout,
         ));
     if let Some(url) = &settings.endpoint_url {

@@ -18,9 +18,10 @@ use prometheus_client::metrics::histogram::Histogram;
 use super::batch::Batcher;
 use super::budget::SharedSlots;
 use super::calls::UpstreamCalls;
-use super::client::{EcrSettings, client_config_with, sts_client};
+use super::client::{EcrSettings, client_config_sharing, sts_client, upstream_slots};
 use super::operations::Operations;
 use super::roles::{AssumedRole, StsPace};
+use super::slots::UpstreamSlots;
 use crate::domain::image::RegistryId;
 use crate::registry::RegistryError;
 use crate::registry::accounts::{Role, Routes};
@@ -61,6 +62,7 @@ pub struct Lanes {
     budgets: Option<Arc<dyn BudgetScopes>>,
     sts: aws_sdk_sts::Client,
     pace: Arc<StsPace>,
+    slots: Arc<UpstreamSlots>,
     others: Mutex<HashMap<LaneKey, Lane>>,
     /// With `--attribute-writes source-identity`: sessions by (account, role, principal).
     sessions: Option<Cache<SessionKey, SharedCredentialsProvider>>,
@@ -80,6 +82,9 @@ pub struct LanesConfig {
     pub sts_rate: f64,
     /// Attributed write sessions kept; `None`: writes are not attributed.
     pub attributed_sessions: Option<u64>,
+    /// The own client's bound on calls in flight, shared by every registry's client; `None`:
+    /// a bound of their own.
+    pub slots: Option<Arc<UpstreamSlots>>,
 }
 
 impl Lanes {
@@ -92,6 +97,9 @@ impl Lanes {
             .map(ToString::to_string)
             .unwrap_or_default();
         Self {
+            slots: config
+                .slots
+                .unwrap_or_else(|| upstream_slots(&config.settings)),
             sts: sts_client(&config.sdk),
             pace: StsPace::new(config.sts_rate),
             sdk: config.sdk,
@@ -156,7 +164,7 @@ impl Lanes {
             "ECR client ready for another registry"
         );
         lane(
-            client_config_with(&sdk, &self.settings, shared),
+            client_config_sharing(&sdk, &self.settings, shared, Arc::clone(&self.slots)),
             &self.settings,
             self.calls.clone(),
             self.sizes.clone(),
