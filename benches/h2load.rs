@@ -12,10 +12,23 @@
 //! `cargo bench --bench h2load` (needs `h2load` and `taskset` on PATH, and the moto venv that
 //! `scripts/test-deps.sh` installs). `H2LOAD_ROUNDS` changes the number of rounds (default 3);
 //! `H2LOAD_SERVICE_BIN` measures another build of the binary (the "before" of a change).
+//! `H2LOAD_VERIFY=1` runs the service with a `verify:` rule (enforce) over the repository
+//! read, the image signed with cosign's tag scheme: every cached read then also looks up its
+//! verdict (issue 22's cost on the hot path). The emulator is reached through the test
+//! extension that answers the ECR operations it lacks.
 
+#[allow(dead_code)]
+#[path = "../tests/api/support/fault_proxy.rs"]
+mod fault_proxy;
+#[allow(dead_code)]
+#[path = "../tests/api/support/ecr_ext.rs"]
+mod ecr_ext;
 #[allow(dead_code)]
 #[path = "../tests/api/support/moto.rs"]
 mod moto;
+#[allow(dead_code)]
+#[path = "../tests/api/support/recorded.rs"]
+mod recorded;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -54,9 +67,36 @@ fn main() {
     let work = std::env::temp_dir().join(format!("h2load-{}", std::process::id()));
     std::fs::create_dir_all(&work).unwrap();
 
-    let (service, grpc, admin) = start_service();
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let answer = runtime.block_on(seed(grpc));
+    let verify = std::env::var_os("H2LOAD_VERIFY").is_some_and(|v| v == "1");
+    let signing = verify.then(|| {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let ext = runtime.block_on(ecr_ext::EcrExtension::start(moto::endpoint()));
+        let policy = work.join("policy.yaml");
+        let pem: String = key
+            .public_key_pem()
+            .lines()
+            .map(|l| format!("          {l}\n"))
+            .collect();
+        std::fs::write(
+            &policy,
+            format!(
+                "rules:\n  - id: all\n    principals: [anonymous]\n    actions: [read, write]\n    repositories: [\"**\"]\nverify:\n  - id: hot\n    repositories: [\"{REPOSITORY}\"]\n    mode: enforce\n    keys:\n      - name: bench\n        pem: |\n{pem}"
+            ),
+        )
+        .unwrap();
+        (key, ext, policy)
+    });
+    let (service, grpc, admin) = start_service(
+        signing
+            .as_ref()
+            .map(|(_, ext, policy)| (ext.endpoint.as_str(), policy.as_path())),
+    );
+    let answer = runtime.block_on(seed(grpc, signing.as_ref().map(|(k, e, _)| (k, e))));
+    if verify {
+        let verdict = answer.verification.as_ref().expect("a verdict");
+        assert!(verdict.passed, "{verdict:?}");
+    }
     let digest = answer
         .image
         .as_ref()
@@ -78,8 +118,13 @@ fn main() {
     let by_digest = request_file(&work, "digest", "", &digest);
     println!(
         "h2load pairs: server on core {SERVER_CORE}, h2load on core {LOAD_CORE}, \
-         {rounds} alternating rounds of {RUN:?} after {WARM_UP:?}; response {} bytes",
-        answer.encoded_len()
+         {rounds} alternating rounds of {RUN:?} after {WARM_UP:?}; response {} bytes{}",
+        answer.encoded_len(),
+        if verify {
+            "; verification on (enforce)"
+        } else {
+            ""
+        }
     );
     for (connections, streams) in SHAPES {
         let mut rows: Vec<[Run; 3]> = Vec::new();
@@ -211,13 +256,18 @@ fn request_file(work: &Path, name: &str, tag: &str, digest: &str) -> PathBuf {
 
 /// The release binary on its defaults, pinned to the server core, in front of moto: the
 /// process, its gRPC address and its admin address.
-fn start_service() -> (Guard, SocketAddr, SocketAddr) {
+fn start_service(verify: Option<(&str, &Path)>) -> (Guard, SocketAddr, SocketAddr) {
     let (grpc, admin) = (free_address(), free_address());
+    let endpoint = verify.map_or(moto::endpoint(), |(endpoint, _)| endpoint);
+    let policy = verify
+        .map(|(_, policy)| vec!["--authz-policy".to_owned(), policy.display().to_string()])
+        .unwrap_or_default();
     let child = pinned(
         Command::new(service_binary())
             .arg("serve")
             .args(["--region", "us-east-1"])
-            .args(["--ecr-endpoint-url", moto::endpoint()])
+            .args(["--ecr-endpoint-url", endpoint])
+            .args(policy)
             .args(["--listen", &grpc.to_string()])
             .args(["--admin-listen", &admin.to_string()])
             .env("AWS_ACCESS_KEY_ID", "testing")
@@ -240,7 +290,10 @@ fn service_binary() -> PathBuf {
 
 /// Creates the repository, puts the seed manifest through the service, and reads it once
 /// by tag and once by digest, so both are cached: the cached answer by tag.
-async fn seed(grpc: SocketAddr) -> GetImageResponse {
+async fn seed(
+    grpc: SocketAddr,
+    signing: Option<(&rcgen::KeyPair, &ecr_ext::EcrExtension)>,
+) -> GetImageResponse {
     let mut client = ImageServiceClient::connect(format!("http://{grpc}"))
         .await
         .unwrap();
@@ -280,9 +333,52 @@ async fn seed(grpc: SocketAddr) -> GetImageResponse {
         }),
         ..Default::default()
     };
+    if let Some((key, ext)) = signing {
+        sign(key, ext, &digest).await;
+    }
     client.get_image(get("", &digest)).await.unwrap();
     client.get_image(get(TAG, "")).await.unwrap();
     client.get_image(get(TAG, "")).await.unwrap().into_inner()
+}
+
+/// Signs `digest` with `key` in cosign's tag scheme (payload blob kept by the extension).
+async fn sign(key: &rcgen::KeyPair, ext: &ecr_ext::EcrExtension, digest: &str) {
+    use base64::Engine as _;
+    use rcgen::SigningKey as _;
+    let payload = format!(
+        r#"{{"critical":{{"identity":{{"docker-reference":"bench/{REPOSITORY}"}},"image":{{"docker-manifest-digest":"{digest}"}},"type":"cosign container image signature"}},"optional":null}}"#
+    );
+    let signature =
+        base64::engine::general_purpose::STANDARD.encode(key.sign(payload.as_bytes()).unwrap());
+    let blob = ext.add_blob(payload.as_bytes());
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{}","size":2}},"layers":[{{"mediaType":"application/vnd.dev.cosign.simplesigning.v1+json","digest":"{blob}","size":{},"annotations":{{"dev.cosignproject.cosign/signature":"{signature}"}}}}]}}"#,
+        "2".repeat(64),
+        payload.len()
+    );
+    use sha2::Digest as _;
+    let manifest_digest = format!("sha256:{:x}", sha2::Sha256::digest(manifest.as_bytes()));
+    let config = aws_sdk_ecr::Config::builder()
+        .behavior_version(aws_sdk_ecr::config::BehaviorVersion::latest())
+        .region(aws_sdk_ecr::config::Region::new("us-east-1"))
+        .endpoint_url(&ext.endpoint)
+        .credentials_provider(aws_sdk_ecr::config::Credentials::new(
+            "testing", "testing", None, None, "bench",
+        ))
+        .build();
+    aws_sdk_ecr::Client::from_conf(config)
+        .put_image()
+        .repository_name(REPOSITORY)
+        .image_tag(format!(
+            "sha256-{}.sig",
+            digest.trim_start_matches("sha256:")
+        ))
+        .image_manifest(manifest)
+        .image_manifest_media_type("application/vnd.oci.image.manifest.v1+json")
+        .image_digest(manifest_digest)
+        .send()
+        .await
+        .unwrap();
 }
 
 /// GetImage answered OK so far, from the service's own counter.
@@ -364,6 +460,12 @@ impl ImageService for Bare {
         &self,
         _: Request<pb::DescribeImagesRequest>,
     ) -> Result<Response<pb::DescribeImagesResponse>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
+    async fn list_referrers(
+        &self,
+        _: Request<pb::ListReferrersRequest>,
+    ) -> Result<Response<pb::ListReferrersResponse>, Status> {
         Err(Status::unimplemented("bare"))
     }
     type WatchTagStream = std::pin::Pin<

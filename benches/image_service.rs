@@ -239,6 +239,13 @@ impl ImageService for Bare {
         Err(Status::unimplemented("bare"))
     }
 
+    async fn list_referrers(
+        &self,
+        _: Request<ecr_image_service::pb::ListReferrersRequest>,
+    ) -> Result<Response<ecr_image_service::pb::ListReferrersResponse>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
+
     type WatchTagStream = tokio_stream::wrappers::ReceiverStream<
         Result<ecr_image_service::pb::WatchTagResponse, Status>,
     >;

@@ -202,6 +202,14 @@ pub async fn serve(
     loaded: server::Loaded,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), StartError> {
+    if args.backend == Backend::Local && loaded.verifies() {
+        return Err(StartError::Config(
+            "the policy's verify: rules need --backend ecr: the embedded store keeps no \
+             signatures, referrers or scans, so enforce would refuse every image and audit \
+             would report nothing true"
+                .to_owned(),
+        ));
+    }
     let (registry, fleet, routes) = registry(&args).await?;
     let mut settings = args.server_settings();
     if let Some(own) = routes.own_account() {

@@ -187,6 +187,11 @@ pub struct ServeArgs {
     #[arg(long, env = "ECR_IMAGE_SERVICE_AUDIT", value_enum, default_value_t = Switch::On)]
     pub audit: Switch,
 
+    /// How long a verification verdict stands (the policy's `verify:` rules): a new scan
+    /// finding or a removed signature is seen within it; a changed rule at once.
+    #[arg(long, env = "ECR_IMAGE_SERVICE_VERDICT_TTL", default_value_t = Human::from(crate::access::verify::DEFAULT_VERDICT_TTL))]
+    pub verdict_ttl: Human,
+
     /// PEM CA certificates trusted for a `rediss://` --redis-url instead of the system's
     /// roots (a private CA; ElastiCache needs none).
     #[arg(long, env = "ECR_IMAGE_SERVICE_REDIS_CA_FILE")]
@@ -601,6 +606,7 @@ impl ServeArgs {
                 Backend::Ecr => None,
             },
             audit: self.audit == Switch::On,
+            verdict_ttl: *self.verdict_ttl,
         }
     }
 

@@ -140,6 +140,16 @@ pub enum Error {
         /// The index's platforms, comma-separated (`linux/amd64,linux/arm64/v8`).
         available: String,
     },
+    /// The verification policy refused the image (enforce mode).
+    #[error("the image {digest} does not pass verify rule {rule:?}: {refusal}")]
+    Unverified {
+        /// The rule.
+        rule: String,
+        /// The image.
+        digest: String,
+        /// Why.
+        refusal: RefusalText,
+    },
     /// The request names a registry this service does not serve: refused before any AWS call.
     #[error(
         "the registry asked for (account '{registry_id}', region '{region}'; empty means the \
@@ -155,6 +165,35 @@ pub enum Error {
     #[error(transparent)]
     Registry(#[from] RegistryError),
 }
+
+/// A verification refusal, as errors carry it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusalText(pub crate::access::verify::Refusal);
+
+impl std::fmt::Display for RefusalText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::access::verify::Refusal as R;
+        match &self.0 {
+            R::SignatureRequired => f.write_str("it is not signed"),
+            R::SignatureInvalid(why) => write!(f, "no signature verifies ({why})"),
+            R::ScanFindingsOverLimit(counts) => {
+                let counts: Vec<String> = counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                write!(
+                    f,
+                    "its scan findings are over the limit ({})",
+                    counts.join(", ")
+                )
+            }
+            R::ScanNotComplete(status) => {
+                write!(f, "it has no complete scan (status {status}); retry later")
+            }
+        }
+    }
+}
+
+/// How long a caller refused SCAN_NOT_COMPLETE should wait: ECR's basic scans take a minute
+/// or two.
+pub const SCAN_RETRY_DELAY: Duration = Duration::from_secs(30);
 
 impl Error {
     /// A refused request: `reason` and its violations, at most [`MAX_VIOLATIONS`] of them
@@ -255,6 +294,14 @@ pub enum Reason {
     WatchEnded,
     /// The replica's watch cap is reached.
     TooManyWatches,
+    /// Enforce mode: the image has no signature.
+    SignatureRequired,
+    /// Enforce mode: no signature verifies with a trusted key.
+    SignatureInvalid,
+    /// Enforce mode: findings over the gate.
+    ScanFindingsOverLimit,
+    /// Enforce mode: no complete scan, and one is required.
+    ScanNotComplete,
     /// The request names a registry this service does not serve.
     RegistryNotConfigured,
     /// The service could not assume its role in the registry's account.
@@ -263,7 +310,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, in the order of the error tables (README, proto comment).
-    pub const ALL: [Reason; 34] = [
+    pub const ALL: [Reason; 38] = [
         Self::InvalidField,
         Self::DigestMismatch,
         Self::MediaTypeMismatch,
@@ -296,6 +343,10 @@ impl Reason {
         Self::PlatformNotFound,
         Self::WatchEnded,
         Self::TooManyWatches,
+        Self::SignatureRequired,
+        Self::SignatureInvalid,
+        Self::ScanFindingsOverLimit,
+        Self::ScanNotComplete,
         Self::RegistryNotConfigured,
         Self::AssumeRoleFailed,
     ];
@@ -335,6 +386,10 @@ impl Reason {
             Self::PlatformNotFound => "PLATFORM_NOT_FOUND",
             Self::WatchEnded => "WATCH_ENDED",
             Self::TooManyWatches => "TOO_MANY_WATCHES",
+            Self::SignatureRequired => "SIGNATURE_REQUIRED",
+            Self::SignatureInvalid => "SIGNATURE_INVALID",
+            Self::ScanFindingsOverLimit => "SCAN_FINDINGS_OVER_LIMIT",
+            Self::ScanNotComplete => "SCAN_NOT_COMPLETE",
             Self::RegistryNotConfigured => "REGISTRY_NOT_CONFIGURED",
             Self::AssumeRoleFailed => "ASSUME_ROLE_FAILED",
         }
@@ -360,6 +415,18 @@ impl Error {
             Self::PlatformNotFound { .. } => (Code::NotFound, Reason::PlatformNotFound),
             Self::RegistryNotConfigured { .. } => {
                 (Code::FailedPrecondition, Reason::RegistryNotConfigured)
+            }
+            Self::Unverified { refusal, .. } => {
+                use crate::access::verify::Refusal as V;
+                match refusal.0 {
+                    V::SignatureRequired => (Code::FailedPrecondition, Reason::SignatureRequired),
+                    V::SignatureInvalid(_) => (Code::FailedPrecondition, Reason::SignatureInvalid),
+                    V::ScanFindingsOverLimit(_) => {
+                        (Code::FailedPrecondition, Reason::ScanFindingsOverLimit)
+                    }
+                    // Worth a retry: the scan will complete.
+                    V::ScanNotComplete(_) => (Code::Unavailable, Reason::ScanNotComplete),
+                }
             }
             // UNAVAILABLE: the one code clients and meshes retry; nothing is lost by it.
             Self::WatchEnded { .. } => (Code::Unavailable, Reason::WatchEnded),
@@ -422,6 +489,7 @@ impl Error {
             | Self::AccessDenied { .. }
             | Self::PlatformNotFound { .. }
             | Self::RegistryNotConfigured { .. }
+            | Self::Unverified { .. }
             | Self::WatchEnded { .. }
             | Self::TooManyWatches(_) => None,
             Self::Registry(err) => err.upstream(),
@@ -435,7 +503,7 @@ impl Error {
         // identity denied by ECR, which shares the code.
         !matches!(
             self,
-            Self::AccessDenied { .. } | Self::Unauthenticated { .. }
+            Self::AccessDenied { .. } | Self::Unauthenticated { .. } | Self::Unverified { .. }
         ) && matches!(
             self.code_and_reason().0,
             Code::Unavailable
@@ -469,6 +537,7 @@ impl Error {
             | Self::AccessDenied { .. }
             | Self::PlatformNotFound { .. }
             | Self::RegistryNotConfigured { .. }
+            | Self::Unverified { .. }
             | Self::WatchEnded { .. }
             | Self::TooManyWatches(_) => Vec::new(),
         }
@@ -484,6 +553,10 @@ impl Error {
             )
             | Self::Overloaded { retry_after } => Some(*retry_after),
             Self::WatchEnded { .. } | Self::TooManyWatches(_) => Some(WATCH_RETRY_DELAY),
+            Self::Unverified {
+                refusal: RefusalText(crate::access::verify::Refusal::ScanNotComplete(_)),
+                ..
+            } => Some(SCAN_RETRY_DELAY),
             // STS is asked again only after the cool-down: sooner gets the same answer.
             Self::Registry(RegistryError::AssumeRoleFailed { denied: false, .. }) => {
                 Some(crate::registry::ecr::roles::FAILURE_COOLDOWN)
@@ -505,6 +578,14 @@ impl From<Error> for Status {
             }
             Error::PlatformNotFound { available, .. } => {
                 metadata.insert("available".to_owned(), available.clone());
+            }
+            Error::Unverified { rule, refusal, .. } => {
+                metadata.insert("rule".to_owned(), rule.clone());
+                if let crate::access::verify::Refusal::ScanFindingsOverLimit(counts) = &refusal.0 {
+                    for (severity, count) in counts {
+                        metadata.insert(severity.clone(), count.to_string());
+                    }
+                }
             }
             Error::RegistryNotConfigured {
                 registry_id,
@@ -807,6 +888,30 @@ mod tests {
                 "ECR_RATE_BUDGET_EXHAUSTED",
             ),
             (
+                unverified(crate::access::verify::Refusal::SignatureRequired),
+                Code::FailedPrecondition,
+                "SIGNATURE_REQUIRED",
+            ),
+            (
+                unverified(crate::access::verify::Refusal::SignatureInvalid("x".into())),
+                Code::FailedPrecondition,
+                "SIGNATURE_INVALID",
+            ),
+            (
+                unverified(crate::access::verify::Refusal::ScanFindingsOverLimit(
+                    [("CRITICAL".to_owned(), 1)].into(),
+                )),
+                Code::FailedPrecondition,
+                "SCAN_FINDINGS_OVER_LIMIT",
+            ),
+            (
+                unverified(crate::access::verify::Refusal::ScanNotComplete(
+                    "NONE".into(),
+                )),
+                Code::Unavailable,
+                "SCAN_NOT_COMPLETE",
+            ),
+            (
                 R::AssumeRoleFailed {
                     denied: false,
                     upstream: Upstream::message("STS unavailable"),
@@ -825,6 +930,14 @@ mod tests {
                 "ASSUME_ROLE_FAILED",
             ),
         ]
+    }
+
+    fn unverified(refusal: crate::access::verify::Refusal) -> Error {
+        Error::Unverified {
+            rule: "signed".into(),
+            digest: "sha256:0".into(),
+            refusal: RefusalText(refusal),
+        }
     }
 
     /// The README's error table, row by row: each error maps to one code and one reason, and
@@ -955,6 +1068,7 @@ mod tests {
             ];
             // STS's failures (UNAVAILABLE) say when it will be asked again; its refusals do not.
             let retryable = retryable.contains(&reason)
+                || reason == "SCAN_NOT_COMPLETE"
                 || (reason == "ASSUME_ROLE_FAILED" && code == Code::Unavailable);
             assert_eq!(retry, retryable, "{reason}: RetryInfo");
         }

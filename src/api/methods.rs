@@ -126,8 +126,18 @@ pub const WATCH_TAG: Method = Method {
     server_streaming: true,
 };
 
+/// `ListReferrers`.
+pub const LIST_REFERRERS: Method = Method {
+    name: "ListReferrers",
+    request: "ListReferrersRequest",
+    request_limit: MAX_SMALL_REQUEST_BYTES,
+    actions: &[Action::Read],
+    idempotent: true,
+    server_streaming: false,
+};
+
 /// Every RPC, in the proto's order.
-pub const METHODS: [Method; 8] = [
+pub const METHODS: [Method; 9] = [
     PUT_IMAGE,
     GET_IMAGE,
     RESOLVE_IMAGE,
@@ -136,6 +146,7 @@ pub const METHODS: [Method; 8] = [
     LIST_IMAGES,
     DESCRIBE_IMAGES,
     WATCH_TAG,
+    LIST_REFERRERS,
 ];
 
 /// The method named `name` (`GetImage`). Every RPC's name is in the table: a miss is a bug

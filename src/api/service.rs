@@ -12,6 +12,7 @@ use tracing::{Instrument, Span, debug, debug_span, info, warn};
 use crate::access::authz::Action;
 use crate::access::authz::Authorizer;
 use crate::access::identity::IdentitySource;
+use crate::access::verify::{Mode, Verdict, Verifier, VerifyRule};
 use crate::api::audit::{self, Audit};
 use crate::api::error::{self, Error};
 use crate::api::methods::{self, Method};
@@ -46,6 +47,8 @@ pub struct ImageService {
     routes: Arc<Routes>,
     /// Where every write and denial is recorded.
     audit: Audit,
+    /// Verdicts on the digests served, under the policy's `verify:` rules.
+    verifier: Arc<Verifier>,
 }
 
 impl ImageService {
@@ -57,6 +60,10 @@ impl ImageService {
         pages: PageTokens,
         hub: Arc<WatchHub>,
     ) -> Self {
+        let verifier = Arc::new(Verifier::new(
+            Arc::clone(&registry),
+            crate::access::verify::DEFAULT_VERDICT_TTL,
+        ));
         Self {
             registry,
             default_deadline,
@@ -66,6 +73,7 @@ impl ImageService {
             hub,
             routes: Arc::new(Routes::own(None, None)),
             audit: Audit::off(),
+            verifier,
         }
     }
 
@@ -76,6 +84,12 @@ impl ImageService {
             routes.own_region().unwrap_or_default(),
         );
         self.routes = routes;
+        self
+    }
+
+    /// The same service, its verdicts from `verifier`.
+    pub fn with_verifier(mut self, verifier: Arc<Verifier>) -> Self {
+        self.verifier = verifier;
         self
     }
 
@@ -159,6 +173,11 @@ impl ImageService {
         input: crate::registry::GetImageInput,
         platform: Option<crate::api::platform::Platform>,
     ) -> Result<Read, Error> {
+        // Looked up before the read moves its input; `None` (no verify rule on) costs nothing.
+        let verify = self
+            .authorizer
+            .verify_rule(&input.repository)
+            .map(|rule| (rule, input.repository_key()));
         let selected = match platform {
             None => crate::api::platform::Selected {
                 image: self.registry.get_image(input).await?,
@@ -180,6 +199,13 @@ impl ImageService {
         Span::current().record("digest", selected.image.image.digest.as_str());
         let (index_image_id, platform, platform_applied) = index_fields(&selected);
         let (cache_status, tag_resolution_age) = provenance(selected.image.cache);
+        let verification = match verify {
+            Some((rule, repository)) => Some(
+                self.verification(&rule, &repository, &selected.image.image.digest)
+                    .await?,
+            ),
+            None => None,
+        };
         Ok(Read {
             image: selected.image.image,
             cache_status,
@@ -187,7 +213,27 @@ impl ImageService {
             index_image_id,
             platform,
             platform_applied,
+            verification,
         })
+    }
+
+    /// The verdict of `rule` on `digest`, as a response field; in enforce mode a digest that
+    /// does not pass is the error instead (audit mode serves it, the verdict saying why not).
+    async fn verification(
+        &self,
+        rule: &Arc<VerifyRule>,
+        repository: &RepositoryKey,
+        digest: &Digest,
+    ) -> Result<pb::Verification, Error> {
+        let verdict = self.verifier.verdict(rule, repository, digest).await?;
+        if let (Some(refusal), Mode::Enforce) = (&verdict.refusal, rule.mode) {
+            return Err(Error::Unverified {
+                rule: rule.id.clone(),
+                digest: digest.to_string(),
+                refusal: error::RefusalText(refusal.clone()),
+            });
+        }
+        Ok(verification_of(&verdict))
     }
 
     /// Every RPC, one skeleton: the call's context (made by admission), its span and failure
@@ -300,6 +346,30 @@ impl ImageService {
     }
 }
 
+/// A verdict as the API reports it.
+pub fn verification_of(verdict: &Verdict) -> pb::Verification {
+    let signed = verdict.signed.as_ref();
+    pb::Verification {
+        rule: verdict.rule.clone(),
+        mode: verdict.mode.as_str().to_owned(),
+        passed: verdict.refusal.is_none(),
+        refusal_reason: verdict
+            .refusal
+            .as_ref()
+            .map_or_else(String::new, |r| r.reason().to_owned()),
+        key_name: signed.map_or_else(String::new, |s| s.key_name.clone()),
+        key_fingerprint: signed.map_or_else(String::new, |s| s.key_fingerprint.clone()),
+        signature_form: signed.map_or_else(String::new, |s| s.form.as_str().to_owned()),
+        scan_status: verdict.scan_status.clone(),
+        scan_severity_counts: verdict
+            .scan_counts
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect(),
+        checked_at: Some(prost_types::Timestamp::from(verdict.checked_at)),
+    }
+}
+
 /// The request's id (`x-request-id`, which Envoy and Istio set on every request; bounded) or a
 /// fresh one, and its W3C trace id (empty without one).
 fn request_ids(metadata: &tonic::metadata::MetadataMap) -> (String, String) {
@@ -327,6 +397,7 @@ struct Read {
     index_image_id: Option<pb::ImageIdentifier>,
     platform: Option<pb::Platform>,
     platform_applied: bool,
+    verification: Option<pb::Verification>,
 }
 
 /// What a validated request is for: the registry and the repository its authorization and
@@ -355,6 +426,18 @@ macro_rules! target {
         }
     )*};
 }
+impl Target for (crate::registry::ReferrersInput, String) {
+    fn registry_id(&self) -> Option<&RegistryId> {
+        self.0.repository.registry_id.as_ref()
+    }
+    fn registry_id_mut(&mut self) -> &mut Option<RegistryId> {
+        &mut self.0.repository.registry_id
+    }
+    fn repository(&self) -> &RepositoryName {
+        &self.0.repository.repository
+    }
+}
+
 target!(
     PutImageInput,
     GetImageInput,
@@ -481,6 +564,7 @@ impl pb::image_service_server::ImageService for ImageService {
                     index_image_id: read.index_image_id,
                     platform: read.platform,
                     platform_applied: read.platform_applied,
+                    verification: read.verification,
                 })
             },
         )
@@ -552,6 +636,7 @@ impl pb::image_service_server::ImageService for ImageService {
                     image_manifest_media_type: image.media_type,
                     cache_status: read.cache_status.into(),
                     tag_resolution_age: read.tag_resolution_age,
+                    verification: read.verification,
                 })
             },
         )
@@ -678,6 +763,40 @@ impl pb::image_service_server::ImageService for ImageService {
         .await
     }
 
+    async fn list_referrers(
+        &self,
+        request: Request<pb::ListReferrersRequest>,
+    ) -> Result<Response<pb::ListReferrersResponse>, Status> {
+        let describe =
+            |r: &pb::ListReferrersRequest| (r.repository_name.clone(), r.image_digest.clone());
+        self.handle(
+            &methods::LIST_REFERRERS,
+            request,
+            describe,
+            validate::list_referrers,
+            |(mut input, page_token)| async move {
+                let fingerprint = referrers_fingerprint(&input);
+                input.next_token = self.continue_at(&page_token, &fingerprint)?;
+                let page = self.registry.list_referrers(input).await?;
+                Ok(pb::ListReferrersResponse {
+                    referrers: page
+                        .referrers
+                        .into_iter()
+                        .map(|r| pb::Referrer {
+                            digest: r.digest.to_string(),
+                            media_type: r.media_type,
+                            artifact_type: r.artifact_type,
+                            size: r.size,
+                            annotations: r.annotations.into_iter().collect(),
+                        })
+                        .collect(),
+                    next_page_token: self.next_page(page.next_token, &fingerprint),
+                })
+            },
+        )
+        .await
+    }
+
     type WatchTagStream = crate::api::watch::WatchStream;
 
     async fn watch_tag(
@@ -705,6 +824,7 @@ impl pb::image_service_server::ImageService for ImageService {
                     authorizer.check_all(&caller, methods::WATCH_TAG.actions, &account, &name)?;
                     Ok(())
                 };
+                let repository_key = repository.clone();
                 let watch = self
                     .hub
                     .watch(crate::domain::call::caller_key(), repository, tag.clone())
@@ -714,13 +834,56 @@ impl pb::image_service_server::ImageService for ImageService {
                         Refused::Repository(missing) => Error::Registry(missing),
                     })?;
                 let heartbeat = self.hub.settings().heartbeat_interval;
-                let stream =
-                    crate::api::watch::stream(watch, tag, last_known, heartbeat, still_allowed);
+                let judge = self.authorizer.verifies().then(|| {
+                    let (authorizer, verifier) =
+                        (Arc::clone(&self.authorizer), Arc::clone(&self.verifier));
+                    let judge: crate::api::watch::Judge = Arc::new(move |digest: Digest| {
+                        let (authorizer, verifier, repository) = (
+                            Arc::clone(&authorizer),
+                            Arc::clone(&verifier),
+                            repository_key.clone(),
+                        );
+                        Box::pin(async move {
+                            let Some(rule) = authorizer.verify_rule(&repository.repository) else {
+                                return Ok(None);
+                            };
+                            let verdict = verifier.verdict(&rule, &repository, &digest).await?;
+                            let refused = rule.mode == Mode::Enforce && verdict.refusal.is_some();
+                            Ok(Some((verification_of(&verdict), refused)))
+                        })
+                    });
+                    judge
+                });
+                let stream = crate::api::watch::stream(
+                    watch,
+                    tag,
+                    last_known,
+                    heartbeat,
+                    still_allowed,
+                    judge,
+                );
                 Ok(stream)
             },
         )
         .await
     }
+}
+
+/// What a ListReferrers page token is bound to: the registry, the repository, the image, the
+/// artifact type and the page size.
+fn referrers_fingerprint(input: &crate::registry::ReferrersInput) -> [u8; 32] {
+    PageTokens::fingerprint(&[
+        "ListReferrers",
+        &input
+            .repository
+            .registry_id
+            .as_ref()
+            .map_or_else(String::new, RegistryId::key),
+        input.repository.repository.as_str(),
+        input.subject.as_str(),
+        &input.artifact_types.join(","),
+        &input.max_results.to_string(),
+    ])
 }
 
 /// What a page token is bound to: the operation, the registry, the repository, the filter, the

@@ -453,6 +453,48 @@ pub fn watch_tag(
     }
 }
 
+/// A ListReferrers page holds this many when the request does not say, and at most this many:
+/// ECR's own page limit for ListImageReferrers.
+pub const MAX_REFERRERS_PAGE: u32 = 50;
+
+/// The referrers a ListReferrers asks for (its registry token still unset), and its page token.
+pub fn list_referrers(
+    request: pb::ListReferrersRequest,
+) -> Result<(crate::registry::ReferrersInput, String), Error> {
+    let mut check = Checker::default();
+    let (registry_id, repository) = check.place(
+        &request.registry_id,
+        &request.region,
+        &request.repository_name,
+    );
+    let subject = check.required("image_digest", &request.image_digest, Digest::parse);
+    let artifact_type = check.optional("artifact_type", &request.artifact_type, MediaType::parse);
+    let max_results = match u32::try_from(request.page_size) {
+        Err(_) => {
+            check.push("page_size", "must not be negative");
+            MAX_REFERRERS_PAGE
+        }
+        Ok(0) => MAX_REFERRERS_PAGE,
+        Ok(size) => size.min(MAX_REFERRERS_PAGE),
+    };
+    match (repository, subject) {
+        (Some(repository), Some(subject)) if check.violations.is_empty() => Ok((
+            crate::registry::ReferrersInput {
+                repository: crate::registry::RepositoryKey {
+                    registry_id,
+                    repository,
+                },
+                subject,
+                artifact_types: artifact_type.map(|t| t.to_string()).into_iter().collect(),
+                max_results,
+                next_token: None,
+            },
+            request.page_token,
+        )),
+        _ => Err(check.into_error()),
+    }
+}
+
 /// The most ids one BatchDeleteImage takes: ten ECR calls of 100.
 pub const MAX_DELETE_IDS: usize = 1000;
 

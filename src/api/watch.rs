@@ -682,6 +682,7 @@ pub fn stream(
     last_known: Option<Digest>,
     heartbeat: Duration,
     still_allowed: impl Fn() -> Result<(), crate::api::error::Error> + Send + Sync + 'static,
+    judge: Option<Judge>,
 ) -> WatchStream {
     let now = Instant::now();
     let watching = Watching {
@@ -700,15 +701,57 @@ pub fn stream(
     let still_allowed = Arc::new(still_allowed);
     Box::pin(futures_util::stream::unfold(watching, move |mut w| {
         let still_allowed = Arc::clone(&still_allowed);
+        let judge = judge.clone();
         async move {
             if w.ended {
                 return None;
             }
-            let message = w.next().await.and_then(|m| still_allowed().map(|()| m));
+            let mut message = w.next().await.and_then(|m| still_allowed().map(|()| m));
+            if let (Ok(found), Some(judge)) = (&mut message, &judge)
+                && let Err(err) = judged(found, judge).await
+            {
+                message = Err(err);
+            }
             w.ended = message.is_err();
             Some((message.map_err(tonic::Status::from), w))
         }
     }))
+}
+
+/// Judges a digest a stream is about to announce: the verification policy's verdict on it, and
+/// whether enforce mode refuses it; `None` when no rule covers it now.
+pub type Judge = Arc<
+    dyn Fn(
+            Digest,
+        ) -> BoxFuture<
+            'static,
+            Result<Option<(crate::api::pb::Verification, bool)>, crate::api::error::Error>,
+        > + Send
+        + Sync,
+>;
+
+/// Adds `judge`'s verdict to a state message about a digest. A verdict that cannot be reached
+/// (the registry failing) ends the stream: announcing an unverified digest in enforce mode is
+/// what must never happen, and the client reconnects.
+async fn judged(
+    message: &mut crate::api::pb::WatchTagResponse,
+    judge: &Judge,
+) -> Result<(), crate::api::error::Error> {
+    let Some(crate::api::pb::watch_tag_response::Event::State(state)) = &mut message.event else {
+        return Ok(());
+    };
+    let Some(digest) = state
+        .image_id
+        .as_ref()
+        .and_then(|id| Digest::parse(&id.image_digest).ok())
+    else {
+        return Ok(());
+    };
+    if let Some((verification, refused)) = judge(digest).await? {
+        state.verification = Some(verification);
+        state.refused = refused;
+    }
+    Ok(())
 }
 
 impl Watching {
@@ -792,6 +835,8 @@ fn state_message(tag: &Tag, state: &TagState) -> crate::api::pb::WatchTagRespons
                 Source::Write => pb::TagStateSource::Write,
             }
             .into(),
+            verification: None,
+            refused: false,
         })),
     }
 }

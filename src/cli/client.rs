@@ -495,6 +495,37 @@ pub struct ResolveImageArgs {
     platform: Option<pb::Platform>,
 }
 
+/// `verify-image`: the verification policy's verdict on an image, as the service reaches it.
+#[derive(Debug, Clone, Args)]
+pub struct VerifyImageArgs {
+    #[command(flatten)]
+    target: Target,
+    #[command(flatten)]
+    image: ImageArgs,
+    /// From an index, the image for this platform (`os/arch[/variant]`).
+    #[arg(long, value_parser = parse_platform)]
+    platform: Option<pb::Platform>,
+}
+
+/// `list-referrers`: what is attached to an image (pages automatically).
+#[derive(Debug, Clone, Args)]
+pub struct ListReferrersArgs {
+    #[command(flatten)]
+    target: Target,
+    /// The repository.
+    #[arg(long)]
+    repository_name: String,
+    /// The image's digest.
+    #[arg(long)]
+    image_digest: String,
+    /// Only referrers of this artifact type.
+    #[arg(long)]
+    artifact_type: Option<String>,
+    /// The registry (12-digit account ID); the service's own when omitted.
+    #[arg(long)]
+    registry_id: Option<String>,
+}
+
 /// `digest`: the digest ECR gives a manifest file, computed here without any service.
 #[derive(Debug, Clone, Args)]
 pub struct DigestArgs {
@@ -537,6 +568,9 @@ pub enum CliError {
     /// Printing the answer failed (a closed pipe).
     #[error("cannot write the output: {0}")]
     Output(std::io::Error),
+    /// The image does not pass its verify rule (audit mode: served, but not passing).
+    #[error("the image does not pass its verify rule")]
+    Unverified,
 }
 
 impl CliError {
@@ -548,6 +582,7 @@ impl CliError {
             Self::Status(status) => exit_code(status.code()),
             Self::PartialRetag { code, .. } => exit_code(*code),
             Self::Output(_) => exit::OTHER,
+            Self::Unverified => exit_code(Code::FailedPrecondition),
         }
     }
 }
@@ -862,6 +897,120 @@ pub async fn resolve_image(args: ResolveImageArgs) -> Result<(), CliError> {
         image_manifest_media_type: response.image_manifest_media_type,
         image_manifest_size: response.image_manifest_size,
     })
+}
+
+/// What `verify-image` prints: the image and the verdict.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct VerifyOutput {
+    image_id: ImageIdJson,
+    verification: Option<VerificationJson>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct VerificationJson {
+    rule: String,
+    mode: String,
+    passed: bool,
+    refusal_reason: String,
+    key_name: String,
+    key_fingerprint: String,
+    signature_form: String,
+    scan_status: String,
+    scan_severity_counts: std::collections::BTreeMap<String, i64>,
+}
+
+impl From<pb::Verification> for VerificationJson {
+    fn from(v: pb::Verification) -> Self {
+        Self {
+            rule: v.rule,
+            mode: v.mode,
+            passed: v.passed,
+            refusal_reason: v.refusal_reason,
+            key_name: v.key_name,
+            key_fingerprint: v.key_fingerprint,
+            signature_form: v.signature_form,
+            scan_status: v.scan_status,
+            scan_severity_counts: v.scan_severity_counts.into_iter().collect(),
+        }
+    }
+}
+
+/// `verify-image`: prints the verdict; a refusal (enforce mode) is the service's error and its
+/// exit code, a failed verdict in audit mode exits as FAILED_PRECONDITION would.
+pub async fn verify_image(args: VerifyImageArgs) -> Result<(), CliError> {
+    let mut client = connect(&args.target).await?;
+    let message = pb::ResolveImageRequest {
+        registry_id: args.image.registry_id(),
+        region: String::new(),
+        image_id: Some(args.image.identifier()),
+        repository_name: args.image.repository_name,
+        // A fresh resolution: the answer is about the tag as it is now.
+        max_staleness: Some(prost_types::Duration::default()),
+        platform: args.platform,
+    };
+    let response = client
+        .resolve_image(request(message, &args.target))
+        .await
+        .map_err(CliError::Status)?
+        .into_inner();
+    let passed = response.verification.as_ref().is_none_or(|v| v.passed);
+    print_json(&VerifyOutput {
+        image_id: response.image_id.unwrap_or_default().into(),
+        verification: response.verification.map(VerificationJson::from),
+    })?;
+    if passed {
+        Ok(())
+    } else {
+        Err(CliError::Unverified)
+    }
+}
+
+/// One referrer as `list-referrers` prints it.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ReferrerJson {
+    digest: String,
+    media_type: String,
+    artifact_type: String,
+    size: i64,
+    annotations: std::collections::BTreeMap<String, String>,
+}
+
+/// `list-referrers`: every page, one JSON document.
+pub async fn list_referrers(args: ListReferrersArgs) -> Result<(), CliError> {
+    let mut client = connect(&args.target).await?;
+    let mut referrers = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let message = pb::ListReferrersRequest {
+            registry_id: args.registry_id.clone().unwrap_or_default(),
+            region: String::new(),
+            repository_name: args.repository_name.clone(),
+            image_digest: args.image_digest.clone(),
+            artifact_type: args.artifact_type.clone().unwrap_or_default(),
+            page_size: 0,
+            page_token,
+        };
+        let page = client
+            .list_referrers(request(message, &args.target))
+            .await
+            .map_err(CliError::Status)?
+            .into_inner();
+        referrers.extend(page.referrers.into_iter().map(|r| ReferrerJson {
+            digest: r.digest,
+            media_type: r.media_type,
+            artifact_type: r.artifact_type,
+            size: r.size,
+            annotations: r.annotations.into_iter().collect(),
+        }));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    print_json(&serde_json::json!({ "referrers": referrers }))
 }
 
 /// What `aws ecr batch-delete-image` prints.

@@ -55,6 +55,10 @@ pub enum Command {
     DescribeImages(client::DescribeImagesArgs),
     /// Watch a tag: one JSON line per change and heartbeat, until interrupted.
     WatchTag(client::WatchTagArgs),
+    /// Print the verification policy's verdict on an image (JSON); exit 0 if it passes.
+    VerifyImage(client::VerifyImageArgs),
+    /// List what is attached to an image: signatures, SBOMs, attestations (pages automatically).
+    ListReferrers(client::ListReferrersArgs),
     /// Print the digest ECR gives a manifest file (offline: SHA-256 of its exact bytes).
     Digest(client::DigestArgs),
     /// Audit an authorization policy offline.
@@ -153,6 +157,8 @@ pub fn run(command: Command) -> ExitCode {
         Command::ListImages(args) => runtime.block_on(client::list_images(args)),
         Command::DescribeImages(args) => runtime.block_on(client::describe_images(args)),
         Command::WatchTag(args) => runtime.block_on(client::watch_tag(args)),
+        Command::VerifyImage(args) => runtime.block_on(client::verify_image(args)),
+        Command::ListReferrers(args) => runtime.block_on(client::list_referrers(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

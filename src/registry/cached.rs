@@ -578,6 +578,31 @@ impl TagInvalidator {
 impl Registry for CachedRegistry {
     boxed_registry_methods!();
 
+    // Signature material and scans are not cached here: the verifier keeps its verdicts.
+    fn list_referrers(
+        &self,
+        input: crate::registry::ReferrersInput,
+    ) -> crate::registry::BoxFuture<'_, Result<crate::registry::ReferrersPage, RegistryError>> {
+        self.inner.list_referrers(input)
+    }
+
+    fn get_blob(
+        &self,
+        repository: RepositoryKey,
+        digest: Digest,
+        max_bytes: usize,
+    ) -> crate::registry::BoxFuture<'_, Result<Vec<u8>, RegistryError>> {
+        self.inner.get_blob(repository, digest, max_bytes)
+    }
+
+    fn scan_summary(
+        &self,
+        repository: RepositoryKey,
+        digest: Digest,
+    ) -> crate::registry::BoxFuture<'_, Result<crate::registry::ScanSummary, RegistryError>> {
+        self.inner.scan_summary(repository, digest)
+    }
+
     fn subscribe_moves(&self, bus: Arc<dyn TagBus>) {
         self.subscribe(bus);
     }

@@ -147,6 +147,30 @@ impl<R: Registry + ?Sized> Registry for Arc<R> {
         (**self).tag_digest(repository, tag)
     }
 
+    fn list_referrers(
+        &self,
+        input: ReferrersInput,
+    ) -> BoxFuture<'_, Result<ReferrersPage, RegistryError>> {
+        (**self).list_referrers(input)
+    }
+
+    fn get_blob(
+        &self,
+        repository: RepositoryKey,
+        digest: Digest,
+        max_bytes: usize,
+    ) -> BoxFuture<'_, Result<Vec<u8>, RegistryError>> {
+        (**self).get_blob(repository, digest, max_bytes)
+    }
+
+    fn scan_summary(
+        &self,
+        repository: RepositoryKey,
+        digest: Digest,
+    ) -> BoxFuture<'_, Result<ScanSummary, RegistryError>> {
+        (**self).scan_summary(repository, digest)
+    }
+
     fn register_metrics(&self, metrics: &mut prometheus_client::registry::Registry) {
         (**self).register_metrics(metrics);
     }
@@ -426,6 +450,86 @@ pub enum PutOutcome {
     AlreadyExisted,
 }
 
+/// What is attached to an image (OCI 1.1 referrers: signatures, SBOMs, attestations), one page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReferrersInput {
+    /// The repository of the image.
+    pub repository: RepositoryKey,
+    /// The image the referrers refer to.
+    pub subject: Digest,
+    /// Only these artifact types; empty: every type.
+    pub artifact_types: Vec<String>,
+    /// The most entries in the page (1 to 50, ECR's limit).
+    pub max_results: u32,
+    /// The registry's token of the page to read; `None` for the first.
+    pub next_token: Option<String>,
+}
+
+/// One artifact attached to an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Referrer {
+    /// The referrer manifest's digest.
+    pub digest: Digest,
+    /// Its media type.
+    pub media_type: String,
+    /// Its artifact type (`application/vnd.dev.sigstore.bundle.v0.3+json`, …).
+    pub artifact_type: String,
+    /// Its size in bytes.
+    pub size: i64,
+    /// Its annotations.
+    pub annotations: std::collections::BTreeMap<String, String>,
+}
+
+/// Referrers, one page.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReferrersPage {
+    /// The referrers.
+    pub referrers: Vec<Referrer>,
+    /// The registry's token of the next page; `None` at the end.
+    pub next_token: Option<String>,
+}
+
+/// Where an image's vulnerability scan stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScanState {
+    /// Never scanned.
+    None,
+    /// Scanning.
+    InProgress,
+    /// Scanned.
+    Complete,
+    /// The scan failed.
+    Failed,
+    /// Any other status the registry reports (`UNSUPPORTED_IMAGE`, …).
+    Other(String),
+}
+
+impl ScanState {
+    /// As ECR spells it; `NONE` for never scanned.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::None => "NONE",
+            Self::InProgress => "IN_PROGRESS",
+            Self::Complete => "COMPLETE",
+            Self::Failed => "FAILED",
+            Self::Other(status) => status,
+        }
+    }
+}
+
+/// An image's scan: its status and its findings' counts by severity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanSummary {
+    /// Where it stands.
+    pub status: ScanState,
+    /// Findings by severity (`CRITICAL`, `HIGH`, …).
+    pub counts: std::collections::BTreeMap<String, i64>,
+    /// Whether the registry reported counts at all (it may report COMPLETE before them).
+    pub counts_reported: bool,
+    /// When the scan completed, if it says.
+    pub completed_at: Option<std::time::SystemTime>,
+}
+
 /// The refusal of a registry (a test double) that does not implement an operation.
 fn cannot(what: &str) -> RegistryError {
     RegistryError::Other(Upstream::message(format!("this registry cannot {what}")))
@@ -479,6 +583,37 @@ pub trait Registry: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<Option<Digest>, RegistryError>> {
         let _ = (repository, tag);
         Box::pin(async { Err(cannot("read a tag's digest")) })
+    }
+
+    /// One page of what is attached to an image (ECR's `ListImageReferrers`).
+    fn list_referrers(
+        &self,
+        input: ReferrersInput,
+    ) -> BoxFuture<'_, Result<ReferrersPage, RegistryError>> {
+        let _ = input;
+        Box::pin(async { Err(cannot("list referrers")) })
+    }
+
+    /// A blob (a signature payload, a bundle) of `repository`, at most `max_bytes`, its bytes
+    /// checked against `digest` (DigestVerificationFailed otherwise; LimitExceeded when larger).
+    fn get_blob(
+        &self,
+        repository: RepositoryKey,
+        digest: Digest,
+        max_bytes: usize,
+    ) -> BoxFuture<'_, Result<Vec<u8>, RegistryError>> {
+        let _ = (repository, digest, max_bytes);
+        Box::pin(async { Err(cannot("read blobs")) })
+    }
+
+    /// The image's vulnerability scan (ECR's `DescribeImageScanFindings`, counts only).
+    fn scan_summary(
+        &self,
+        repository: RepositoryKey,
+        digest: Digest,
+    ) -> BoxFuture<'_, Result<ScanSummary, RegistryError>> {
+        let _ = (repository, digest);
+        Box::pin(async { Err(cannot("read scans")) })
     }
 
     /// Adds this layer's metrics, and those of the layers below it, to `metrics`.

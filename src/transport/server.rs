@@ -130,6 +130,8 @@ pub struct ServerSettings {
     pub own_registry_id: Option<String>,
     /// Whether every write and denial is an audit event on stderr.
     pub audit: bool,
+    /// How long a verification verdict stands.
+    pub verdict_ttl: Duration,
 }
 
 impl Default for ServerSettings {
@@ -152,6 +154,7 @@ impl Default for ServerSettings {
             watch: WatchSettings::default(),
             own_registry_id: None,
             audit: true,
+            verdict_ttl: crate::access::verify::DEFAULT_VERDICT_TTL,
         }
     }
 }
@@ -205,6 +208,11 @@ pub struct Loaded {
 }
 
 impl Loaded {
+    /// Whether the policy read verifies images (a `verify:` rule not `off`).
+    pub fn verifies(&self) -> bool {
+        self.authorizer.verifies()
+    }
+
     /// Reads and checks the files `settings` names.
     pub fn load(settings: &ServerSettings) -> Result<Self, ServeError> {
         let authorizer = match &settings.authz_policy {
@@ -306,6 +314,11 @@ impl Bound {
             (true, Some(sink)) => Audit::to(Some(sink)),
         };
         audit.register_metrics(&mut metrics);
+        let verifier = Arc::new(crate::access::verify::Verifier::new(
+            Arc::clone(&registry),
+            self.settings.verdict_ttl,
+        ));
+        verifier.register_metrics(&mut metrics);
         let admin = Listener::new(
             self.admin,
             ConnectionLimits {
@@ -334,6 +347,7 @@ impl Bound {
         let service = ImageService::new(registry, self.settings.default_deadline, self.pages, hub)
             .with_access(self.settings.identity_source, self.authorizer)
             .with_audit(audit)
+            .with_verifier(verifier)
             .serving(routes);
         if let Some(files) = &self.tls {
             tokio::spawn(Arc::clone(files).watch());

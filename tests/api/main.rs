@@ -20,4 +20,5 @@ mod sidecar;
 #[allow(dead_code)] // shared with tests/rate_budget.rs, which uses other parts
 mod support;
 mod validation;
+mod verify;
 mod watch;

@@ -116,6 +116,7 @@ Whole numbers are printed as integers (Helm reads numbers as floats: 1000000 wou
   "stsRate" "STS_RATE"
   "maxAttributedSessions" "MAX_ATTRIBUTED_SESSIONS"
   "audit" "AUDIT"
+  "verdictTtl" "VERDICT_TTL"
   "pageTokenKeyFile" "PAGE_TOKEN_KEY_FILE"
   "reflection" "REFLECTION"
   "logFormat" "LOG_FORMAT"

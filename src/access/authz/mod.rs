@@ -154,6 +154,20 @@ impl Authorizer {
         }
     }
 
+    /// The `verify:` rule of the policy in force that decides for `repository`, if one is on.
+    pub fn verify_rule(
+        &self,
+        repository: &RepositoryName,
+    ) -> Option<Arc<crate::access::verify::VerifyRule>> {
+        let policy = self.policy()?;
+        policy.verify_rule(repository).cloned()
+    }
+
+    /// Whether the policy in force verifies anything.
+    pub fn verifies(&self) -> bool {
+        self.policy().is_some_and(|p| p.verifies())
+    }
+
     /// [`check`](Self::check) of every one of `actions` (a method's, from the API's table).
     pub fn check_all(
         &self,

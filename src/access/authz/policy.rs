@@ -11,11 +11,13 @@
 
 use std::collections::HashSet;
 use std::fmt;
+use std::sync::Arc;
 
 use serde::Deserialize;
 
 use super::pattern::Pattern;
 use crate::access::identity::Principal;
+use crate::access::verify::VerifyRule;
 use crate::domain::image::{RegistryId, RepositoryName};
 
 /// What a caller does to a repository.
@@ -53,6 +55,9 @@ impl fmt::Display for Action {
 #[serde(deny_unknown_fields)]
 struct PolicyFile {
     rules: Vec<RuleFile>,
+    /// Verified reads: which repositories' images must be signed (and scanned).
+    #[serde(default)]
+    verify: Vec<crate::access::verify::RuleFile>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -83,6 +88,8 @@ pub struct Rule {
 #[derive(Debug, Clone)]
 pub struct Policy {
     rules: Vec<Rule>,
+    /// The `verify:` rules, in order: the first covering a repository decides.
+    verify: Vec<Arc<VerifyRule>>,
 }
 
 /// What the policy says about one request.
@@ -151,7 +158,34 @@ impl Policy {
                 })
             })
             .collect::<Result<_, _>>()?;
-        Ok(Self { rules })
+        let mut verify_ids = HashSet::new();
+        let verify = file
+            .verify
+            .into_iter()
+            .map(|rule| {
+                let rule = VerifyRule::parse(rule)?;
+                if !verify_ids.insert(rule.id.clone()) {
+                    return Err(format!("verify rule id {:?} is repeated", rule.id));
+                }
+                Ok(Arc::new(rule))
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(Self { rules, verify })
+    }
+
+    /// The `verify:` rule that decides for `repository`, unless it is `off` or there is none.
+    pub fn verify_rule(&self, repository: &RepositoryName) -> Option<&Arc<VerifyRule>> {
+        self.verify
+            .iter()
+            .find(|rule| rule.covers(repository))
+            .filter(|rule| rule.mode != crate::access::verify::Mode::Off)
+    }
+
+    /// Whether any `verify:` rule is on.
+    pub fn verifies(&self) -> bool {
+        self.verify
+            .iter()
+            .any(|r| r.mode != crate::access::verify::Mode::Off)
     }
 
     /// The first rule that allows `principal` to do `action` to `repository` of `account`

@@ -14,6 +14,7 @@
 //! nothing here loops on top of them, so a call costs ECR at most `max_attempts` requests.
 
 mod batch;
+mod blobs;
 pub mod budget;
 pub mod calls;
 mod classify;
@@ -39,9 +40,10 @@ use self::calls::UpstreamCalls;
 use self::lanes::{Lane, Lanes, LanesConfig};
 use self::operations::PutAnswer;
 use super::{
-    CacheStatus, DeleteFailure, DeleteImagesInput, DeleteOutcome, DescribeInput, DescribePage,
-    Fetched, GetImageInput, ListInput, ListPage, PutImageInput, PutOutcome, Registry,
-    RegistryError, RepositoryKey, StoredImage, Upstream,
+    BoxFuture, CacheStatus, DeleteFailure, DeleteImagesInput, DeleteOutcome, DescribeInput,
+    DescribePage, Fetched, GetImageInput, ListInput, ListPage, PutImageInput, PutOutcome,
+    ReferrersInput, ReferrersPage, Registry, RegistryError, RepositoryKey, ScanSummary,
+    StoredImage, Upstream,
 };
 use crate::domain::image::{Digest, ImageRef, RegistryId, Tag};
 
@@ -62,6 +64,8 @@ pub struct EcrRegistry {
     others: Option<Arc<Lanes>>,
     calls: UpstreamCalls,
     sizes: Histogram,
+    /// Fetches signature blobs from their presigned URLs; `Err`: why it could not be built.
+    blobs: Result<blobs::BlobClient, String>,
 }
 
 impl EcrRegistry {
@@ -82,6 +86,7 @@ impl EcrRegistry {
             others: None,
             calls,
             sizes,
+            blobs: blobs::BlobClient::new(),
         }
     }
 
@@ -256,6 +261,45 @@ impl EcrRegistry {
 
 impl Registry for EcrRegistry {
     boxed_registry_methods!();
+
+    fn list_referrers(
+        &self,
+        input: ReferrersInput,
+    ) -> BoxFuture<'_, Result<ReferrersPage, RegistryError>> {
+        Box::pin(async move {
+            let lane = self.lane(input.repository.registry_id.as_ref())?;
+            lane.operations.list_referrers(&input).await
+        })
+    }
+
+    /// GetDownloadUrlForLayer, then the blob from the URL it gives.
+    fn get_blob(
+        &self,
+        repository: RepositoryKey,
+        digest: Digest,
+        max_bytes: usize,
+    ) -> BoxFuture<'_, Result<Vec<u8>, RegistryError>> {
+        Box::pin(async move {
+            let lane = self.lane(repository.registry_id.as_ref())?;
+            let url = lane.operations.download_url(&repository, &digest).await?;
+            let client = self
+                .blobs
+                .as_ref()
+                .map_err(|why| RegistryError::Other(Upstream::message(why.clone())))?;
+            client.fetch(&url, &digest, max_bytes).await
+        })
+    }
+
+    fn scan_summary(
+        &self,
+        repository: RepositoryKey,
+        digest: Digest,
+    ) -> BoxFuture<'_, Result<ScanSummary, RegistryError>> {
+        Box::pin(async move {
+            let lane = self.lane(repository.registry_id.as_ref())?;
+            lane.operations.scan_summary(&repository, &digest).await
+        })
+    }
 
     fn register_metrics(&self, metrics: &mut Metrics) {
         self.calls().register_metrics(metrics);

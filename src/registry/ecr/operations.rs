@@ -13,8 +13,8 @@ use aws_sdk_ecr::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_ecr::error::{BoxError, ProvideErrorMetadata};
 use aws_sdk_ecr::operation::RequestId;
 use aws_sdk_ecr::types::{
-    DescribeImagesFilter, Image, ImageFailure, ImageIdentifier, ListImagesFilter,
-    TagStatus as EcrTagStatus,
+    DescribeImagesFilter, Image, ImageFailure, ImageIdentifier, ListImageReferrersFilter,
+    ListImagesFilter, ScanStatus as EcrScanStatus, SubjectIdentifier, TagStatus as EcrTagStatus,
 };
 use tokio::time::Instant;
 use tracing::field::Empty;
@@ -27,8 +27,8 @@ use crate::domain::call;
 use crate::domain::image::{Digest, ImageRef, Manifest, Tag, media_types};
 use crate::registry::{
     DeleteFailure, DeleteOutcome, Deleted, DescribeInput, DescribePage, ImageDetail, ListInput,
-    ListPage, PutImageInput, RegistryError, RepositoryKey, StoredImage,
-    TagStatus as RegistryTagStatus, Upstream,
+    ListPage, PutImageInput, Referrer, ReferrersInput, ReferrersPage, RegistryError, RepositoryKey,
+    ScanState, ScanSummary, StoredImage, TagStatus as RegistryTagStatus, Upstream,
 };
 
 /// Sends the fluent builder `call`, with the per-call configuration `overrides` when it is
@@ -322,6 +322,139 @@ impl Operations {
         Ok(DescribePage {
             details,
             next_token: output.next_token().map(str::to_owned),
+        })
+    }
+}
+
+impl Operations {
+    /// One ListImageReferrers call: what is attached to `input.subject`.
+    pub async fn list_referrers(
+        &self,
+        input: &ReferrersInput,
+    ) -> Result<ReferrersPage, RegistryError> {
+        let subject = SubjectIdentifier::builder()
+            .image_digest(input.subject.as_str())
+            .build()
+            .map_err(|e| RegistryError::Other(Upstream::message(e.to_string())))?;
+        let filter = (!input.artifact_types.is_empty()).then(|| {
+            ListImageReferrersFilter::builder()
+                .set_artifact_types(Some(input.artifact_types.clone()))
+                .build()
+        });
+        let span = ecr_call_span("ListImageReferrers");
+        let call = self
+            .client
+            .list_image_referrers()
+            .set_registry_id(registry_id_of(&input.repository))
+            .repository_name(input.repository.repository.as_str())
+            .subject_id(subject)
+            .set_filter(filter)
+            .max_results(i32::try_from(input.max_results).unwrap_or(50))
+            .set_next_token(input.next_token.clone());
+        let call = send_with!(call, self.overrides(None));
+        let (sent, attempts) = counting_attempts(call).instrument(span.clone()).await;
+        record_answer(&span, &sent);
+        let output = sent.map_err(|err| with_attempts(classify(err), attempts))?;
+        let referrers = output
+            .referrers()
+            .iter()
+            .filter_map(|r| {
+                Some(Referrer {
+                    digest: Digest::parse(r.digest()).ok()?,
+                    media_type: r.media_type().to_owned(),
+                    artifact_type: r.artifact_type().unwrap_or_default().to_owned(),
+                    size: r.size(),
+                    annotations: r
+                        .annotations()
+                        .map(|a| a.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                        .unwrap_or_default(),
+                })
+            })
+            .collect();
+        Ok(ReferrersPage {
+            referrers,
+            next_token: output.next_token().map(str::to_owned),
+        })
+    }
+
+    /// Where the blob `digest` can be fetched (GetDownloadUrlForLayer: a presigned URL, valid
+    /// briefly).
+    pub async fn download_url(
+        &self,
+        repository: &RepositoryKey,
+        digest: &Digest,
+    ) -> Result<String, RegistryError> {
+        let span = ecr_call_span("GetDownloadUrlForLayer");
+        let call = self
+            .client
+            .get_download_url_for_layer()
+            .set_registry_id(registry_id_of(repository))
+            .repository_name(repository.repository.as_str())
+            .layer_digest(digest.as_str());
+        let call = send_with!(call, self.overrides(None));
+        let (sent, attempts) = counting_attempts(call).instrument(span.clone()).await;
+        record_answer(&span, &sent);
+        let output = sent.map_err(|err| with_attempts(classify(err), attempts))?;
+        output.download_url().map(str::to_owned).ok_or_else(|| {
+            RegistryError::Other(Upstream::message("ECR answered without a download URL"))
+        })
+    }
+
+    /// One DescribeImageScanFindings call, its counts only; never scanned is `ScanState::None`.
+    pub async fn scan_summary(
+        &self,
+        repository: &RepositoryKey,
+        digest: &Digest,
+    ) -> Result<ScanSummary, RegistryError> {
+        let span = ecr_call_span("DescribeImageScanFindings");
+        let call = self
+            .client
+            .describe_image_scan_findings()
+            .set_registry_id(registry_id_of(repository))
+            .repository_name(repository.repository.as_str())
+            .image_id(
+                ImageIdentifier::builder()
+                    .image_digest(digest.as_str())
+                    .build(),
+            )
+            .max_results(1);
+        let call = send_with!(call, self.overrides(None));
+        let (sent, attempts) = counting_attempts(call).instrument(span.clone()).await;
+        record_answer(&span, &sent);
+        let output = match sent {
+            Ok(output) => output,
+            Err(err) if err.code() == Some("ScanNotFoundException") => {
+                return Ok(ScanSummary {
+                    status: ScanState::None,
+                    counts: std::collections::BTreeMap::new(),
+                    counts_reported: false,
+                    completed_at: None,
+                });
+            }
+            Err(err) => return Err(with_attempts(classify(err), attempts)),
+        };
+        let status = match output.image_scan_status().and_then(|s| s.status()) {
+            Some(EcrScanStatus::Complete) => ScanState::Complete,
+            Some(EcrScanStatus::InProgress) => ScanState::InProgress,
+            Some(EcrScanStatus::Failed) => ScanState::Failed,
+            Some(other) => ScanState::Other(other.as_str().to_owned()),
+            None => ScanState::None,
+        };
+        let findings = output.image_scan_findings();
+        let counts = findings.and_then(|f| f.finding_severity_counts());
+        Ok(ScanSummary {
+            status,
+            counts_reported: counts.is_some(),
+            counts: counts
+                .map(|c| {
+                    c.iter()
+                        .map(|(severity, n)| (severity.as_str().to_owned(), i64::from(*n)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            completed_at: findings
+                .and_then(|f| f.image_scan_completed_at())
+                .and_then(|t| std::time::SystemTime::try_from(*t).ok()),
         })
     }
 }

@@ -192,7 +192,7 @@ fn respond(status: u16, content_type: &str, body: String) -> Vec<u8> {
 
 /// Sends the request to the emulator and returns its whole answer (it closes the connection
 /// after every response).
-async fn forward(upstream: SocketAddr, head: &[u8], body: &[u8]) -> Vec<u8> {
+pub async fn forward(upstream: SocketAddr, head: &[u8], body: &[u8]) -> Vec<u8> {
     let mut answer = Vec::new();
     if let Ok(mut stream) = TcpStream::connect(upstream).await {
         let _ = stream.write_all(head).await;

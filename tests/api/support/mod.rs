@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod certs;
+pub mod ecr_ext;
 pub mod fair_shares;
 pub mod fault_proxy;
 pub mod moto;

@@ -212,7 +212,11 @@ pub async fn read_request(stream: &mut TcpStream) -> Option<Incoming> {
         .filter_map(|line| line.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
         .collect();
-    let length: usize = headers.get("content-length")?.parse().ok()?;
+    // A GET (a blob download) has no body.
+    let length: usize = match headers.get("content-length") {
+        Some(length) => length.parse().ok()?,
+        None => 0,
+    };
     if headers
         .get("expect")
         .is_some_and(|e| e.eq_ignore_ascii_case("100-continue"))
