@@ -18,11 +18,11 @@
 //! extension that answers the ECR operations it lacks.
 
 #[allow(dead_code)]
-#[path = "../tests/api/support/fault_proxy.rs"]
-mod fault_proxy;
-#[allow(dead_code)]
 #[path = "../tests/api/support/ecr_ext.rs"]
 mod ecr_ext;
+#[allow(dead_code)]
+#[path = "../tests/api/support/fault_proxy.rs"]
+mod fault_proxy;
 #[allow(dead_code)]
 #[path = "../tests/api/support/moto.rs"]
 mod moto;
