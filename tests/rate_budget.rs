@@ -45,7 +45,9 @@ async fn a_burst_of_puts_never_exceeds_the_rate_budget() {
             let mut client = client.clone();
             let manifest =
                 format!(r#"{{"mediaType":"application/vnd.oci.image.manifest.v1+json","n":{n}}}"#);
-            let mut request = tonic::Request::new(put(&repository, &format!("t{n}"), &manifest));
+            // Untagged: a tagged put first reads the tag for its audit event (DescribeImages,
+            // a budget of its own), which staggers when puts reach this budget's queue.
+            let mut request = tonic::Request::new(put(&repository, "", &manifest));
             request.set_timeout(deadline);
             tokio::spawn(async move { client.put_image(request).await })
         })
@@ -278,7 +280,9 @@ async fn a_call_that_times_out_in_the_budget_queue_is_no_ecr_timeout() {
             let mut client = client.clone();
             let manifest =
                 format!(r#"{{"mediaType":"application/vnd.oci.image.manifest.v1+json","q":{n}}}"#);
-            let mut request = tonic::Request::new(put(&repository, &format!("q{n}"), &manifest));
+            // Untagged, so that all four reach the PutImage queue together (a tagged put first
+            // reads its tag for the audit event).
+            let mut request = tonic::Request::new(put(&repository, "", &manifest));
             request.set_timeout(Duration::from_secs(10));
             tokio::spawn(async move { client.put_image(request).await })
         })

@@ -122,11 +122,21 @@ fn sdk_config(sts: &str) -> SdkConfig {
 }
 
 async fn org(identity: IdentitySource, policy: Option<&str>, attributed: bool) -> Org {
+    org_with(identity, policy, attributed, |_, _| Fault::Forward).await
+}
+
+/// [`org`] with STS's answers decided by `sts_plan`.
+async fn org_with(
+    identity: IdentitySource,
+    policy: Option<&str>,
+    attributed: bool,
+    sts_plan: impl Fn(&str, u32) -> Fault + Send + Sync + 'static,
+) -> Org {
     let dir = ScratchDir::new("accounts");
     let file = dir.0.join("registries.yaml");
     std::fs::write(&file, registries_file(attributed)).unwrap();
     let ecr = FaultProxy::start(moto::endpoint(), |_, _| Fault::Forward).await;
-    let sts = FaultProxy::start(moto::endpoint(), |_, _| Fault::Forward).await;
+    let sts = FaultProxy::start(moto::endpoint(), sts_plan).await;
     let sdk = sdk_config(&sts.endpoint);
     let settings = ecr_image_service::registry::ecr::EcrSettings {
         endpoint_url: Some(ecr.endpoint.clone()),
@@ -581,4 +591,40 @@ async fn attributed_writes_are_signed_with_the_callers_own_session() {
         let account = body["registryId"].as_str().unwrap_or(MOTO_ACCOUNT);
         assert_eq!(arn, &role(account), "{tag}");
     }
+}
+
+/// STS failing: a read of the other account is UNAVAILABLE `ASSUME_ROLE_FAILED` with RetryInfo,
+/// never the caller's fault, and the failure is remembered: a herd of reads meanwhile makes no
+/// more AssumeRole calls (no tight loop against STS).
+#[tokio::test]
+async fn a_failing_sts_is_assume_role_failed_and_not_asked_again_at_once() {
+    let mut org = org_with(IdentitySource::None, None, false, |operation, _| {
+        if operation == "AssumeRole" {
+            Fault::ServerError
+        } else {
+            Fault::Forward
+        }
+    })
+    .await;
+    let repository = unique("org/app");
+    for _ in 0..20 {
+        let mut read = get(&repository, "v1", "");
+        read.registry_id = ACCOUNT_B.into();
+        let status = org.client.get_image(read).await.unwrap_err();
+        assert_status(&status, Code::Unavailable, "ASSUME_ROLE_FAILED");
+        use tonic_types::StatusExt;
+        assert!(status.get_details_retry_info().is_some(), "{status:?}");
+        assert!(!status.message().contains("arn:aws"), "{status:?}");
+    }
+    // The SDK's own retries of one credentials resolution aside, STS was asked once.
+    let asked = org.assumed_roles().len();
+    assert!(
+        asked <= 3,
+        "{asked} AssumeRole calls for 20 reads within the cool-down"
+    );
+    assert_eq!(
+        org.ecr.seen().len(),
+        0,
+        "nothing reached ECR without credentials"
+    );
 }

@@ -77,20 +77,31 @@ impl FaultProxy {
         plan: impl Fn(&str, u32) -> Fault + Send + Sync + 'static,
     ) -> Self {
         let upstream: SocketAddr = upstream.trim_start_matches("http://").parse().unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
         let seen = Arc::new(Mutex::new(Vec::new()));
         let plan: Arc<Plan> = Arc::new(plan);
         let log = Arc::clone(&seen);
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(handle(
-                    stream,
-                    upstream,
-                    Arc::clone(&plan),
-                    Arc::clone(&log),
-                ));
-            }
+        // On a thread and runtime of its own: arrival times are when requests reach the
+        // proxy, as ECR would see them, not when a runtime busy with the service under test
+        // gets round to reading them. The thread ends with the test binary.
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = TcpListener::from_std(listener).unwrap();
+                while let Ok((stream, _)) = listener.accept().await {
+                    tokio::spawn(handle(
+                        stream,
+                        upstream,
+                        Arc::clone(&plan),
+                        Arc::clone(&log),
+                    ));
+                }
+            });
         });
         Self { endpoint, seen }
     }
