@@ -621,12 +621,37 @@ impl From<Error> for Status {
                     .collect::<Vec<_>>(),
             );
         }
-        if let Some(retry_after) = err.retry_after() {
+        let retry_after = err.retry_after();
+        if let Some(retry_after) = retry_after {
             details.set_retry_info(Some(retry_after));
         }
         let message = truncated(&err.to_string(), MAX_MESSAGE_BYTES);
-        Status::with_error_details(code, message, details)
+        let mut status = Status::with_error_details(code, message, details);
+        if let Some(pushback) = pushback(code, reason, retry_after) {
+            status
+                .metadata_mut()
+                .insert(RETRY_PUSHBACK, pushback.parse().expect("digits are ASCII"));
+        }
+        status
     }
+}
+
+/// The trailer gRPC clients with a retry policy obey (gRFC A6): C-core, Java and Go wait this
+/// many milliseconds before their next attempt, or make none for a negative value.
+pub const RETRY_PUSHBACK: &str = "grpc-retry-pushback-ms";
+
+/// The pushback of an UNAVAILABLE answer: its RetryInfo's delay, so that clients configured
+/// with the shipped service config back off as the service asks; `-1` where an automatic retry
+/// within the call cannot help (a scan takes minutes: the deploy system should come back
+/// later, as RetryInfo says). Other codes are not retried by the policy and carry none.
+fn pushback(code: Code, reason: Reason, retry_after: Option<Duration>) -> Option<String> {
+    if code != Code::Unavailable {
+        return None;
+    }
+    if reason == Reason::ScanNotComplete {
+        return Some("-1".to_owned());
+    }
+    retry_after.map(|delay| delay.as_millis().to_string())
 }
 
 /// The gRPC code's canonical name, as a label value.
@@ -1071,6 +1096,22 @@ mod tests {
                 || reason == "SCAN_NOT_COMPLETE"
                 || (reason == "ASSUME_ROLE_FAILED" && code == Code::Unavailable);
             assert_eq!(retry, retryable, "{reason}: RetryInfo");
+            // The pushback trailer: RetryInfo's delay on UNAVAILABLE, -1 where a retry within
+            // the call cannot help, nothing on codes the retry policy does not retry.
+            let pushback = status
+                .metadata()
+                .get(RETRY_PUSHBACK)
+                .map(|v| v.to_str().unwrap().to_owned());
+            let retry_ms = status
+                .get_details_retry_info()
+                .and_then(|r| r.retry_delay)
+                .map(|d| d.as_millis().to_string());
+            let expected = match (code, reason) {
+                (Code::Unavailable, "SCAN_NOT_COMPLETE") => Some("-1".to_owned()),
+                (Code::Unavailable, _) => retry_ms,
+                _ => None,
+            };
+            assert_eq!(pushback, expected, "{reason}: {RETRY_PUSHBACK}");
         }
     }
 

@@ -149,6 +149,56 @@ pub const METHODS: [Method; 9] = [
     LIST_REFERRERS,
 ];
 
+/// The retry policy of the shipped service config: five attempts in all. Where the service
+/// says when (`grpc-retry-pushback-ms`, from its RetryInfo) clients wait exactly that; the
+/// policy's own backoff (the first retry within 50 ms, doubling to at most 2 s) applies only
+/// where it says nothing (ECR failing after the service's own retries). Only UNAVAILABLE: the
+/// one code whose answers say nothing was done (AIP-194).
+pub const RETRY_MAX_ATTEMPTS: u32 = 5;
+
+/// The gRPC service config clients load (`proto/imageservice/v1/service_config.json`, generated
+/// from this table, a test holds the file to it): every method waits for a ready connection
+/// (a rollout's churn is waited out within the deadline instead of failing at once); the
+/// methods safe to repeat retry UNAVAILABLE. Retries are throttled client-side (gRFC A6's
+/// token bucket), so a struggling service is not met with a storm of them.
+pub fn service_config() -> serde_json::Value {
+    let names = |retry: bool| -> Vec<serde_json::Value> {
+        METHODS
+            .iter()
+            .filter(|m| m.idempotent == retry)
+            .map(|m| {
+                serde_json::json!({
+                    "service": crate::api::pb::image_service_server::SERVICE_NAME,
+                    "method": m.name,
+                })
+            })
+            .collect()
+    };
+    serde_json::json!({
+        "methodConfig": [
+            {
+                "name": names(true),
+                "waitForReady": true,
+                "retryPolicy": {
+                    "maxAttempts": RETRY_MAX_ATTEMPTS,
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            },
+            {
+                "name": names(false),
+                "waitForReady": true,
+            },
+        ],
+        // Retries stop while more than 50 of the channel's recent calls failed (a success
+        // earns back a tenth): a burst shed by a busy service retries, a dead one is not
+        // hammered.
+        "retryThrottling": {"maxTokens": 100, "tokenRatio": 0.1},
+    })
+}
+
 /// The method named `name` (`GetImage`). Every RPC's name is in the table: a miss is a bug
 /// the table's tests catch.
 pub fn named(name: &str) -> Option<&'static Method> {
@@ -281,6 +331,25 @@ mod tests {
             );
             assert!(api.contains(&row), "docs/api.md lacks the row {row}");
         }
+    }
+
+    /// The shipped service config is the method table's: it cannot drift from it.
+    #[test]
+    fn the_shipped_service_config_is_the_method_tables() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/proto/imageservice/v1/service_config.json"
+        );
+        let generated = serde_json::to_string_pretty(&service_config()).unwrap() + "\n";
+        if std::env::var_os("WRITE_SERVICE_CONFIG").is_some() {
+            std::fs::write(path, &generated).unwrap();
+        }
+        let shipped = std::fs::read_to_string(path).unwrap_or_default();
+        assert_eq!(
+            shipped, generated,
+            "{path} is not the method table's (WRITE_SERVICE_CONFIG=1 cargo test --lib \
+             service_config rewrites it)"
+        );
     }
 
     #[test]

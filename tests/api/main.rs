@@ -16,6 +16,7 @@ mod mtls;
 mod observability;
 mod platforms;
 mod registries;
+mod retries;
 mod sidecar;
 #[allow(dead_code)] // shared with tests/rate_budget.rs, which uses other parts
 mod support;

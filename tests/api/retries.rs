@@ -1,0 +1,226 @@
+//! Clients retry the right things without code (issue 23): a grpcio channel configured only
+//! with the shipped service config, against the service (the binary, on its defaults but for a
+//! concurrency limit of 2) in front of an ECR that takes 150 ms per PutImage, so that most of
+//! a burst is shed with UNAVAILABLE `OVERLOADED`, RetryInfo and `grpc-retry-pushback-ms: 100`.
+//! Every call succeeds; the server sees the shed attempts come back in waves the pushback
+//! apart (without the pushback, the policy's own backoff would bring them back within 0-50 ms,
+//! jittered, and the waves would run together); nothing is retried on
+//! INVALID_ARGUMENT or PERMISSION_DENIED.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, SystemTime};
+
+use serde_json::Value;
+
+use crate::support::fault_proxy::{Fault, FaultProxy};
+use crate::support::process::{command, listening_line, sample, scrape, stderr_lines};
+use crate::support::{create_repository, moto, unique};
+
+/// Calls sent at once: twice the service's limit. (Three times starves one: the pushback has
+/// no jitter, each wave comes back whole, and gRPC caps a policy at five attempts.)
+const CALLS: usize = 4;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn install(what: &str) {
+    let status = Command::new(root().join("scripts/test-deps.sh"))
+        .arg(what)
+        .status()
+        .expect("run scripts/test-deps.sh");
+    assert!(status.success(), "scripts/test-deps.sh {what}: {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_client_with_the_service_config_retries_as_the_server_asks() {
+    install("python");
+    let mut python = Command::new(root().join("target/test-python/bin/python"));
+    python.arg(root().join("tests/clients/python/retry_client.py"));
+    shed_scenario("python", python).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_client_with_the_service_config_retries_as_the_server_asks() {
+    install("node");
+    let mut node = Command::new("node");
+    node.arg(root().join("tests/clients/node/retry_client.js"))
+        .env("NODE_PATH", root().join("target/test-node/node_modules"));
+    shed_scenario("node", node).await;
+}
+
+/// The scenario of the module's comment, run by `client` (its program and script; the
+/// endpoint, proto directory, service config, repository and call count are appended).
+async fn shed_scenario(name: &str, mut client: Command) {
+    let repository = unique("retry/app");
+    create_repository(moto::endpoint(), &repository, false).await;
+    let proxy = FaultProxy::start(moto::endpoint(), |operation, _| {
+        if operation == "PutImage" {
+            Fault::Delay(Duration::from_millis(150))
+        } else {
+            Fault::Forward
+        }
+    })
+    .await;
+    let home = std::env::temp_dir().join(format!("retries-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&home).unwrap();
+    let policy = home.join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "rules:\n  - id: retry\n    principals: [anonymous]\n    actions: [read, write]\n    repositories: [\"retry/**\"]\n",
+    )
+    .unwrap();
+    let mut child = command(&home)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--log-format", "json", "--max-concurrent-requests", "2"])
+        .args([
+            "--log-filter",
+            "info,ecr_image_service::transport::admission=debug",
+        ])
+        .arg("--authz-policy")
+        .arg(&policy)
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ENDPOINT_URL_ECR", &proxy.endpoint)
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .spawn()
+        .unwrap();
+    let lines = stderr_lines(&mut child);
+    let listening = listening_line(&lines, &mut Vec::new());
+    let address = listening["address"].as_str().unwrap().to_owned();
+    let admin = listening["admin_address"].as_str().unwrap().to_owned();
+    client
+        .arg(&address)
+        .arg(root().join("proto"))
+        .arg(root().join("proto/imageservice/v1/service_config.json"))
+        .arg(&repository)
+        .arg(CALLS.to_string())
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .env("no_proxy", "127.0.0.1,localhost");
+    let run = tokio::task::spawn_blocking(move || client.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{name}: {stdout}{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(report["ok"], CALLS, "{report}");
+    assert_eq!(report["invalid"], "INVALID_ARGUMENT");
+    assert_eq!(report["denied"], "PERMISSION_DENIED");
+
+    // What the server saw: shed attempts, by time.
+    let metrics = scrape(&admin).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut shed: Vec<SystemTime> = lines
+        .try_iter()
+        .filter_map(|line| serde_json::from_str::<Value>(&line).ok())
+        .filter(|json| {
+            json["fields"]["message"]
+                .as_str()
+                .or(json["message"].as_str())
+                .is_some_and(|m| m.starts_with("request shed"))
+        })
+        .filter_map(|json| humantime::parse_rfc3339_weak(json["timestamp"].as_str()?).ok())
+        .collect();
+    shed.sort();
+    assert!(
+        !shed.is_empty(),
+        "nothing was shed: the scenario did not happen"
+    );
+    // Waves: shed attempts less than 50 ms apart are one wave.
+    let mut waves = vec![shed[0]];
+    for pair in shed.windows(2) {
+        if pair[1].duration_since(pair[0]).unwrap_or_default() > Duration::from_millis(50) {
+            waves.push(pair[1]);
+        }
+    }
+    let gaps: Vec<Duration> = waves
+        .windows(2)
+        .map(|w| w[1].duration_since(w[0]).unwrap_or_default())
+        .collect();
+    eprintln!(
+        "{name}: {CALLS} calls, {} attempts shed, in {} waves {gaps:?} apart; {report}",
+        shed.len(),
+        waves.len()
+    );
+    assert!(
+        waves.len() >= 2,
+        "{name}: shed attempts came back within 50 ms of each other: {shed:?}"
+    );
+    for gap in &gaps {
+        assert!(
+            *gap >= Duration::from_millis(90),
+            "{name}: a retry came {gap:?} after a shed wave: the 100 ms pushback was not honoured"
+        );
+    }
+    // Each refused call reached the service once: no retry on those codes.
+    for code in ["INVALID_ARGUMENT", "PERMISSION_DENIED"] {
+        let seen = sample(
+            &metrics,
+            "imageservice_rpc_requests_total",
+            &[("method", "PutImage"), ("code", code)],
+        );
+        assert_eq!(seen, 1.0, "{name}: {code} reached the service {seen} times");
+    }
+    // At most the policy's attempts per call.
+    assert!(
+        shed.len() <= CALLS * 4,
+        "{name}: {} shed attempts",
+        shed.len()
+    );
+}
+
+/// On the wire, as a gRPC client receives it: an UNAVAILABLE with RetryInfo carries
+/// `grpc-retry-pushback-ms` with the same delay (here ECR_RATE_BUDGET_EXHAUSTED: one PutImage
+/// every 10 s, the second put refused at once); an INVALID_ARGUMENT carries none.
+#[tokio::test]
+async fn unavailable_answers_carry_the_pushback_on_the_wire() {
+    use crate::support::requests::put;
+    use crate::support::{registry, settings, start};
+    use tonic_types::StatusExt;
+    let repository = unique("pushback");
+    create_repository(moto::endpoint(), &repository, false).await;
+    let slow = ecr_image_service::registry::ecr::EcrSettings {
+        put_image_rate: 0.1,
+        ..settings()
+    };
+    let mut client = start(registry(moto::endpoint(), slow)).await;
+    let manifest =
+        |n: u32| format!(r#"{{"mediaType":"application/vnd.oci.image.manifest.v1+json","p":{n}}}"#);
+    client
+        .put_image(put(&repository, "", &manifest(0)))
+        .await
+        .unwrap();
+    let mut second = tonic::Request::new(put(&repository, "", &manifest(1)));
+    second.set_timeout(Duration::from_secs(1));
+    let status = client.put_image(second).await.unwrap_err();
+    crate::support::assert_status(
+        &status,
+        tonic::Code::Unavailable,
+        "ECR_RATE_BUDGET_EXHAUSTED",
+    );
+    let retry = status
+        .get_details_retry_info()
+        .unwrap()
+        .retry_delay
+        .unwrap();
+    let pushback = status.metadata().get("grpc-retry-pushback-ms").unwrap();
+    assert_eq!(pushback.to_str().unwrap(), retry.as_millis().to_string());
+    let invalid = client
+        .put_image(put("Bad_Name", "", &manifest(2)))
+        .await
+        .unwrap_err();
+    assert!(invalid.metadata().get("grpc-retry-pushback-ms").is_none());
+}
