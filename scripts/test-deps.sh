@@ -6,6 +6,8 @@
 #   redis  Debian's redis-server (the shared tier of several replicas; started per test)
 #   python the Python client test's grpcio packages (tests/clients/python) into target/test-python
 #   node   the Node client test's packages and buf (tests/clients/node, npm ci) into target/test-node
+#   kubevalidate  kubernetes-validate (tests/kubernetes-validate-requirements.txt), the chart's
+#          Kubernetes OpenAPI schema check, into target/test-kubevalidate
 # No argument installs them all. Idempotent, safe to run concurrently (one lock), and quick
 # when everything is in place. Needs python3 with venv, npm, and apt-get for nginx (as root).
 set -euo pipefail
@@ -115,7 +117,7 @@ install_debian() {
   echo "test-deps: $package $version" >&2
 }
 
-for what in "${@:-moto helm nginx redis python node}"; do
+for what in "${@:-moto helm nginx redis python node kubevalidate}"; do
   for one in $what; do
     case "$one" in
       moto) install_moto ;;
@@ -124,7 +126,8 @@ for what in "${@:-moto helm nginx redis python node}"; do
       redis) install_redis ;;
       python) install_venv "$root/target/test-python" "$root/tests/clients/python/requirements.txt" python ;;
       node) install_node ;;
-      *) echo "test-deps: unknown dependency '$one' (moto, helm, nginx, redis, python, node)" >&2; exit 64 ;;
+      kubevalidate) install_venv "$root/target/test-kubevalidate" "$root/tests/kubernetes-validate-requirements.txt" kubernetes-validate ;;
+      *) echo "test-deps: unknown dependency '$one' (moto, helm, nginx, redis, python, node, kubevalidate)" >&2; exit 64 ;;
     esac
   done
 done

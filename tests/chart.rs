@@ -57,6 +57,11 @@ const WITH_ROLE: &str = "serviceAccount.roleArn=arn:aws:iam::123456789012:role/e
 
 /// `helm template` with a role and `args` added; its stderr on failure.
 fn try_render(args: &[&str]) -> Result<Vec<Value>, String> {
+    render_text(args).map(|text| yaml_documents(&text))
+}
+
+/// `helm template` with a role and `args` added, as Helm printed it; its stderr on failure.
+fn render_text(args: &[&str]) -> Result<Vec<u8>, String> {
     let mut argv = vec!["template", RELEASE, "helm/ecr-image-service"];
     argv.extend_from_slice(&["--namespace", NAMESPACE, "--set", WITH_ROLE]);
     argv.extend_from_slice(args);
@@ -64,7 +69,7 @@ fn try_render(args: &[&str]) -> Result<Vec<Value>, String> {
     if !output.status.success() {
         return Err(String::from_utf8_lossy(&output.stderr).into_owned());
     }
-    Ok(yaml_documents(&output.stdout))
+    Ok(output.stdout)
 }
 
 fn render(args: &[&str]) -> Vec<Value> {
@@ -574,6 +579,7 @@ fn bad_values_are_refused_naming_the_value() {
         ("config.logFormat=xml", "/config/logFormat"),
         ("serviceAccount.roleArn=admin", "/serviceAccount/roleArn"),
         ("replicas=3", "replicas"),
+        ("registries[0].account=42", "/registries/0/account"),
         (
             "terminationGracePeriodSeconds=20",
             "terminationGracePeriodSeconds (20)",
@@ -815,4 +821,108 @@ fn authz_rules_become_the_policy_and_a_mesh_needs_them() {
         env(service_container(&plain))["ECR_IMAGE_SERVICE_IDENTITY_SOURCE"],
         "none"
     );
+}
+
+/// The kinds no Kubernetes release defines: the mesh's and the Prometheus operator's CRDs.
+/// kubernetes-validate has no schema for them and no reachable registry carries their CRDs'
+/// schemas; the tests above assert on their fields instead.
+const CRD_KINDS: [&str; 5] = [
+    "AuthorizationPolicy",
+    "MeshTLSAuthentication",
+    "PeerAuthentication",
+    "PodMonitor",
+    "Server",
+];
+
+/// Every rendered manifest, for a matrix of value sets, is valid against the OpenAPI schemas
+/// of Kubernetes 1.37 (kubernetes-validate, strict: no unknown fields), but for the CRDs'
+/// objects, which must be only those kinds.
+#[test]
+fn every_rendered_manifest_is_valid_kubernetes() {
+    let status = Command::new(root().join("scripts/test-deps.sh"))
+        .arg("kubevalidate")
+        .status()
+        .expect("run scripts/test-deps.sh");
+    assert!(
+        status.success(),
+        "scripts/test-deps.sh kubevalidate: {status}"
+    );
+    let validate = root().join("target/test-kubevalidate/bin/kubernetes-validate");
+    let matrix: [(&str, Vec<&str>); 8] = [
+        ("defaults", vec![]),
+        (
+            "ecr with irsa",
+            vec![
+                "--set",
+                "config.region=eu-west-1",
+                "--set-string",
+                "serviceAccount.annotations.eks\\.amazonaws\\.com/sts-regional-endpoints=true",
+            ],
+        ),
+        (
+            "istio",
+            vec![
+                "--set",
+                "mesh.istio.enabled=true,authz.allowAll=true,authz.meshPolicy=true",
+            ],
+        ),
+        (
+            "linkerd",
+            vec![
+                "--set",
+                "mesh.linkerd.enabled=true,authz.allowAll=true,authz.meshPolicy=true",
+            ],
+        ),
+        (
+            "redis with tls",
+            vec![
+                "--set",
+                "redis.url=rediss://redis:6379,redis.tls.enabled=true,redis.tls.caSecret=redis-ca",
+            ],
+        ),
+        (
+            "authz and registries",
+            vec![
+                "--set-json",
+                r#"authz.rules=[{"id":"a","principals":["*"],"actions":["read"],"repositories":["**"]}]"#,
+                "--set-json",
+                r#"registries=[{"account":"111122223333","roleArn":"arn:aws:iam::111122223333:role/x"}]"#,
+            ],
+        ),
+        ("local backend", vec!["--set", "config.backend=local"]),
+        ("everything on", vec!["--values", EVERYTHING_ON]),
+    ];
+    let dir = std::env::temp_dir().join(format!("chart-validate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, args) in matrix {
+        let text = render_text(&args).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let file = dir.join(format!("{}.yaml", name.replace(' ', "-")));
+        std::fs::write(&file, &text).unwrap();
+        let output = Command::new(&validate)
+            .args(["--strict", "-k", "1.37.0"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{name}: {said}");
+        let passed = said
+            .lines()
+            .filter(|l| l.contains(" passed for resource "))
+            .count();
+        let skipped: Vec<&str> = said
+            .lines()
+            .filter(|l| l.contains("Couldn't find schema for kind"))
+            .filter_map(|l| l.split("kind ").nth(1)?.split(' ').next())
+            .collect();
+        assert!(
+            skipped.iter().all(|kind| CRD_KINDS.contains(kind)),
+            "{name}: no schema for {skipped:?}"
+        );
+        let documents = yaml_documents(&text).len();
+        assert_eq!(passed + skipped.len(), documents, "{name}: {said}");
+        eprintln!(
+            "{name}: {passed} objects valid against Kubernetes 1.37, CRDs not checked: {skipped:?}"
+        );
+    }
 }

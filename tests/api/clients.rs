@@ -4,31 +4,18 @@
 //! read the `ErrorInfo` of a failure. Their packages are pinned and installed by
 //! `scripts/test-deps.sh python node`.
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use serde_json::Value;
 
 use crate::on_both_backends;
-use crate::support::SEED_DIGEST;
 use crate::support::backend::Backend;
+use crate::support::{SEED_DIGEST, install, root};
 
 on_both_backends!(
     python_client_runs_the_seed_scenario,
     node_client_runs_the_seed_scenario
 );
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn install(what: &str) {
-    let status = Command::new(root().join("scripts/test-deps.sh"))
-        .arg(what)
-        .status()
-        .expect("run scripts/test-deps.sh");
-    assert!(status.success(), "scripts/test-deps.sh {what}: {status}");
-}
 
 /// Runs a client program against `backend` in a repository of its own; its one JSON line.
 async fn run_client(backend: &Backend, program: Command, name: &str) -> Value {

@@ -7,7 +7,6 @@
 //! jittered, and the waves would run together); nothing is retried on
 //! INVALID_ARGUMENT or PERMISSION_DENIED.
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
@@ -15,23 +14,11 @@ use serde_json::Value;
 
 use crate::support::fault_proxy::{Fault, FaultProxy};
 use crate::support::process::{command, listening_line, sample, scrape, stderr_lines};
-use crate::support::{create_repository, moto, unique};
+use crate::support::{create_repository, install, moto, root, unique};
 
 /// Calls sent at once: twice the service's limit. (Three times starves one: the pushback has
 /// no jitter, each wave comes back whole, and gRPC caps a policy at five attempts.)
 const CALLS: usize = 4;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn install(what: &str) {
-    let status = Command::new(root().join("scripts/test-deps.sh"))
-        .arg(what)
-        .status()
-        .expect("run scripts/test-deps.sh");
-    assert!(status.success(), "scripts/test-deps.sh {what}: {status}");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_client_with_the_service_config_retries_as_the_server_asks() {

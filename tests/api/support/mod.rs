@@ -81,6 +81,20 @@ pub fn server_settings() -> ServerSettings {
     }
 }
 
+/// The repository's root.
+pub fn root() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Installs `what` with `scripts/test-deps.sh` (pinned, idempotent, quick when in place).
+pub fn install(what: &str) {
+    let status = std::process::Command::new(root().join("scripts/test-deps.sh"))
+        .arg(what)
+        .status()
+        .expect("run scripts/test-deps.sh");
+    assert!(status.success(), "scripts/test-deps.sh {what}: {status}");
+}
+
 /// A name no other test in this binary uses.
 pub fn unique(prefix: &str) -> String {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
