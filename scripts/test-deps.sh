@@ -6,6 +6,7 @@
 #   redis  Debian's redis-server (the shared tier of several replicas; started per test)
 #   python the Python client test's grpcio packages (tests/clients/python) into target/test-python
 #   node   the Node client test's packages and buf (tests/clients/node, npm ci) into target/test-node
+#   prometheus  Debian's prometheus (the server and promtool: alert rules and dashboard queries)
 #   kubevalidate  kubernetes-validate (tests/kubernetes-validate-requirements.txt), the chart's
 #          Kubernetes OpenAPI schema check, into target/test-kubevalidate
 # No argument installs them all. Idempotent, safe to run concurrently (one lock), and quick
@@ -29,6 +30,9 @@ HELM_DIR="$root/target/test-tools/helm-v4.1.4"
 NGINX_RANGE=("1.22" "1.23")
 # Bookworm's Redis line: the revision moves with security updates, the 7.0 line does not.
 REDIS_RANGE=("7.0" "7.1")
+# Bookworm's Prometheus line (the server and promtool), for the alerting rules' checks and the
+# dashboard queries' test.
+PROMETHEUS_RANGE=("2.42" "2.43")
 
 install_moto() {
   install_venv "${ECR_TEST_VENV:-$root/target/test-venv}" "$root/tests/requirements.txt" moto_server
@@ -93,6 +97,10 @@ install_redis() {
   install_debian redis-server /usr/bin/redis-server "${REDIS_RANGE[@]}"
 }
 
+install_prometheus() {
+  install_debian prometheus /usr/bin/promtool "${PROMETHEUS_RANGE[@]}"
+}
+
 # install_debian PACKAGE BINARY MIN MAX: installs Debian's PACKAGE if BINARY is missing, then
 # requires its upstream version to be >= MIN and < MAX, and prints the version installed.
 install_debian() {
@@ -117,7 +125,7 @@ install_debian() {
   echo "test-deps: $package $version" >&2
 }
 
-for what in "${@:-moto helm nginx redis python node kubevalidate}"; do
+for what in "${@:-moto helm nginx redis python node kubevalidate prometheus}"; do
   for one in $what; do
     case "$one" in
       moto) install_moto ;;
@@ -126,8 +134,9 @@ for what in "${@:-moto helm nginx redis python node kubevalidate}"; do
       redis) install_redis ;;
       python) install_venv "$root/target/test-python" "$root/tests/clients/python/requirements.txt" python ;;
       node) install_node ;;
+      prometheus) install_prometheus ;;
       kubevalidate) install_venv "$root/target/test-kubevalidate" "$root/tests/kubernetes-validate-requirements.txt" kubernetes-validate ;;
-      *) echo "test-deps: unknown dependency '$one' (moto, helm, nginx, redis, python, node, kubevalidate)" >&2; exit 64 ;;
+      *) echo "test-deps: unknown dependency '$one' (moto, helm, nginx, redis, python, node, kubevalidate, prometheus)" >&2; exit 64 ;;
     esac
   done
 done

@@ -40,6 +40,13 @@ pub struct ProcessMetrics {
     pub budget_mode: Family<Label, Gauge>,
     /// Switches between the two, by the mode switched to.
     pub budget_mode_switches: Family<Label, Counter>,
+    /// Requests shed at admission, by what was at its limit (`concurrency`, `bytes`).
+    pub requests_shed: Family<Label, Counter>,
+    /// WatchTag streams open on this replica.
+    pub watches_open: Gauge,
+    /// Re-reads of a watched file that changed, by file (`authorization policy`, `TLS
+    /// certificates`, `registries file`) and result (`applied`, `invalid`).
+    pub file_reloads: Family<Labels, Counter>,
 }
 
 /// RPC latency buckets: 100 µs (a cache hit) doubling to ~13 s (past the default deadline).
@@ -55,6 +62,9 @@ static PROCESS: LazyLock<ProcessMetrics> = LazyLock::new(|| ProcessMetrics {
     budget_rejections: Family::default(),
     budget_mode: Family::default(),
     budget_mode_switches: Family::default(),
+    requests_shed: Family::default(),
+    watches_open: Gauge::default(),
+    file_reloads: Family::default(),
 });
 
 /// The ECR budgets' slots come from Redis (`shared`) or from this replica's share now; a
@@ -121,6 +131,21 @@ pub fn registry(components: impl FnOnce(&mut Registry)) -> Registry {
         "ecr_budget_mode_switches",
         "Switches of the ECR budgets between redis and local, by the mode switched to",
         process.budget_mode_switches.clone(),
+    );
+    registry.register(
+        "requests_shed",
+        "Requests shed at admission (UNAVAILABLE OVERLOADED), by what was at its limit",
+        process.requests_shed.clone(),
+    );
+    registry.register(
+        "watches_open",
+        "WatchTag streams open on this replica",
+        process.watches_open.clone(),
+    );
+    registry.register(
+        "file_reloads",
+        "Changed files re-read, by file and result (applied, invalid: the previous version stays)",
+        process.file_reloads.clone(),
     );
     components(&mut registry);
     registry

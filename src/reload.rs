@@ -17,13 +17,28 @@ pub async fn every_interval(what: &'static str, mut reload: impl FnMut() -> Resu
     let mut reported = None;
     loop {
         tokio::time::sleep(RELOAD_INTERVAL).await;
+        let reloads = &crate::metrics::process().file_reloads;
         match reload() {
-            Ok(_) => reported = None,
+            Ok(changed) => {
+                if changed {
+                    reloads
+                        .get_or_create(&[("file", what), ("result", "applied")])
+                        .inc();
+                }
+                reported = None;
+            }
             Err(err) if reported.as_ref() != Some(&err) => {
+                reloads
+                    .get_or_create(&[("file", what), ("result", "invalid")])
+                    .inc();
                 tracing::error!(error = %err, "{what} not reloaded: keeping the previous version");
                 reported = Some(err);
             }
-            Err(_) => {}
+            Err(_) => {
+                reloads
+                    .get_or_create(&[("file", what), ("result", "invalid")])
+                    .inc();
+            }
         }
     }
 }

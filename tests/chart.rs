@@ -826,11 +826,12 @@ fn authz_rules_become_the_policy_and_a_mesh_needs_them() {
 /// The kinds no Kubernetes release defines: the mesh's and the Prometheus operator's CRDs.
 /// kubernetes-validate has no schema for them and no reachable registry carries their CRDs'
 /// schemas; the tests above assert on their fields instead.
-const CRD_KINDS: [&str; 5] = [
+const CRD_KINDS: [&str; 6] = [
     "AuthorizationPolicy",
     "MeshTLSAuthentication",
     "PeerAuthentication",
     "PodMonitor",
+    "PrometheusRule",
     "Server",
 ];
 
@@ -925,4 +926,88 @@ fn every_rendered_manifest_is_valid_kubernetes() {
             "{name}: {passed} objects valid against Kubernetes 1.37, CRDs not checked: {skipped:?}"
         );
     }
+}
+
+/// `promtool`, installed by `scripts/test-deps.sh prometheus`.
+fn promtool(args: &[&str]) -> Output {
+    let status = Command::new(root().join("scripts/test-deps.sh"))
+        .arg("prometheus")
+        .status()
+        .expect("run scripts/test-deps.sh");
+    assert!(
+        status.success(),
+        "scripts/test-deps.sh prometheus: {status}"
+    );
+    Command::new("promtool")
+        .current_dir(root())
+        .args(args)
+        .output()
+        .expect("run promtool")
+}
+
+/// The PrometheusRule the chart renders is the rule file, and Prometheus's own `promtool`
+/// accepts it (`check rules`) and fires each alert on its synthetic series and only there
+/// (`test rules`, tests/fixtures/alerts/alerts_test.yaml). Off by default.
+#[test]
+fn the_alerting_rules_are_checked_by_promtool() {
+    assert!(all(&render(&[]), "PrometheusRule").is_empty());
+    let objects = render(&[
+        "--set",
+        "prometheusRule.enabled=true,prometheusRule.labels.release=monitoring",
+    ]);
+    let rule = one(&objects, "PrometheusRule");
+    assert_eq!(rule["metadata"]["labels"]["release"], "monitoring");
+    let dir = std::env::temp_dir().join(format!("chart-rules-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let rendered = dir.join("rendered-rules.json");
+    std::fs::write(&rendered, rule["spec"].to_string()).unwrap();
+    for args in [
+        vec!["check", "rules", rendered.to_str().unwrap()],
+        vec!["check", "rules", "helm/ecr-image-service/files/alerts.yaml"],
+        vec!["test", "rules", "tests/fixtures/alerts/alerts_test.yaml"],
+    ] {
+        let output = promtool(&args);
+        let said = String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr);
+        eprintln!("promtool {}: {}", args.join(" "), said.trim());
+        assert!(output.status.success(), "promtool {args:?}: {said}");
+    }
+    let alerts: Vec<&str> = rule["spec"]["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap())
+        .filter_map(|r| r["alert"].as_str())
+        .collect();
+    let runbooks = std::fs::read_to_string(root().join("docs/operations.md")).unwrap();
+    for alert in &alerts {
+        assert!(
+            runbooks.contains(&format!("### {alert}")),
+            "docs/operations.md has no runbook section for {alert}"
+        );
+    }
+    assert_eq!(alerts.len(), 7, "{alerts:?}");
+}
+
+/// The dashboard is rendered, byte for byte, into a ConfigMap with Grafana's sidecar label;
+/// off by default.
+#[test]
+fn the_dashboard_is_a_configmap_grafana_discovers() {
+    assert!(
+        all(&render(&[]), "ConfigMap")
+            .iter()
+            .all(|c| c["metadata"]["name"] != format!("{FULLNAME}-dashboard").as_str())
+    );
+    let objects = render(&["--set", "dashboards.enabled=true"]);
+    let map = all(&objects, "ConfigMap")
+        .into_iter()
+        .find(|c| c["metadata"]["name"] == format!("{FULLNAME}-dashboard").as_str())
+        .expect("the dashboard ConfigMap");
+    assert_eq!(map["metadata"]["labels"]["grafana_dashboard"], "1");
+    let shipped =
+        std::fs::read_to_string(root().join("helm/ecr-image-service/files/dashboard.json"))
+            .unwrap();
+    let rendered = map["data"]["ecr-image-service.json"].as_str().unwrap();
+    let parse = |text: &str| serde_json::from_str::<Value>(text).unwrap();
+    assert_eq!(parse(rendered), parse(&shipped));
 }

@@ -211,6 +211,7 @@ struct Counted {
 impl Drop for Counted {
     fn drop(&mut self) {
         self.hub.watches.fetch_sub(1, Ordering::Relaxed);
+        crate::metrics::process().watches_open.dec();
         let mut callers = self
             .hub
             .callers
@@ -312,6 +313,7 @@ impl WatchHub {
             self.watches.fetch_sub(1, Ordering::Relaxed);
             Some(WatchCap::Replica(settings.max_watches))
         } else {
+            crate::metrics::process().watches_open.inc();
             None
         };
         if let Some(cap) = refused {

@@ -120,6 +120,10 @@ where
             };
             let Ok(slot) = slots.try_acquire_owned() else {
                 tracing::debug!("request shed: concurrency limit reached");
+                crate::metrics::process()
+                    .requests_shed
+                    .get_or_create(&[("limit", "concurrency")])
+                    .inc();
                 return Ok(answer(overloaded(&limits)));
             };
             // The call's context, made once: the service and every layer below read this.
@@ -235,6 +239,10 @@ where
         let more = u32::try_from(data.remaining()).unwrap_or(u32::MAX);
         let Ok(permit) = Arc::clone(budget).try_acquire_many_owned(more) else {
             tracing::debug!("request shed: request bytes in flight at their limit");
+            crate::metrics::process()
+                .requests_shed
+                .get_or_create(&[("limit", "bytes")])
+                .inc();
             return Err(overloaded(limits));
         };
         match &mut charged {

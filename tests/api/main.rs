@@ -6,6 +6,7 @@ mod accounts;
 mod cache;
 mod clients;
 mod conformance;
+mod dashboards;
 mod delete;
 mod ecr_errors;
 mod faults;

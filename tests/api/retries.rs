@@ -12,8 +12,9 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
 
-use crate::support::fault_proxy::{Fault, FaultProxy};
-use crate::support::process::{command, listening_line, sample, scrape, stderr_lines};
+use crate::support::fault_proxy::FaultProxy;
+use crate::support::process::Served;
+use crate::support::process::{sample, scrape};
 use crate::support::{create_repository, install, moto, root, unique};
 
 /// Calls sent at once: twice the service's limit. (Three times starves one: the pushback has
@@ -42,47 +43,21 @@ async fn a_node_client_with_the_service_config_retries_as_the_server_asks() {
 async fn shed_scenario(name: &str, mut client: Command) {
     let repository = unique("retry/app");
     create_repository(moto::endpoint(), &repository, false).await;
-    let proxy = FaultProxy::start(moto::endpoint(), |operation, _| {
-        if operation == "PutImage" {
-            Fault::Delay(Duration::from_millis(150))
-        } else {
-            Fault::Forward
-        }
-    })
-    .await;
+    let proxy =
+        FaultProxy::delaying(moto::endpoint(), "PutImage", Duration::from_millis(150)).await;
     let home = std::env::temp_dir().join(format!("retries-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&home).unwrap();
-    let policy = home.join("policy.yaml");
-    std::fs::write(
-        &policy,
+    let served = Served::start(
+        &home,
+        &proxy.endpoint,
         "rules:\n  - id: retry\n    principals: [anonymous]\n    actions: [read, write]\n    repositories: [\"retry/**\"]\n",
-    )
-    .unwrap();
-    let mut child = command(&home)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--log-format", "json", "--max-concurrent-requests", "2"])
-        .args([
+        &[
+            "--max-concurrent-requests",
+            "2",
             "--log-filter",
             "info,ecr_image_service::transport::admission=debug",
-        ])
-        .arg("--authz-policy")
-        .arg(&policy)
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_ENDPOINT_URL_ECR", &proxy.endpoint)
-        .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .spawn()
-        .unwrap();
-    let lines = stderr_lines(&mut child);
-    let listening = listening_line(&lines, &mut Vec::new());
-    let address = listening["address"].as_str().unwrap().to_owned();
-    let admin = listening["admin_address"].as_str().unwrap().to_owned();
+        ],
+    );
+    let (address, admin) = (served.address.clone(), served.admin.clone());
     client
         .arg(&address)
         .arg(root().join("proto"))
@@ -108,9 +83,8 @@ async fn shed_scenario(name: &str, mut client: Command) {
 
     // What the server saw: shed attempts, by time.
     let metrics = scrape(&admin).await;
-    let _ = child.kill();
-    let _ = child.wait();
-    let mut shed: Vec<SystemTime> = lines
+    let mut shed: Vec<SystemTime> = served
+        .lines
         .try_iter()
         .filter_map(|line| serde_json::from_str::<Value>(&line).ok())
         .filter(|json| {

@@ -106,6 +106,19 @@ impl FaultProxy {
         Self { endpoint, seen }
     }
 
+    /// Proxies to `upstream`, holding every request for `operation` `delay` (an ECR that is
+    /// slow to answer it).
+    pub async fn delaying(upstream: &str, operation: &'static str, delay: Duration) -> Self {
+        Self::start(upstream, move |asked, _| {
+            if asked == operation {
+                Fault::Delay(delay)
+            } else {
+                Fault::Forward
+            }
+        })
+        .await
+    }
+
     /// Every request seen so far.
     pub fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()

@@ -92,3 +92,58 @@ pub fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &s
         })
         .sum()
 }
+
+/// The binary serving on loopback ports in front of the ECR at `ecr_endpoint`, with JSON logs,
+/// the authorization policy `policy` (written into `home`) and `args` added.
+pub struct Served {
+    /// The process; killed on drop.
+    pub child: Child,
+    /// Its stderr lines, as they come.
+    pub lines: mpsc::Receiver<String>,
+    /// `127.0.0.1:PORT` of its gRPC listener.
+    pub address: String,
+    /// `127.0.0.1:PORT` of its admin listener.
+    pub admin: String,
+}
+
+impl Served {
+    /// Starts it and waits for its `listening` line.
+    pub fn start(home: &std::path::Path, ecr_endpoint: &str, policy: &str, args: &[&str]) -> Self {
+        std::fs::create_dir_all(home).unwrap();
+        let policy_file = home.join("policy.yaml");
+        std::fs::write(&policy_file, policy).unwrap();
+        let mut child = command(home)
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--log-format", "json"])
+            .arg("--authz-policy")
+            .arg(&policy_file)
+            .args(args)
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ENDPOINT_URL_ECR", ecr_endpoint)
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .spawn()
+            .unwrap();
+        let lines = stderr_lines(&mut child);
+        let listening = listening_line(&lines, &mut Vec::new());
+        Self {
+            address: listening["address"].as_str().unwrap().to_owned(),
+            admin: listening["admin_address"].as_str().unwrap().to_owned(),
+            child,
+            lines,
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
