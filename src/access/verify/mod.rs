@@ -351,6 +351,19 @@ impl Verifier {
                 self.made
                     .get_or_create(&[("mode", rule.mode.as_str()), ("outcome", outcome)])
                     .inc();
+                // Once per verification, not per read: what audit mode lets through, and what
+                // enforce mode refuses, each with the image and the rule.
+                if let Some(refusal) = &verdict.refusal {
+                    tracing::info!(
+                        rule = %rule.id,
+                        mode = rule.mode.as_str(),
+                        repository = %repository.repository,
+                        %digest,
+                        reason = refusal.reason(),
+                        "verification: the image does not pass{}",
+                        if rule.mode == Mode::Audit { " (audit mode: served)" } else { "" }
+                    );
+                }
                 Ok::<_, RegistryError>(Arc::new(verdict))
             })
             .await;
