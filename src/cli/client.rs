@@ -495,17 +495,9 @@ pub struct ResolveImageArgs {
     platform: Option<pb::Platform>,
 }
 
-/// `verify-image`: the verification policy's verdict on an image, as the service reaches it.
-#[derive(Debug, Clone, Args)]
-pub struct VerifyImageArgs {
-    #[command(flatten)]
-    target: Target,
-    #[command(flatten)]
-    image: ImageArgs,
-    /// From an index, the image for this platform (`os/arch[/variant]`).
-    #[arg(long, value_parser = parse_platform)]
-    platform: Option<pb::Platform>,
-}
+/// `verify-image`: the verification policy's verdict on an image, as the service reaches it;
+/// the same arguments as `resolve-image`, whose answer carries the verdict.
+pub type VerifyImageArgs = ResolveImageArgs;
 
 /// `list-referrers`: what is attached to an image (pages automatically).
 #[derive(Debug, Clone, Args)]
@@ -874,22 +866,30 @@ struct ResolveOutput {
     image_manifest_size: i64,
 }
 
-/// `resolve-image`.
-pub async fn resolve_image(args: ResolveImageArgs) -> Result<(), CliError> {
+/// The ResolveImage `args` ask for, its tag resolution at most `max_staleness` old.
+async fn resolve(
+    args: ResolveImageArgs,
+    max_staleness: Option<prost_types::Duration>,
+) -> Result<pb::ResolveImageResponse, CliError> {
     let mut client = connect(&args.target).await?;
     let message = pb::ResolveImageRequest {
         registry_id: args.image.registry_id(),
         region: String::new(),
         image_id: Some(args.image.identifier()),
         repository_name: args.image.repository_name,
-        max_staleness: None,
+        max_staleness,
         platform: args.platform,
     };
-    let response = client
+    Ok(client
         .resolve_image(request(message, &args.target))
         .await
         .map_err(CliError::Status)?
-        .into_inner();
+        .into_inner())
+}
+
+/// `resolve-image`.
+pub async fn resolve_image(args: ResolveImageArgs) -> Result<(), CliError> {
+    let response = resolve(args, None).await?;
     print_json(&ResolveOutput {
         registry_id: response.registry_id,
         repository_name: response.repository_name,
@@ -940,21 +940,8 @@ impl From<pb::Verification> for VerificationJson {
 /// `verify-image`: prints the verdict; a refusal (enforce mode) is the service's error and its
 /// exit code, a failed verdict in audit mode exits as FAILED_PRECONDITION would.
 pub async fn verify_image(args: VerifyImageArgs) -> Result<(), CliError> {
-    let mut client = connect(&args.target).await?;
-    let message = pb::ResolveImageRequest {
-        registry_id: args.image.registry_id(),
-        region: String::new(),
-        image_id: Some(args.image.identifier()),
-        repository_name: args.image.repository_name,
-        // A fresh resolution: the answer is about the tag as it is now.
-        max_staleness: Some(prost_types::Duration::default()),
-        platform: args.platform,
-    };
-    let response = client
-        .resolve_image(request(message, &args.target))
-        .await
-        .map_err(CliError::Status)?
-        .into_inner();
+    // A fresh resolution: the answer is about the tag as it is now.
+    let response = resolve(args, Some(prost_types::Duration::default())).await?;
     let passed = response.verification.as_ref().is_none_or(|v| v.passed);
     print_json(&VerifyOutput {
         image_id: response.image_id.unwrap_or_default().into(),
