@@ -505,20 +505,8 @@ impl Verifier {
             digest.as_str().trim_start_matches("sha256:")
         ))
         .map_err(|e| RegistryError::Other(crate::registry::Upstream::message(e.0)))?;
-        let read = self
-            .registry
-            .get_image(GetImageInput {
-                registry_id: repository.registry_id.clone(),
-                repository: repository.repository.clone(),
-                reference: ImageRef::by_tag(tag),
-                accepted_media_types: Vec::new(),
-                max_staleness: None,
-            })
-            .await;
-        let manifest = match read {
-            Ok(fetched) => fetched.image.manifest,
-            Err(RegistryError::ImageNotFound(_)) => return Ok(Vec::new()),
-            Err(err) => return Err(err),
+        let Some(manifest) = self.manifest(repository, ImageRef::by_tag(tag)).await? else {
+            return Ok(Vec::new());
         };
         Ok(layers(&manifest)
             .into_iter()
@@ -530,6 +518,30 @@ impl Verifier {
             .collect())
     }
 
+    /// The manifest `reference` of `repository` (through the cache: a digest's bytes never
+    /// change); `None` when there is none.
+    async fn manifest(
+        &self,
+        repository: &RepositoryKey,
+        reference: ImageRef,
+    ) -> Result<Option<Arc<str>>, RegistryError> {
+        let read = self
+            .registry
+            .get_image(GetImageInput {
+                registry_id: repository.registry_id.clone(),
+                repository: repository.repository.clone(),
+                reference,
+                accepted_media_types: Vec::new(),
+                max_staleness: None,
+            })
+            .await;
+        match read {
+            Ok(fetched) => Ok(Some(fetched.image.manifest)),
+            Err(RegistryError::ImageNotFound(_)) => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+
     /// The blob of the first layer of type `media_type` of the manifest `referrer`.
     async fn layer_blob(
         &self,
@@ -537,24 +549,13 @@ impl Verifier {
         referrer: &Digest,
         media_type: &str,
     ) -> Result<Result<Vec<u8>, Rejected>, RegistryError> {
-        let read = self
-            .registry
-            .get_image(GetImageInput {
-                registry_id: repository.registry_id.clone(),
-                repository: repository.repository.clone(),
-                reference: ImageRef::by_digest(referrer.clone()),
-                accepted_media_types: Vec::new(),
-                max_staleness: None,
-            })
-            .await;
-        let manifest = match read {
-            Ok(fetched) => fetched.image.manifest,
-            Err(RegistryError::ImageNotFound(_)) => {
-                return Ok(Err(Rejected::Malformed(format!(
-                    "referrer {referrer} is gone"
-                ))));
-            }
-            Err(err) => return Err(err),
+        let Some(manifest) = self
+            .manifest(repository, ImageRef::by_digest(referrer.clone()))
+            .await?
+        else {
+            return Ok(Err(Rejected::Malformed(format!(
+                "referrer {referrer} is gone"
+            ))));
         };
         let Some(layer) = layers(&manifest)
             .into_iter()
