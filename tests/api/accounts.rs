@@ -10,9 +10,6 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use aws_config::{BehaviorVersion, Region, SdkConfig};
-use aws_credential_types::Credentials;
-use aws_credential_types::provider::SharedCredentialsProvider;
 use ecr_image_service::audit::AuditSink;
 use ecr_image_service::identity::IdentitySource;
 use ecr_image_service::pb::image_service_client::ImageServiceClient;
@@ -33,8 +30,8 @@ use crate::support::fault_proxy::{Fault, FaultProxy, Seen};
 use crate::support::recorded::form_field;
 use crate::support::requests::{as_xfcc, delete, get, put};
 use crate::support::{
-    MOTO_ACCOUNT, REGION, admin_in, assert_status, digest_of, error_info, moto, server_settings,
-    settings, unique,
+    MOTO_ACCOUNT, REGION, admin_in, assert_status, digest_of, error_info, moto, sdk_config_at,
+    server_settings, settings, unique,
 };
 
 /// Another account of the organisation, reached through its role.
@@ -109,18 +106,6 @@ impl Org {
     }
 }
 
-/// Static test credentials, STS reached at `sts` (ECR's endpoint is set per client).
-fn sdk_config(sts: &str) -> SdkConfig {
-    SdkConfig::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new(REGION))
-        .endpoint_url(sts)
-        .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
-            "testing", "testing", None, None, "tests",
-        )))
-        .build()
-}
-
 async fn org(identity: IdentitySource, policy: Option<&str>, attributed: bool) -> Org {
     org_with(identity, policy, attributed, |_, _| Fault::Forward).await
 }
@@ -137,7 +122,7 @@ async fn org_with(
     std::fs::write(&file, registries_file(attributed)).unwrap();
     let ecr = FaultProxy::start(moto::endpoint(), |_, _| Fault::Forward).await;
     let sts = FaultProxy::start(moto::endpoint(), sts_plan).await;
-    let sdk = sdk_config(&sts.endpoint);
+    let sdk = sdk_config_at(Some(&sts.endpoint));
     let settings = ecr_image_service::registry::ecr::EcrSettings {
         endpoint_url: Some(ecr.endpoint.clone()),
         ..settings()

@@ -103,13 +103,20 @@ pub fn unique(prefix: &str) -> String {
 
 /// Static test credentials: the tests never read the host's AWS environment.
 fn sdk_config() -> SdkConfig {
-    SdkConfig::builder()
+    sdk_config_at(None)
+}
+
+/// [`sdk_config`] with every service's endpoint at `endpoint` (STS, for the accounts tests;
+/// ECR clients set their own).
+pub fn sdk_config_at(endpoint: Option<&str>) -> SdkConfig {
+    let mut builder = SdkConfig::builder()
         .behavior_version(BehaviorVersion::latest())
         .region(Region::new(REGION))
         .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
             "testing", "testing", None, None, "tests",
-        )))
-        .build()
+        )));
+    builder.set_endpoint_url(endpoint.map(str::to_owned));
+    builder.build()
 }
 
 /// The service's own ECR client configuration pointed at `endpoint`, in a retry partition of
@@ -145,14 +152,7 @@ pub fn admin(endpoint: &str) -> aws_sdk_ecr::Client {
 /// An ECR client acting in `account` of the emulator (its AssumeRole needs no existing role,
 /// and the credentials it returns act in the role's account), for set-up and checks.
 pub async fn admin_in(account: &str) -> aws_sdk_ecr::Client {
-    let sdk = SdkConfig::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new(REGION))
-        .endpoint_url(moto::endpoint())
-        .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
-            "testing", "testing", None, None, "tests",
-        )))
-        .build();
+    let sdk = sdk_config_at(Some(moto::endpoint()));
     let assumed = aws_sdk_sts::Client::new(&sdk)
         .assume_role()
         .role_arn(format!("arn:aws:iam::{account}:role/test-setup"))
