@@ -53,17 +53,14 @@ pub struct ImageService {
 
 impl ImageService {
     /// A service answering from `registry` to every caller, as `anonymous`, its page tokens
-    /// signed by `pages`.
+    /// signed by `pages`, its verdicts on verified reads from `verifier`.
     pub fn new(
         registry: SharedRegistry,
         default_deadline: Duration,
         pages: PageTokens,
         hub: Arc<WatchHub>,
+        verifier: Arc<Verifier>,
     ) -> Self {
-        let verifier = Arc::new(Verifier::new(
-            Arc::clone(&registry),
-            crate::access::verify::DEFAULT_VERDICT_TTL,
-        ));
         Self {
             registry,
             default_deadline,
@@ -84,12 +81,6 @@ impl ImageService {
             routes.own_region().unwrap_or_default(),
         );
         self.routes = routes;
-        self
-    }
-
-    /// The same service, its verdicts from `verifier`.
-    pub fn with_verifier(mut self, verifier: Arc<Verifier>) -> Self {
-        self.verifier = verifier;
         self
     }
 

@@ -344,11 +344,16 @@ impl Bound {
             Arc::new(crate::registry::accounts::Routes::own(own, None))
         });
         tokio::spawn(Arc::clone(&routes).watch());
-        let service = ImageService::new(registry, self.settings.default_deadline, self.pages, hub)
-            .with_access(self.settings.identity_source, self.authorizer)
-            .with_audit(audit)
-            .with_verifier(verifier)
-            .serving(routes);
+        let service = ImageService::new(
+            registry,
+            self.settings.default_deadline,
+            self.pages,
+            hub,
+            verifier,
+        )
+        .with_access(self.settings.identity_source, self.authorizer)
+        .with_audit(audit)
+        .serving(routes);
         if let Some(files) = &self.tls {
             tokio::spawn(Arc::clone(files).watch());
         }
