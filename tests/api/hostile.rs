@@ -307,14 +307,6 @@ async fn dribble(
     (response, body)
 }
 
-/// An HTTP/2 connection to `address`, driven in the background.
-async fn h2_connection(address: std::net::SocketAddr) -> h2::client::SendRequest<bytes::Bytes> {
-    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
-    let (sender, connection) = h2::client::handshake(tcp).await.expect("HTTP/2 handshake");
-    tokio::spawn(connection);
-    sender
-}
-
 /// The status of a trailers-only answer (every refusal before work is one).
 async fn status_of(response: h2::client::ResponseFuture) -> tonic::Status {
     let response = response.await.expect("an answer");
@@ -336,12 +328,12 @@ async fn slow_bodies_hold_no_request_slot() {
     let attack_started = Instant::now();
     let mut dribbling = Vec::new();
     for _ in 0..2 {
-        let mut sender = h2_connection(backend.address).await;
+        let mut sender = crate::support::h2_connection(backend.address).await;
         for _ in 0..256 {
             dribbling.push(dribble(&mut sender, None).await);
         }
     }
-    let mut short_deadline = h2_connection(backend.address).await;
+    let mut short_deadline = crate::support::h2_connection(backend.address).await;
     let (short, _held) = dribble(&mut short_deadline, Some("1S")).await;
 
     let mut client = backend.client.clone();

@@ -143,30 +143,33 @@ async fn shed_scenario(name: &str, mut client: Command) {
     );
 }
 
-/// On the wire, as a gRPC client receives it: an UNAVAILABLE with RetryInfo carries
+/// On the wire, read with a raw HTTP/2 client (the `h2` crate: the header block as the frames
+/// carried it, no gRPC library between): an UNAVAILABLE with RetryInfo carries
 /// `grpc-retry-pushback-ms` with the same delay (here ECR_RATE_BUDGET_EXHAUSTED: one PutImage
 /// every 10 s, the second put refused at once); an INVALID_ARGUMENT carries none.
 #[tokio::test]
 async fn unavailable_answers_carry_the_pushback_on_the_wire() {
     use crate::support::requests::put;
-    use crate::support::{registry, settings, start};
+    use crate::support::{h2_connection, registry, serve_on_loopback, server_settings};
     use tonic_types::StatusExt;
     let repository = unique("pushback");
     create_repository(moto::endpoint(), &repository, false).await;
     let slow = ecr_image_service::registry::ecr::EcrSettings {
         put_image_rate: 0.1,
-        ..settings()
+        ..crate::support::settings()
     };
-    let mut client = start(registry(moto::endpoint(), slow)).await;
+    let address = serve_on_loopback(registry(moto::endpoint(), slow), server_settings()).await;
+    let mut sender = h2_connection(address).await;
     let manifest =
         |n: u32| format!(r#"{{"mediaType":"application/vnd.oci.image.manifest.v1+json","p":{n}}}"#);
-    client
-        .put_image(put(&repository, "", &manifest(0)))
-        .await
-        .unwrap();
-    let mut second = tonic::Request::new(put(&repository, "", &manifest(1)));
-    second.set_timeout(Duration::from_secs(1));
-    let status = client.put_image(second).await.unwrap_err();
+    let first = raw_put(&mut sender, put(&repository, "", &manifest(0))).await;
+    assert_eq!(
+        first.get("grpc-status").map(|v| v.to_str().unwrap()),
+        Some("0")
+    );
+
+    let refused = raw_put(&mut sender, put(&repository, "", &manifest(1))).await;
+    let status = tonic::Status::from_header_map(&refused).expect("a grpc-status");
     crate::support::assert_status(
         &status,
         tonic::Code::Unavailable,
@@ -177,11 +180,59 @@ async fn unavailable_answers_carry_the_pushback_on_the_wire() {
         .unwrap()
         .retry_delay
         .unwrap();
-    let pushback = status.metadata().get("grpc-retry-pushback-ms").unwrap();
+    let pushback = refused
+        .get("grpc-retry-pushback-ms")
+        .expect("grpc-retry-pushback-ms");
     assert_eq!(pushback.to_str().unwrap(), retry.as_millis().to_string());
-    let invalid = client
-        .put_image(put("Bad_Name", "", &manifest(2)))
-        .await
-        .unwrap_err();
-    assert!(invalid.metadata().get("grpc-retry-pushback-ms").is_none());
+
+    let invalid = raw_put(&mut sender, put("Bad_Name", "", &manifest(2))).await;
+    assert_eq!(
+        invalid.get("grpc-status").map(|v| v.to_str().unwrap()),
+        Some("3")
+    );
+    assert!(invalid.get("grpc-retry-pushback-ms").is_none());
+}
+
+/// One PutImage over a raw HTTP/2 stream (a 1 s `grpc-timeout`); the fields of the answer's
+/// header blocks, headers and trailers together, as received. Each is printed (binary fields
+/// by length), so `--nocapture` shows the capture.
+async fn raw_put(
+    sender: &mut h2::client::SendRequest<bytes::Bytes>,
+    message: ecr_image_service::pb::PutImageRequest,
+) -> http::HeaderMap {
+    use prost::Message;
+    let encoded = message.encode_to_vec();
+    let mut frame = Vec::with_capacity(5 + encoded.len());
+    frame.push(0);
+    frame.extend_from_slice(&u32::try_from(encoded.len()).unwrap().to_be_bytes());
+    frame.extend_from_slice(&encoded);
+    let request = http::Request::post("http://localhost/imageservice.v1.ImageService/PutImage")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "1S")
+        .body(())
+        .unwrap();
+    *sender = sender.clone().ready().await.expect("stream capacity");
+    let (response, mut body) = sender.send_request(request, false).expect("open a stream");
+    body.send_data(frame.into(), true)
+        .expect("send the message");
+    let response = response.await.expect("an answer");
+    let mut fields = response.headers().clone();
+    let mut body = response.into_body();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.expect("a body chunk");
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    if let Some(trailers) = body.trailers().await.expect("trailers") {
+        fields.extend(trailers);
+    }
+    for (name, value) in &fields {
+        if name.as_str().ends_with("-bin") {
+            eprintln!("  {name}: <{} bytes>", value.len());
+        } else {
+            eprintln!("  {name}: {}", value.to_str().unwrap_or("<not text>"));
+        }
+    }
+    eprintln!();
+    fields
 }

@@ -229,6 +229,15 @@ pub async fn start_channel_with(registry: impl Registry, settings: ServerSetting
         .unwrap()
 }
 
+/// A raw HTTP/2 connection to `address` (the `h2` crate, no gRPC library between the test and
+/// the frames), driven in the background.
+pub async fn h2_connection(address: SocketAddr) -> h2::client::SendRequest<bytes::Bytes> {
+    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    let (sender, connection) = h2::client::handshake(tcp).await.expect("HTTP/2 handshake");
+    tokio::spawn(connection);
+    sender
+}
+
 /// Serves the service over `registry` through the production serve path, on the loopback
 /// addresses of `settings`, for the test's runtime; its gRPC address.
 pub async fn serve_on_loopback(registry: impl Registry, settings: ServerSettings) -> SocketAddr {
