@@ -15,7 +15,9 @@
 //! `H2LOAD_VERIFY=1` runs the service with a `verify:` rule (enforce) over the repository
 //! read, the image signed with cosign's tag scheme: every cached read then also looks up its
 //! verdict (issue 22's cost on the hot path). The emulator is reached through the test
-//! extension that answers the ECR operations it lacks.
+//! extension that answers the ECR operations it lacks. `H2LOAD_VERIFY=compare` runs two
+//! processes of this build in the same rounds, the same policy without and with that rule, and
+//! reports verification's cost as the ratio of the two (on / off), round by round.
 
 #[allow(dead_code)]
 #[path = "../tests/api/support/ecr_ext.rs"]
@@ -68,31 +70,46 @@ fn main() {
     std::fs::create_dir_all(&work).unwrap();
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let verify = std::env::var_os("H2LOAD_VERIFY").is_some_and(|v| v == "1");
+    let mode = std::env::var("H2LOAD_VERIFY").unwrap_or_default();
+    let (verify, compare) = (mode == "1" || mode == "compare", mode == "compare");
     let signing = verify.then(|| {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let ext = runtime.block_on(ecr_ext::EcrExtension::start(moto::endpoint()));
-        let policy = work.join("policy.yaml");
         let pem: String = key
             .public_key_pem()
             .lines()
             .map(|l| format!("          {l}\n"))
             .collect();
+        let rules = "rules:\n  - id: all\n    principals: [anonymous]\n    actions: [read, write]\n    repositories: [\"**\"]\n";
+        let on = work.join("policy-verify.yaml");
         std::fs::write(
-            &policy,
+            &on,
             format!(
-                "rules:\n  - id: all\n    principals: [anonymous]\n    actions: [read, write]\n    repositories: [\"**\"]\nverify:\n  - id: hot\n    repositories: [\"{REPOSITORY}\"]\n    mode: enforce\n    keys:\n      - name: bench\n        pem: |\n{pem}"
+                "{rules}verify:\n  - id: hot\n    repositories: [\"{REPOSITORY}\"]\n    mode: enforce\n    keys:\n      - name: bench\n        pem: |\n{pem}"
             ),
         )
         .unwrap();
-        (key, ext, policy)
+        let off = work.join("policy.yaml");
+        std::fs::write(&off, rules).unwrap();
+        (key, ext, off, on)
     });
-    let (service, grpc, admin) = start_service(
-        signing
-            .as_ref()
-            .map(|(_, ext, policy)| (ext.endpoint.as_str(), policy.as_path())),
-    );
-    let answer = runtime.block_on(seed(grpc, signing.as_ref().map(|(k, e, _)| (k, e))));
+    // The services measured, each its own process on the server core, measured in turn:
+    // one, or (compare) the same build with the same policy but its verify rule, then with it.
+    let mut services = Vec::new();
+    if compare {
+        let (_, ext, off, _) = signing.as_ref().unwrap();
+        services.push((
+            "verification off",
+            start_service(Some((&ext.endpoint, off))),
+        ));
+    }
+    let name = if verify { "verification on" } else { "service" };
+    let policy = signing
+        .as_ref()
+        .map(|(_, ext, _, on)| (ext.endpoint.as_str(), on.as_path()));
+    services.push((name, start_service(policy)));
+    let (_, (_, seeded, _)) = services.last().unwrap();
+    let answer = runtime.block_on(seed(*seeded, signing.as_ref().map(|(k, e, _, _)| (k, e))));
     if verify {
         let verdict = answer.verification.as_ref().expect("a verdict");
         assert!(verdict.passed, "{verdict:?}");
@@ -103,6 +120,9 @@ fn main() {
         .and_then(|i| i.image_id.as_ref())
         .map(|id| id.image_digest.clone())
         .unwrap();
+    for (_, (_, grpc, _)) in &services[..services.len() - 1] {
+        runtime.block_on(warm(*grpc, &digest));
+    }
     let response = work.join("response.bin");
     std::fs::write(&response, answer.encode_to_vec()).unwrap();
     let bare_address = free_address();
@@ -118,62 +138,89 @@ fn main() {
     let by_digest = request_file(&work, "digest", "", &digest);
     println!(
         "h2load pairs: server on core {SERVER_CORE}, h2load on core {LOAD_CORE}, \
-         {rounds} alternating rounds of {RUN:?} after {WARM_UP:?}; response {} bytes{}",
+         {rounds} alternating rounds of {RUN:?} after {WARM_UP:?}; response {} bytes; {}",
         answer.encoded_len(),
-        if verify {
-            "; verification on (enforce)"
-        } else {
-            ""
-        }
+        services
+            .iter()
+            .map(|(name, _)| *name)
+            .collect::<Vec<_>>()
+            .join(", then ")
     );
+    let lookups = [("by tag", &by_tag), ("by digest", &by_digest)];
     for (connections, streams) in SHAPES {
-        let mut rows: Vec<[Run; 3]> = Vec::new();
+        // Per round: the bare server's run, then each service's run of each lookup.
+        let mut rows: Vec<(Run, Vec<Run>)> = Vec::new();
         for round in 0..rounds {
             let bare_run = h2load(bare_address, &by_tag, connections, streams, &work);
-            let ok_before = ok_count(admin);
-            let tag_run = h2load(grpc, &by_tag, connections, streams, &work);
-            let digest_run = h2load(grpc, &by_digest, connections, streams, &work);
-            let served = ok_count(admin) - ok_before;
-            let sent = tag_run.succeeded + digest_run.succeeded;
-            assert!(
-                served >= sent,
-                "the service answered {served} GetImage OK, h2load counted {sent}"
+            let mut line = format!(
+                "  {connections}x{streams} round {round}: bare {:.0}/s p99 {:.2} ms",
+                bare_run.rps, bare_run.p99_ms
             );
-            println!(
-                "  {connections}x{streams} round {round}: bare {:.0}/s p99 {:.2} ms | by tag {:.0}/s \
-                 ({:.3}x) p99 {:.2} ms ({:.2}x) | by digest {:.0}/s ({:.3}x) p99 {:.2} ms ({:.2}x)",
-                bare_run.rps,
-                bare_run.p99_ms,
-                tag_run.rps,
-                tag_run.rps / bare_run.rps,
-                tag_run.p99_ms,
-                tag_run.p99_ms / bare_run.p99_ms,
-                digest_run.rps,
-                digest_run.rps / bare_run.rps,
-                digest_run.p99_ms,
-                digest_run.p99_ms / bare_run.p99_ms,
-            );
-            rows.push([bare_run, tag_run, digest_run]);
+            // Services take turns going first, so that neither gains from its place in a round
+            // (an A/A run of two identical processes in a fixed order gave the second 0.95-0.99x).
+            let mut runs: Vec<Option<Run>> = std::iter::repeat_with(|| None)
+                .take(services.len() * lookups.len())
+                .collect();
+            for s in (0..services.len()).map(|k| (k + round) % services.len()) {
+                let (name, (_, grpc, admin)) = &services[s];
+                let ok_before = ok_count(*admin);
+                let mut sent = 0;
+                for (l, (lookup, data)) in lookups.iter().enumerate() {
+                    let run = h2load(*grpc, data, connections, streams, &work);
+                    line += &format!(
+                        " | {name} {lookup} {:.0}/s ({:.3}x) p99 {:.2} ms ({:.2}x)",
+                        run.rps,
+                        run.rps / bare_run.rps,
+                        run.p99_ms,
+                        run.p99_ms / bare_run.p99_ms
+                    );
+                    sent += run.succeeded;
+                    runs[s * lookups.len() + l] = Some(run);
+                }
+                let served = ok_count(*admin) - ok_before;
+                assert!(
+                    served >= sent,
+                    "{name} answered {served} GetImage OK, h2load counted {sent}"
+                );
+            }
+            println!("{line}");
+            rows.push((bare_run, runs.into_iter().flatten().collect()));
         }
-        let ratios = |i: usize, f: fn(&Run) -> f64| -> Vec<f64> {
-            rows.iter().map(|r| f(&r[i]) / f(&r[0])).collect()
+        let ratio = |i: usize, of: Option<usize>, f: fn(&Run) -> f64| -> Vec<f64> {
+            rows.iter()
+                .map(|(bare, runs)| f(&runs[i]) / of.map_or_else(|| f(bare), |j| f(&runs[j])))
+                .collect()
         };
-        for (i, lookup) in [(1, "by tag"), (2, "by digest")] {
-            let rps = ratios(i, |r| r.rps);
-            let p99 = ratios(i, |r| r.p99_ms);
-            println!(
-                "{connections}x{streams} {lookup}: throughput {:.3}x (median; spread {:.3}-{:.3}), \
-                 p99 {:.2}x (median; spread {:.2}-{:.2})",
-                median(&rps),
-                min(&rps),
-                max(&rps),
-                median(&p99),
-                min(&p99),
-                max(&p99)
-            );
+        for (s, (name, _)) in services.iter().enumerate() {
+            for (l, (lookup, _)) in lookups.iter().enumerate() {
+                let i = s * lookups.len() + l;
+                let (rps, p99) = (ratio(i, None, |r| r.rps), ratio(i, None, |r| r.p99_ms));
+                println!(
+                    "{connections}x{streams} {name} {lookup}: throughput {:.3}x the bare server \
+                     (median; spread {:.3}-{:.3}), p99 {:.2}x (median; spread {:.2}-{:.2})",
+                    median(&rps),
+                    min(&rps),
+                    max(&rps),
+                    median(&p99),
+                    min(&p99),
+                    max(&p99)
+                );
+            }
+        }
+        if compare {
+            for (l, (lookup, _)) in lookups.iter().enumerate() {
+                let on = ratio(lookups.len() + l, Some(l), |r| r.rps);
+                println!(
+                    "{connections}x{streams} {lookup}: verification on / off {:.3}x \
+                     (median of the rounds; spread {:.3}-{:.3})",
+                    median(&on),
+                    min(&on),
+                    max(&on)
+                );
+            }
         }
     }
-    drop(service);
+    drop(services);
     drop(bare);
     let _ = std::fs::remove_dir_all(&work);
 }
@@ -336,9 +383,29 @@ async fn seed(
     if let Some((key, ext)) = signing {
         sign(key, ext, &digest).await;
     }
-    client.get_image(get("", &digest)).await.unwrap();
-    client.get_image(get(TAG, "")).await.unwrap();
+    warm(grpc, &digest).await;
     client.get_image(get(TAG, "")).await.unwrap().into_inner()
+}
+
+/// Reads the seeded image once by digest and twice by tag through `grpc`, so both are cached
+/// there (the seeding service, or another measured beside it).
+async fn warm(grpc: SocketAddr, digest: &str) {
+    let mut client = ImageServiceClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    for (tag, digest) in [("", digest), (TAG, ""), (TAG, "")] {
+        client
+            .get_image(GetImageRequest {
+                repository_name: REPOSITORY.into(),
+                image_id: Some(ImageIdentifier {
+                    image_tag: tag.into(),
+                    image_digest: digest.into(),
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
 }
 
 /// Signs `digest` with `key` in cosign's tag scheme (payload blob kept by the extension).
