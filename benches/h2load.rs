@@ -17,7 +17,11 @@
 //! verdict (issue 22's cost on the hot path). The emulator is reached through the test
 //! extension that answers the ECR operations it lacks. `H2LOAD_VERIFY=compare` runs two
 //! processes of this build in the same rounds, the same policy without and with that rule, and
-//! reports verification's cost as the ratio of the two (on / off), round by round.
+//! reports verification's cost as the ratio of the two (on / off), round by round, and again
+//! with both loaded at once on the shared server core (immune to the machine's drift).
+//! `H2LOAD_VERIFY=aa` runs the same comparison between two identical processes without the
+//! rule: what it reads when nothing differs. `H2LOAD_ONLY=side` runs only the side-by-side
+//! measure of a comparison.
 
 #[allow(dead_code)]
 #[path = "../tests/api/support/ecr_ext.rs"]
@@ -71,7 +75,12 @@ fn main() {
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let mode = std::env::var("H2LOAD_VERIFY").unwrap_or_default();
-    let (verify, compare) = (mode == "1" || mode == "compare", mode == "compare");
+    let verify = mode == "1" || mode == "compare";
+    // `aa`: two identical processes, no verify rule: what the comparison reads when nothing
+    // differs (its calibration).
+    let compare = mode == "compare" || mode == "aa";
+    // Only the side-by-side measure of a comparison (`H2LOAD_ONLY=side`).
+    let side_only = compare && std::env::var("H2LOAD_ONLY").is_ok_and(|o| o == "side");
     let signing = verify.then(|| {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let ext = runtime.block_on(ecr_ext::EcrExtension::start(moto::endpoint()));
@@ -97,13 +106,17 @@ fn main() {
     // one, or (compare) the same build with the same policy but its verify rule, then with it.
     let mut services = Vec::new();
     if compare {
-        let (_, ext, off, _) = signing.as_ref().unwrap();
-        services.push((
-            "verification off",
-            start_service(Some((&ext.endpoint, off))),
-        ));
+        let off = signing
+            .as_ref()
+            .map(|(_, ext, off, _)| (ext.endpoint.as_str(), off.as_path()));
+        let name = if verify { "verification off" } else { "A" };
+        services.push((name, start_service(off)));
     }
-    let name = if verify { "verification on" } else { "service" };
+    let name = match (verify, compare) {
+        (true, _) => "verification on",
+        (false, true) => "B",
+        (false, false) => "service",
+    };
     let policy = signing
         .as_ref()
         .map(|(_, ext, _, on)| (ext.endpoint.as_str(), on.as_path()));
@@ -150,7 +163,7 @@ fn main() {
     for (connections, streams) in SHAPES {
         // Per round: the bare server's run, then each service's run of each lookup.
         let mut rows: Vec<(Run, Vec<Run>)> = Vec::new();
-        for round in 0..rounds {
+        for round in 0..if side_only { 0 } else { rounds } {
             let bare_run = h2load(bare_address, &by_tag, connections, streams, &work);
             let mut line = format!(
                 "  {connections}x{streams} round {round}: bare {:.0}/s p99 {:.2} ms",
@@ -191,7 +204,7 @@ fn main() {
                 .map(|(bare, runs)| f(&runs[i]) / of.map_or_else(|| f(bare), |j| f(&runs[j])))
                 .collect()
         };
-        for (s, (name, _)) in services.iter().enumerate() {
+        for (s, (name, _)) in services.iter().enumerate().filter(|_| !side_only) {
             for (l, (lookup, _)) in lookups.iter().enumerate() {
                 let i = s * lookups.len() + l;
                 let (rps, p99) = (ratio(i, None, |r| r.rps), ratio(i, None, |r| r.p99_ms));
@@ -208,14 +221,28 @@ fn main() {
             }
         }
         if compare {
-            for (l, (lookup, _)) in lookups.iter().enumerate() {
+            for (l, (lookup, data)) in lookups.iter().enumerate() {
                 let on = ratio(lookups.len() + l, Some(l), |r| r.rps);
-                println!(
-                    "{connections}x{streams} {lookup}: verification on / off {:.3}x \
+                if !side_only {
+                    println!(
+                        "{connections}x{streams} {lookup}: {} / {} {:.3}x \
                      (median of the rounds; spread {:.3}-{:.3})",
-                    median(&on),
-                    min(&on),
-                    max(&on)
+                        services[1].0,
+                        services[0].0,
+                        median(&on),
+                        min(&on),
+                        max(&on)
+                    );
+                }
+                let side = side_by_side(&services, data, connections, streams, rounds, &work);
+                println!(
+                    "{connections}x{streams} {lookup}, side by side on the one server core: \
+                     {} / {} {:.3}x (median of {rounds}; spread {:.3}-{:.3})",
+                    services[1].0,
+                    services[0].0,
+                    median(&side),
+                    min(&side),
+                    max(&side)
                 );
             }
         }
@@ -223,6 +250,36 @@ fn main() {
     drop(services);
     drop(bare);
     let _ = std::fs::remove_dir_all(&work);
+}
+
+/// The second service's throughput over the first's, `rounds` times, with both loaded at once:
+/// one h2load each, started together, the two servers sharing the server core. The kernel
+/// splits the core between them fairly, so each one's rate is its share over its cost per
+/// request, and whatever slows the machine slows both: the ratio is their cost ratio, without
+/// the drift between runs that turns measured one after the other.
+fn side_by_side(
+    services: &[(&str, (Guard, SocketAddr, SocketAddr))],
+    data: &Path,
+    connections: u32,
+    streams: u32,
+    rounds: usize,
+    work: &Path,
+) -> Vec<f64> {
+    let [(_, (_, first, _)), (_, (_, second, _))] = services else {
+        panic!("side by side needs two services");
+    };
+    (0..rounds)
+        .map(|_| {
+            let logs = [work.join("first.log"), work.join("second.log")];
+            let children = [
+                spawn_h2load(*first, data, connections, streams, &logs[0]),
+                spawn_h2load(*second, data, connections, streams, &logs[1]),
+            ];
+            let [a, b] = children;
+            let (a, b) = (finish_h2load(a, &logs[0]), finish_h2load(b, &logs[1]));
+            b.rps / a.rps
+        })
+        .collect()
 }
 
 /// One h2load run's figures.
@@ -234,7 +291,19 @@ struct Run {
 
 fn h2load(target: SocketAddr, data: &Path, connections: u32, streams: u32, work: &Path) -> Run {
     let log = work.join("requests.log");
-    let output = Command::new("taskset")
+    let child = spawn_h2load(target, data, connections, streams, &log);
+    finish_h2load(child, &log)
+}
+
+/// h2load started on the load core against `target`, its per-request log in `log`.
+fn spawn_h2load(
+    target: SocketAddr,
+    data: &Path,
+    connections: u32,
+    streams: u32,
+    log: &Path,
+) -> Child {
+    Command::new("taskset")
         .args(["-c", LOAD_CORE, "h2load"])
         .args(["-D", &RUN.as_secs().to_string()])
         .args(["--warm-up-time", &WARM_UP.as_secs().to_string()])
@@ -243,12 +312,18 @@ fn h2load(target: SocketAddr, data: &Path, connections: u32, streams: u32, work:
         .arg(data)
         .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
         .arg("--log-file")
-        .arg(&log)
+        .arg(log)
         .arg(format!(
             "http://{target}/imageservice.v1.ImageService/GetImage"
         ))
-        .output()
-        .expect("h2load (Debian's nghttp2-client) and taskset on PATH");
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("h2load (Debian's nghttp2-client) and taskset on PATH")
+}
+
+/// The figures of a finished h2load run.
+fn finish_h2load(child: Child, log: &Path) -> Run {
+    let output = child.wait_with_output().expect("h2load's output");
     let text = String::from_utf8_lossy(&output.stdout);
     let rps = text
         .lines()
@@ -264,7 +339,7 @@ fn h2load(target: SocketAddr, data: &Path, connections: u32, streams: u32, work:
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or(0);
     // The log: one line a request, `start \t status \t microseconds`.
-    let mut micros: Vec<u64> = std::fs::read_to_string(&log)
+    let mut micros: Vec<u64> = std::fs::read_to_string(log)
         .unwrap_or_default()
         .lines()
         .filter_map(|l| l.split('\t').nth(2)?.trim().parse().ok())
