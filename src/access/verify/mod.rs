@@ -25,9 +25,10 @@
 
 pub mod cosign;
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -47,6 +48,9 @@ use crate::registry::{
 pub const DEFAULT_VERDICT_TTL: Duration = Duration::from_secs(5 * 60);
 /// Verdicts kept: one per digest served under a rule; a few hundred bytes each.
 const MAX_VERDICTS: u64 = 100_000;
+/// Verdicts in front of the cache, for reads: the images being served now, which a deployment
+/// counts in tens or hundreds. Full, it is emptied and refills from the cache (about 2 MB).
+const MAX_FRONT_VERDICTS: usize = 10_000;
 /// The most signatures of one image looked at (each a blob fetched): a repository stuffed with
 /// signatures cannot make one read fetch thousands.
 const MAX_SIGNATURES: usize = 16;
@@ -300,10 +304,25 @@ pub struct Verdict {
 /// The key of a verdict: the image (registry, repository, digest) and the rule's version.
 type VerdictKey = (RepositoryKey, Digest, u64);
 
+/// A verdict in front of the cache: its key, to tell a hash's collision from a hit, and until
+/// when it stands (never after the cache's own entry).
+struct FrontVerdict {
+    key: VerdictKey,
+    verdict: Arc<Verdict>,
+    until: Instant,
+}
+
 /// Checks digests and keeps the verdicts.
 pub struct Verifier {
     registry: SharedRegistry,
     verdicts: moka::future::Cache<VerdictKey, Arc<Verdict>>,
+    /// Every read of a verified image asks for its verdict. The cache's lookup (a key of three
+    /// strings cloned, hashed, and the read recorded) was half of what verification cost a
+    /// cached read; here a read is one hash and a map lookup under a read lock, nothing
+    /// cloned but the `Arc`. The cache stays the authority and the one verification in flight.
+    front: RwLock<HashMap<u64, FrontVerdict>>,
+    hasher: RandomState,
+    ttl: Duration,
     /// `imageservice_verifications_total{mode,outcome}`: verifications made (not cached reads).
     made: Family<[(&'static str, &'static str); 2], Counter>,
 }
@@ -317,6 +336,9 @@ impl Verifier {
                 .max_capacity(MAX_VERDICTS)
                 .time_to_live(ttl)
                 .build(),
+            front: RwLock::default(),
+            hasher: RandomState::new(),
+            ttl,
             made: Family::default(),
         }
     }
@@ -339,13 +361,18 @@ impl Verifier {
         repository: &RepositoryKey,
         digest: &Digest,
     ) -> Result<Arc<Verdict>, RegistryError> {
+        let hash = self.hasher.hash_one((repository, digest, rule.version));
+        if let Some(verdict) = self.in_front(hash, repository, digest, rule.version) {
+            return Ok(verdict);
+        }
         let key = (repository.clone(), digest.clone(), rule.version);
         if let Some(verdict) = self.verdicts.get(&key).await {
+            self.put_in_front(hash, key, &verdict);
             return Ok(verdict);
         }
         let made = self
             .verdicts
-            .try_get_with(key, async {
+            .try_get_with(key.clone(), async {
                 let verdict = self.verify(rule, repository, digest).await?;
                 let outcome = verdict.refusal.as_ref().map_or("pass", Refusal::reason);
                 self.made
@@ -367,7 +394,48 @@ impl Verifier {
                 Ok::<_, RegistryError>(Arc::new(verdict))
             })
             .await;
-        made.map_err(|shared| (*shared).clone())
+        let verdict = made.map_err(|shared| (*shared).clone())?;
+        self.put_in_front(hash, key, &verdict);
+        Ok(verdict)
+    }
+
+    /// The verdict in front of the cache under `hash`, if it is this image's under this rule
+    /// version and still stands.
+    fn in_front(
+        &self,
+        hash: u64,
+        repository: &RepositoryKey,
+        digest: &Digest,
+        version: u64,
+    ) -> Option<Arc<Verdict>> {
+        let front = self.front.read().unwrap_or_else(PoisonError::into_inner);
+        let kept = front.get(&hash)?;
+        let (kept_repository, kept_digest, kept_version) = &kept.key;
+        (kept.until > Instant::now()
+            && *kept_version == version
+            && kept_digest == digest
+            && kept_repository == repository)
+            .then(|| Arc::clone(&kept.verdict))
+    }
+
+    /// Puts `verdict` in front of the cache, standing as long as the cache keeps it at most.
+    fn put_in_front(&self, hash: u64, key: VerdictKey, verdict: &Arc<Verdict>) {
+        let age = verdict.checked_at.elapsed().unwrap_or_default();
+        let Some(until) = Instant::now().checked_add(self.ttl.saturating_sub(age)) else {
+            return;
+        };
+        let mut front = self.front.write().unwrap_or_else(PoisonError::into_inner);
+        if front.len() >= MAX_FRONT_VERDICTS {
+            front.clear();
+        }
+        front.insert(
+            hash,
+            FrontVerdict {
+                key,
+                verdict: Arc::clone(verdict),
+                until,
+            },
+        );
     }
 
     async fn verify(
@@ -656,6 +724,71 @@ mod tests {
             counts_reported: !counts.is_empty(),
             completed_at: Some(SystemTime::now()),
         }
+    }
+
+    /// The front answers the image and rule version it was given, never another, and never
+    /// past the cache's own time to live.
+    #[test]
+    fn the_front_holds_a_verdict_for_its_image_and_rule_version_only() {
+        use crate::registry::local::{LocalRegistry, LocalSettings};
+        let dir = std::env::temp_dir().join(format!("verify-front-{}", std::process::id()));
+        let registry = LocalRegistry::open(&LocalSettings {
+            data_dir: dir.clone(),
+            registry_id: "123456789012".to_owned(),
+            immutable_repositories: Vec::new(),
+        })
+        .unwrap();
+        let verifier = Verifier::new(Arc::new(registry), Duration::from_secs(60));
+        let repository = RepositoryKey {
+            registry_id: None,
+            repository: RepositoryName::parse("apps/web").unwrap(),
+        };
+        let other = RepositoryKey {
+            registry_id: None,
+            repository: RepositoryName::parse("apps/api").unwrap(),
+        };
+        let digest = Digest::parse(&format!("sha256:{}", "a".repeat(64))).unwrap();
+        let verdict = |checked_at| {
+            Arc::new(Verdict {
+                rule: "r".to_owned(),
+                mode: Mode::Enforce,
+                signed: None,
+                refusal: Some(Refusal::SignatureRequired),
+                scan_status: String::new(),
+                scan_counts: BTreeMap::new(),
+                checked_at,
+            })
+        };
+        let hash = |repository: &RepositoryKey, version: u64| {
+            verifier.hasher.hash_one((repository, &digest, version))
+        };
+        let key = (repository.clone(), digest.clone(), 1);
+        verifier.put_in_front(
+            hash(&repository, 1),
+            key.clone(),
+            &verdict(SystemTime::now()),
+        );
+        let found = verifier.in_front(hash(&repository, 1), &repository, &digest, 1);
+        assert_eq!(found.map(|v| v.rule.clone()), Some("r".to_owned()));
+        assert!(
+            verifier
+                .in_front(hash(&repository, 2), &repository, &digest, 2)
+                .is_none()
+        );
+        // Another image under the same hash (a collision) is not this verdict.
+        assert!(
+            verifier
+                .in_front(hash(&repository, 1), &other, &digest, 1)
+                .is_none()
+        );
+        let stale = SystemTime::now() - Duration::from_secs(61);
+        verifier.put_in_front(hash(&repository, 1), key, &verdict(stale));
+        assert!(
+            verifier
+                .in_front(hash(&repository, 1), &repository, &digest, 1)
+                .is_none()
+        );
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]
