@@ -20,8 +20,13 @@
 //! reports verification's cost as the ratio of the two (on / off), round by round, and again
 //! with both loaded at once on the shared server core (immune to the machine's drift).
 //! `H2LOAD_VERIFY=aa` runs the same comparison between two identical processes without the
-//! rule: what it reads when nothing differs. `H2LOAD_ONLY=side` runs only the side-by-side
-//! measure of a comparison.
+//! rule: what it reads when nothing differs.
+//!
+//! Runs measured one after the other drift with the machine (the bare server's own rate moves
+//! by 20% within minutes here). Each shape therefore also measures the service side by side
+//! with the bare server: both loaded at once, sharing the server core, so that their rates'
+//! ratio is their cost ratio (an A/A pair reads 0.99-1.00x, spread ±1%). `H2LOAD_ONLY=side`
+//! runs only the side-by-side measures.
 
 #[allow(dead_code)]
 #[path = "../tests/api/support/ecr_ext.rs"]
@@ -79,8 +84,8 @@ fn main() {
     // `aa`: two identical processes, no verify rule: what the comparison reads when nothing
     // differs (its calibration).
     let compare = mode == "compare" || mode == "aa";
-    // Only the side-by-side measure of a comparison (`H2LOAD_ONLY=side`).
-    let side_only = compare && std::env::var("H2LOAD_ONLY").is_ok_and(|o| o == "side");
+    // Only the side-by-side measures (`H2LOAD_ONLY=side`).
+    let side_only = std::env::var("H2LOAD_ONLY").is_ok_and(|o| o == "side");
     let signing = verify.then(|| {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let ext = runtime.block_on(ecr_ext::EcrExtension::start(moto::endpoint()));
@@ -220,6 +225,18 @@ fn main() {
                 );
             }
         }
+        let (name, (_, service, _)) = services.last().unwrap();
+        for (lookup, data) in lookups {
+            let pair = [bare_address, *service];
+            let side = side_by_side(pair, data, connections, streams, rounds, &work);
+            println!(
+                "{connections}x{streams} {name} {lookup}, side by side with the bare server on \
+                 the one server core: {:.3}x (median of {rounds}; spread {:.3}-{:.3})",
+                median(&side),
+                min(&side),
+                max(&side)
+            );
+        }
         if compare {
             for (l, (lookup, data)) in lookups.iter().enumerate() {
                 let on = ratio(lookups.len() + l, Some(l), |r| r.rps);
@@ -234,7 +251,8 @@ fn main() {
                         max(&on)
                     );
                 }
-                let side = side_by_side(&services, data, connections, streams, rounds, &work);
+                let pair = [services[0].1.1, services[1].1.1];
+                let side = side_by_side(pair, data, connections, streams, rounds, &work);
                 println!(
                     "{connections}x{streams} {lookup}, side by side on the one server core: \
                      {} / {} {:.3}x (median of {rounds}; spread {:.3}-{:.3})",
@@ -252,28 +270,25 @@ fn main() {
     let _ = std::fs::remove_dir_all(&work);
 }
 
-/// The second service's throughput over the first's, `rounds` times, with both loaded at once:
+/// The second server's throughput over the first's, `rounds` times, with both loaded at once:
 /// one h2load each, started together, the two servers sharing the server core. The kernel
 /// splits the core between them fairly, so each one's rate is its share over its cost per
 /// request, and whatever slows the machine slows both: the ratio is their cost ratio, without
 /// the drift between runs that turns measured one after the other.
 fn side_by_side(
-    services: &[(&str, (Guard, SocketAddr, SocketAddr))],
+    [first, second]: [SocketAddr; 2],
     data: &Path,
     connections: u32,
     streams: u32,
     rounds: usize,
     work: &Path,
 ) -> Vec<f64> {
-    let [(_, (_, first, _)), (_, (_, second, _))] = services else {
-        panic!("side by side needs two services");
-    };
     (0..rounds)
         .map(|_| {
             let logs = [work.join("first.log"), work.join("second.log")];
             let children = [
-                spawn_h2load(*first, data, connections, streams, &logs[0]),
-                spawn_h2load(*second, data, connections, streams, &logs[1]),
+                spawn_h2load(first, data, connections, streams, &logs[0]),
+                spawn_h2load(second, data, connections, streams, &logs[1]),
             ];
             let [a, b] = children;
             let (a, b) = (finish_h2load(a, &logs[0]), finish_h2load(b, &logs[1]));
