@@ -250,6 +250,19 @@ impl fmt::Display for Tag {
     }
 }
 
+/// The string inside each checked name, given up without a copy: an answer built from a
+/// cached image moves its names into the response rather than allocating them again.
+macro_rules! into_string {
+    ($($name:ident),*) => {$(
+        impl From<$name> for String {
+            fn from(name: $name) -> String {
+                name.0
+            }
+        }
+    )*};
+}
+into_string!(RepositoryName, Tag, Digest);
+
 /// A content digest, `sha256:` + 64 lowercase hex characters: the identity of a manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Digest(String);
