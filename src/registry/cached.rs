@@ -28,6 +28,7 @@ use prometheus_client::registry::{Registry as Metrics, Unit};
 use tokio::time::Instant;
 
 use super::flight::Flights;
+use super::front::Front;
 use super::{
     CacheStatus, DeleteImagesInput, DeleteOutcome, DescribeInput, DescribePage, Fetched,
     GetImageInput, ListInput, ListPage, PutImageInput, PutOutcome, Registry, RegistryError,
@@ -82,6 +83,108 @@ impl Default for CacheSettings {
     }
 }
 
+/// How long a copy in front of a cache stands at most: a hot key still reaches moka once a
+/// second, so its eviction policy keeps seeing it as hot, and an image moka has evicted stays
+/// held a second at most.
+const FRONT_STANDS: Duration = Duration::from_secs(1);
+/// Copies of tag resolutions in front of the tag cache: the tags being read now, which a fleet
+/// counts in hundreds. Full, it is emptied and refills (about 2 MB).
+const FRONT_TAGS: usize = 10_000;
+/// Copies of images in front of the digest cache: as many, and at most 8 MiB of manifests
+/// (an eighth of the default digest cache), which is what copies of evicted images can hold
+/// beyond the cache's budget, for [`FRONT_STANDS`] at most.
+const FRONT_IMAGES: usize = 10_000;
+const FRONT_IMAGE_BYTES: usize = 8 << 20;
+
+/// A cache keyed by repository and a tag or digest, and copies in front of it for reads.
+#[derive(Clone)]
+struct Fronted<X, V> {
+    cache: Cache<(RepositoryKey, X), V>,
+    front: Arc<Front<(RepositoryKey, X), V>>,
+    /// The cache's time to live: a copy never stands past its entry.
+    ttl: Duration,
+}
+
+/// Tag resolutions.
+type Tags = Fronted<Tag, Resolution>;
+/// Images by digest.
+type Images = Fronted<Digest, StoredImage>;
+
+/// Until when a copy read at `now` stands: [`FRONT_STANDS`] at most, never past the cache's
+/// own entry (of time to live `ttl`).
+trait Stands {
+    fn until(&self, now: Instant, ttl: Duration) -> Instant;
+}
+
+impl Stands for Resolution {
+    fn until(&self, now: Instant, ttl: Duration) -> Instant {
+        let stands = now + FRONT_STANDS;
+        self.resolved_at
+            .checked_add(ttl)
+            .map_or(stands, |end| end.min(stands))
+    }
+}
+
+impl Stands for StoredImage {
+    /// Content addressed: an image is true as long as the cache holds it.
+    fn until(&self, now: Instant, _: Duration) -> Instant {
+        now + FRONT_STANDS
+    }
+}
+
+impl<X, V> Fronted<X, V>
+where
+    X: std::hash::Hash + Eq + Clone + Send + Sync + 'static,
+    V: Stands + Clone + Send + Sync + 'static,
+{
+    /// `cache` (of time to live `ttl`), fronted by at most `max_entries` copies weighing at
+    /// most `max_weight` by `weigh`.
+    fn new(
+        cache: Cache<(RepositoryKey, X), V>,
+        ttl: Duration,
+        (max_entries, max_weight, weigh): (usize, usize, fn(&V) -> usize),
+    ) -> Self {
+        Self {
+            cache,
+            front: Arc::new(Front::new(max_entries, max_weight, weigh)),
+            ttl,
+        }
+    }
+
+    /// What the cache holds for `repository`'s `what` (looked up at `now`).
+    fn get(&self, repository: &RepositoryKey, what: &X, now: Instant) -> Option<V> {
+        let hash = self.front.hash((repository, what));
+        let miss = match self
+            .front
+            .get(hash, |(r, w)| r == repository && w == what, now)
+        {
+            Ok(value) => return Some(value),
+            Err(miss) => miss,
+        };
+        let key = (repository.clone(), what.clone());
+        let value = self.cache.get(&key)?;
+        let until = value.until(now, self.ttl);
+        self.front.keep(miss, hash, key, value.clone(), until);
+        Some(value)
+    }
+
+    fn insert(&self, key: (RepositoryKey, X), value: V) {
+        let hash = self.front.hash(&key);
+        self.cache.insert(key, value);
+        self.front.forget(hash);
+    }
+
+    fn invalidate(&self, repository: &RepositoryKey, what: &X) {
+        self.cache.invalidate(&(repository.clone(), what.clone()));
+        self.front.forget(self.front.hash((repository, what)));
+    }
+
+    fn invalidate_all(&self) {
+        self.cache.invalidate_all();
+        self.front.forget_all();
+    }
+}
+
 /// A tag's resolution to a digest, and when ECR said so.
 #[derive(Debug, Clone)]
 struct Resolution {
@@ -115,8 +218,8 @@ pub struct CacheStats {
 /// A [`Registry`] with caching and coalescing in front of another.
 pub struct CachedRegistry {
     inner: SharedRegistry,
-    digests: Cache<(RepositoryKey, Digest), StoredImage>,
-    tags: Cache<(RepositoryKey, Tag), Resolution>,
+    digests: Images,
+    tags: Tags,
     /// The cached tags of each digest, kept with the tag cache.
     by_digest: Arc<TagsByDigest>,
     flights: Flights<FlightKey, Result<StoredImage, RegistryError>>,
@@ -150,11 +253,12 @@ impl CachedRegistry {
             .build();
         // Kept as long as either use of a resolution can want it; freshness itself is checked
         // against each request's bound in `cached`.
+        let ttl = settings.tag_ttl.max(settings.stale_if_error);
         let by_digest = Arc::new(TagsByDigest::default());
         let forget = Arc::clone(&by_digest);
         let tags = Cache::builder()
             .max_capacity(settings.tag_cache_entries)
-            .time_to_live(settings.tag_ttl.max(settings.stale_if_error))
+            .time_to_live(ttl)
             // Every resolution that leaves (replaced, expired, evicted, invalidated) leaves the
             // index: moka tells each exactly once.
             .eviction_listener(
@@ -165,8 +269,14 @@ impl CachedRegistry {
             .build();
         Self {
             inner,
-            digests,
-            tags,
+            digests: Images::new(
+                digests,
+                Duration::MAX,
+                (FRONT_IMAGES, FRONT_IMAGE_BYTES, |image| {
+                    image.manifest.len()
+                }),
+            ),
+            tags: Tags::new(tags, ttl, (FRONT_TAGS, usize::MAX, |_| 0)),
             by_digest,
             flights: Flights::default(),
             buses: RwLock::default(),
@@ -213,7 +323,7 @@ impl CachedRegistry {
 
     /// `repository`'s `tag` was deleted here: its resolution goes, and the subscribers hear.
     fn deleted(&self, repository: &RepositoryKey, tag: &Tag) {
-        self.tags.invalidate(&(repository.clone(), tag.clone()));
+        self.tags.invalidate(repository, tag);
         self.tell(|bus| {
             bus.moved(&TagMove {
                 repository,
@@ -236,8 +346,8 @@ impl CachedRegistry {
 
     /// Bytes the digest cache holds (by its weigher), after pending maintenance.
     pub fn digest_cache_bytes(&self) -> u64 {
-        self.digests.run_pending_tasks();
-        self.digests.weighted_size()
+        self.digests.cache.run_pending_tasks();
+        self.digests.cache.weighted_size()
     }
 
     /// Records a verified image, and the tag it was read or put under as resolved at `at`,
@@ -250,7 +360,7 @@ impl CachedRegistry {
         at: Instant,
     ) {
         let key = (repository.clone(), image.digest.clone());
-        if !self.digests.contains_key(&key) {
+        if !self.digests.cache.contains_key(&key) {
             let untagged = StoredImage {
                 tag: None,
                 ..image.clone()
@@ -263,7 +373,11 @@ impl CachedRegistry {
         }
         if let Some(tag) = tag {
             let key = (repository.clone(), tag.clone());
-            let newer = self.tags.get(&key).is_none_or(|r| r.resolved_at <= at);
+            let newer = self
+                .tags
+                .cache
+                .get(&key)
+                .is_none_or(|r| r.resolved_at <= at);
             if newer {
                 let resolution = Resolution {
                     digest: image.digest.clone(),
@@ -283,11 +397,12 @@ impl CachedRegistry {
         max_age: Duration,
     ) -> Option<(StoredImage, Option<Duration>)> {
         let reference = &input.reference;
+        let now = Instant::now();
         let (digest, tag_age) = match reference.tag() {
             None => (reference.digest()?.clone(), None),
             Some(tag) => {
-                let resolution = self.tags.get(&(repository.clone(), tag.clone()))?;
-                let age = resolution.resolved_at.elapsed();
+                let resolution = self.tags.get(repository, tag, now)?;
+                let age = now.saturating_duration_since(resolution.resolved_at);
                 let agrees = reference.digest().is_none_or(|d| *d == resolution.digest);
                 if age > max_age || !agrees {
                     return None;
@@ -295,7 +410,7 @@ impl CachedRegistry {
                 (resolution.digest, Some(age))
             }
         };
-        let image = self.digests.get(&(repository.clone(), digest))?;
+        let image = self.digests.get(repository, &digest, now)?;
         // A narrowed accept list that excludes the stored type is ECR's to answer (by tag it
         // may convert), not ours.
         let accepted = input.accepted_media_types.is_empty()
@@ -411,6 +526,7 @@ impl CachedRegistry {
         let is_known_index = |reference: &ImageRef| {
             reference.digest().is_some_and(|digest| {
                 self.digests
+                    .cache
                     .get(&(repository.clone(), digest.clone()))
                     .is_some_and(|image| media_types::is_index(&image.media_type))
             })
@@ -435,8 +551,7 @@ impl CachedRegistry {
                 self.deleted(&repository, tag);
             }
             if let Some(digest) = &deleted.digest {
-                self.digests
-                    .invalidate(&(repository.clone(), digest.clone()));
+                self.digests.invalidate(&repository, digest);
                 self.tell(|bus| bus.digest_deleted(&repository, digest));
                 if by_digest.contains(digest) {
                     gone_by_digest.insert(digest.clone());
@@ -528,7 +643,7 @@ impl TagsByDigest {
 /// The tags of `repository` whose cached resolution is one of the digests `gone`: the index's
 /// tags of each, checked against the cache.
 fn tags_resolving_to<'a>(
-    tags: &Cache<(RepositoryKey, Tag), Resolution>,
+    tags: &Tags,
     by_digest: &TagsByDigest,
     repository: &RepositoryKey,
     gone: impl IntoIterator<Item = &'a Digest>,
@@ -539,7 +654,8 @@ fn tags_resolving_to<'a>(
                 .tags(repository, digest)
                 .into_iter()
                 .filter(move |tag| {
-                    tags.get(&(repository.clone(), tag.clone()))
+                    tags.cache
+                        .get(&(repository.clone(), tag.clone()))
                         .is_some_and(|r| r.digest == *digest)
                 })
         })
@@ -549,24 +665,24 @@ fn tags_resolving_to<'a>(
 /// Drops tag resolutions of one cache, for the tag moves other replicas report.
 #[derive(Clone)]
 pub struct TagInvalidator {
-    tags: Cache<(RepositoryKey, Tag), Resolution>,
+    tags: Tags,
     by_digest: Arc<TagsByDigest>,
-    digests: Cache<(RepositoryKey, Digest), StoredImage>,
+    digests: Images,
 }
 
 impl TagInvalidator {
     /// Another replica moved `tag`: the next read of it asks the registry.
     pub fn forget(&self, repository: RepositoryKey, tag: Tag) {
-        self.tags.invalidate(&(repository, tag));
+        self.tags.invalidate(&repository, &tag);
     }
 
     /// Another replica deleted `digest`: it is no longer served from here, nor are the tags
     /// that resolved to it.
     pub fn forget_digest(&self, repository: RepositoryKey, digest: Digest) {
         for tag in tags_resolving_to(&self.tags, &self.by_digest, &repository, [&digest]) {
-            self.tags.invalidate(&(repository.clone(), tag));
+            self.tags.invalidate(&repository, &tag);
         }
-        self.digests.invalidate(&(repository, digest));
+        self.digests.invalidate(&repository, &digest);
     }
 
     /// Tag moves may have been missed (the channel dropped): every resolution is suspect.
@@ -852,8 +968,8 @@ mod tests {
         cache.remember(&key, Some(&tag("d")), &one, at);
         cache.remember(&key, Some(&tag("d")), &two, at);
         cache.remember(&key, Some(&tag("e")), &one, at);
-        cache.tags.invalidate(&(key.clone(), tag("e")));
-        cache.tags.run_pending_tasks();
+        cache.tags.invalidate(&key, &tag("e"));
+        cache.tags.cache.run_pending_tasks();
         let mut of_one = cache.by_digest.tags(&key, &one.digest);
         of_one.sort_by(|x, y| x.as_str().cmp(y.as_str()));
         assert_eq!(of_one, vec![tag("a"), tag("b")], "the index of digest one");
@@ -862,13 +978,71 @@ mod tests {
             .forget_digest(key.clone(), one.digest.clone());
         for (t, cached) in [("a", false), ("b", false), ("c", true), ("d", true)] {
             assert_eq!(
-                cache.tags.contains_key(&(key.clone(), tag(t))),
+                cache.tags.cache.contains_key(&(key.clone(), tag(t))),
                 cached,
                 "tag {t}"
             );
         }
-        cache.tags.run_pending_tasks();
+        cache.tags.cache.run_pending_tasks();
         assert!(cache.by_digest.tags(&key, &one.digest).is_empty());
+    }
+
+    /// Hits are answered from copies in front of the caches; a tag another replica moved, a
+    /// digest deleted elsewhere, or every tag at once after missed news, is never answered
+    /// from a copy.
+    #[tokio::test(start_paused = true)]
+    async fn the_front_never_answers_what_the_cache_dropped() {
+        let memory = Memory::default();
+        let v1 = image("v1", 1);
+        memory.store(&v1);
+        let (cache, memory) = cache_with(memory, settings());
+        let key = RepositoryKey {
+            registry_id: None,
+            repository: repo(),
+        };
+        let invalidator = cache.tag_invalidator();
+        let status = |read: Result<Fetched, RegistryError>| read.unwrap().cache;
+        let hit = CacheStatus::Hit {
+            tag_age: Some(Duration::ZERO),
+        };
+        let mut reads = 0;
+        for forget in [
+            Box::new(|| invalidator.forget(key.clone(), Tag::parse("v1").unwrap()))
+                as Box<dyn Fn()>,
+            Box::new(|| invalidator.forget_all()),
+            Box::new(|| invalidator.forget_digest(key.clone(), v1.digest.clone())),
+        ] {
+            assert_eq!(
+                status(cache.get_image(by_tag("v1", None)).await),
+                CacheStatus::Miss
+            );
+            reads += 1;
+            // The first hit fills the fronts, the second is answered from them.
+            for _ in 0..2 {
+                assert_eq!(status(cache.get_image(by_tag("v1", None)).await), hit);
+                let by_digest = status(cache.get_image(by_digest(&v1.digest)).await);
+                assert_eq!(by_digest, CacheStatus::Hit { tag_age: None });
+            }
+            let v1_tag = Tag::parse("v1").unwrap();
+            let in_front = cache.tags.front.get(
+                cache.tags.front.hash((&key, &v1_tag)),
+                |(r, t)| *r == key && *t == v1_tag,
+                Instant::now(),
+            );
+            assert_eq!(in_front.map(|r| r.digest).ok(), Some(v1.digest.clone()));
+            assert_eq!(memory.reads(), reads);
+            forget();
+        }
+        let by_digest = status(cache.get_image(by_digest(&v1.digest)).await);
+        assert_eq!(
+            by_digest,
+            CacheStatus::Miss,
+            "a deleted digest is asked again"
+        );
+        assert_eq!(
+            status(cache.get_image(by_tag("v1", None)).await),
+            CacheStatus::Miss
+        );
     }
 
     /// A request's max_staleness overrides the TTL both ways; zero is a fresh read.

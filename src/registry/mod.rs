@@ -85,6 +85,7 @@ macro_rules! boxed_registry_methods {
 
 mod error;
 mod flight;
+pub mod front;
 
 pub mod accounts;
 pub mod cached;

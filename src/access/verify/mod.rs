@@ -25,18 +25,19 @@
 
 pub mod cosign;
 
-use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasher, RandomState};
-use std::sync::{Arc, PoisonError, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use serde::Deserialize;
+use tokio::time::Instant;
 
 use self::cosign::{BUNDLE_MEDIA_TYPE, Rejected, SIGNATURE_ANNOTATION, TrustedKey};
 use crate::access::authz::pattern::Pattern;
 use crate::domain::image::{Digest, ImageRef, RepositoryName, Tag};
+use crate::registry::front::{Front, Miss};
 use crate::registry::{
     GetImageInput, ReferrersInput, RegistryError, RepositoryKey, ScanState, ScanSummary,
     SharedRegistry,
@@ -304,14 +305,6 @@ pub struct Verdict {
 /// The key of a verdict: the image (registry, repository, digest) and the rule's version.
 type VerdictKey = (RepositoryKey, Digest, u64);
 
-/// A verdict in front of the cache: its key, to tell a hash's collision from a hit, and until
-/// when it stands (never after the cache's own entry).
-struct FrontVerdict {
-    key: VerdictKey,
-    verdict: Arc<Verdict>,
-    until: Instant,
-}
-
 /// Checks digests and keeps the verdicts.
 pub struct Verifier {
     registry: SharedRegistry,
@@ -320,8 +313,7 @@ pub struct Verifier {
     /// strings cloned, hashed, and the read recorded) was half of what verification cost a
     /// cached read; here a read is one hash and a map lookup under a read lock, nothing
     /// cloned but the `Arc`. The cache stays the authority and the one verification in flight.
-    front: RwLock<HashMap<u64, FrontVerdict>>,
-    hasher: RandomState,
+    front: Front<VerdictKey, Arc<Verdict>>,
     ttl: Duration,
     /// `imageservice_verifications_total{mode,outcome}`: verifications made (not cached reads).
     made: Family<[(&'static str, &'static str); 2], Counter>,
@@ -336,8 +328,7 @@ impl Verifier {
                 .max_capacity(MAX_VERDICTS)
                 .time_to_live(ttl)
                 .build(),
-            front: RwLock::default(),
-            hasher: RandomState::new(),
+            front: Front::new(MAX_FRONT_VERDICTS, usize::MAX, |_| 0),
             ttl,
             made: Family::default(),
         }
@@ -361,13 +352,15 @@ impl Verifier {
         repository: &RepositoryKey,
         digest: &Digest,
     ) -> Result<Arc<Verdict>, RegistryError> {
-        let hash = self.hasher.hash_one((repository, digest, rule.version));
-        if let Some(verdict) = self.in_front(hash, repository, digest, rule.version) {
-            return Ok(verdict);
-        }
+        let hash = self.front.hash((repository, digest, rule.version));
+        let is_key = |(r, d, v): &VerdictKey| *v == rule.version && d == digest && r == repository;
+        let miss = match self.front.get(hash, is_key, Instant::now()) {
+            Ok(verdict) => return Ok(verdict),
+            Err(miss) => miss,
+        };
         let key = (repository.clone(), digest.clone(), rule.version);
         if let Some(verdict) = self.verdicts.get(&key).await {
-            self.put_in_front(hash, key, &verdict);
+            self.put_in_front(miss, hash, key, &verdict);
             return Ok(verdict);
         }
         let made = self
@@ -395,47 +388,17 @@ impl Verifier {
             })
             .await;
         let verdict = made.map_err(|shared| (*shared).clone())?;
-        self.put_in_front(hash, key, &verdict);
+        self.put_in_front(miss, hash, key, &verdict);
         Ok(verdict)
     }
 
-    /// The verdict in front of the cache under `hash`, if it is this image's under this rule
-    /// version and still stands.
-    fn in_front(
-        &self,
-        hash: u64,
-        repository: &RepositoryKey,
-        digest: &Digest,
-        version: u64,
-    ) -> Option<Arc<Verdict>> {
-        let front = self.front.read().unwrap_or_else(PoisonError::into_inner);
-        let kept = front.get(&hash)?;
-        let (kept_repository, kept_digest, kept_version) = &kept.key;
-        (kept.until > Instant::now()
-            && *kept_version == version
-            && kept_digest == digest
-            && kept_repository == repository)
-            .then(|| Arc::clone(&kept.verdict))
-    }
-
     /// Puts `verdict` in front of the cache, standing as long as the cache keeps it at most.
-    fn put_in_front(&self, hash: u64, key: VerdictKey, verdict: &Arc<Verdict>) {
+    fn put_in_front(&self, miss: Miss, hash: u64, key: VerdictKey, verdict: &Arc<Verdict>) {
         let age = verdict.checked_at.elapsed().unwrap_or_default();
-        let Some(until) = Instant::now().checked_add(self.ttl.saturating_sub(age)) else {
-            return;
-        };
-        let mut front = self.front.write().unwrap_or_else(PoisonError::into_inner);
-        if front.len() >= MAX_FRONT_VERDICTS {
-            front.clear();
+        let now = Instant::now();
+        if let Some(until) = now.checked_add(self.ttl.saturating_sub(age)) {
+            self.front.keep(miss, hash, key, Arc::clone(verdict), until);
         }
-        front.insert(
-            hash,
-            FrontVerdict {
-                key,
-                verdict: Arc::clone(verdict),
-                until,
-            },
-        );
     }
 
     async fn verify(
@@ -760,34 +723,32 @@ mod tests {
             })
         };
         let hash = |repository: &RepositoryKey, version: u64| {
-            verifier.hasher.hash_one((repository, &digest, version))
+            verifier.front.hash((repository, &digest, version))
+        };
+        let found = |repository: &RepositoryKey, version: u64| {
+            let is_key = |(r, d, v): &VerdictKey| *v == version && *d == digest && r == repository;
+            verifier
+                .front
+                .get(hash(repository, version), is_key, Instant::now())
         };
         let key = (repository.clone(), digest.clone(), 1);
+        let miss = found(&repository, 1).unwrap_err();
         verifier.put_in_front(
+            miss,
             hash(&repository, 1),
             key.clone(),
             &verdict(SystemTime::now()),
         );
-        let found = verifier.in_front(hash(&repository, 1), &repository, &digest, 1);
-        assert_eq!(found.map(|v| v.rule.clone()), Some("r".to_owned()));
-        assert!(
-            verifier
-                .in_front(hash(&repository, 2), &repository, &digest, 2)
-                .is_none()
+        assert_eq!(
+            found(&repository, 1).map(|v| v.rule.clone()).ok(),
+            Some("r".to_owned())
         );
-        // Another image under the same hash (a collision) is not this verdict.
-        assert!(
-            verifier
-                .in_front(hash(&repository, 1), &other, &digest, 1)
-                .is_none()
-        );
+        assert!(found(&repository, 2).is_err());
+        assert!(found(&other, 1).is_err());
+        let miss = found(&other, 1).unwrap_err();
         let stale = SystemTime::now() - Duration::from_secs(61);
-        verifier.put_in_front(hash(&repository, 1), key, &verdict(stale));
-        assert!(
-            verifier
-                .in_front(hash(&repository, 1), &repository, &digest, 1)
-                .is_none()
-        );
+        verifier.put_in_front(miss, hash(&repository, 1), key, &verdict(stale));
+        assert!(found(&repository, 1).is_err());
         let _ = std::fs::remove_dir_all(dir);
     }
 
