@@ -20,7 +20,8 @@
 //! reports verification's cost as the ratio of the two (on / off), round by round, and again
 //! with both loaded at once on the shared server core (immune to the machine's drift).
 //! `H2LOAD_VERIFY=aa` runs the same comparison between two identical processes without the
-//! rule: what it reads when nothing differs.
+//! rule: what it reads when nothing differs. With `H2LOAD_A_BIN` set to another build, A is
+//! that build: a before/after pair measured side by side (B/A above 1: this build is cheaper).
 //!
 //! Runs measured one after the other drift with the machine (the bare server's own rate moves
 //! by 20% within minutes here). Each shape therefore also measures the service side by side
@@ -115,7 +116,12 @@ fn main() {
             .as_ref()
             .map(|(_, ext, off, _)| (ext.endpoint.as_str(), off.as_path()));
         let name = if verify { "verification off" } else { "A" };
-        services.push((name, start_service(off)));
+        // `aa` with H2LOAD_A_BIN: A is another build (the "before" of a change), side by side
+        // with this one.
+        let binary = std::env::var_os("H2LOAD_A_BIN")
+            .filter(|_| !verify)
+            .map_or_else(service_binary, PathBuf::from);
+        services.push((name, start_service(binary, off)));
     }
     let name = match (verify, compare) {
         (true, _) => "verification on",
@@ -125,7 +131,7 @@ fn main() {
     let policy = signing
         .as_ref()
         .map(|(_, ext, _, on)| (ext.endpoint.as_str(), on.as_path()));
-    services.push((name, start_service(policy)));
+    services.push((name, start_service(service_binary(), policy)));
     let (_, (_, seeded, _)) = services.last().unwrap();
     let answer = runtime.block_on(seed(*seeded, signing.as_ref().map(|(k, e, _, _)| (k, e))));
     if verify {
@@ -393,14 +399,17 @@ fn request_file(work: &Path, name: &str, tag: &str, digest: &str) -> PathBuf {
 
 /// The release binary on its defaults, pinned to the server core, in front of moto: the
 /// process, its gRPC address and its admin address.
-fn start_service(verify: Option<(&str, &Path)>) -> (Guard, SocketAddr, SocketAddr) {
+fn start_service(
+    binary: PathBuf,
+    verify: Option<(&str, &Path)>,
+) -> (Guard, SocketAddr, SocketAddr) {
     let (grpc, admin) = (free_address(), free_address());
     let endpoint = verify.map_or(moto::endpoint(), |(endpoint, _)| endpoint);
     let policy = verify
         .map(|(_, policy)| vec!["--authz-policy".to_owned(), policy.display().to_string()])
         .unwrap_or_default();
     let child = pinned(
-        Command::new(service_binary())
+        Command::new(binary)
             .arg("serve")
             .args(["--region", "us-east-1"])
             .args(["--ecr-endpoint-url", endpoint])
