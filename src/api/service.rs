@@ -218,7 +218,12 @@ impl ImageService {
         repository: &RepositoryKey,
         digest: &Digest,
     ) -> Result<pb::Verification, Error> {
-        let verdict = self.verifier.verdict(rule, repository, digest).await?;
+        let verdict = match self.verifier.kept(rule, repository, digest) {
+            Some(verdict) => verdict,
+            // Boxed: a verification's state (signatures, blobs, scans) would otherwise sit in
+            // every read's future, copied whole into the box each request's work is put in.
+            None => Box::pin(self.verifier.verdict(rule, repository, digest)).await?,
+        };
         if let (Some(refusal), Mode::Enforce) = (&verdict.refusal, rule.mode) {
             return Err(Error::Unverified {
                 rule: rule.id.clone(),

@@ -343,6 +343,20 @@ impl Verifier {
         );
     }
 
+    /// The verdict on `digest` of `repository` under `rule` if one is kept in front of the
+    /// cache: a read asks this first, and makes [`verdict`](Self::verdict)'s future only when
+    /// it is not.
+    pub fn kept(
+        &self,
+        rule: &VerifyRule,
+        repository: &RepositoryKey,
+        digest: &Digest,
+    ) -> Option<Arc<Verdict>> {
+        let hash = self.front.hash((repository, digest, rule.version));
+        let is_key = |(r, d, v): &VerdictKey| *v == rule.version && d == digest && r == repository;
+        self.front.get(hash, is_key, Instant::now()).ok()
+    }
+
     /// The verdict on `digest` of `repository` under `rule`: a kept one, or one verification
     /// shared by every caller asking meanwhile. A registry failure is not a verdict: it is the
     /// error, and the next read tries again.
