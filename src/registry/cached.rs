@@ -137,16 +137,15 @@ where
     X: std::hash::Hash + Eq + Clone + Send + Sync + 'static,
     V: Stands + Clone + Send + Sync + 'static,
 {
-    /// `cache` (of time to live `ttl`), fronted by at most `max_entries` copies weighing at
-    /// most `max_weight` by `weigh`.
+    /// `cache` (of time to live `ttl`) with `front` before it.
     fn new(
         cache: Cache<(RepositoryKey, X), V>,
         ttl: Duration,
-        (max_entries, max_weight, weigh): (usize, usize, fn(&V) -> usize),
+        front: Front<(RepositoryKey, X), V>,
     ) -> Self {
         Self {
             cache,
-            front: Arc::new(Front::new(max_entries, max_weight, weigh)),
+            front: Arc::new(front),
             ttl,
         }
     }
@@ -272,11 +271,11 @@ impl CachedRegistry {
             digests: Images::new(
                 digests,
                 Duration::MAX,
-                (FRONT_IMAGES, FRONT_IMAGE_BYTES, |image| {
+                Front::new(FRONT_IMAGES, FRONT_IMAGE_BYTES, |image| {
                     image.manifest.len()
                 }),
             ),
-            tags: Tags::new(tags, ttl, (FRONT_TAGS, usize::MAX, |_| 0)),
+            tags: Tags::new(tags, ttl, Front::by_count(FRONT_TAGS)),
             by_digest,
             flights: Flights::default(),
             buses: RwLock::default(),

@@ -64,6 +64,11 @@ impl<K: Eq, V: Clone> Front<K, V> {
         }
     }
 
+    /// A front of at most `max_entries` copies, whatever they weigh.
+    pub fn by_count(max_entries: usize) -> Self {
+        Self::new(max_entries, usize::MAX, |_| 0)
+    }
+
     /// The hash of a key, given as borrowed parts that hash as the key does (a tuple of
     /// references hashes as the tuple of values).
     pub fn hash(&self, key: impl Hash) -> u64 {

@@ -328,7 +328,7 @@ impl Verifier {
                 .max_capacity(MAX_VERDICTS)
                 .time_to_live(ttl)
                 .build(),
-            front: Front::new(MAX_FRONT_VERDICTS, usize::MAX, |_| 0),
+            front: Front::by_count(MAX_FRONT_VERDICTS),
             ttl,
             made: Family::default(),
         }
@@ -352,9 +352,22 @@ impl Verifier {
         repository: &RepositoryKey,
         digest: &Digest,
     ) -> Option<Arc<Verdict>> {
+        self.in_front(rule, repository, digest).ok()
+    }
+
+    /// The verdict kept in front of the cache, else the miss and the key's hash to keep the
+    /// cache's answer with.
+    fn in_front(
+        &self,
+        rule: &VerifyRule,
+        repository: &RepositoryKey,
+        digest: &Digest,
+    ) -> Result<Arc<Verdict>, (Miss, u64)> {
         let hash = self.front.hash((repository, digest, rule.version));
         let is_key = |(r, d, v): &VerdictKey| *v == rule.version && d == digest && r == repository;
-        self.front.get(hash, is_key, Instant::now()).ok()
+        self.front
+            .get(hash, is_key, Instant::now())
+            .map_err(|miss| (miss, hash))
     }
 
     /// The verdict on `digest` of `repository` under `rule`: a kept one, or one verification
@@ -366,9 +379,7 @@ impl Verifier {
         repository: &RepositoryKey,
         digest: &Digest,
     ) -> Result<Arc<Verdict>, RegistryError> {
-        let hash = self.front.hash((repository, digest, rule.version));
-        let is_key = |(r, d, v): &VerdictKey| *v == rule.version && d == digest && r == repository;
-        let miss = match self.front.get(hash, is_key, Instant::now()) {
+        let (miss, hash) = match self.in_front(rule, repository, digest) {
             Ok(verdict) => return Ok(verdict),
             Err(miss) => miss,
         };
