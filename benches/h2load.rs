@@ -28,6 +28,11 @@
 //! with the bare server: both loaded at once, sharing the server core, so that their rates'
 //! ratio is their cost ratio (an A/A pair reads 0.99-1.00x, spread ±1%). `H2LOAD_ONLY=side`
 //! runs only the side-by-side measures.
+//!
+//! Pinned to one core, the service runs the single-threaded scheduler (its default on one CPU,
+//! `src/runtime.rs`); the bare server runs tonic's usual `Runtime::new()`.
+//! `H2LOAD_BARE_SCHEDULER=current-thread` gives the bare server the service's scheduler: what
+//! the code paths cost apart from it.
 
 #[allow(dead_code)]
 #[path = "../tests/api/support/ecr_ext.rs"]
@@ -569,10 +574,20 @@ fn ok_count(admin: SocketAddr) -> u64 {
         .sum()
 }
 
-/// The bare server: the same response bytes, decoded once; a clone per call, no logic.
+/// The bare server: the same response bytes, decoded once; a clone per call, no logic. On
+/// tonic's usual runtime (`Runtime::new()`, multi-threaded), or with
+/// `H2LOAD_BARE_SCHEDULER=current-thread` on the one the service picks on one CPU: the
+/// comparison of code paths alone, the scheduler's effect set aside.
 fn bare_server(address: SocketAddr, response: &[u8]) {
     let template = GetImageResponse::decode(response).unwrap();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let runtime = if std::env::var("H2LOAD_BARE_SCHEDULER").is_ok_and(|s| s == "current-thread") {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    } else {
+        tokio::runtime::Runtime::new().unwrap()
+    };
     runtime.block_on(async move {
         tonic::transport::Server::builder()
             .add_service(ImageServiceServer::new(Bare(Arc::new(template))))

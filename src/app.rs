@@ -230,6 +230,8 @@ pub async fn serve(
         identity_source = args.identity_source.name(),
         attribute_writes = args.attribute_writes.name(),
         audit = args.audit == crate::config::Switch::On,
+        workers = crate::runtime::workers(args.worker_threads),
+        scheduler = crate::runtime::scheduler(crate::runtime::workers(args.worker_threads)).as_str(),
         "listening"
     );
     bound.serve(registry, shutdown).await?;

@@ -283,6 +283,12 @@ pub struct ServeArgs {
     #[arg(long, env = "ECR_IMAGE_SERVICE_MAX_CONNECTIONS", default_value_t = server::DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
 
+    /// Threads that serve requests. Unset: the CPUs this process may use (CPU affinity and
+    /// cgroup quota). With one, the single-threaded scheduler, which writes a connection's
+    /// ready answers together (see `runtime`).
+    #[arg(long, env = "ECR_IMAGE_SERVICE_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
+
     /// PutImage requests per second the account allows (ECR quota L-AD52DFB2).
     #[arg(long, env = "ECR_IMAGE_SERVICE_PUT_IMAGE_RATE", default_value_t = ecr::DEFAULT_PUT_IMAGE_RATE)]
     pub put_image_rate: f64,
@@ -519,6 +525,18 @@ impl ServeArgs {
         }
         if self.max_connections == 0 {
             return Err(invalid("--max-connections", "must be at least 1"));
+        }
+        if self
+            .worker_threads
+            .is_some_and(|n| !(1..=crate::runtime::MAX_WORKER_THREADS).contains(&n))
+        {
+            return Err(invalid(
+                "--worker-threads",
+                format!(
+                    "must be at least 1 and at most {}",
+                    crate::runtime::MAX_WORKER_THREADS
+                ),
+            ));
         }
         if self.default_deadline.is_zero() {
             return Err(invalid("--default-deadline", "must be greater than zero"));

@@ -31,7 +31,7 @@
 //! [`app`] (the wiring: builds the stack and serves it), [`config`] (flags and env twins),
 //! [`cli`] and [`health_check`] (the client subcommands), [`telemetry`] (logs and traces),
 //! [`metrics`] (Prometheus), [`memory`] (memory given back after a herd), [`reload`] (the one
-//! file-reload loop).
+//! file-reload loop), [`runtime`] (the scheduler and its threads).
 
 pub mod access;
 pub mod api;
@@ -45,6 +45,7 @@ pub mod memory;
 pub mod metrics;
 pub mod registry;
 pub mod reload;
+pub mod runtime;
 pub mod telemetry;
 pub mod transport;
 

@@ -10,7 +10,7 @@ use tracing::error;
 
 use ecr_image_service::cli::{self, Cli, Command, exit};
 use ecr_image_service::config::ServeArgs;
-use ecr_image_service::{app, server, shutdown, telemetry};
+use ecr_image_service::{app, runtime, server, shutdown, telemetry};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -42,7 +42,8 @@ fn serve(args: ServeArgs) -> ExitCode {
         Ok(loaded) => loaded,
         Err(err) => return config_error(&err.to_string()),
     };
-    let runtime = match tokio::runtime::Runtime::new() {
+    let workers = runtime::workers(args.worker_threads);
+    let runtime = match runtime::build(workers) {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("ecr-image-service: cannot start the async runtime: {err}");
@@ -62,16 +63,20 @@ fn serve(args: ServeArgs) -> ExitCode {
         Ok(telemetry) => telemetry,
         Err(err) => return config_error(&err.to_string()),
     };
-    let exit = match runtime.block_on(app::serve(args, loaded, shutdown::signal())) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            error!(error = %err, "cannot serve");
-            ExitCode::from(err.exit_code())
-        }
-    };
-    // Before the runtime goes: the last spans are sent on its connection.
-    telemetry.shutdown();
-    exit
+    runtime.block_on(async {
+        let exit = match app::serve(args, loaded, shutdown::signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                error!(error = %err, "cannot serve");
+                ExitCode::from(err.exit_code())
+            }
+        };
+        // The last spans are sent on the runtime's connection, so the runtime must be driven
+        // while the exporter flushes: on the single-threaded scheduler nothing else drives it.
+        // A failed join (the flush panicked) loses spans, not the exit code.
+        let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+        exit
+    })
 }
 
 /// Prints one line saying what is wrong, and exits 64.

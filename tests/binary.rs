@@ -64,6 +64,12 @@ fn invalid_configuration_exits_64_with_one_line() {
         ),
         ("unknown flag", vec!["serve", "--bogus"], vec![], "--bogus"),
         (
+            "no worker threads",
+            vec!["serve", "--worker-threads", "0"],
+            vec![],
+            "--worker-threads",
+        ),
+        (
             "bad endpoint",
             vec!["serve", "--ecr-endpoint-url", "ftp://x"],
             vec![],
@@ -614,11 +620,23 @@ mod collector {
 /// last spans are flushed on SIGTERM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn otlp_export_continues_the_callers_trace_with_rpc_and_ecr_spans() {
+    otlp_export(&[]).await;
+}
+
+/// The same on one CPU's scheduler (`--worker-threads 1`): the flush at SIGTERM needs the
+/// runtime driven while it sends, which on one thread only the exit path itself can do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_export_flushes_on_one_thread_too() {
+    otlp_export(&["--worker-threads", "1"]).await;
+}
+
+async fn otlp_export(args: &[&str]) {
     use opentelemetry_proto::tonic::common::v1::any_value::Value as Attribute;
     use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 
     const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
     const CALLER_SPAN: &str = "00f067aa0ba902b7";
+    let repository = support::unique("otlp");
     let collector = collector::Collector::default();
     let otlp = collector.start().await;
     let otlp_endpoint = format!("http://{otlp}");
@@ -627,15 +645,19 @@ async fn otlp_export_continues_the_callers_trace_with_rpc_and_ecr_spans() {
         mut client,
         ..
     } = serve_on_moto(
-        &["--otlp-endpoint", &otlp_endpoint, "--shutdown-delay", "0s"],
-        "otlp",
+        &[
+            &["--otlp-endpoint", &otlp_endpoint, "--shutdown-delay", "0s"],
+            args,
+        ]
+        .concat(),
+        &repository,
     )
     .await;
     client
-        .put_image(requests::put("otlp", "v1", SEED))
+        .put_image(requests::put(&repository, "v1", SEED))
         .await
         .unwrap();
-    let mut fresh = requests::get("otlp", "v1", "");
+    let mut fresh = requests::get(&repository, "v1", "");
     fresh.max_staleness = Some(prost_types::Duration::default());
     let mut traced = tonic::Request::new(fresh);
     traced.metadata_mut().insert(
@@ -1555,9 +1577,21 @@ fn policy_check_prints_the_allowing_rule_and_exits_per_decision() {
 /// A rollout's herd, on the defaults: 10,000 concurrent GetImage calls for one cold tag, over
 /// 100 HTTP/2 connections, make exactly one BatchGetImage (ECR answering in 300 ms), all 10,000
 /// succeed, and resident memory grows by at most 64 MiB. (With a request-count limit of 512,
-/// 362 of 1,000 such calls used to be shed though all waited on one ECR call.)
+/// 362 of 1,000 such calls used to be shed though all waited on one ECR call.) On this
+/// machine's CPUs (the multi-threaded scheduler on CI's two).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_herd_of_ten_thousand_on_one_cold_tag_is_one_ecr_call() {
+    herd_of_ten_thousand(&[]).await;
+}
+
+/// The same herd on one CPU's scheduler (`--worker-threads 1`, what a pod limited to one CPU
+/// runs): every waiter wakes at once on one thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_herd_of_ten_thousand_on_one_thread_is_one_ecr_call() {
+    herd_of_ten_thousand(&["--worker-threads", "1"]).await;
+}
+
+async fn herd_of_ten_thousand(args: &[&str]) {
     use support::recorded::{RecordedEcr, Reply};
     let repository = support::unique("herd");
     let image = serde_json::json!({
@@ -1573,7 +1607,11 @@ async fn a_herd_of_ten_thousand_on_one_cold_tag_is_one_ecr_call() {
             .after(Duration::from_millis(300)),
     )])
     .await;
-    let running = serve_on_moto(&["--ecr-endpoint-url", &ecr.endpoint], &repository).await;
+    let running = serve_on_moto(
+        &[&["--ecr-endpoint-url", &ecr.endpoint], args].concat(),
+        &repository,
+    )
+    .await;
     let pid = running.child.id();
     let mut channels = Vec::new();
     for _ in 0..100 {
@@ -1603,7 +1641,7 @@ async fn a_herd_of_ten_thousand_on_one_cold_tag_is_one_ecr_call() {
     let peak = memory_bytes(pid, "VmHWM");
     let growth = peak.saturating_sub(before);
     eprintln!(
-        "herd: 10,000 calls, failures {failures:?}, BatchGetImage calls {}, resident {} MiB before, peak {} MiB (+{} MiB)",
+        "herd {args:?}: 10,000 calls, failures {failures:?}, BatchGetImage calls {}, resident {} MiB before, peak {} MiB (+{} MiB)",
         ecr.count("BatchGetImage"),
         before >> 20,
         peak >> 20,

@@ -108,6 +108,7 @@ Whole numbers are printed as integers (Helm reads numbers as floats: 1000000 wou
   "maxUpstreamCallsPerCaller" "MAX_UPSTREAM_CALLS_PER_CALLER"
   "requestBodyTimeout" "REQUEST_BODY_TIMEOUT"
   "maxConnections" "MAX_CONNECTIONS"
+  "workerThreads" "WORKER_THREADS"
   "putImageRate" "PUT_IMAGE_RATE"
   "batchGetImageRate" "BATCH_GET_IMAGE_RATE"
   "batchDeleteImageRate" "BATCH_DELETE_IMAGE_RATE"
