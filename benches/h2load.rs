@@ -581,10 +581,7 @@ fn ok_count(admin: SocketAddr) -> u64 {
 fn bare_server(address: SocketAddr, response: &[u8]) {
     let template = GetImageResponse::decode(response).unwrap();
     let runtime = if std::env::var("H2LOAD_BARE_SCHEDULER").is_ok_and(|s| s == "current-thread") {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
+        ecr_image_service::runtime::build(1).unwrap()
     } else {
         tokio::runtime::Runtime::new().unwrap()
     };

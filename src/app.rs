@@ -221,6 +221,8 @@ pub async fn serve(
     if let Some(fleet) = fleet {
         bound = bound.with_shared_polls(fleet);
     }
+    // As the runtime serving this was built, not worked out again from the flags.
+    let (workers, scheduler) = crate::runtime::current().unzip();
     info!(
         address = %bound.address(),
         admin_address = %bound.admin_address(),
@@ -230,8 +232,8 @@ pub async fn serve(
         identity_source = args.identity_source.name(),
         attribute_writes = args.attribute_writes.name(),
         audit = args.audit == crate::config::Switch::On,
-        workers = crate::runtime::workers(args.worker_threads),
-        scheduler = crate::runtime::scheduler(crate::runtime::workers(args.worker_threads)).as_str(),
+        workers,
+        scheduler = scheduler.map(crate::runtime::Scheduler::as_str),
         "listening"
     );
     bound.serve(registry, shutdown).await?;

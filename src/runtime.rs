@@ -58,6 +58,17 @@ pub fn scheduler(workers: usize) -> Scheduler {
     }
 }
 
+/// The runtime this is called on: its worker threads and its scheduler, as it was built
+/// (`None` outside a runtime).
+pub fn current() -> Option<(usize, Scheduler)> {
+    let handle = tokio::runtime::Handle::try_current().ok()?;
+    let scheduler = match handle.runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::CurrentThread => Scheduler::CurrentThread,
+        _ => Scheduler::MultiThread,
+    };
+    Some((handle.metrics().num_workers(), scheduler))
+}
+
 /// Builds the runtime for `workers` threads (see [`workers`]), with I/O and timers.
 pub fn build(workers: usize) -> io::Result<Runtime> {
     match scheduler(workers) {
@@ -80,6 +91,18 @@ mod tests {
         assert_eq!(workers(Some(3)), 3);
         let cpus = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
         assert_eq!(workers(None), cpus, "unset: the CPUs this process may use");
+    }
+
+    #[test]
+    fn current_reads_the_runtime_as_built() {
+        assert_eq!(current(), None);
+        for (workers, scheduler) in [(1, Scheduler::CurrentThread), (2, Scheduler::MultiThread)] {
+            let runtime = build(workers).unwrap();
+            assert_eq!(
+                runtime.block_on(async { current() }),
+                Some((workers, scheduler))
+            );
+        }
     }
 
     #[test]

@@ -1,11 +1,10 @@
 //! The ImageService RPCs: request -> validate -> registry -> response, one span per request.
 
 use std::future::Future;
-
-use futures_util::future::{Either, FutureExt};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use futures_util::future::{Either, FutureExt};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::time::Instant;
