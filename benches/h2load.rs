@@ -29,10 +29,11 @@
 //! ratio is their cost ratio (an A/A pair reads 0.99-1.00x, spread ±1%). `H2LOAD_ONLY=side`
 //! runs only the side-by-side measures.
 //!
-//! Pinned to one core, the service runs the single-threaded scheduler (its default on one CPU,
-//! `src/runtime.rs`); the bare server runs tonic's usual `Runtime::new()`.
-//! `H2LOAD_BARE_SCHEDULER=current-thread` gives the bare server the service's scheduler: what
-//! the code paths cost apart from it.
+//! The service runs its default scheduler (multi-threaded, one worker on the one core), the
+//! bare server tonic's usual `Runtime::new()`. `H2LOAD_WORKER_THREADS=1` runs the service with
+//! `--worker-threads 1` (the single-threaded scheduler, `src/runtime.rs`), and
+//! `H2LOAD_BARE_SCHEDULER=current-thread` gives the bare server that scheduler too: what the
+//! code paths cost apart from it.
 
 #[allow(dead_code)]
 #[path = "../tests/api/support/ecr_ext.rs"]
@@ -419,6 +420,11 @@ fn start_service(
             .args(["--region", "us-east-1"])
             .args(["--ecr-endpoint-url", endpoint])
             .args(policy)
+            .args(
+                std::env::var("H2LOAD_WORKER_THREADS")
+                    .map(|n| vec!["--worker-threads".to_owned(), n])
+                    .unwrap_or_default(),
+            )
             .args(["--listen", &grpc.to_string()])
             .args(["--admin-listen", &admin.to_string()])
             .env("AWS_ACCESS_KEY_ID", "testing")
@@ -581,7 +587,7 @@ fn ok_count(admin: SocketAddr) -> u64 {
 fn bare_server(address: SocketAddr, response: &[u8]) {
     let template = GetImageResponse::decode(response).unwrap();
     let runtime = if std::env::var("H2LOAD_BARE_SCHEDULER").is_ok_and(|s| s == "current-thread") {
-        ecr_image_service::runtime::build(1).unwrap()
+        ecr_image_service::runtime::build(Some(1)).unwrap()
     } else {
         tokio::runtime::Runtime::new().unwrap()
     };

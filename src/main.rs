@@ -42,8 +42,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         Ok(loaded) => loaded,
         Err(err) => return config_error(&err.to_string()),
     };
-    let workers = runtime::workers(args.worker_threads);
-    let runtime = match runtime::build(workers) {
+    let runtime = match runtime::build(args.worker_threads) {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("ecr-image-service: cannot start the async runtime: {err}");
@@ -72,7 +71,8 @@ fn serve(args: ServeArgs) -> ExitCode {
             }
         };
         // The last spans are sent on the runtime's connection, so the runtime must be driven
-        // while the exporter flushes: on the single-threaded scheduler nothing else drives it.
+        // while the exporter flushes: on the single-threaded scheduler (`--worker-threads 1`)
+        // nothing else drives it.
         // A failed join (the flush panicked) loses spans, not the exit code.
         let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
         exit

@@ -1,6 +1,5 @@
-//! The Tokio runtime the service runs on: as many worker threads as the CPUs it may use, and on
-//! one CPU the single-threaded scheduler, as linkerd2-proxy chooses ("the basic scheduler is
-//! used when the threaded scheduler would provide no benefit").
+//! The Tokio runtime the service runs on: by default the multi-threaded scheduler, one worker
+//! per CPU the process may use; with `--worker-threads 1`, the single-threaded scheduler.
 //!
 //! On one CPU the choice is not only about threads. The multi-threaded scheduler runs a task
 //! woken by the running one next (its LIFO slot): each finished request wakes its
@@ -9,9 +8,14 @@
 //! reader. The single-threaded scheduler runs woken tasks in order, so the connection's task
 //! runs after the other ready requests and writes their answers together. Measured under h2load
 //! on one core (`docs/benchmark.md`, "The scheduler"): 0.58 writes per answer instead of 1,
-//! and cached reads at 1.16-1.23x a bare tonic server's rate (on tonic's usual runtime), from
-//! 0.82-0.84x. Given the same scheduler, the bare server is still the cheaper: the service
-//! answers 0.83-0.86x its rate.
+//! and cached reads at 1.16-1.24x a bare tonic server's rate (on tonic's usual runtime), where
+//! the default reads 0.82-0.84x.
+//!
+//! It is not the default, even on one CPU (where linkerd2-proxy picks it), because of a herd:
+//! 10,000 callers waiting on one ECR read all wake at once, and on one thread in order every
+//! one of their answers is built before any connection writes one. A herd of fast readers then
+//! held up to +106 MiB at its peak, against +28 MiB on the default and the 64 MiB bound that a
+//! rollout's herd is held to (`a_herd_of_ten_thousand_on_one_cold_tag_is_one_ecr_call`).
 
 use std::io;
 use std::num::NonZeroUsize;
@@ -49,9 +53,10 @@ pub fn workers(requested: Option<usize>) -> usize {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, NonZeroUsize::get))
 }
 
-/// The scheduler for `workers` threads: the single-threaded one for one.
-pub fn scheduler(workers: usize) -> Scheduler {
-    if workers <= 1 {
+/// The scheduler for the `requested` worker threads: the single-threaded one only when one is
+/// asked for (not when one CPU is all there is: see the module).
+pub fn scheduler(requested: Option<usize>) -> Scheduler {
+    if requested == Some(1) {
         Scheduler::CurrentThread
     } else {
         Scheduler::MultiThread
@@ -69,9 +74,11 @@ pub fn current() -> Option<(usize, Scheduler)> {
     Some((handle.metrics().num_workers(), scheduler))
 }
 
-/// Builds the runtime for `workers` threads (see [`workers`]), with I/O and timers.
-pub fn build(workers: usize) -> io::Result<Runtime> {
-    match scheduler(workers) {
+/// Builds the runtime for the `requested` worker threads (see [`workers`] and
+/// [`scheduler`]), with I/O and timers.
+pub fn build(requested: Option<usize>) -> io::Result<Runtime> {
+    let workers = workers(requested);
+    match scheduler(requested) {
         Scheduler::CurrentThread => Builder::new_current_thread().enable_all().build(),
         Scheduler::MultiThread => Builder::new_multi_thread()
             .worker_threads(workers)
@@ -85,9 +92,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn one_cpu_runs_the_single_threaded_scheduler() {
-        assert_eq!(scheduler(1), Scheduler::CurrentThread);
-        assert_eq!(scheduler(2), Scheduler::MultiThread);
+    fn only_one_worker_asked_for_runs_the_single_threaded_scheduler() {
+        assert_eq!(scheduler(Some(1)), Scheduler::CurrentThread);
+        assert_eq!(scheduler(Some(2)), Scheduler::MultiThread);
+        assert_eq!(scheduler(None), Scheduler::MultiThread, "whatever the CPUs");
         assert_eq!(workers(Some(3)), 3);
         let cpus = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
         assert_eq!(workers(None), cpus, "unset: the CPUs this process may use");
@@ -97,7 +105,7 @@ mod tests {
     fn current_reads_the_runtime_as_built() {
         assert_eq!(current(), None);
         for (workers, scheduler) in [(1, Scheduler::CurrentThread), (2, Scheduler::MultiThread)] {
-            let runtime = build(workers).unwrap();
+            let runtime = build(Some(workers)).unwrap();
             assert_eq!(
                 runtime.block_on(async { current() }),
                 Some((workers, scheduler))
@@ -110,7 +118,7 @@ mod tests {
         // Telemetry's shutdown runs on a blocking thread and needs the runtime driven: what
         // `main` relies on for both schedulers.
         for workers in [1, 2] {
-            let runtime = build(workers).unwrap();
+            let runtime = build(Some(workers)).unwrap();
             let answered = runtime.block_on(async {
                 tokio::task::spawn_blocking(|| {
                     let handle = tokio::runtime::Handle::current();
