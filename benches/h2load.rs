@@ -29,11 +29,11 @@
 //! ratio is their cost ratio (an A/A pair reads 0.99-1.00x, spread ±1%). `H2LOAD_ONLY=side`
 //! runs only the side-by-side measures.
 //!
-//! The service runs its default scheduler (multi-threaded, one worker on the one core), the
-//! bare server tonic's usual `Runtime::new()`. `H2LOAD_WORKER_THREADS=1` runs the service with
-//! `--worker-threads 1` (the single-threaded scheduler, `src/runtime.rs`), and
-//! `H2LOAD_BARE_SCHEDULER=current-thread` gives the bare server that scheduler too: what the
-//! code paths cost apart from it.
+//! The service runs its defaults (the multi-threaded scheduler, one worker on the one core), the
+//! bare server tonic's usual `Runtime::new()`. `H2LOAD_WORKER_THREADS=N` passes
+//! `--worker-threads N` to the service, and `H2LOAD_BARE_SCHEDULER=current-thread` runs the
+//! bare server on Tokio's single-threaded scheduler, which writes a connection's ready answers
+//! together as the service's connections do themselves (`src/transport/http2.rs`).
 
 #[allow(dead_code)]
 #[path = "../tests/api/support/ecr_ext.rs"]
@@ -582,12 +582,14 @@ fn ok_count(admin: SocketAddr) -> u64 {
 
 /// The bare server: the same response bytes, decoded once; a clone per call, no logic. On
 /// tonic's usual runtime (`Runtime::new()`, multi-threaded), or with
-/// `H2LOAD_BARE_SCHEDULER=current-thread` on the one the service picks on one CPU: the
-/// comparison of code paths alone, the scheduler's effect set aside.
+/// `H2LOAD_BARE_SCHEDULER=current-thread` on the single-threaded scheduler (see the module).
 fn bare_server(address: SocketAddr, response: &[u8]) {
     let template = GetImageResponse::decode(response).unwrap();
     let runtime = if std::env::var("H2LOAD_BARE_SCHEDULER").is_ok_and(|s| s == "current-thread") {
-        ecr_image_service::runtime::build(Some(1)).unwrap()
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
     } else {
         tokio::runtime::Runtime::new().unwrap()
     };

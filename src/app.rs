@@ -222,7 +222,7 @@ pub async fn serve(
         bound = bound.with_shared_polls(fleet);
     }
     // As the runtime serving this was built, not worked out again from the flags.
-    let (workers, scheduler) = crate::runtime::current().unzip();
+    let workers = crate::runtime::current();
     info!(
         address = %bound.address(),
         admin_address = %bound.admin_address(),
@@ -233,7 +233,6 @@ pub async fn serve(
         attribute_writes = args.attribute_writes.name(),
         audit = args.audit == crate::config::Switch::On,
         workers,
-        scheduler = scheduler.map(crate::runtime::Scheduler::as_str),
         "listening"
     );
     bound.serve(registry, shutdown).await?;

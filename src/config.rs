@@ -283,10 +283,8 @@ pub struct ServeArgs {
     #[arg(long, env = "ECR_IMAGE_SERVICE_MAX_CONNECTIONS", default_value_t = server::DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
 
-    /// Threads that serve requests, on the multi-threaded scheduler. Unset: the CPUs this
-    /// process may use (CPU affinity and cgroup quota). 1: the single-threaded scheduler, which
-    /// writes a connection's ready answers together (more reads per CPU) but holds a herd's
-    /// answers until then (see `runtime`).
+    /// Threads that serve requests (Tokio's multi-threaded scheduler). Unset: the CPUs this
+    /// process may use (CPU affinity and cgroup quota).
     #[arg(long, env = "ECR_IMAGE_SERVICE_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
 

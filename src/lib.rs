@@ -6,8 +6,9 @@
 //! carrying the AWS SDK, credentials and retry logic. The modules by layer, top to bottom; a
 //! layer uses the ones below it, never one above:
 //!
-//! - **transport**: [`server`] (the listener, health, reflection, HTTP/2 limits, the SIGTERM
-//!   drain; [`shutdown`] the signal), [`connection`] (connection cap, handshake timeout,
+//! - **transport**: [`server`] (the listener, health, reflection, the SIGTERM drain;
+//!   [`shutdown`] the signal), [`http2`] (each connection served by hyper, its quick answers
+//!   written in batches; keepalive, stream limit, connection age), [`connection`] (connection cap, handshake timeout,
 //!   accept back-off), [`tls`] (the `mtls` acceptor, rotated without a restart), [`admission`]
 //!   (bodies in time and within a byte budget, a request slot, and the call's context, made
 //!   once), [`codec`] (prost's, with decode errors as field violations), [`admin`] (`/metrics`);
@@ -31,7 +32,7 @@
 //! [`app`] (the wiring: builds the stack and serves it), [`config`] (flags and env twins),
 //! [`cli`] and [`health_check`] (the client subcommands), [`telemetry`] (logs and traces),
 //! [`metrics`] (Prometheus), [`memory`] (memory given back after a herd), [`reload`] (the one
-//! file-reload loop), [`runtime`] (the scheduler and its threads).
+//! file-reload loop), [`runtime`] (the scheduler's threads).
 
 pub mod access;
 pub mod api;
@@ -54,4 +55,4 @@ pub mod transport;
 pub use access::{authz, identity};
 pub use api::{audit, error, methods, paging, pb, platform, retag, service, validate, watch};
 pub use domain::{call, image, text};
-pub use transport::{admin, admission, codec, connection, server, shutdown, tls};
+pub use transport::{admin, admission, codec, connection, http2, server, shutdown, tls};

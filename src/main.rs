@@ -71,8 +71,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             }
         };
         // The last spans are sent on the runtime's connection, so the runtime must be driven
-        // while the exporter flushes: on the single-threaded scheduler (`--worker-threads 1`)
-        // nothing else drives it.
+        // while the exporter flushes: from a blocking thread, whatever the workers are doing.
         // A failed join (the flush panicked) loses spans, not the exit code.
         let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
         exit

@@ -1,21 +1,16 @@
-//! The Tokio runtime the service runs on: by default the multi-threaded scheduler, one worker
-//! per CPU the process may use; with `--worker-threads 1`, the single-threaded scheduler.
+//! The Tokio runtime the service runs on: the multi-threaded scheduler, one worker per CPU the
+//! process may use, or `--worker-threads` of them.
 //!
-//! On one CPU the choice is not only about threads. The multi-threaded scheduler runs a task
-//! woken by the running one next (its LIFO slot): each finished request wakes its
-//! connection's task, which then runs at once and writes that one answer. A connection with
-//! eight answers ready writes eight times, and each write is a system call that wakes the
-//! reader. The single-threaded scheduler runs woken tasks in order, so the connection's task
-//! runs after the other ready requests and writes their answers together. Measured under h2load
-//! on one core (`docs/benchmark.md`, "The scheduler"): 0.58 writes per answer instead of 1,
-//! and cached reads at 1.16-1.24x a bare tonic server's rate (on tonic's usual runtime), where
-//! the default reads 0.82-0.84x.
-//!
-//! It is not the default, even on one CPU (where linkerd2-proxy picks it), because of a herd:
-//! 10,000 callers waiting on one ECR read all wake at once, and on one thread in order every
-//! one of their answers is built before any connection writes one. A herd of fast readers then
-//! held up to +106 MiB at its peak, against +28 MiB on the default and the 64 MiB bound that a
-//! rollout's herd is held to (`a_herd_of_ten_thousand_on_one_cold_tag_is_one_ecr_call`).
+//! Not the single-threaded scheduler on one CPU (which linkerd2-proxy picks there). It used to
+//! serve ~1.4x the cached reads per CPU here, because it ran a connection's task after the
+//! requests that became ready, so that the connection wrote their answers together, where the
+//! multi-threaded scheduler ran it after each one (its LIFO slot) and wrote one answer per
+//! system call. The connection now does that itself on either scheduler
+//! ([`crate::transport::http2`]), and both measure the same (1.18-1.23x a bare tonic server's
+//! rate on one thread, 1.19-1.24x on the default; `docs/benchmark.md`). What the single thread
+//! kept was its cost: 10,000 callers of a herd woken at once had every answer built before any
+//! was written, and a herd of fast readers peaked at +106 MiB (+28 MiB on the default, against
+//! the 64 MiB bound a rollout's herd is held to). One scheduler, then.
 
 use std::io;
 use std::num::NonZeroUsize;
@@ -26,25 +21,6 @@ use tokio::runtime::{Builder, Runtime};
 /// larger number is a typo rather than a choice.
 pub const MAX_WORKER_THREADS: usize = 1024;
 
-/// The scheduler a runtime was built with, for the start-up line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scheduler {
-    /// One thread runs every task, in the order they were woken.
-    CurrentThread,
-    /// Work-stealing workers, one per CPU.
-    MultiThread,
-}
-
-impl Scheduler {
-    /// The name in the start-up line.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Scheduler::CurrentThread => "current-thread",
-            Scheduler::MultiThread => "multi-thread",
-        }
-    }
-}
-
 /// The worker threads to run: `requested`, else the CPUs this process may use (its CPU
 /// affinity and cgroup quota, as [`std::thread::available_parallelism`] reads them), else one.
 pub fn workers(requested: Option<usize>) -> usize {
@@ -53,38 +29,20 @@ pub fn workers(requested: Option<usize>) -> usize {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, NonZeroUsize::get))
 }
 
-/// The scheduler for the `requested` worker threads: the single-threaded one only when one is
-/// asked for (not when one CPU is all there is: see the module).
-pub fn scheduler(requested: Option<usize>) -> Scheduler {
-    if requested == Some(1) {
-        Scheduler::CurrentThread
-    } else {
-        Scheduler::MultiThread
-    }
-}
-
-/// The runtime this is called on: its worker threads and its scheduler, as it was built
-/// (`None` outside a runtime).
-pub fn current() -> Option<(usize, Scheduler)> {
+/// The worker threads of the runtime this is called on (`None` outside a runtime), as it was
+/// built rather than as the flags say it should be.
+pub fn current() -> Option<usize> {
     let handle = tokio::runtime::Handle::try_current().ok()?;
-    let scheduler = match handle.runtime_flavor() {
-        tokio::runtime::RuntimeFlavor::CurrentThread => Scheduler::CurrentThread,
-        _ => Scheduler::MultiThread,
-    };
-    Some((handle.metrics().num_workers(), scheduler))
+    Some(handle.metrics().num_workers())
 }
 
-/// Builds the runtime for the `requested` worker threads (see [`workers`] and
-/// [`scheduler`]), with I/O and timers.
+/// Builds the runtime for the `requested` worker threads (see [`workers`]), with I/O and
+/// timers.
 pub fn build(requested: Option<usize>) -> io::Result<Runtime> {
-    let workers = workers(requested);
-    match scheduler(requested) {
-        Scheduler::CurrentThread => Builder::new_current_thread().enable_all().build(),
-        Scheduler::MultiThread => Builder::new_multi_thread()
-            .worker_threads(workers)
-            .enable_all()
-            .build(),
-    }
+    Builder::new_multi_thread()
+        .worker_threads(workers(requested))
+        .enable_all()
+        .build()
 }
 
 #[cfg(test)]
@@ -92,10 +50,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_one_worker_asked_for_runs_the_single_threaded_scheduler() {
-        assert_eq!(scheduler(Some(1)), Scheduler::CurrentThread);
-        assert_eq!(scheduler(Some(2)), Scheduler::MultiThread);
-        assert_eq!(scheduler(None), Scheduler::MultiThread, "whatever the CPUs");
+    fn workers_are_as_asked_else_the_cpus() {
         assert_eq!(workers(Some(3)), 3);
         let cpus = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
         assert_eq!(workers(None), cpus, "unset: the CPUs this process may use");
@@ -104,19 +59,21 @@ mod tests {
     #[test]
     fn current_reads_the_runtime_as_built() {
         assert_eq!(current(), None);
-        for (workers, scheduler) in [(1, Scheduler::CurrentThread), (2, Scheduler::MultiThread)] {
+        for workers in [1, 2] {
             let runtime = build(Some(workers)).unwrap();
+            assert_eq!(runtime.block_on(async { current() }), Some(workers));
             assert_eq!(
-                runtime.block_on(async { current() }),
-                Some((workers, scheduler))
+                runtime.handle().runtime_flavor(),
+                tokio::runtime::RuntimeFlavor::MultiThread,
+                "one worker is still the multi-threaded scheduler"
             );
         }
     }
 
     #[test]
-    fn both_schedulers_run_tasks_spawned_from_a_blocking_thread_while_driven() {
+    fn runtimes_run_tasks_spawned_from_a_blocking_thread_while_driven() {
         // Telemetry's shutdown runs on a blocking thread and needs the runtime driven: what
-        // `main` relies on for both schedulers.
+        // `main` relies on, with one worker too.
         for workers in [1, 2] {
             let runtime = build(Some(workers)).unwrap();
             let answered = runtime.block_on(async {

@@ -623,10 +623,10 @@ async fn otlp_export_continues_the_callers_trace_with_rpc_and_ecr_spans() {
     otlp_export(&[]).await;
 }
 
-/// The same on one CPU's scheduler (`--worker-threads 1`): the flush at SIGTERM needs the
-/// runtime driven while it sends, which on one thread only the exit path itself can do.
+/// The same with one worker (`--worker-threads 1`): the flush at SIGTERM needs the runtime
+/// driven while it sends, which the exit path must not block.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn otlp_export_flushes_on_one_thread_too() {
+async fn otlp_export_flushes_with_one_worker_too() {
     otlp_export(&["--worker-threads", "1"]).await;
 }
 
@@ -1577,9 +1577,7 @@ fn policy_check_prints_the_allowing_rule_and_exits_per_decision() {
 /// A rollout's herd, on the defaults: 10,000 concurrent GetImage calls for one cold tag, over
 /// 100 HTTP/2 connections, make exactly one BatchGetImage (ECR answering in 300 ms), all 10,000
 /// succeed, and resident memory grows by at most 64 MiB. (With a request-count limit of 512,
-/// 362 of 1,000 such calls used to be shed though all waited on one ECR call.) Not held on
-/// `--worker-threads 1`: there every answer is built before any is written, and the peak
-/// reached +106 MiB (`src/runtime.rs`).
+/// 362 of 1,000 such calls used to be shed though all waited on one ECR call.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_herd_of_ten_thousand_on_one_cold_tag_is_one_ecr_call() {
     use support::recorded::{RecordedEcr, Reply};

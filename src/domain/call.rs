@@ -20,10 +20,10 @@ use tokio::time::Instant;
 
 use crate::domain::image::RegistryId;
 
-/// Time kept back from the caller's deadline to send our answer before it gives up: tonic
-/// cancels a request at its `grpc-timeout` with a bare CANCELLED, so ending our work this much
-/// earlier means the caller gets our DEADLINE_EXCEEDED, with its ErrorInfo, while it still
-/// listens. The one margin: every layer below works to [`CallContext::deadline`] as it is.
+/// Time kept back from the caller's deadline to send our answer before it gives up: a gRPC
+/// client stops listening at its `grpc-timeout` with a bare DEADLINE_EXCEEDED of its own, so
+/// ending our work this much earlier means the caller gets ours, with its ErrorInfo, while it
+/// still listens. The one margin: every layer below works to [`CallContext::deadline`] as it is.
 pub const RESPONSE_MARGIN: Duration = Duration::from_millis(50);
 
 /// The principal of a caller when no identity source is configured.

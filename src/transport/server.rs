@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
-use tonic::transport::Server;
+use tonic::service::Routes;
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
@@ -27,6 +27,7 @@ use crate::registry::SharedRegistry;
 use crate::transport::admin;
 use crate::transport::admission::{Admission, AdmissionLimits};
 use crate::transport::connection::{ConnectionLimits, Listener};
+use crate::transport::http2::{self, Dispatch, Http2Limits};
 use crate::transport::tls::{self, TlsFiles, TlsSettings};
 
 /// gRPC's conventional port, on every interface: in a pod, the kubelet's probes and the mesh
@@ -170,9 +171,6 @@ pub enum ServeError {
         /// What the OS said.
         source: std::io::Error,
     },
-    /// The gRPC server failed.
-    #[error("server failed: {0}")]
-    Transport(#[from] tonic::transport::Error),
     /// The authorization policy cannot be read or is invalid.
     #[error("--authz-policy: {0}")]
     Policy(String),
@@ -357,7 +355,7 @@ impl Bound {
         if let Some(files) = &self.tls {
             tokio::spawn(Arc::clone(files).watch());
         }
-        serve(self.grpc, service, self.settings, self.tls, shutdown).await?;
+        serve(self.grpc, service, self.settings, self.tls, shutdown).await;
         Ok(())
     }
 }
@@ -403,7 +401,7 @@ pub async fn serve(
     settings: ServerSettings,
     tls: Option<Arc<TlsFiles>>,
     shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), tonic::transport::Error> {
+) {
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<ImageServiceServer<ImageService>>()
@@ -433,6 +431,14 @@ pub async fn serve(
     let (reflection_v1, reflection_v1alpha) = reflection(settings.reflection)
         .map_err(|e| tracing::error!(error = %e, "gRPC reflection unavailable"))
         .unwrap_or((None, None));
+    let mut others = Routes::new(health_service);
+    if let Some(v1) = reflection_v1 {
+        others = others.add_service(v1);
+    }
+    if let Some(v1alpha) = reflection_v1alpha {
+        others = others.add_service(v1alpha);
+    }
+    let dispatch = Dispatch::new(images, others.prepare());
 
     let draining = Arc::new(Notify::new());
     let drain_started = Arc::clone(&draining);
@@ -450,36 +456,26 @@ pub async fn serve(
         info!("refusing new connections; waiting for in-flight requests");
         drain_started.notify_one();
     };
-    let router = Server::builder()
-        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
-        .max_connection_age(MAX_CONNECTION_AGE)
-        .max_connection_age_grace(MAX_CONNECTION_AGE_GRACE)
-        .add_service(health_service)
-        .add_optional_service(reflection_v1)
-        .add_optional_service(reflection_v1alpha)
-        .add_service(images);
+    let limits = Http2Limits {
+        max_streams: MAX_STREAMS_PER_CONNECTION,
+        keepalive_interval: KEEPALIVE_INTERVAL,
+        keepalive_timeout: KEEPALIVE_TIMEOUT,
+        max_age: MAX_CONNECTION_AGE,
+        max_age_grace: MAX_CONNECTION_AGE_GRACE,
+    };
     let server = async move {
         match tls {
             Some(files) => {
                 let incoming = tls::incoming(incoming, files, HANDSHAKE_TIMEOUT);
-                router
-                    .serve_with_incoming_shutdown(incoming, stop_accepting)
-                    .await
+                http2::serve(incoming, dispatch, limits, stop_accepting).await;
             }
-            None => {
-                router
-                    .serve_with_incoming_shutdown(incoming.into_stream(), stop_accepting)
-                    .await
-            }
+            None => http2::serve(incoming.into_stream(), dispatch, limits, stop_accepting).await,
         }
     };
     tokio::select! {
-        served = server => served,
+        () = server => {}
         () = async { draining.notified().await; tokio::time::sleep(grace).await } => {
             warn!(?grace, "grace period over: stopping with requests still in flight");
-            Ok(())
         }
     }
 }
