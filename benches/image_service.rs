@@ -18,6 +18,10 @@
 //! `::default()`), but for the endpoint and region of the emulator: a figure here is what a user
 //! running the defaults gets. Set-up data is put straight into the emulator, so no budget paces
 //! it. Targets are printed beside the figures; the bench reports, it does not fail.
+//!
+//! `BENCH_ECR_LATENCY_MS=N` holds every BatchGetImage N ms at a proxy in front of the emulator,
+//! for the service and the direct client alike: the cold path against an ECR slower than a
+//! loopback emulator, whose 3 ms answers make one gRPC hop (0.2 ms) look like 7%.
 
 #[path = "../tests/api/support/fair_shares.rs"]
 mod fair_shares;
@@ -77,6 +81,9 @@ const COLD_READS: usize = 300;
 const MEMORY_MANIFESTS: usize = 100_000;
 /// `BENCH_ONLY=cold` runs the cold path alone (the phase the miss path's changes move).
 const ONLY_ENV: &str = "BENCH_ONLY";
+/// Milliseconds every BatchGetImage is held at a proxy in front of the emulator (see the
+/// module); unset, none and no proxy.
+const LATENCY_ENV: &str = "BENCH_ECR_LATENCY_MS";
 /// Set in the child process that runs the memory phase.
 const MEMORY_PHASE_ENV: &str = "ECR_IMAGE_SERVICE_BENCH_MEMORY_PHASE";
 
@@ -335,7 +342,19 @@ async fn run() {
         .send()
         .await
         .unwrap();
-    let (service, calls, address) = start_service(moto).await;
+    // Kept alive for the run: the proxy serves while it is held.
+    let slow = match std::env::var(LATENCY_ENV)
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+    {
+        Some(ms) => Some(
+            fault_proxy::FaultProxy::delaying(moto, "BatchGetImage", Duration::from_millis(ms))
+                .await,
+        ),
+        None => None,
+    };
+    let upstream = slow.as_ref().map_or(moto, |proxy| proxy.endpoint.as_str());
+    let (service, calls, address) = start_service(upstream).await;
     let mut client = ImageServiceClient::new(service[0].clone());
     client
         .put_image(PutImageRequest {
@@ -354,7 +373,7 @@ async fn run() {
     let bare = serve(ImageServiceServer::new(Bare(Arc::new(template)))).await;
     let bare_channels = bare.clone();
     if std::env::var(ONLY_ENV).as_deref() == Ok("cold") {
-        return cold_path(moto, &admin, &service, &bare_channels).await;
+        return cold_path(upstream, &admin, &service, &bare_channels).await;
     }
 
     // Limit.
@@ -424,14 +443,20 @@ async fn run() {
     );
     println!("upstream BatchGetImage calls during the cached runs: {upstream_during}");
 
-    cold_path(moto, &admin, &service, &bare_channels).await;
+    cold_path(upstream, &admin, &service, &bare_channels).await;
     herd(&admin, &service, &calls, address).await;
     fair_shares(moto, &admin).await;
 }
 
 /// Sequential reads of uncached tags through the service vs the same BatchGetImage made
 /// directly, alternating, each reading a distinct tag it has never read.
-async fn cold_path(moto: &str, admin: &aws_sdk_ecr::Client, service: &[Channel], bare: &[Channel]) {
+/// `upstream`: where the service's ECR is (the emulator, or a proxy that holds its answers).
+async fn cold_path(
+    upstream: &str,
+    admin: &aws_sdk_ecr::Client,
+    service: &[Channel],
+    bare: &[Channel],
+) {
     for n in 0..COLD_READS * 2 {
         admin
             .put_image()
@@ -456,8 +481,9 @@ async fn cold_path(moto: &str, admin: &aws_sdk_ecr::Client, service: &[Channel],
             .await
             .unwrap();
     }
-    let direct =
-        aws_sdk_ecr::Client::from_conf(client_config(&sdk_config(), &ecr_settings(moto)).build());
+    let direct = aws_sdk_ecr::Client::from_conf(
+        client_config(&sdk_config(), &ecr_settings(upstream)).build(),
+    );
     let mut client = ImageServiceClient::new(service[0].clone());
     let mut bare_client = ImageServiceClient::new(bare[0].clone());
     let (mut via_service, mut via_sdk) = (Vec::new(), Vec::new());
