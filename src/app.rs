@@ -27,7 +27,8 @@ pub enum StartError {
     /// The embedded store cannot be opened.
     #[error(transparent)]
     Store(#[from] OpenError),
-    /// A listener could not be bound, or the server failed.
+    /// A listener could not be bound, or a file read at start (policy, TLS, page-token key)
+    /// is invalid.
     #[error(transparent)]
     Serve(#[from] ServeError),
 }
@@ -235,7 +236,7 @@ pub async fn serve(
         workers,
         "listening"
     );
-    bound.serve(registry, shutdown).await?;
+    bound.serve(registry, shutdown).await;
     info!("stopped");
     Ok(())
 }

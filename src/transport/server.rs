@@ -160,7 +160,7 @@ impl Default for ServerSettings {
     }
 }
 
-/// Why the server could not start or stopped.
+/// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     /// A listener could not be bound.
@@ -299,11 +299,7 @@ impl Bound {
 
     /// Serves `registry` until `shutdown` completes (see [`serve`]), and `/metrics` with the
     /// metrics of every layer of `registry` until the process ends.
-    pub async fn serve(
-        self,
-        registry: SharedRegistry,
-        shutdown: impl Future<Output = ()> + Send,
-    ) -> Result<(), ServeError> {
+    pub async fn serve(self, registry: SharedRegistry, shutdown: impl Future<Output = ()> + Send) {
         let mut metrics = metrics::registry(|metrics| registry.register_metrics(metrics));
         self.authorizer.register_metrics(&mut metrics);
         let audit = match (self.settings.audit, self.audit_sink) {
@@ -356,7 +352,6 @@ impl Bound {
             tokio::spawn(Arc::clone(files).watch());
         }
         serve(self.grpc, service, self.settings, self.tls, shutdown).await;
-        Ok(())
     }
 }
 
